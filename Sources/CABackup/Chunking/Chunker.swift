@@ -1,0 +1,151 @@
+/// Content-defined chunking parameters, fixed when a repository is created.
+///
+/// Changing any of them changes every chunk boundary and so breaks deduplication
+/// against existing data: they live in the repository config and never change.
+public struct ChunkerParameters: Codable, Sendable, Equatable {
+    /// No chunk is shorter than this, except the last chunk of a file.
+    public var minSize: Int
+    /// The mean chunk size on random data.
+    public var averageSize: Int
+    /// No chunk is longer than this.
+    public var maxSize: Int
+    /// 32 random bytes from which the Gear table is derived, so that chunk lengths
+    /// do not fingerprint content across repositories.
+    public var seed: [UInt8]
+
+    /// 512 KiB / 1 MiB / 8 MiB: few enough chunks that per-chunk costs (index rows,
+    /// tree entries) stay small, small enough that an edit costs about one chunk.
+    public static func defaults(seed: [UInt8]) -> ChunkerParameters {
+        ChunkerParameters(minSize: 512 << 10, averageSize: 1 << 20, maxSize: 8 << 20, seed: seed)
+    }
+
+    public init(minSize: Int, averageSize: Int, maxSize: Int, seed: [UInt8]) {
+        self.minSize = minSize
+        self.averageSize = averageSize
+        self.maxSize = maxSize
+        self.seed = seed
+    }
+
+    /// Checks the parameters describe a usable chunker.
+    public func validate() throws {
+        guard averageSize.nonzeroBitCount == 1 else {
+            throw CABackupError.invalidArgument("chunker average size \(averageSize) must be a power of two")
+        }
+        guard 64 <= minSize, minSize < averageSize, averageSize < maxSize, maxSize <= 64 << 20 else {
+            throw CABackupError.invalidArgument("chunker sizes must satisfy 64 <= min < avg < max <= 64 MiB")
+        }
+        guard seed.count == 32 else { throw CABackupError.invalidArgument("chunker seed must be 32 bytes") }
+    }
+
+    enum CodingKeys: String, CodingKey {
+        case minSize = "min_size"
+        case averageSize = "avg_size"
+        case maxSize = "max_size"
+        case seed = "gear_seed"
+    }
+
+    public init(from decoder: any Decoder) throws {
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        minSize = try c.decode(Int.self, forKey: .minSize)
+        averageSize = try c.decode(Int.self, forKey: .averageSize)
+        maxSize = try c.decode(Int.self, forKey: .maxSize)
+        let hex = try c.decode(String.self, forKey: .seed)
+        guard let bytes = bytesFromHex(hex) else {
+            throw DecodingError.dataCorruptedError(forKey: .seed, in: c, debugDescription: "gear_seed is not hex")
+        }
+        seed = bytes
+    }
+
+    public func encode(to encoder: any Encoder) throws {
+        var c = encoder.container(keyedBy: CodingKeys.self)
+        try c.encode(minSize, forKey: .minSize)
+        try c.encode(averageSize, forKey: .averageSize)
+        try c.encode(maxSize, forKey: .maxSize)
+        try c.encode(hexString(seed), forKey: .seed)
+    }
+}
+
+/// FastCDC content-defined chunking with a Gear rolling hash and normalized chunking.
+///
+/// A pure function over a buffer: ``nextCut(in:isFinal:)`` says where the next chunk
+/// ends. It never reads a file and never allocates, so boundaries depend only on the
+/// bytes, not on how they were read.
+///
+/// The hash is `h = (h << 1) &+ gear[byte]`, so after 64 bytes it depends only on the
+/// last 64 bytes. Cut-point tests begin at `minSize`; hashing starts 64 bytes earlier,
+/// which gives the same hash there as hashing from the chunk start would, and skips
+/// most of the bytes below the minimum (the largest single speed-up of the loop).
+///
+/// Normalized chunking: between `minSize` and the *normal point* a cut needs
+/// `log2(avg) + 2` zero bits (rare); after it, `log2(avg) - 2` (common). The normal
+/// point is `avg - avg/4`, so that the mean lands on `avg` rather than above it.
+public struct Chunker: Sendable {
+    public let parameters: ChunkerParameters
+    private let gear: [UInt64]
+    private let maskStrict: UInt64
+    private let maskLoose: UInt64
+    private let normalPoint: Int
+
+    /// Makes a chunker; the Gear table is derived from `parameters.seed`.
+    public init(_ parameters: ChunkerParameters) {
+        self.parameters = parameters
+        self.gear = Chunker.gearTable(seed: parameters.seed)
+        let bits = parameters.averageSize.trailingZeroBitCount
+        // Top bits of the hash: those depend on the most bytes of the window.
+        maskStrict = ~UInt64(0) << UInt64(64 - (bits + 2))
+        maskLoose = ~UInt64(0) << UInt64(64 - max(1, bits - 2))
+        normalPoint = max(parameters.minSize, parameters.averageSize - parameters.averageSize / 4)
+    }
+
+    /// Derives the 256-entry Gear table: entry *i* is the first 8 bytes (little endian)
+    /// of SHA-256(seed ‖ "gear" ‖ i as one byte).
+    static func gearTable(seed: [UInt8]) -> [UInt64] {
+        (0..<256).map { i -> UInt64 in
+            let digest = sha256(seed + Array("gear".utf8) + [UInt8(i)])
+            return digest.withUnsafeBytes { UInt64(littleEndian: $0.loadUnaligned(as: UInt64.self)) }
+        }
+    }
+
+    /// The length of the chunk that starts at the beginning of `buf`.
+    ///
+    /// - Parameters:
+    ///   - buf: bytes from the start of the chunk on.
+    ///   - isFinal: `true` when `buf` ends where the stream ends.
+    /// - Returns: the chunk length, or `nil` when `buf` is shorter than the maximum chunk
+    ///   and more data may follow (the caller reads more and asks again).
+    @inlinable
+    public func nextCut(in buf: UnsafeRawBufferPointer, isFinal: Bool) -> Int? {
+        let n = buf.count
+        if n == 0 { return isFinal ? 0 : nil }
+        if n < parameters.maxSize && !isFinal { return nil }
+        return cut(buf.baseAddress!.assumingMemoryBound(to: UInt8.self), min(n, parameters.maxSize))
+    }
+
+    @usableFromInline
+    func cut(_ p: UnsafePointer<UInt8>, _ limit: Int) -> Int {
+        let minSize = parameters.minSize
+        if limit <= minSize { return limit }
+        let normal = min(normalPoint, limit)
+        return gear.withUnsafeBufferPointer { g -> Int in
+            let gear = g.baseAddress!
+            var h: UInt64 = 0
+            // Safe: minSize >= 64 (validated), so the warm-up starts inside the buffer.
+            var i = minSize - 64
+            while i < minSize {
+                h = (h &<< 1) &+ gear[Int(p[i])]
+                i += 1
+            }
+            while i < normal {
+                h = (h &<< 1) &+ gear[Int(p[i])]
+                if h & maskStrict == 0 { return i + 1 }
+                i += 1
+            }
+            while i < limit {
+                h = (h &<< 1) &+ gear[Int(p[i])]
+                if h & maskLoose == 0 { return i + 1 }
+                i += 1
+            }
+            return limit
+        }
+    }
+}

@@ -1,0 +1,237 @@
+import CSQLite
+
+#if canImport(Glibc)
+    import Glibc
+#elseif canImport(Darwin)
+    import Darwin
+#endif
+
+/// Where a blob is stored.
+public struct BlobLocation: Sendable, Equatable {
+    public var pack: PackID
+    public var type: BlobType
+    public var compression: BlobCompression
+    public var offset: Int64
+    public var length: Int
+    public var rawLength: Int
+}
+
+/// The SQLite index: which pack holds each blob, and the snapshot list.
+///
+/// Derived data only: everything in it comes from pack headers and snapshot records, so
+/// deleting `index/` loses nothing; ``Repository`` rebuilds or catches it up on open.
+/// All calls are serialized by one lock; the connection runs in WAL mode.
+///
+/// Schema (see docs/format.md):
+/// ```sql
+/// meta(key TEXT PRIMARY KEY, value TEXT)
+/// packs(n INTEGER PRIMARY KEY, id BLOB UNIQUE, size INTEGER, blob_count INTEGER)
+/// blobs(id BLOB, pack INTEGER, type, compression, offset, length, raw_length,
+///       PRIMARY KEY(id, pack)) WITHOUT ROWID
+/// snapshots(id BLOB PRIMARY KEY, time_ns INTEGER, record BLOB)
+/// ```
+final class RepositoryIndex: @unchecked Sendable {
+    // Safe: `db` and the statements are only used with `lock` held.
+    static let schemaVersion = "1"
+    private let lock = Condition()
+    private let db: SQLiteDatabase
+    private let lookupStmt: SQLiteStatement
+    private let containsStmt: SQLiteStatement
+    private let insertBlobStmt: SQLiteStatement
+    private let insertPackStmt: SQLiteStatement
+
+    /// Opens (creating if needed) the index at `path` for the repository `repositoryID`.
+    /// An index of another schema or repository is discarded and recreated empty.
+    init(path: String, repositoryID: String) throws {
+        var database = try SQLiteDatabase(path: path)
+        let ok = (try? RepositoryIndex.check(database, repositoryID: repositoryID)) ?? false
+        if !ok {
+            database = try RepositoryIndex.recreate(path: path, old: database)
+        }
+        db = database
+        try db.execute(
+            """
+            PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA cache_size=-65536;
+            CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT);
+            CREATE TABLE IF NOT EXISTS packs(n INTEGER PRIMARY KEY, id BLOB UNIQUE NOT NULL,
+                size INTEGER NOT NULL, blob_count INTEGER NOT NULL);
+            CREATE TABLE IF NOT EXISTS blobs(id BLOB NOT NULL, pack INTEGER NOT NULL, type INTEGER NOT NULL,
+                compression INTEGER NOT NULL, offset INTEGER NOT NULL, length INTEGER NOT NULL,
+                raw_length INTEGER NOT NULL, PRIMARY KEY(id, pack)) WITHOUT ROWID;
+            CREATE INDEX IF NOT EXISTS blobs_by_pack ON blobs(pack);
+            CREATE TABLE IF NOT EXISTS snapshots(id BLOB PRIMARY KEY, time_ns INTEGER NOT NULL,
+                record BLOB NOT NULL);
+            INSERT OR IGNORE INTO meta VALUES('schema', '\(RepositoryIndex.schemaVersion)');
+            INSERT OR IGNORE INTO meta VALUES('repository', '\(repositoryID)');
+            """)
+        lookupStmt = try db.prepare(
+            """
+            SELECT p.id, b.type, b.compression, b.offset, b.length, b.raw_length
+            FROM blobs b JOIN packs p ON p.n = b.pack WHERE b.id = ?1 LIMIT 1
+            """)
+        containsStmt = try db.prepare("SELECT 1 FROM blobs WHERE id = ?1 LIMIT 1")
+        insertBlobStmt = try db.prepare("INSERT OR IGNORE INTO blobs VALUES(?1, ?2, ?3, ?4, ?5, ?6, ?7)")
+        insertPackStmt = try db.prepare("INSERT INTO packs(id, size, blob_count) VALUES(?1, ?2, ?3)")
+    }
+
+    private static func check(_ db: SQLiteDatabase, repositoryID: String) throws -> Bool {
+        let s = try db.prepare("SELECT key, value FROM meta")
+        var meta: [String: String] = [:]
+        while try s.step() { meta[s.text(0)] = s.text(1) }
+        if meta.isEmpty {
+            // A brand-new file: fine. A file with tables but no meta: not ours.
+            let t = try db.prepare("SELECT count(*) FROM sqlite_master")
+            _ = try t.step()
+            return t.int(0) == 1
+        }
+        return meta["schema"] == schemaVersion && meta["repository"] == repositoryID
+    }
+
+    private static func recreate(path: String, old: SQLiteDatabase) throws -> SQLiteDatabase {
+        _ = old
+        for suffix in ["", "-wal", "-shm"] { unlink(path + suffix) }
+        return try SQLiteDatabase(path: path)
+    }
+
+    /// The location of a blob, or `nil` when no indexed pack holds it.
+    func lookup(_ id: BlobID) throws -> BlobLocation? {
+        lock.lock()
+        defer { lock.unlock() }
+        lookupStmt.bind(1, id)
+        defer { lookupStmt.reset() }
+        guard try lookupStmt.step(), let pack = lookupStmt.id(0) else { return nil }
+        guard let type = BlobType(rawValue: UInt8(truncatingIfNeeded: lookupStmt.int(1))),
+            let comp = BlobCompression(rawValue: UInt8(truncatingIfNeeded: lookupStmt.int(2)))
+        else { throw CABackupError.index("bad row for blob \(id.hex)") }
+        return BlobLocation(
+            pack: pack, type: type, compression: comp, offset: lookupStmt.int(3), length: Int(lookupStmt.int(4)),
+            rawLength: Int(lookupStmt.int(5)))
+    }
+
+    /// Whether an indexed pack holds the blob.
+    func contains(_ id: BlobID) throws -> Bool {
+        lock.lock()
+        defer { lock.unlock() }
+        containsStmt.bind(1, id)
+        defer { containsStmt.reset() }
+        return try containsStmt.step()
+    }
+
+    /// Records a pack and all its blobs in one transaction.
+    func addPack(_ id: PackID, size: Int64, entries: [PackEntry]) throws {
+        try lock.locked { () throws in
+            try db.execute("BEGIN IMMEDIATE")
+            do {
+                insertPackStmt.bind(1, id)
+                insertPackStmt.bind(2, size)
+                insertPackStmt.bind(3, entries.count)
+                do {
+                    try insertPackStmt.run()
+                } catch {
+                    // Already indexed (a re-run found the same pack): nothing to add.
+                    insertPackStmt.reset()
+                    try db.execute("ROLLBACK")
+                    return
+                }
+                insertPackStmt.reset()
+                let n = sqlite3_last_insert_rowid(db.handle)
+                for e in entries {
+                    insertBlobStmt.bind(1, e.id)
+                    insertBlobStmt.bind(2, n)
+                    insertBlobStmt.bind(3, Int(e.type.rawValue))
+                    insertBlobStmt.bind(4, Int(e.compression.rawValue))
+                    insertBlobStmt.bind(5, e.offset)
+                    insertBlobStmt.bind(6, e.length)
+                    insertBlobStmt.bind(7, e.rawLength)
+                    try insertBlobStmt.run()
+                    insertBlobStmt.reset()
+                }
+                try db.execute("COMMIT")
+            } catch {
+                try? db.execute("ROLLBACK")
+                throw error
+            }
+        }
+    }
+
+    /// Forgets a pack and its blobs.
+    func removePack(_ id: PackID) throws {
+        try lock.locked { () throws in
+            let s = try db.prepare("SELECT n FROM packs WHERE id = ?1")
+            s.bind(1, id)
+            guard try s.step() else { return }
+            let n = s.int(0)
+            try db.execute("BEGIN IMMEDIATE; DELETE FROM blobs WHERE pack = \(n); DELETE FROM packs WHERE n = \(n); COMMIT")
+        }
+    }
+
+    /// Every indexed pack id.
+    func packIDs() throws -> Set<PackID> {
+        try lock.locked { () throws in
+            let s = try db.prepare("SELECT id FROM packs")
+            var out = Set<PackID>()
+            while try s.step() { if let id = s.id(0) { out.insert(id) } }
+            return out
+        }
+    }
+
+    /// Records a snapshot (its stored record bytes).
+    func addSnapshot(_ id: SnapshotID, timeNs: Int64, record: [UInt8]) throws {
+        try lock.locked { () throws in
+            let s = try db.prepare("INSERT OR REPLACE INTO snapshots VALUES(?1, ?2, ?3)")
+            s.bind(1, id)
+            s.bind(2, timeNs)
+            s.bind(3, bytes: record)
+            try s.run()
+        }
+    }
+
+    func removeSnapshot(_ id: SnapshotID) throws {
+        try lock.locked { () throws in
+            let s = try db.prepare("DELETE FROM snapshots WHERE id = ?1")
+            s.bind(1, id)
+            try s.run()
+        }
+    }
+
+    /// All snapshot records, oldest first.
+    func snapshotRecords() throws -> [(id: SnapshotID, record: [UInt8])] {
+        try lock.locked { () throws in
+            let s = try db.prepare("SELECT id, record FROM snapshots ORDER BY time_ns, id")
+            var out: [(SnapshotID, [UInt8])] = []
+            while try s.step() {
+                guard let id = s.id(0) else { continue }
+                out.append((id, s.bytes(1)))
+            }
+            return out
+        }
+    }
+
+    /// Every blob row, sorted, for comparing two indexes (tests, `repair index`).
+    func allBlobRows() throws -> [String] {
+        try lock.locked { () throws in
+            let s = try db.prepare(
+                """
+                SELECT hex(b.id), hex(p.id), b.type, b.compression, b.offset, b.length, b.raw_length
+                FROM blobs b JOIN packs p ON p.n = b.pack ORDER BY 1, 2
+                """)
+            var out: [String] = []
+            while try s.step() {
+                out.append((0..<7).map { s.text(Int32($0)) }.joined(separator: " "))
+            }
+            return out
+        }
+    }
+
+    /// Counts of packs, blobs and snapshots.
+    func counts() throws -> (packs: Int, blobs: Int, snapshots: Int) {
+        try lock.locked { () throws in
+            func count(_ table: String) throws -> Int {
+                let s = try db.prepare("SELECT count(*) FROM \(table)")
+                _ = try s.step()
+                return Int(s.int(0))
+            }
+            return (try count("packs"), try count("blobs"), try count("snapshots"))
+        }
+    }
+}

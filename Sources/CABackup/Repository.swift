@@ -1,0 +1,290 @@
+#if canImport(Glibc)
+    import Glibc
+#elseif canImport(Darwin)
+    import Darwin
+#endif
+
+/// Selects snapshots by host, tag and path (each filter given must match).
+public struct SnapshotFilter: Sendable {
+    public var hosts: [String] = []
+    public var tags: [String] = []
+    public var paths: [String] = []
+
+    public init(hosts: [String] = [], tags: [String] = [], paths: [String] = []) {
+        self.hosts = hosts
+        self.tags = tags
+        self.paths = paths
+    }
+
+    func matches(_ s: Snapshot) -> Bool {
+        if !hosts.isEmpty && !hosts.contains(s.hostname) { return false }
+        if !tags.isEmpty && !tags.allSatisfy(s.tags.contains) { return false }
+        if !paths.isEmpty && Set(paths.map(absolutePath)) != Set(s.paths) { return false }
+        return true
+    }
+}
+
+/// A cabackup repository: packs of deduplicated, compressed blobs, trees and snapshots,
+/// with a derived SQLite index.
+///
+/// Open one with ``open(path:)`` or create one with ``initialize(path:chunker:durable:)``,
+/// then ``snapshot(paths:options:progress:)`` to back up, ``snapshots(matching:)`` to list,
+/// ``list(_:path:visit:)`` to walk a snapshot, ``restore(_:to:options:progress:)`` to restore.
+/// A repository object may be used from one thread at a time; the work inside each call
+/// runs on several threads.
+public final class Repository: @unchecked Sendable {
+    // Safe: all stored properties are immutable; the index and backend lock themselves.
+    /// Where the files live.
+    public let backend: any Backend
+    /// The config read at open.
+    public let config: RepositoryConfig
+    let index: RepositoryIndex
+    let chunker: Chunker
+    let indexPath: String
+
+    private init(backend: any Backend, config: RepositoryConfig, indexPath: String) throws {
+        self.backend = backend
+        self.config = config
+        self.chunker = Chunker(config.chunker)
+        self.indexPath = indexPath
+        self.index = try RepositoryIndex(path: indexPath, repositoryID: config.id)
+    }
+
+    /// Creates a new repository in an empty or missing directory.
+    ///
+    /// - Parameters:
+    ///   - path: the repository directory; created if missing, refused if not empty.
+    ///   - chunker: chunking parameters; the default is 512 KiB / 1 MiB / 8 MiB with a
+    ///     fresh random Gear seed.
+    ///   - durable: fsync every write (leave on except in throwaway tests).
+    /// - Throws: ``CABackupError/repositoryExists(_:)`` when the directory is not empty.
+    @discardableResult
+    public static func initialize(path: String, chunker: ChunkerParameters? = nil, durable: Bool = true)
+        throws -> Repository
+    {
+        let path = absolutePath(path)
+        let backend = LocalBackend(path: path, durable: durable)
+        if let chunker { try chunker.validate() }
+        let config = RepositoryConfig.makeNew(chunker: chunker)
+        try backend.create()
+        try config.encoded().withUnsafeBytes { (raw) throws in
+            try backend.write(.config, "config", raw)
+        }
+        return try Repository(backend: backend, config: config, indexPath: path + "/index/index.sqlite")
+    }
+
+    /// Opens an existing repository and brings its index up to date with the packs and
+    /// snapshot records on disk (rebuilding it if it was deleted).
+    ///
+    /// - Throws: ``CABackupError/repositoryNotFound(_:)`` when there is no config,
+    ///   ``CABackupError/unsupportedVersion(found:supported:)`` for a newer format.
+    public static func open(path: String, durable: Bool = true) throws -> Repository {
+        let path = absolutePath(path)
+        let backend = LocalBackend(path: path, durable: durable)
+        guard backend.exists() else {
+            if fileExists(path) && !isDirectory(path) {
+                throw CABackupError.badConfig(path: path, reason: "not a directory")
+            }
+            throw CABackupError.repositoryNotFound(path)
+        }
+        let config = try RepositoryConfig.decode(try backend.read(.config, "config"), path: path + "/config")
+        if !isDirectory(path + "/index") { try makeDirectories(path + "/index") }
+        let repo = try Repository(backend: backend, config: config, indexPath: path + "/index/index.sqlite")
+        try repo.synchronizeIndex()
+        return repo
+    }
+
+    // MARK: Index
+
+    /// Adds packs and snapshots present in storage but missing from the index, and
+    /// drops index entries whose files are gone. Cheap when nothing changed: one
+    /// directory listing per kind.
+    public func synchronizeIndex() throws {
+        let stored = Set(try backend.list(.pack).compactMap { ObjectID(hex: $0) })
+        let indexed = try index.packIDs()
+        for id in stored.subtracting(indexed).sorted() {
+            let entries: [PackEntry]
+            do {
+                entries = try PackFormat.readHeader(from: backend, name: id.hex)
+            } catch {
+                // An unreadable pack is reported by `check`; it is not indexed, so its
+                // blobs count as missing and are stored again by the next backup.
+                continue
+            }
+            try index.addPack(id, size: try backend.size(.pack, id.hex), entries: entries)
+        }
+        for id in indexed.subtracting(stored) { try index.removePack(id) }
+
+        let storedSnaps = Set(try backend.list(.snapshot).compactMap { ObjectID(hex: $0) })
+        let indexedSnaps = Set(try index.snapshotRecords().map(\.id))
+        for id in storedSnaps.subtracting(indexedSnaps) {
+            guard let bytes = try? backend.read(.snapshot, id.hex),
+                let snap = try? Snapshot.decode(id: id, bytes: bytes)
+            else { continue }
+            try index.addSnapshot(id, timeNs: snap.timeNs, record: bytes)
+        }
+        for id in indexedSnaps.subtracting(storedSnaps) { try index.removeSnapshot(id) }
+    }
+
+    /// Deletes the index and rebuilds it from the pack headers and snapshot records.
+    public func rebuildIndex() throws {
+        for id in try index.packIDs() { try index.removePack(id) }
+        for (id, _) in try index.snapshotRecords() { try index.removeSnapshot(id) }
+        try synchronizeIndex()
+    }
+
+    /// How many packs, blobs and snapshots the index holds.
+    public func indexCounts() throws -> (packs: Int, blobs: Int, snapshots: Int) { try index.counts() }
+
+    /// Every indexed blob location as sorted text rows, for comparing indexes.
+    public func indexDump() throws -> [String] { try index.allBlobRows() }
+
+    // MARK: Blobs
+
+    /// Loads a blob, decompresses it and verifies it against its id.
+    ///
+    /// - Throws: ``CABackupError/blobNotFound(_:)`` when no pack holds it,
+    ///   ``CABackupError/corrupt(what:reason:)`` when the stored bytes do not match.
+    public func loadBlob(_ id: BlobID) throws -> [UInt8] {
+        var scratch: [UInt8] = []
+        var out: [UInt8] = []
+        try loadBlob(id, into: &out, scratch: &scratch, hasher: SHA256Hasher())
+        return out
+    }
+
+    /// Loads a blob into `out` (reusing its storage), verified against its id.
+    func loadBlob(_ id: BlobID, into out: inout [UInt8], scratch: inout [UInt8], hasher: SHA256Hasher)
+        throws
+    {
+        guard let loc = try index.lookup(id) else { throw CABackupError.blobNotFound(id) }
+        let what = "blob \(id.hex) in pack \(loc.pack.hex)"
+        guard loc.rawLength <= 1 << 30, loc.length <= 1 << 30 else {
+            throw CABackupError.corrupt(what: what, reason: "implausible length")
+        }
+        switch loc.compression {
+        case .none:
+            out = [UInt8](repeating: 0, count: loc.length)
+            try out.withUnsafeMutableBytes { (raw) throws in
+                if loc.length > 0 {
+                    try backend.read(.pack, loc.pack.hex, offset: loc.offset, length: loc.length, into: raw.baseAddress!)
+                }
+            }
+        case .lz4:
+            if scratch.count < loc.length { scratch = [UInt8](repeating: 0, count: loc.length) }
+            try scratch.withUnsafeMutableBytes { (raw) throws in
+                try backend.read(.pack, loc.pack.hex, offset: loc.offset, length: loc.length, into: raw.baseAddress!)
+            }
+            out = [UInt8](repeating: 0, count: loc.rawLength)
+            let ok = scratch.withUnsafeBytes { src in
+                out.withUnsafeMutableBytes { dst in
+                    LZ4.decompress(UnsafeRawBufferPointer(rebasing: src[0..<loc.length]), into: dst)
+                }
+            }
+            guard ok else { throw CABackupError.corrupt(what: what, reason: "LZ4 data does not decode") }
+        }
+        let actual = out.withUnsafeBytes { hasher.hash($0) }
+        guard actual == id else { throw CABackupError.corrupt(what: what, reason: "content does not match its id") }
+    }
+
+    /// The entries of a directory node (all its tree parts), in name order.
+    public func loadDirectory(_ node: Node) throws -> [Node] {
+        var out: [Node] = []
+        for id in node.subtrees { out += try loadTree(id) }
+        return out
+    }
+
+    /// Decodes one tree blob.
+    func loadTree(_ id: BlobID) throws -> [Node] {
+        let bytes = try loadBlob(id)
+        do {
+            let nodes = try TreeCodec.decode(bytes)
+            for n in nodes where !isSafeName(n.name) {
+                throw CABackupError.corrupt(what: "tree \(id.hex)", reason: "unsafe entry name \(displayPath(n.name))")
+            }
+            return nodes
+        } catch let e as FormatError {
+            throw CABackupError.corrupt(what: "tree \(id.hex)", reason: e.description)
+        } catch let e as CABackupError {
+            throw e
+        } catch {
+            throw CABackupError.corrupt(what: "tree \(id.hex)", reason: "\(error)")
+        }
+    }
+
+    // MARK: Snapshots
+
+    /// Snapshots matching `filter`, oldest first.
+    public func snapshots(matching filter: SnapshotFilter = SnapshotFilter()) throws -> [Snapshot] {
+        var out: [Snapshot] = []
+        for (id, record) in try index.snapshotRecords() {
+            let s = try Snapshot.decode(id: id, bytes: record)
+            if filter.matches(s) { out.append(s) }
+        }
+        return out
+    }
+
+    /// Resolves `latest`, a full id or a unique prefix of at least 8 hex digits.
+    ///
+    /// - Throws: ``CABackupError/snapshotNotFound(_:)``, ``CABackupError/ambiguousSnapshot(_:matches:)``
+    ///   or ``CABackupError/badSnapshotReference(_:)``.
+    public func findSnapshot(_ reference: String, matching filter: SnapshotFilter = SnapshotFilter())
+        throws -> Snapshot
+    {
+        let all = try snapshots(matching: filter)
+        if reference == "latest" {
+            guard let last = all.last else { throw CABackupError.snapshotNotFound(reference) }
+            return last
+        }
+        let ref = reference.lowercased()
+        guard ref.count >= 8, ref.count <= 64, ref.utf8.allSatisfy({ isHexDigit($0) }) else {
+            throw CABackupError.badSnapshotReference(reference)
+        }
+        let matches = all.filter { $0.id.hex.hasPrefix(ref) }
+        guard let first = matches.first else { throw CABackupError.snapshotNotFound(reference) }
+        guard matches.count == 1 else { throw CABackupError.ambiguousSnapshot(reference, matches: matches.count) }
+        return first
+    }
+
+    /// Stores a snapshot record (the commit point) and indexes it.
+    func commitSnapshot(_ bytes: [UInt8]) throws -> Snapshot {
+        let id = sha256(bytes)
+        try bytes.withUnsafeBytes { (raw) throws in
+            try backend.write(.snapshot, id.hex, raw)
+        }
+        let snap = try Snapshot.decode(id: id, bytes: bytes)
+        try index.addSnapshot(id, timeNs: snap.timeNs, record: bytes)
+        return snap
+    }
+}
+
+@inline(__always)
+func isHexDigit(_ c: UInt8) -> Bool {
+    (c >= 48 && c <= 57) || (c >= 97 && c <= 102) || (c >= 65 && c <= 70)
+}
+
+/// A name a tree may hold: not empty, not `.` or `..`, no `/` and no NUL.
+func isSafeName(_ name: [UInt8]) -> Bool {
+    !name.isEmpty && name != [0x2E] && name != [0x2E, 0x2E] && !name.contains(0x2F) && !name.contains(0)
+}
+
+/// Makes a path absolute against the working directory and removes `.`/`..` and
+/// repeated slashes lexically.
+public func absolutePath(_ path: String) -> String {
+    var p = path
+    if !p.hasPrefix("/") {
+        var buf = [CChar](repeating: 0, count: Int(PATH_MAX) + 1)
+        if getcwd(&buf, buf.count) != nil {
+            p = buf.withUnsafeBufferPointer { String(cString: $0.baseAddress!) } + "/" + p
+        }
+    }
+    var parts: [Substring] = []
+    for c in p.split(separator: "/") {
+        if c == "." { continue }
+        if c == ".." {
+            if !parts.isEmpty { parts.removeLast() }
+            continue
+        }
+        parts.append(c)
+    }
+    return "/" + parts.joined(separator: "/")
+}

@@ -1,0 +1,585 @@
+import Synchronization
+
+#if canImport(Glibc)
+    import Glibc
+#elseif canImport(Darwin)
+    import Darwin
+#endif
+
+/// Options for ``Repository/snapshot(paths:options:progress:)``.
+public struct SnapshotOptions: Sendable {
+    /// Tags recorded with the snapshot.
+    public var tags: [String]
+    /// Glob patterns (fnmatch): a pattern with a `/` is matched against the whole
+    /// path, one without against the entry's name.
+    public var excludes: [String]
+    /// The host name recorded; the machine's by default.
+    public var hostname: String?
+    /// Worker threads that hash and compress; by default one per core.
+    public var workers: Int
+
+    public init(tags: [String] = [], excludes: [String] = [], hostname: String? = nil, workers: Int? = nil) {
+        self.tags = tags
+        self.excludes = excludes
+        self.hostname = hostname
+        self.workers = workers ?? max(1, Int(sysconf(Int32(_SC_NPROCESSORS_ONLN))))
+    }
+}
+
+/// Progress of a running snapshot, reported a few times a second.
+public struct SnapshotProgress: Sendable {
+    public var filesDone: Int
+    public var bytesRead: Int64
+    public var bytesAdded: Int64
+    public var elapsedSeconds: Double
+    /// The file being read.
+    public var currentPath: String
+}
+
+/// An entry that could not be read and was left out of the snapshot.
+public struct SnapshotWarning: Sendable, CustomStringConvertible {
+    public var path: String
+    public var message: String
+    public var description: String { "\(path): \(message)" }
+}
+
+/// The outcome of a snapshot.
+public struct SnapshotResult: Sendable {
+    /// The committed snapshot, with its summary.
+    public var snapshot: Snapshot
+    /// Entries skipped because they could not be read (exit code 3 in the CLI).
+    public var warnings: [SnapshotWarning]
+}
+
+extension Repository {
+    /// Backs up `paths` into a new snapshot.
+    ///
+    /// Relative paths are made absolute. Each is stored under its absolute path (restic's
+    /// layout), so the snapshot's root tree holds their ancestors as directories. Only
+    /// chunks the repository lacks are compressed and written. The snapshot record is
+    /// written last: an interrupted run leaves only unreferenced packs, which the next
+    /// run reuses.
+    ///
+    /// - Parameters:
+    ///   - paths: files or directories to back up.
+    ///   - options: tags, excludes, host name.
+    ///   - progress: called on the calling thread a few times a second.
+    /// - Returns: the snapshot and the entries that had to be skipped.
+    /// - Throws: ``CABackupError/unreadableSource(path:reason:)`` when a top-level path is
+    ///   missing or unreadable (nothing is written then); I/O errors from the repository.
+    public func snapshot(
+        paths: [String], options: SnapshotOptions = SnapshotOptions(),
+        progress: ((SnapshotProgress) -> Void)? = nil
+    ) throws -> SnapshotResult {
+        guard !paths.isEmpty else { throw CABackupError.invalidArgument("no paths to back up: name at least one file or directory") }
+        let archiver = Archiver(repository: self, options: options, progress: progress)
+        return try archiver.run(paths: paths)
+    }
+}
+
+/// The content of a regular file as its chunks are hashed: filled in by workers.
+final class FileJob: @unchecked Sendable {
+    // Safe: every field is read and written with the archiver's `cond` mutex held.
+    var ids: [BlobID] = []
+    var pending = 0
+    var sealed = false
+    var size: Int64 = 0
+    var failed = false
+    var isComplete: Bool { sealed && pending == 0 }
+}
+
+struct ChunkJob: Sendable {
+    let buffer: SharedBuffer
+    let offset: Int
+    let length: Int
+    let file: FileJob
+    let index: Int
+}
+
+/// A directory whose entries are known but whose files may still be in the pipeline.
+final class PendingDirectory {
+    enum Entry {
+        case done(Node)
+        case file(Node, FileJob)
+        case directory(PendingDirectory)
+    }
+
+    var node: Node
+    var entries: [Entry] = []
+    var result: Node?
+    var readyCursor = 0
+    let isRoot: Bool
+
+    init(node: Node, isRoot: Bool = false) {
+        self.node = node
+        self.isRoot = isRoot
+    }
+}
+
+/// Paths to back up, merged into a tree of path components. Inner nodes are ancestors
+/// (stored as directories); leaves are walked in full.
+final class PathTrie {
+    var children: [[UInt8]: PathTrie] = [:]
+    var isLeaf = false
+
+    func insert(_ components: [[UInt8]]) {
+        if isLeaf { return }
+        guard let first = components.first else {
+            isLeaf = true
+            children = [:]
+            return
+        }
+        let child = children[first] ?? PathTrie()
+        children[first] = child
+        child.insert(Array(components.dropFirst()))
+    }
+
+    var sortedChildren: [([UInt8], PathTrie)] {
+        children.sorted { $0.key.lexicographicallyPrecedes($1.key) }.map { ($0.key, $0.value) }
+    }
+}
+
+/// Walks paths and turns them into trees and a snapshot.
+///
+/// Threads: the calling thread walks directories, reads files and cuts chunks (reading
+/// from the page cache and the Gear loop are cheap); `workers` threads hash each chunk,
+/// skip known ones, compress and pack new ones; the ``BlobSaver``'s writer thread stores
+/// full packs. A directory's tree is encoded once all its files' chunks are hashed;
+/// directories wait for that in a FIFO in post-order, so the walk never stalls on them.
+/// Memory is bounded by the read-window budget, the chunk queue and two open packs.
+// Safe: worker threads touch only `cond`-guarded jobs, the queue, the saver and atomics;
+// everything else belongs to the calling thread.
+final class Archiver: @unchecked Sendable {
+    private let repo: Repository
+    private let options: SnapshotOptions
+    private let progress: ((SnapshotProgress) -> Void)?
+    private let cond = Condition()
+    private let chunkQueue: BlockingQueue<ChunkJob>
+    private let budget: CountingSemaphore
+    private let saver: BlobSaver
+    private var workers: [pthread_t] = []
+    private let chunksAdded = Atomic<Int>(0)
+    private let workerFailure = Mutex<CABackupError?>(nil)
+
+    private var finalizeQueue: [PendingDirectory] = []
+    private var finalizeHead = 0
+    private var hardLinks: [HardLinkKey: FileJob] = [:]
+    private var warnings: [SnapshotWarning] = []
+    private var summary = SnapshotSummary()
+    private var bytesRead: Int64 = 0
+    private var filesRead = 0
+    private let start = monotonicSeconds()
+    private var lastProgress = 0.0
+    private let hasher = SHA256Hasher()
+    private var treeScratch: [UInt8] = []
+
+    struct HardLinkKey: Hashable {
+        let device: UInt64
+        let inode: UInt64
+    }
+
+    /// Bytes of read windows allowed in flight: enough to keep both workers busy while
+    /// the reader fills the next window.
+    static let windowSize = 16 << 20
+    static let windowBudget = 96 << 20
+
+    init(repository: Repository, options: SnapshotOptions, progress: ((SnapshotProgress) -> Void)?) {
+        self.repo = repository
+        self.options = options
+        self.progress = progress
+        self.chunkQueue = BlockingQueue(capacity: 256)
+        self.budget = CountingSemaphore(max(Self.windowBudget, 3 * max(Self.windowSize, 2 * repository.config.chunker.maxSize)))
+        self.saver = BlobSaver(repository: repository)
+    }
+
+    func run(paths: [String]) throws -> SnapshotResult {
+        let startNs = wallClockNs()
+        // Check every top-level path first: a missing one is fatal and writes nothing.
+        var absolute: [String] = []
+        for p in paths {
+            let abs = absolutePath(p)
+            var st = stat()
+            if lstat(abs, &st) != 0 { throw CABackupError.unreadableSource(path: p, reason: errnoDescription(errno)) }
+            if (st.st_mode & S_IFMT) == S_IFDIR {
+                guard let d = opendir(abs) else { throw CABackupError.unreadableSource(path: p, reason: errnoDescription(errno)) }
+                closedir(d)
+            } else if (st.st_mode & S_IFMT) == S_IFREG {
+                let fd = open(abs, O_RDONLY | O_CLOEXEC)
+                if fd < 0 { throw CABackupError.unreadableSource(path: p, reason: errnoDescription(errno)) }
+                close(fd)
+            }
+            if !absolute.contains(abs) { absolute.append(abs) }
+        }
+        let trie = PathTrie()
+        for p in absolute {
+            trie.insert(p.split(separator: "/").map { Array($0.utf8) })
+        }
+
+        for _ in 0..<max(1, options.workers) {
+            workers.append(startThread { [self] in self.workerLoop() })
+        }
+        let root: Node
+        do {
+            root = try walkRoot(trie)
+        } catch {
+            shutdownWorkers()
+            saver.abandon()
+            throw error
+        }
+        shutdownWorkers()
+        if let e = workerFailure.withLock({ $0 }) {
+            saver.abandon()
+            throw e
+        }
+        try saver.finish()
+
+        let hostname = options.hostname ?? currentHostname()
+        let parent = try? repo.snapshots(matching: SnapshotFilter(hosts: [hostname], paths: absolute)).last?.id
+        summary.chunksAdded = chunksAdded.load(ordering: .relaxed)
+        summary.bytesTotal = bytesRead
+        summary.errors = warnings.count
+        summary.durationSeconds = monotonicSeconds() - start
+        // bytes_added counts the record itself too; its size depends on the number, so
+        // settle it by iterating until it is stable.
+        var added = saver.bytesAdded.load(ordering: .relaxed)
+        var record: [UInt8] = []
+        for _ in 0..<4 {
+            summary.bytesAdded = added
+            record = Snapshot.encodeRecord(
+                time: formatRFC3339(ns: startNs), hostname: hostname, username: currentUsername(), paths: absolute,
+                tags: options.tags, parent: parent, tree: root.subtrees[0], summary: summary)
+            let total = saver.bytesAdded.load(ordering: .relaxed) + Int64(record.count)
+            if total == added { break }
+            added = total
+        }
+        let snap = try repo.commitSnapshot(record)
+        return SnapshotResult(snapshot: snap, warnings: warnings)
+    }
+
+    private func shutdownWorkers() {
+        chunkQueue.close()
+        for w in workers { joinThread(w) }
+        workers = []
+    }
+
+    // MARK: Walking (calling thread)
+
+    private func walkRoot(_ trie: PathTrie) throws -> Node {
+        var st = stat()
+        if stat("/", &st) != 0 { throw ioError("stat", "/") }
+        let rootNode = makeNode(name: [0x2F], st: st)
+        let pd = try walkDirectory(path: [0x2F], node: rootNode, trie: trie.isLeaf ? nil : trie, isRoot: true)
+        try drainFinalizeQueue(blocking: true)
+        guard let result = pd.result else { throw CABackupError.invalidArgument("internal error: root tree not finalized") }
+        return result
+    }
+
+    private func walkDirectory(path: [UInt8], node: Node, trie: PathTrie?, isRoot: Bool = false)
+        throws -> PendingDirectory
+    {
+        let pd = PendingDirectory(node: node, isRoot: isRoot)
+        if let trie {
+            for (name, child) in trie.sortedChildren {
+                let childPath = joinPath(path, name)
+                if child.isLeaf {
+                    if let e = try processEntry(path: childPath, name: name) { pd.entries.append(e) }
+                } else {
+                    // An ancestor of a backed-up path: stored with its own metadata.
+                    var st = stat()
+                    let rc = withCPath(childPath) { stat($0, &st) }
+                    if rc != 0 || (st.st_mode & S_IFMT) != S_IFDIR {
+                        warn(childPath, rc != 0 ? errnoDescription(errno) : "not a directory")
+                        continue
+                    }
+                    let sub = try walkDirectory(path: childPath, node: makeNode(name: name, st: st), trie: child)
+                    pd.entries.append(.directory(sub))
+                }
+            }
+        } else {
+            let names: [[UInt8]]
+            do {
+                names = try readDirectory(path)
+            } catch {
+                warn(path, "cannot read directory: \(errnoText(CABackupError(error)))")
+                names = []
+            }
+            for name in names {
+                if let e = try processEntry(path: joinPath(path, name), name: name) { pd.entries.append(e) }
+            }
+        }
+        finalizeQueue.append(pd)
+        try drainFinalizeQueue(blocking: finalizeQueue.count - finalizeHead > 4096)
+        return pd
+    }
+
+    private func processEntry(path: [UInt8], name: [UInt8]) throws -> PendingDirectory.Entry? {
+        if isExcluded(path: path, name: name) { return nil }
+        var st = stat()
+        if withCPath(path, { lstat($0, &st) }) != 0 {
+            warn(path, errnoDescription(errno))
+            return nil
+        }
+        var node = makeNode(name: name, st: st)
+        switch node.type {
+        case .file:
+            if node.links > 1, let job = hardLinks[HardLinkKey(device: node.device, inode: node.inode)] {
+                return .file(node, job)
+            }
+            guard let job = try readFile(path: path, st: st) else { return nil }
+            if node.links > 1 { hardLinks[HardLinkKey(device: node.device, inode: node.inode)] = job }
+            return .file(node, job)
+        case .directory:
+            return .directory(try walkDirectory(path: path, node: node, trie: nil))
+        case .symlink:
+            var buf = [UInt8](repeating: 0, count: Int(PATH_MAX) + 1)
+            let n = withCPath(path) { p in buf.withUnsafeMutableBufferPointer { readlink(p, $0.baseAddress!.withMemoryRebound(to: CChar.self, capacity: $0.count) { $0 }, $0.count) } }
+            if n < 0 {
+                warn(path, "cannot read link: \(errnoDescription(errno))")
+                return nil
+            }
+            node.linkTarget = Array(buf[0..<n])
+            return .done(node)
+        default:
+            return .done(node)
+        }
+    }
+
+    /// Reads a regular file and queues its chunks; `nil` (with a warning) when it
+    /// cannot be opened or read.
+    private func readFile(path: [UInt8], st: stat) throws -> FileJob? {
+        var fd = withCPath(path) { open($0, O_RDONLY | O_NOFOLLOW | O_CLOEXEC | openNoAtime) }
+        if fd < 0 && errno == EPERM { fd = withCPath(path) { open($0, O_RDONLY | O_NOFOLLOW | O_CLOEXEC) } }
+        if fd < 0 {
+            warn(path, errnoDescription(errno))
+            return nil
+        }
+        defer { close(fd) }
+        reportProgress(path)
+        let job = FileJob()
+        let reader = ChunkingReader(
+            chunker: repo.chunker, fd: fd, path: path, sizeHint: Int64(st.st_size), windowSize: Self.windowSize,
+            budget: budget)
+        do {
+            while let window = try reader.nextWindow() {
+                for cut in window.cuts {
+                    let index: Int = cond.locked {
+                        job.ids.append(.zero)
+                        job.pending += 1
+                        return job.ids.count - 1
+                    }
+                    chunkQueue.push(
+                        ChunkJob(buffer: window.buffer, offset: cut.offset, length: cut.length, file: job, index: index))
+                }
+                if let e = workerFailure.withLock({ $0 }) { throw e }
+            }
+        } catch {
+            let error = CABackupError(error)
+            if case .io = error {
+                warn(path, errnoText(error))
+                cond.locked {
+                    job.failed = true
+                    job.sealed = true
+                }
+                bytesRead += reader.bytesRead
+                return nil
+            }
+            throw error
+        }
+        bytesRead += reader.bytesRead
+        filesRead += 1
+        cond.locked {
+            job.size = reader.bytesRead
+            job.sealed = true
+        }
+        return job
+    }
+
+    // MARK: Finalizing directories
+
+    /// Encodes and stores the trees of directories whose files are all hashed, in
+    /// post-order. With `blocking`, waits for all of them.
+    private func drainFinalizeQueue(blocking: Bool) throws {
+        while finalizeHead < finalizeQueue.count {
+            let pd = finalizeQueue[finalizeHead]
+            if !isReady(pd) {
+                if !blocking { break }
+                cond.lock()
+                while !isReadyLocked(pd) { cond.wait() }
+                cond.unlock()
+            }
+            try finalize(pd)
+            finalizeHead += 1
+            if finalizeHead > 1024 {
+                finalizeQueue.removeFirst(finalizeHead)
+                finalizeHead = 0
+            }
+        }
+    }
+
+    private func isReady(_ pd: PendingDirectory) -> Bool {
+        cond.locked { isReadyLocked(pd) }
+    }
+
+    private func isReadyLocked(_ pd: PendingDirectory) -> Bool {
+        while pd.readyCursor < pd.entries.count {
+            if case .file(_, let job) = pd.entries[pd.readyCursor], !job.isComplete { return false }
+            pd.readyCursor += 1
+        }
+        return true
+    }
+
+    private func finalize(_ pd: PendingDirectory) throws {
+        var nodes: [Node] = []
+        nodes.reserveCapacity(pd.entries.count)
+        for e in pd.entries {
+            switch e {
+            case .done(let n):
+                nodes.append(n)
+            case .file(var n, let job):
+                let (ids, size, failed) = cond.locked { (job.ids, job.size, job.failed) }
+                if failed { continue }
+                n.content = ids
+                n.size = UInt64(size)
+                nodes.append(n)
+                summary.filesTotal += 1
+            case .directory(let sub):
+                guard let r = sub.result else { continue }
+                nodes.append(r)
+                summary.directoriesTotal += 1
+            }
+        }
+        pd.entries = []
+        var node = pd.node
+        let parts = pd.isRoot ? [TreeCodec.encodeSingle(nodes)] : TreeCodec.encodeParts(nodes)
+        node.subtrees = try parts.map { (p) throws in try storeTree(p) }
+        pd.result = node
+    }
+
+    private func storeTree(_ bytes: [UInt8]) throws -> BlobID {
+        let id = bytes.withUnsafeBytes { hasher.hash($0) }
+        if try saver.claim(id) {
+            let bound = LZ4.bound(bytes.count)
+            if treeScratch.count < bound { treeScratch = [UInt8](repeating: 0, count: bound) }
+            try bytes.withUnsafeBytes { (src) throws in
+                try treeScratch.withUnsafeMutableBytes { (dst) throws in
+                    if let n = LZ4.compress(src, into: dst), n < bytes.count {
+                        try saver.add(
+                            id, type: .tree, compression: .lz4, rawLength: bytes.count,
+                            bytes: UnsafeRawBufferPointer(rebasing: dst[0..<n]))
+                    } else {
+                        try saver.add(id, type: .tree, compression: .none, rawLength: bytes.count, bytes: src)
+                    }
+                }
+            }
+        }
+        return id
+    }
+
+    // MARK: Workers
+
+    private func workerLoop() {
+        let hasher = SHA256Hasher()
+        let scratch = UnsafeMutableRawBufferPointer.allocate(
+            byteCount: LZ4.bound(repo.config.chunker.maxSize), alignment: 64)
+        defer { scratch.deallocate() }
+        while let job = chunkQueue.pop() {
+            let raw = job.buffer.bytes(job.offset, job.length)
+            let id = hasher.hash(raw)
+            do {
+                if try saver.claim(id) {
+                    if let n = LZ4.compress(raw, into: scratch), n < raw.count {
+                        try saver.add(
+                            id, type: .data, compression: .lz4, rawLength: raw.count,
+                            bytes: UnsafeRawBufferPointer(rebasing: scratch[0..<n]))
+                    } else {
+                        try saver.add(id, type: .data, compression: .none, rawLength: raw.count, bytes: raw)
+                    }
+                    chunksAdded.add(1, ordering: .relaxed)
+                }
+            } catch {
+                workerFailure.withLock { if $0 == nil { $0 = CABackupError(error) } }
+            }
+            cond.lock()
+            job.file.ids[job.index] = id
+            job.file.pending -= 1
+            if job.file.isComplete { cond.broadcast() }
+            cond.unlock()
+        }
+    }
+
+    // MARK: Helpers
+
+    private func makeNode(name: [UInt8], st: stat) -> Node {
+        let type: NodeType
+        switch st.st_mode & S_IFMT {
+        case S_IFREG: type = .file
+        case S_IFDIR: type = .directory
+        case S_IFLNK: type = .symlink
+        case S_IFIFO: type = .fifo
+        case S_IFCHR: type = .characterDevice
+        case S_IFBLK: type = .blockDevice
+        default: type = .socket
+        }
+        var n = Node(name: name, type: type)
+        n.mode = UInt32(st.st_mode & 0o7777)
+        n.uid = st.st_uid
+        n.gid = st.st_gid
+        n.size = type == .file ? UInt64(st.st_size) : 0
+        n.mtimeNs = nanoseconds(st.st_mtim)
+        n.ctimeNs = nanoseconds(st.st_ctim)
+        n.inode = UInt64(st.st_ino)
+        n.device = UInt64(st.st_dev)
+        n.links = type == .directory ? 1 : UInt64(st.st_nlink)
+        n.rdev = UInt64(st.st_rdev)
+        return n
+    }
+
+    private func isExcluded(path: [UInt8], name: [UInt8]) -> Bool {
+        for pattern in options.excludes {
+            let subject = pattern.contains("/") ? path : name
+            let matched = withCPath(subject) { s in fnmatch(pattern, s, 0) == 0 }
+            if matched { return true }
+        }
+        return false
+    }
+
+    private func warn(_ path: [UInt8], _ message: String) {
+        warnings.append(SnapshotWarning(path: displayPath(path), message: message))
+    }
+
+    private func reportProgress(_ path: [UInt8]) {
+        guard let progress else { return }
+        let now = monotonicSeconds()
+        if now - lastProgress < 0.2 { return }
+        lastProgress = now
+        progress(
+            SnapshotProgress(
+                filesDone: filesRead, bytesRead: bytesRead, bytesAdded: saver.bytesAdded.load(ordering: .relaxed),
+                elapsedSeconds: now - start, currentPath: displayPath(path)))
+    }
+}
+
+/// The text of an I/O error without its path (the warning names the path already).
+func errnoText(_ e: CABackupError) -> String {
+    if case .io(let op, _, let code) = e { return "\(op): \(errnoDescription(code))" }
+    return e.description
+}
+
+/// `O_NOATIME`: reading for a backup should not change access times (Linux only; the
+/// caller retries without it when the kernel refuses, as it does for others' files).
+#if os(Linux)
+    let openNoAtime: Int32 = 0o1000000
+#else
+    let openNoAtime: Int32 = 0
+#endif
+
+func wallClockNs() -> Int64 {
+    var ts = timespec()
+    clock_gettime(CLOCK_REALTIME, &ts)
+    return nanoseconds(ts)
+}
+
+func currentUsername() -> String {
+    if let pw = getpwuid(getuid()), let name = pw.pointee.pw_name { return String(cString: name) }
+    return String(getuid())
+}

@@ -1,0 +1,230 @@
+/// The kind of a file-system entry.
+public enum NodeType: UInt8, Sendable, CustomStringConvertible {
+    case file = 1
+    case directory = 2
+    case symlink = 3
+    case fifo = 4
+    case characterDevice = 5
+    case blockDevice = 6
+    case socket = 7
+
+    public var description: String {
+        switch self {
+        case .file: return "file"
+        case .directory: return "dir"
+        case .symlink: return "symlink"
+        case .fifo: return "fifo"
+        case .characterDevice: return "chardev"
+        case .blockDevice: return "blockdev"
+        case .socket: return "socket"
+        }
+    }
+}
+
+/// One entry of a directory in a snapshot: a file, directory, symlink or special file,
+/// with its metadata and, for files, the ids of its content chunks in order.
+public struct Node: Sendable, Equatable {
+    /// The entry's name: raw bytes, not necessarily UTF-8, never containing `/` or NUL.
+    public var name: [UInt8]
+    public var type: NodeType
+    /// Permission bits, including setuid, setgid and sticky (`st_mode & 0o7777`).
+    public var mode: UInt32 = 0
+    public var uid: UInt32 = 0
+    public var gid: UInt32 = 0
+    /// Size in bytes (regular files).
+    public var size: UInt64 = 0
+    /// Modification time, nanoseconds since 1970.
+    public var mtimeNs: Int64 = 0
+    /// Status change time, nanoseconds since 1970.
+    public var ctimeNs: Int64 = 0
+    public var inode: UInt64 = 0
+    public var device: UInt64 = 0
+    /// Hard link count at backup time; entries with `links > 1` sharing `device` and
+    /// `inode` are restored as hard links.
+    public var links: UInt64 = 1
+    /// Device number for character and block devices.
+    public var rdev: UInt64 = 0
+    /// Symlink target bytes.
+    public var linkTarget: [UInt8] = []
+    /// Content chunk ids in file order.
+    public var content: [BlobID] = []
+    /// For directories: the tree blobs holding its entries, in name order (one for
+    /// most directories; large directories are split).
+    public var subtrees: [BlobID] = []
+
+    public init(name: [UInt8], type: NodeType) {
+        self.name = name
+        self.type = type
+    }
+
+    /// The name as text: invalid UTF-8 is escaped as `\xNN`.
+    public var displayName: String { displayPath(name) }
+}
+
+/// Tree blob encoding: how a directory's entries are stored.
+///
+/// Layout: `version u8 (1) ‖ entry*`, entry: `varint length ‖ field*`,
+/// field: `varint tag ‖ varint length ‖ value`. Integers are varints (signed ones
+/// zig-zag); names and link targets are raw bytes; `content` and `subtrees` are ids
+/// back to back. Readers skip fields with tags they do not know, so new fields
+/// (extended attributes, sparse ranges) can be added without breaking older readers.
+public enum TreeCodec {
+    static let version: UInt8 = 1
+
+    enum Tag: UInt64 {
+        case name = 1, type, mode, uid, gid, size, mtime, ctime, inode, device, links, rdev, linkTarget, content,
+            subtrees
+    }
+
+    /// A tree blob is closed at this many encoded bytes; a larger directory is split
+    /// over several tree blobs so one blob stays bounded.
+    public static let partLimit = 1 << 20
+
+    /// Encodes one node as an entry (length-prefixed).
+    static func encode(_ n: Node, into w: inout ByteWriter) {
+        var f = ByteWriter(capacity: 96 + n.name.count + n.content.count * 32)
+        func field(_ tag: Tag, _ value: UInt64) {
+            f.varint(tag.rawValue)
+            var v = ByteWriter(capacity: 10)
+            v.varint(value)
+            f.varint(UInt64(v.bytes.count))
+            f.append(v.bytes)
+        }
+        func field(_ tag: Tag, signed value: Int64) {
+            f.varint(tag.rawValue)
+            var v = ByteWriter(capacity: 10)
+            v.svarint(value)
+            f.varint(UInt64(v.bytes.count))
+            f.append(v.bytes)
+        }
+        func field(_ tag: Tag, bytes: [UInt8]) {
+            f.varint(tag.rawValue)
+            f.varint(UInt64(bytes.count))
+            f.append(bytes)
+        }
+        func field(_ tag: Tag, ids: [BlobID]) {
+            f.varint(tag.rawValue)
+            f.varint(UInt64(ids.count * 32))
+            for id in ids { f.id(id) }
+        }
+        field(.name, bytes: n.name)
+        field(.type, UInt64(n.type.rawValue))
+        field(.mode, UInt64(n.mode))
+        field(.uid, UInt64(n.uid))
+        field(.gid, UInt64(n.gid))
+        field(.mtime, signed: n.mtimeNs)
+        field(.ctime, signed: n.ctimeNs)
+        field(.inode, n.inode)
+        field(.device, n.device)
+        if n.links != 1 { field(.links, n.links) }
+        switch n.type {
+        case .file:
+            field(.size, n.size)
+            field(.content, ids: n.content)
+        case .directory:
+            field(.subtrees, ids: n.subtrees)
+        case .symlink:
+            field(.linkTarget, bytes: n.linkTarget)
+        case .characterDevice, .blockDevice:
+            field(.rdev, n.rdev)
+        case .fifo, .socket:
+            break
+        }
+        w.varint(UInt64(f.bytes.count))
+        w.append(f.bytes)
+    }
+
+    /// Encodes a directory's entries (already sorted by name) into one or more tree
+    /// blobs of at most ``partLimit`` bytes each (a single huge entry gets its own).
+    static func encodeParts(_ nodes: [Node]) -> [[UInt8]] {
+        var parts: [[UInt8]] = []
+        var w = ByteWriter(capacity: 4096)
+        w.u8(version)
+        var count = 0
+        for n in nodes {
+            var e = ByteWriter()
+            encode(n, into: &e)
+            if count > 0 && w.bytes.count + e.bytes.count > partLimit {
+                parts.append(w.bytes)
+                w = ByteWriter(capacity: 4096)
+                w.u8(version)
+                count = 0
+            }
+            w.append(e.bytes)
+            count += 1
+        }
+        parts.append(w.bytes)
+        return parts
+    }
+
+    /// Decodes one tree blob.
+    public static func decode(_ bytes: [UInt8]) throws -> [Node] {
+        var r = ByteReader(bytes)
+        guard try r.u8() == version else { throw FormatError.malformed("unknown tree version") }
+        var nodes: [Node] = []
+        while !r.isAtEnd {
+            let len = try r.varint()
+            guard len <= UInt64(r.remaining) else { throw FormatError.truncated }
+            var e = try r.sub(Int(len))
+            nodes.append(try decodeEntry(&e))
+        }
+        return nodes
+    }
+
+    private static func decodeEntry(_ r: inout ByteReader) throws -> Node {
+        var n = Node(name: [], type: .file)
+        var sawName = false
+        var sawType = false
+        while !r.isAtEnd {
+            let tag = try r.varint()
+            let len = try r.varint()
+            guard len <= UInt64(r.remaining) else { throw FormatError.truncated }
+            var v = try r.sub(Int(len))
+            func uint() throws -> UInt64 { try v.varint() }
+            switch Tag(rawValue: tag) {
+            case .name:
+                n.name = Array(try v.bytes(v.remaining))
+                sawName = true
+            case .type:
+                guard let t = NodeType(rawValue: UInt8(truncatingIfNeeded: try uint())) else {
+                    throw FormatError.malformed("unknown node type")
+                }
+                n.type = t
+                sawType = true
+            case .mode: n.mode = UInt32(truncatingIfNeeded: try uint())
+            case .uid: n.uid = UInt32(truncatingIfNeeded: try uint())
+            case .gid: n.gid = UInt32(truncatingIfNeeded: try uint())
+            case .size: n.size = try uint()
+            case .mtime: n.mtimeNs = try v.svarint()
+            case .ctime: n.ctimeNs = try v.svarint()
+            case .inode: n.inode = try uint()
+            case .device: n.device = try uint()
+            case .links: n.links = try uint()
+            case .rdev: n.rdev = try uint()
+            case .linkTarget: n.linkTarget = Array(try v.bytes(v.remaining))
+            case .content:
+                guard v.remaining % 32 == 0 else { throw FormatError.malformed("content length not a multiple of 32") }
+                n.content.reserveCapacity(v.remaining / 32)
+                while !v.isAtEnd { n.content.append(try v.id()) }
+            case .subtrees:
+                guard v.remaining % 32 == 0 else { throw FormatError.malformed("subtree length not a multiple of 32") }
+                while !v.isAtEnd { n.subtrees.append(try v.id()) }
+            case nil:
+                break  // A field from a newer version: skipped.
+            }
+        }
+        guard sawName, sawType else { throw FormatError.malformed("entry without name or type") }
+        return n
+    }
+}
+
+extension TreeCodec {
+    /// Encodes entries as one tree blob whatever its size (the snapshot's root tree,
+    /// which holds only the top-level path components).
+    static func encodeSingle(_ nodes: [Node]) -> [UInt8] {
+        var w = ByteWriter(capacity: 4096)
+        w.u8(version)
+        for n in nodes { encode(n, into: &w) }
+        return w.bytes
+    }
+}

@@ -1,0 +1,34 @@
+/// The kinds of file a repository stores.
+public enum FileKind: String, Sendable, CaseIterable {
+    /// The repository config (one file named `config`).
+    case config
+    /// Pack files, named by the hex SHA-256 of their bytes.
+    case pack
+    /// Snapshot records, named by the hex SHA-256 of their bytes.
+    case snapshot
+}
+
+/// Where a repository's immutable files live: a local directory today, an HTTP server
+/// later. Every write is atomic and durable before it returns; files are never
+/// modified after they are written, only created and (by prune) removed.
+public protocol Backend: Sendable {
+    /// A human-readable location for messages.
+    var location: String { get }
+    /// Whether a config exists.
+    func exists() -> Bool
+    /// Creates the storage layout; fails if the location is not empty.
+    func create() throws
+    /// Names of all files of a kind.
+    func list(_ kind: FileKind) throws -> [String]
+    /// A whole file (configs, snapshot records; not packs).
+    func read(_ kind: FileKind, _ name: String) throws -> [UInt8]
+    /// `length` bytes at `offset` of a file into `buffer`.
+    func read(_ kind: FileKind, _ name: String, offset: Int64, length: Int, into buffer: UnsafeMutableRawPointer)
+        throws
+    /// The size of a file in bytes.
+    func size(_ kind: FileKind, _ name: String) throws -> Int64
+    /// Stores a file atomically and durably; storing an existing name again is harmless.
+    func write(_ kind: FileKind, _ name: String, _ bytes: UnsafeRawBufferPointer) throws
+    /// Removes a file.
+    func remove(_ kind: FileKind, _ name: String) throws
+}

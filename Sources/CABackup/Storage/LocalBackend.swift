@@ -1,0 +1,136 @@
+#if canImport(Glibc)
+    import Glibc
+#elseif canImport(Darwin)
+    import Darwin
+#endif
+
+/// A repository in a local directory.
+///
+/// Layout: `config`, `data/XY/<pack id>` (XY = the first two hex digits),
+/// `snapshots/<snapshot id>`, `index/` (the derived SQLite index), `tmp/`.
+public final class LocalBackend: Backend, @unchecked Sendable {
+    // Safe: `openFiles` and `lru` are only touched with `lock` held; the rest is immutable.
+    public let root: String
+    public var location: String { root }
+    private let durable: Bool
+    private let lock = Condition()
+    private var openFiles: [String: OpenFile] = [:]
+    private var lru: [String] = []
+    private static let maxOpenFiles = 64
+
+    /// - Parameters:
+    ///   - path: the repository directory.
+    ///   - durable: fsync every file and directory on write (turn off only for tests).
+    public init(path: String, durable: Bool = true) {
+        var p = path
+        while p.count > 1 && p.hasSuffix("/") { p.removeLast() }
+        root = p
+        self.durable = durable
+    }
+
+    /// An open descriptor, closed when the last reader lets go of it (so evicting it
+    /// from the cache never closes it under a concurrent `pread`).
+    private final class OpenFile: Sendable {
+        let fd: Int32
+        init(_ fd: Int32) { self.fd = fd }
+        deinit { close(fd) }
+    }
+
+    func path(_ kind: FileKind, _ name: String) -> String {
+        switch kind {
+        case .config: return root + "/config"
+        case .pack: return root + "/data/" + name.prefix(2) + "/" + name
+        case .snapshot: return root + "/snapshots/" + name
+        }
+    }
+
+    public func exists() -> Bool { fileExists(root + "/config") }
+
+    public func create() throws {
+        if fileExists(root) {
+            guard isDirectory(root) else { throw CABackupError.repositoryExists(root) }
+            let names = try readDirectory(Array(root.utf8))
+            guard names.isEmpty else { throw CABackupError.repositoryExists(root) }
+        }
+        try makeDirectories(root)
+        for sub in ["data", "snapshots", "index", "tmp"] {
+            try makeDirectories(root + "/" + sub)
+        }
+        for i in 0..<256 {
+            try makeDirectories(root + "/data/" + hexString([UInt8(i)]))
+        }
+        if durable { try fsyncDirectory(root) }
+    }
+
+    public func list(_ kind: FileKind) throws -> [String] {
+        switch kind {
+        case .config:
+            return exists() ? ["config"] : []
+        case .snapshot:
+            return try readDirectory(Array((root + "/snapshots").utf8)).compactMap(Self.idName)
+        case .pack:
+            var out: [String] = []
+            for sub in try readDirectory(Array((root + "/data").utf8)) {
+                let dir = root + "/data/" + String(decoding: sub, as: UTF8.self)
+                guard isDirectory(dir) else { continue }
+                out += try readDirectory(Array(dir.utf8)).compactMap(Self.idName)
+            }
+            return out
+        }
+    }
+
+    /// Names that are 64 hex digits; anything else (temp files, stray files) is ignored.
+    private static func idName(_ bytes: [UInt8]) -> String? {
+        let s = String(decoding: bytes, as: UTF8.self)
+        return ObjectID(hex: s) != nil ? s : nil
+    }
+
+    public func read(_ kind: FileKind, _ name: String) throws -> [UInt8] {
+        try readSmallFile(path(kind, name))
+    }
+
+    public func size(_ kind: FileKind, _ name: String) throws -> Int64 {
+        var st = stat()
+        let p = path(kind, name)
+        if stat(p, &st) != 0 { throw ioError("stat", p) }
+        return Int64(st.st_size)
+    }
+
+    public func read(
+        _ kind: FileKind, _ name: String, offset: Int64, length: Int, into buffer: UnsafeMutableRawPointer
+    ) throws {
+        let p = path(kind, name)
+        let file = try openCached(p)
+        try preadFully(file.fd, into: buffer, count: length, offset: offset, path: p)
+    }
+
+    private func openCached(_ p: String) throws -> OpenFile {
+        lock.lock()
+        defer { lock.unlock() }
+        if let f = openFiles[p] { return f }
+        let fd = open(p, O_RDONLY | O_CLOEXEC)
+        if fd < 0 { throw ioError("open", p) }
+        if lru.count >= Self.maxOpenFiles {
+            openFiles.removeValue(forKey: lru.removeFirst())
+        }
+        let f = OpenFile(fd)
+        openFiles[p] = f
+        lru.append(p)
+        return f
+    }
+
+    public func write(_ kind: FileKind, _ name: String, _ bytes: UnsafeRawBufferPointer) throws {
+        let p = path(kind, name)
+        if kind == .config && fileExists(p) { throw CABackupError.repositoryExists(root) }
+        try writeFileAtomically(p, bytes, mode: 0o600, durable: durable)
+    }
+
+    public func remove(_ kind: FileKind, _ name: String) throws {
+        let p = path(kind, name)
+        lock.locked {
+            if openFiles.removeValue(forKey: p) != nil { lru.removeAll { $0 == p } }
+        }
+        if unlink(p) != 0 && errno != ENOENT { throw ioError("remove", p) }
+        if durable { try fsyncDirectory(String(p[..<p.lastIndex(of: "/")!])) }
+    }
+}

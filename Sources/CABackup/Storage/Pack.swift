@@ -1,0 +1,161 @@
+/// What a blob holds.
+public enum BlobType: UInt8, Sendable, Codable {
+    /// A chunk of file content.
+    case data = 0
+    /// A directory listing (a tree blob).
+    case tree = 1
+}
+
+/// How a blob's bytes are stored in its pack. One byte per blob, so codecs can be added
+/// without a new pack format.
+public enum BlobCompression: UInt8, Sendable {
+    /// Stored as is (compression did not shrink it).
+    case none = 0
+    /// LZ4 block format; the raw length is in the pack header.
+    case lz4 = 1
+}
+
+/// One blob's entry in a pack header.
+public struct PackEntry: Sendable, Equatable {
+    public var id: BlobID
+    public var type: BlobType
+    public var compression: BlobCompression
+    /// Where the stored bytes start in the pack.
+    public var offset: Int64
+    /// The stored (possibly compressed) length.
+    public var length: Int
+    /// The length of the plaintext.
+    public var rawLength: Int
+}
+
+/// Why a pack could not be read.
+public enum PackError: Error, Sendable, CustomStringConvertible {
+    /// The file is shorter than the smallest valid pack.
+    case truncated(size: Int64)
+    /// The trailer's magic bytes are wrong: not a cabackup pack.
+    case badMagic
+    /// The header length points outside the file.
+    case headerOutOfRange(UInt32)
+    /// The header does not parse or does not account for every byte.
+    case badHeader(String)
+
+    public var description: String {
+        switch self {
+        case .truncated(let size): return "pack of \(size) bytes is too short"
+        case .badMagic: return "pack trailer has the wrong magic"
+        case .headerOutOfRange(let n): return "pack header length \(n) points outside the file"
+        case .badHeader(let why): return "pack header: \(why)"
+        }
+    }
+}
+
+/// The pack file format.
+///
+/// Layout: `blob₁ … blobₙ ‖ header ‖ UInt32 LE header length ‖ "CApk"`.
+/// Header: `version u8 (1) ‖ flags u8 (0: plain) ‖ count u32 LE ‖ count × entry`,
+/// entry: `type u8 ‖ compression u8 ‖ length u32 LE ‖ raw length u32 LE ‖ id (32)`.
+/// Blob offsets are implicit: blobs are stored back to back from offset 0 in header
+/// order. The `flags` byte is where an encrypted (sealed) header will be announced.
+public enum PackFormat {
+    static let magic: [UInt8] = Array("CApk".utf8)
+    static let version: UInt8 = 1
+    static let trailerSize = 8
+    static let entrySize = 42
+    static let headerFixedSize = 6
+    /// A header larger than this is refused unread (a 16 MiB pack of 512 KiB chunks
+    /// needs about 1.4 KiB; this leaves room for packs of tiny tree blobs).
+    static let maxHeaderSize = 16 << 20
+
+    /// The header and trailer for blobs stored back to back in `entries` order.
+    static func encodeHeader(_ entries: [PackEntry]) -> [UInt8] {
+        var w = ByteWriter(capacity: headerFixedSize + entries.count * entrySize + trailerSize)
+        w.u8(version)
+        w.u8(0)
+        w.u32(UInt32(entries.count))
+        for e in entries {
+            w.u8(e.type.rawValue)
+            w.u8(e.compression.rawValue)
+            w.u32(UInt32(e.length))
+            w.u32(UInt32(e.rawLength))
+            w.id(e.id)
+        }
+        let headerLength = UInt32(w.bytes.count)
+        w.u32(headerLength)
+        w.append(magic)
+        return w.bytes
+    }
+
+    /// Parses the trailer (last 8 bytes): the header length.
+    static func parseTrailer(_ trailer: [UInt8], packSize: Int64) throws -> Int {
+        guard packSize >= Int64(trailerSize + headerFixedSize), trailer.count == trailerSize else {
+            throw PackError.truncated(size: packSize)
+        }
+        guard Array(trailer[4..<8]) == magic else { throw PackError.badMagic }
+        let n = UInt32(trailer[0]) | UInt32(trailer[1]) << 8 | UInt32(trailer[2]) << 16 | UInt32(trailer[3]) << 24
+        guard Int(n) >= headerFixedSize, Int64(n) <= packSize - Int64(trailerSize), Int(n) <= maxHeaderSize else {
+            throw PackError.headerOutOfRange(n)
+        }
+        return Int(n)
+    }
+
+    /// Parses a header of a pack of `packSize` bytes, checking that the blobs exactly
+    /// fill the space before it.
+    static func parseHeader(_ header: [UInt8], packSize: Int64) throws -> [PackEntry] {
+        var r = ByteReader(header)
+        do {
+            guard try r.u8() == version else { throw PackError.badHeader("unknown version") }
+            guard try r.u8() == 0 else { throw PackError.badHeader("unknown flags") }
+            let count = Int(try r.u32())
+            guard count * entrySize == r.remaining else { throw PackError.badHeader("entry count does not match size") }
+            var entries: [PackEntry] = []
+            entries.reserveCapacity(count)
+            var offset: Int64 = 0
+            for _ in 0..<count {
+                guard let type = BlobType(rawValue: try r.u8()) else { throw PackError.badHeader("unknown blob type") }
+                guard let comp = BlobCompression(rawValue: try r.u8()) else {
+                    throw PackError.badHeader("unknown compression")
+                }
+                let length = Int(try r.u32())
+                let raw = Int(try r.u32())
+                let id = try r.id()
+                if comp == .none && raw != length { throw PackError.badHeader("raw length differs for stored blob") }
+                entries.append(PackEntry(id: id, type: type, compression: comp, offset: offset, length: length, rawLength: raw))
+                offset += Int64(length)
+            }
+            guard offset + Int64(header.count + trailerSize) == packSize else {
+                throw PackError.badHeader("blob lengths do not add up to the pack size")
+            }
+            return entries
+        } catch let e as PackError {
+            throw e
+        } catch {
+            throw PackError.badHeader("truncated")
+        }
+    }
+
+    /// Reads and parses the header of a stored pack.
+    static func readHeader(from backend: any Backend, name: String) throws -> [PackEntry] {
+        let size = try backend.size(.pack, name)
+        let what = "pack \(name)"
+        var trailer = [UInt8](repeating: 0, count: trailerSize)
+        if size < Int64(trailerSize) { throw CABackupError.corrupt(what: what, reason: PackError.truncated(size: size).description) }
+        try trailer.withUnsafeMutableBytes { (raw) throws in
+            try backend.read(.pack, name, offset: size - Int64(trailerSize), length: trailerSize, into: raw.baseAddress!)
+        }
+        do {
+            let hlen = try parseTrailer(trailer, packSize: size)
+            var header = [UInt8](repeating: 0, count: hlen)
+            try header.withUnsafeMutableBytes { (raw) throws in
+                try backend.read(
+                    .pack, name, offset: size - Int64(trailerSize + hlen), length: hlen, into: raw.baseAddress!)
+            }
+            return try parseHeader(header, packSize: size)
+        } catch let e as PackError {
+            throw CABackupError.corrupt(what: what, reason: e.description)
+        } catch let e as CABackupError {
+            throw e
+        } catch {
+            throw CABackupError.corrupt(what: what, reason: "\(error)")
+        }
+    }
+}

@@ -1,0 +1,117 @@
+/// Appends little-endian integers, varints and byte strings to a growing buffer.
+/// Used by every binary format in the repository (pack headers, trees).
+struct ByteWriter {
+    var bytes: [UInt8] = []
+
+    init(capacity: Int = 0) { bytes.reserveCapacity(capacity) }
+
+    mutating func u8(_ v: UInt8) { bytes.append(v) }
+
+    mutating func u32(_ v: UInt32) {
+        bytes.append(UInt8(truncatingIfNeeded: v))
+        bytes.append(UInt8(truncatingIfNeeded: v >> 8))
+        bytes.append(UInt8(truncatingIfNeeded: v >> 16))
+        bytes.append(UInt8(truncatingIfNeeded: v >> 24))
+    }
+
+    /// Unsigned LEB128.
+    mutating func varint(_ v: UInt64) {
+        var v = v
+        while v >= 0x80 {
+            bytes.append(UInt8(truncatingIfNeeded: v) | 0x80)
+            v >>= 7
+        }
+        bytes.append(UInt8(v))
+    }
+
+    /// Zig-zag then LEB128, for signed values such as timestamps before 1970.
+    mutating func svarint(_ v: Int64) {
+        varint(UInt64(bitPattern: (v << 1) ^ (v >> 63)))
+    }
+
+    mutating func append(_ b: some Sequence<UInt8>) { bytes.append(contentsOf: b) }
+
+    mutating func id(_ id: ObjectID) { id.withUnsafeBytes { bytes.append(contentsOf: $0) } }
+}
+
+/// Reads what ``ByteWriter`` writes, with bounds checks on every read: parsers built
+/// on it throw ``FormatError`` on hostile input instead of trapping.
+struct ByteReader {
+    let bytes: [UInt8]
+    private(set) var offset: Int
+    let end: Int
+
+    init(_ bytes: [UInt8], from start: Int = 0, to end: Int? = nil) {
+        self.bytes = bytes
+        self.offset = start
+        self.end = end ?? bytes.count
+    }
+
+    var remaining: Int { end - offset }
+    var isAtEnd: Bool { offset >= end }
+
+    mutating func u8() throws -> UInt8 {
+        guard offset < end else { throw FormatError.truncated }
+        defer { offset += 1 }
+        return bytes[offset]
+    }
+
+    mutating func u32() throws -> UInt32 {
+        guard remaining >= 4 else { throw FormatError.truncated }
+        defer { offset += 4 }
+        return UInt32(bytes[offset]) | UInt32(bytes[offset + 1]) << 8 | UInt32(bytes[offset + 2]) << 16
+            | UInt32(bytes[offset + 3]) << 24
+    }
+
+    mutating func varint() throws -> UInt64 {
+        var result: UInt64 = 0
+        var shift: UInt64 = 0
+        while true {
+            let b = try u8()
+            guard shift < 64 else { throw FormatError.malformed("varint longer than 64 bits") }
+            result |= UInt64(b & 0x7F) << shift
+            if b & 0x80 == 0 { return result }
+            shift += 7
+        }
+    }
+
+    mutating func svarint() throws -> Int64 {
+        let u = try varint()
+        return Int64(bitPattern: (u >> 1) ^ (0 &- (u & 1)))
+    }
+
+    /// A length-checked slice of `count` bytes.
+    mutating func bytes(_ count: Int) throws -> ArraySlice<UInt8> {
+        guard count >= 0, remaining >= count else { throw FormatError.truncated }
+        defer { offset += count }
+        return bytes[offset..<offset + count]
+    }
+
+    mutating func id() throws -> ObjectID {
+        guard remaining >= 32 else { throw FormatError.truncated }
+        defer { offset += 32 }
+        return bytes.withUnsafeBytes { ObjectID(UnsafeRawBufferPointer(rebasing: $0[offset..<offset + 32])) }
+    }
+
+    /// A sub-reader over the next `count` bytes; this reader skips past them.
+    mutating func sub(_ count: Int) throws -> ByteReader {
+        guard count >= 0, remaining >= count else { throw FormatError.truncated }
+        defer { offset += count }
+        return ByteReader(bytes, from: offset, to: offset + count)
+    }
+}
+
+/// Why a stored object could not be parsed.
+public enum FormatError: Error, Sendable, Equatable, CustomStringConvertible {
+    /// The object ends before a field it announces.
+    case truncated
+    /// A field holds a value the format does not allow.
+    case malformed(String)
+
+    public var description: String {
+        switch self {
+        case .truncated: return "truncated"
+        case .malformed(let why): return why
+        }
+    }
+}

@@ -1,0 +1,85 @@
+/// Errors the engine reports to its callers. Each message is one line that says what is
+/// wrong and what to do about it; none contains a password or token.
+public enum CABackupError: Error, Sendable, CustomStringConvertible {
+    /// No repository at the given location.
+    case repositoryNotFound(String)
+    /// The location already holds a repository or other files.
+    case repositoryExists(String)
+    /// The repository config was written by a newer cabackup.
+    case unsupportedVersion(found: Int, supported: Int)
+    /// The repository config cannot be parsed.
+    case badConfig(path: String, reason: String)
+    /// No snapshot matches the given reference.
+    case snapshotNotFound(String)
+    /// A snapshot id prefix matches more than one snapshot.
+    case ambiguousSnapshot(String, matches: Int)
+    /// A snapshot reference that is neither `latest`, a full id nor an 8+ digit prefix.
+    case badSnapshotReference(String)
+    /// A top-level path to back up is missing or unreadable.
+    case unreadableSource(path: String, reason: String)
+    /// The restore target exists and is not empty.
+    case targetNotEmpty(String)
+    /// A path inside the snapshot was asked for but is not there.
+    case pathNotInSnapshot(String)
+    /// A blob the index names is missing from the repository.
+    case blobNotFound(BlobID)
+    /// Stored bytes do not match their id or cannot be parsed.
+    case corrupt(what: String, reason: String)
+    /// A system call failed.
+    case io(operation: String, path: String, errno: Int32)
+    /// The SQLite index reported an error.
+    case index(String)
+    /// The operation was cancelled by the caller.
+    case cancelled
+    /// Invalid argument given to the library.
+    case invalidArgument(String)
+
+    public var description: String {
+        switch self {
+        case .repositoryNotFound(let p):
+            return "no repository at \(p): create one with 'cabackup init --repo \(p)' or check --repo"
+        case .repositoryExists(let p):
+            return "\(p) already exists and is not empty: choose a new directory for the repository"
+        case .unsupportedVersion(let found, let supported):
+            return
+                "repository format version \(found) is newer than this cabackup supports (\(supported)): upgrade cabackup"
+        case .badConfig(let path, let reason):
+            return "repository config \(path) is unreadable (\(reason)): is --repo a cabackup repository?"
+        case .snapshotNotFound(let r):
+            return "no snapshot matches '\(r)': list them with 'cabackup snapshots'"
+        case .ambiguousSnapshot(let r, let n):
+            return "snapshot prefix '\(r)' matches \(n) snapshots: give more hex digits"
+        case .badSnapshotReference(let r):
+            return "'\(r)' is not a snapshot reference: use 'latest', a full id or at least 8 hex digits"
+        case .unreadableSource(let p, let reason):
+            return "cannot back up \(p): \(reason)"
+        case .targetNotEmpty(let p):
+            return "restore target \(p) exists and is not empty: choose an empty directory or pass --overwrite"
+        case .pathNotInSnapshot(let p):
+            return "\(p) is not in the snapshot: list its contents with 'cabackup ls'"
+        case .blobNotFound(let id):
+            return "blob \(id.hex) is missing from the repository: run 'cabackup repair index', then 'cabackup check'"
+        case .corrupt(let what, let reason):
+            return "\(what) is damaged (\(reason)): run 'cabackup check --read-data'"
+        case .io(let op, let path, let e):
+            return "\(op) \(path): \(errnoDescription(e))"
+        case .index(let m):
+            return "index: \(m) (the index can be rebuilt with 'cabackup repair index')"
+        case .cancelled:
+            return "interrupted"
+        case .invalidArgument(let m):
+            return m
+        }
+    }
+}
+
+extension CABackupError {
+    /// Any error as a ``CABackupError`` (errors from inside the engine already are one).
+    init(_ error: any Error) {
+        if let e = error as? CABackupError {
+            self = e
+        } else {
+            self = .invalidArgument("\(error)")
+        }
+    }
+}

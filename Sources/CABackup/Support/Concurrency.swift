@@ -1,0 +1,169 @@
+import Synchronization
+
+#if canImport(Glibc)
+    import Glibc
+#elseif canImport(Darwin)
+    import Darwin
+#endif
+
+/// A mutex and condition variable over POSIX primitives, for the pipeline's worker
+/// threads (which block, so they are plain threads rather than Swift tasks).
+final class Condition: @unchecked Sendable {
+    // Safe: the pthread objects are heap-allocated once, never moved, freed in deinit.
+    private let mutex = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
+    private let cond = UnsafeMutablePointer<pthread_cond_t>.allocate(capacity: 1)
+
+    init() {
+        pthread_mutex_init(mutex, nil)
+        pthread_cond_init(cond, nil)
+    }
+
+    deinit {
+        pthread_cond_destroy(cond)
+        pthread_mutex_destroy(mutex)
+        mutex.deallocate()
+        cond.deallocate()
+    }
+
+    func lock() { pthread_mutex_lock(mutex) }
+    func unlock() { pthread_mutex_unlock(mutex) }
+    func wait() { pthread_cond_wait(cond, mutex) }
+    func broadcast() { pthread_cond_broadcast(cond) }
+    func signal() { pthread_cond_signal(cond) }
+
+    @inline(__always)
+    func locked<R>(_ body: () throws -> R) rethrows -> R {
+        lock()
+        defer { unlock() }
+        return try body()
+    }
+}
+
+/// A bounded FIFO shared by producer and consumer threads. `push` blocks while full,
+/// `pop` blocks while empty; `close` wakes everyone and makes `pop` return `nil` once drained.
+final class BlockingQueue<Element>: @unchecked Sendable {
+    // Safe: every access to `items` and `closed` holds `cond`'s mutex.
+    private let cond = Condition()
+    private var items: [Element?] = []
+    private var head = 0
+    private var closed = false
+    private let capacity: Int
+
+    init(capacity: Int) { self.capacity = max(1, capacity) }
+
+    /// Adds an element; returns `false` (dropping it) when the queue is closed.
+    @discardableResult
+    func push(_ e: Element) -> Bool {
+        cond.lock()
+        defer { cond.unlock() }
+        while items.count - head >= capacity && !closed { cond.wait() }
+        if closed { return false }
+        items.append(e)
+        cond.broadcast()
+        return true
+    }
+
+    func pop() -> Element? {
+        cond.lock()
+        defer { cond.unlock() }
+        while items.count == head && !closed { cond.wait() }
+        if items.count == head { return nil }
+        // Taken out, not copied: the queue keeps no reference (so large buffers stay unique).
+        let e = items[head].take()
+        head += 1
+        if head > 64 && head * 2 > items.count {
+            items.removeFirst(head)
+            head = 0
+        }
+        cond.broadcast()
+        return e!
+    }
+
+    func close() {
+        cond.locked {
+            closed = true
+            cond.broadcast()
+        }
+    }
+}
+
+/// A counting semaphore that bounds how much memory is in flight.
+final class CountingSemaphore: @unchecked Sendable {
+    // Safe: `value` is only touched with `cond`'s mutex held.
+    private let cond = Condition()
+    private var value: Int
+
+    init(_ value: Int) { self.value = value }
+
+    func acquire(_ n: Int = 1) {
+        cond.lock()
+        while value < n { cond.wait() }
+        value -= n
+        cond.unlock()
+    }
+
+    func release(_ n: Int = 1) {
+        cond.locked {
+            value += n
+            cond.broadcast()
+        }
+    }
+}
+
+/// Counts outstanding work and lets one thread wait for it to reach zero.
+final class WaitGroup: @unchecked Sendable {
+    // Safe: `count` is only touched with `cond`'s mutex held.
+    private let cond = Condition()
+    private var count = 0
+
+    func enter(_ n: Int = 1) { cond.locked { count += n } }
+
+    func leave() {
+        cond.locked {
+            count -= 1
+            if count == 0 { cond.broadcast() }
+        }
+    }
+
+    func wait() {
+        cond.lock()
+        while count > 0 { cond.wait() }
+        cond.unlock()
+    }
+}
+
+/// Starts a detached POSIX thread running `body`, with a stack large enough for the
+/// recursive tree walk.
+func startThread(_ body: @escaping @Sendable () -> Void) -> pthread_t {
+    final class Box: @unchecked Sendable {
+        let body: @Sendable () -> Void
+        init(_ body: @escaping @Sendable () -> Void) { self.body = body }
+    }
+    let box = Unmanaged.passRetained(Box(body)).toOpaque()
+    var attr = pthread_attr_t()
+    pthread_attr_init(&attr)
+    pthread_attr_setstacksize(&attr, 8 << 20)
+    #if canImport(Glibc)
+        var tid = pthread_t()
+    #else
+        var tid: pthread_t?
+    #endif
+    let rc = pthread_create(
+        &tid, &attr,
+        { arg in
+            let box = Unmanaged<AnyObject>.fromOpaque(arg!).takeRetainedValue() as! Box
+            box.body()
+            return nil
+        }, box)
+    pthread_attr_destroy(&attr)
+    precondition(rc == 0, "pthread_create failed: \(rc)")
+    #if canImport(Glibc)
+        return tid
+    #else
+        return tid!
+    #endif
+}
+
+func joinThread(_ t: pthread_t) {
+    pthread_join(t, nil)
+}

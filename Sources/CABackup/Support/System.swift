@@ -1,0 +1,248 @@
+#if canImport(Glibc)
+    import Glibc
+#elseif canImport(Musl)
+    import Musl
+#elseif canImport(Darwin)
+    import Darwin
+#endif
+
+/// Thin wrappers over POSIX calls. Paths are byte arrays (file names need not be UTF-8);
+/// every failure becomes a ``CABackupError/io(operation:path:errno:)``.
+
+func errnoDescription(_ e: Int32) -> String {
+    String(cString: strerror(e))
+}
+
+/// Readable form of a byte path for messages: invalid UTF-8 is escaped as `\xNN`.
+public func displayPath(_ bytes: some Collection<UInt8>) -> String {
+    var out = ""
+    var it = Array(bytes)[...]
+    while !it.isEmpty {
+        // Decode the longest valid UTF-8 prefix scalar by scalar.
+        var decoder = UTF8()
+        var iter = it.makeIterator()
+        switch decoder.decode(&iter) {
+        case .scalarValue(let s):
+            let len = String(s).utf8.count
+            if s == "\\" {
+                out += "\\\\"
+            } else if s.value < 0x20 || s.value == 0x7F {
+                out += "\\x" + hexString([UInt8(s.value)])
+            } else {
+                out.unicodeScalars.append(s)
+            }
+            it = it.dropFirst(len)
+        case .error, .emptyInput:
+            out += "\\x" + hexString([it.first!])
+            it = it.dropFirst()
+        }
+    }
+    return out
+}
+
+@inline(__always)
+func withCPath<R>(_ path: [UInt8], _ body: (UnsafePointer<CChar>) throws -> R) rethrows -> R {
+    var z = path
+    z.append(0)
+    return try z.withUnsafeBufferPointer { try $0.baseAddress!.withMemoryRebound(to: CChar.self, capacity: z.count, body) }
+}
+
+func ioError(_ op: String, _ path: [UInt8], _ e: Int32 = errno) -> CABackupError {
+    .io(operation: op, path: displayPath(path), errno: e)
+}
+
+func ioError(_ op: String, _ path: String, _ e: Int32 = errno) -> CABackupError {
+    .io(operation: op, path: path, errno: e)
+}
+
+/// `lstat` of a path.
+func lstatPath(_ path: [UInt8]) throws -> stat {
+    var st = stat()
+    let rc = withCPath(path) { lstat($0, &st) }
+    if rc != 0 { throw ioError("lstat", path) }
+    return st
+}
+
+/// Names in a directory (without `.` and `..`), sorted bytewise.
+func readDirectory(_ path: [UInt8]) throws -> [[UInt8]] {
+    guard let dir = withCPath(path, { opendir($0) }) else { throw ioError("open directory", path) }
+    defer { closedir(dir) }
+    var names: [[UInt8]] = []
+    while true {
+        errno = 0
+        guard let ent = readdir(dir) else {
+            if errno != 0 { throw ioError("read directory", path) }
+            break
+        }
+        let name = withUnsafeBytes(of: ent.pointee.d_name) { raw -> [UInt8] in
+            let len = strnlen(raw.baseAddress!.assumingMemoryBound(to: CChar.self), raw.count)
+            return Array(raw.prefix(len))
+        }
+        if name == [0x2E] || name == [0x2E, 0x2E] { continue }
+        names.append(name)
+    }
+    names.sort { $0.lexicographicallyPrecedes($1) }
+    return names
+}
+
+/// Appends a name to a directory path with one `/`.
+func joinPath(_ dir: [UInt8], _ name: [UInt8]) -> [UInt8] {
+    var p = dir
+    if p.last != UInt8(ascii: "/") { p.append(UInt8(ascii: "/")) }
+    p.append(contentsOf: name)
+    return p
+}
+
+/// Writes all of `buf` to `fd`, retrying short writes and EINTR.
+func writeAll(_ fd: Int32, _ buf: UnsafeRawBufferPointer, path: String) throws {
+    var done = 0
+    while done < buf.count {
+        let n = write(fd, buf.baseAddress! + done, buf.count - done)
+        if n < 0 {
+            if errno == EINTR { continue }
+            throw ioError("write", path)
+        }
+        done += n
+    }
+}
+
+/// Reads up to `count` bytes at the current position, retrying EINTR and short reads
+/// until `count` bytes or end of file. Returns the number of bytes read.
+func readFully(_ fd: Int32, into buf: UnsafeMutableRawPointer, count: Int, path: [UInt8]) throws -> Int {
+    var done = 0
+    while done < count {
+        let n = read(fd, buf + done, count - done)
+        if n < 0 {
+            if errno == EINTR { continue }
+            throw ioError("read", path)
+        }
+        if n == 0 { break }
+        done += n
+    }
+    return done
+}
+
+/// Reads exactly `count` bytes at `offset`; throws when the file is shorter.
+func preadFully(_ fd: Int32, into buf: UnsafeMutableRawPointer, count: Int, offset: Int64, path: String)
+    throws
+{
+    var done = 0
+    while done < count {
+        let n = pread(fd, buf + done, count - done, off_t(offset) + off_t(done))
+        if n < 0 {
+            if errno == EINTR { continue }
+            throw ioError("read", path)
+        }
+        if n == 0 { throw CABackupError.corrupt(what: path, reason: "file ends early") }
+        done += n
+    }
+}
+
+/// fsync a directory so a rename inside it is durable.
+func fsyncDirectory(_ path: String) throws {
+    let fd = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+    if fd < 0 { throw ioError("open directory", path) }
+    defer { close(fd) }
+    if fsync(fd) != 0 && errno != EINVAL { throw ioError("fsync", path) }
+}
+
+/// Creates a directory and its parents (like `mkdir -p`).
+func makeDirectories(_ path: String, mode: mode_t = 0o700) throws {
+    var current = path.hasPrefix("/") ? "" : "."
+    for comp in path.split(separator: "/") {
+        current += "/" + comp
+        if mkdir(current, mode) != 0 && errno != EEXIST { throw ioError("create directory", current) }
+    }
+}
+
+/// Writes a file durably and atomically: temp file in the same directory, fsync,
+/// rename over `path`, fsync the directory.
+func writeFileAtomically(_ path: String, _ bytes: UnsafeRawBufferPointer, mode: mode_t = 0o600, durable: Bool = true)
+    throws
+{
+    let dir = path.split(separator: "/", omittingEmptySubsequences: false).dropLast().joined(separator: "/")
+    let tmp = path + ".tmp-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
+    let fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, mode)
+    if fd < 0 { throw ioError("create", tmp) }
+    do {
+        try writeAll(fd, bytes, path: tmp)
+        if durable && fsync(fd) != 0 { throw ioError("fsync", tmp) }
+    } catch {
+        close(fd)
+        unlink(tmp)
+        throw error
+    }
+    close(fd)
+    if rename(tmp, path) != 0 {
+        let e = errno
+        unlink(tmp)
+        throw ioError("rename", path, e)
+    }
+    if durable { try fsyncDirectory(dir.isEmpty ? "." : dir) }
+}
+
+func writeFileAtomically(_ path: String, _ bytes: [UInt8], mode: mode_t = 0o600, durable: Bool = true)
+    throws
+{
+    try bytes.withUnsafeBytes { (raw) throws in
+        try writeFileAtomically(path, raw, mode: mode, durable: durable)
+    }
+}
+
+/// Reads a whole small file (config, snapshot record).
+func readSmallFile(_ path: String, limit: Int = 64 << 20) throws -> [UInt8] {
+    let fd = open(path, O_RDONLY | O_CLOEXEC)
+    if fd < 0 { throw ioError("open", path) }
+    defer { close(fd) }
+    var st = stat()
+    if fstat(fd, &st) != 0 { throw ioError("stat", path) }
+    let size = Int(st.st_size)
+    if size > limit { throw CABackupError.corrupt(what: path, reason: "\(size) bytes is larger than expected") }
+    var out = [UInt8](repeating: 0, count: size)
+    let n = try out.withUnsafeMutableBytes { (raw) throws in
+        try readFully(fd, into: raw.baseAddress ?? UnsafeMutableRawPointer(bitPattern: 1)!, count: size, path: Array(path.utf8))
+    }
+    out.removeSubrange(n...)
+    return out
+}
+
+func fileExists(_ path: String) -> Bool {
+    var st = stat()
+    return lstat(path, &st) == 0
+}
+
+func isDirectory(_ path: String) -> Bool {
+    var st = stat()
+    return stat(path, &st) == 0 && (st.st_mode & S_IFMT) == S_IFDIR
+}
+
+/// The host name, as recorded in snapshots.
+public func currentHostname() -> String {
+    var buf = [CChar](repeating: 0, count: 256)
+    gethostname(&buf, 255)
+    return buf.withUnsafeBufferPointer { String(cString: $0.baseAddress!) }
+}
+
+/// Nanoseconds since the epoch from a `timespec`.
+@inline(__always)
+func nanoseconds(_ ts: timespec) -> Int64 {
+    Int64(ts.tv_sec) &* 1_000_000_000 &+ Int64(ts.tv_nsec)
+}
+
+@inline(__always)
+func timespecFrom(ns: Int64) -> timespec {
+    var sec = ns / 1_000_000_000
+    var nsec = ns % 1_000_000_000
+    if nsec < 0 {
+        nsec += 1_000_000_000
+        sec -= 1
+    }
+    return timespec(tv_sec: Int(sec), tv_nsec: Int(nsec))
+}
+
+/// Monotonic seconds, for durations and progress rates.
+func monotonicSeconds() -> Double {
+    var ts = timespec()
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return Double(ts.tv_sec) + Double(ts.tv_nsec) / 1e9
+}

@@ -1,0 +1,92 @@
+import ArgumentParser
+import CABackup
+
+#if canImport(Glibc)
+    import Glibc
+#endif
+
+/// The exit codes, one table for `--help`, the docs and ``exitCode(for:)``.
+let exitCodeTable = """
+    EXIT CODES:
+      0    success
+      1    fatal error (nothing was saved, or a restore had failures)
+      3    snapshot saved, but some entries were unreadable and skipped
+      10   repository does not exist
+      11   repository is locked
+      12   wrong password
+      64   usage error
+      130  interrupted
+    """
+
+@main
+struct CABackupCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "cabackup",
+        abstract: "Content-addressed, deduplicating backups.",
+        discussion: exitCodeTable,
+        version: cabackupVersion,
+        subcommands: [
+            InitCommand.self, SnapshotCommand.self, SnapshotsCommand.self, LsCommand.self, RestoreCommand.self,
+            RepairCommand.self,
+        ]
+    )
+
+    /// Parses, runs, and maps every error to its exit code in this one place.
+    static func main() {
+        signal(SIGINT) { _ in _exit(130) }
+        signal(SIGTERM) { _ in _exit(130) }
+        do {
+            var command = try parseAsRoot()
+            try command.run()
+        } catch let error as CABackupError {
+            printError("cabackup: \(error)")
+            Glibc.exit(exitCode(for: error))
+        } catch {
+            exit(withError: error)
+        }
+    }
+
+    static func exitCode(for error: CABackupError) -> Int32 {
+        switch error {
+        case .repositoryNotFound: return 10
+        case .cancelled: return 130
+        default: return 1
+        }
+    }
+}
+
+/// `--repo` or `CABACKUP_REPO`.
+struct RepositoryOptions: ParsableArguments {
+    @Option(name: [.short, .long], help: "Repository directory (default: $CABACKUP_REPO).")
+    var repo: String?
+
+    func path() throws -> String {
+        if let repo, !repo.isEmpty { return repo }
+        if let env = getenv("CABACKUP_REPO"), env.pointee != 0 { return String(cString: env) }
+        throw ValidationError("no repository given: pass --repo PATH or set CABACKUP_REPO")
+    }
+
+    func open() throws -> Repository {
+        try Repository.open(path: try path())
+    }
+}
+
+/// `--host`, `--tag`, `--path` snapshot filters.
+struct FilterOptions: ParsableArguments {
+    @Option(name: .long, help: "Only snapshots from this host (repeatable).")
+    var host: [String] = []
+    @Option(name: .long, help: "Only snapshots with this tag (repeatable; all must match).")
+    var tag: [String] = []
+    @Option(name: .long, help: "Only snapshots of exactly these paths (repeatable).")
+    var path: [String] = []
+
+    var filter: SnapshotFilter { SnapshotFilter(hosts: host, tags: tag, paths: path) }
+}
+
+func printError(_ s: String) {
+    let line = s + "\n"
+    _ = line.withCString { write(2, $0, strlen($0)) }
+}
+
+/// Whether stderr is a terminal (progress is shown only then).
+let stderrIsTerminal = isatty(2) == 1

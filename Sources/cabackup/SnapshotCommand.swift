@@ -1,0 +1,82 @@
+import ArgumentParser
+import CABackup
+
+struct SnapshotCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "snapshot",
+        abstract: "Back up files and directories into a new snapshot.",
+        discussion: """
+            Prints the snapshot id; the last line of output is `snapshot <id> saved`, or with
+            --json one JSON object with snapshot_id, files_total, bytes_total, bytes_added,
+            chunks_added and duration_s. Unreadable entries below PATH are reported on stderr,
+            skipped, and the snapshot is saved with exit code 3.
+
+            \(exitCodeTable)
+            """,
+        aliases: ["backup"])
+
+    @OptionGroup var repository: RepositoryOptions
+
+    @Option(name: .long, help: "Tag the snapshot (repeatable).")
+    var tag: [String] = []
+
+    @Option(name: [.short, .long], help: "Exclude entries matching a glob (repeatable).")
+    var exclude: [String] = []
+
+    @Option(name: .long, help: "Host name to record (default: this machine's).")
+    var host: String?
+
+    @Flag(name: .long, help: "Print the result as JSON.")
+    var json = false
+
+    @Argument(help: "Files and directories to back up.")
+    var paths: [String] = []
+
+    func validate() throws {
+        if paths.isEmpty { throw ValidationError("name at least one PATH to back up") }
+    }
+
+    struct Output: Encodable {
+        let snapshot_id: String
+        let files_total: Int
+        let dirs_total: Int
+        let bytes_total: Int64
+        let bytes_added: Int64
+        let chunks_added: Int
+        let errors: Int
+        let duration_s: Double
+    }
+
+    func run() throws {
+        let repo = try repository.open()
+        let line = ProgressLine()
+        let options = SnapshotOptions(tags: tag, excludes: exclude, hostname: host)
+        let result = try repo.snapshot(paths: paths, options: options) { p in
+            let rate = p.elapsedSeconds > 0 ? Int64(Double(p.bytesRead) / p.elapsedSeconds) : 0
+            line.update(
+                "[\(formatDuration(p.elapsedSeconds))] \(p.filesDone) files, \(formatBytes(p.bytesRead)) read, "
+                    + "\(formatBytes(p.bytesAdded)) added, \(formatBytes(rate))/s  \(p.currentPath)")
+        }
+        line.clear()
+        for w in result.warnings { printError("warning: cannot read \(w)") }
+        let s = result.snapshot.summary
+        if json {
+            print(
+                jsonLine(
+                    Output(
+                        snapshot_id: result.snapshot.id.hex, files_total: s.filesTotal, dirs_total: s.directoriesTotal,
+                        bytes_total: s.bytesTotal, bytes_added: s.bytesAdded, chunks_added: s.chunksAdded,
+                        errors: s.errors, duration_s: s.durationSeconds)))
+        } else {
+            print(
+                "\(s.filesTotal) files, \(s.directoriesTotal) directories, \(formatBytes(s.bytesTotal)) read, "
+                    + "\(formatBytes(s.bytesAdded)) added (\(s.chunksAdded) new chunks) in \(formatDuration(s.durationSeconds))"
+            )
+            print("snapshot \(result.snapshot.id.hex) saved")
+        }
+        if !result.warnings.isEmpty {
+            printError("cabackup: \(result.warnings.count) entries could not be read and are not in the snapshot")
+            throw ExitCode(3)
+        }
+    }
+}
