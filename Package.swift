@@ -40,7 +40,7 @@ let package = Package(
         .testTarget(
             name: "CLITests",
             dependencies: ["cabackup", "library-example"],
-            resources: []
+            exclude: ["treetool.py"]
         ),
     ],
     swiftLanguageModes: [.v6]

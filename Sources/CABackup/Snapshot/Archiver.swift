@@ -156,6 +156,7 @@ final class Archiver: @unchecked Sendable {
     private let cond = Condition()
     private let chunkQueue: BlockingQueue<ChunkJob>
     private let budget: CountingSemaphore
+    private let pool: BufferPool
     private let saver: BlobSaver
     private var workers: [pthread_t] = []
     private let chunksAdded = Atomic<Int>(0)
@@ -181,14 +182,19 @@ final class Archiver: @unchecked Sendable {
     /// Bytes of read windows allowed in flight: enough to keep both workers busy while
     /// the reader fills the next window.
     static let windowSize = 16 << 20
-    static let windowBudget = 96 << 20
+    /// Pooled windows: one being filled, one carrying a tail, the rest being hashed.
+    static let windowCount = 5
+    /// Bytes of file-sized buffers (files up to 1 MiB) in flight.
+    static let smallBudget = 32 << 20
 
     init(repository: Repository, options: SnapshotOptions, progress: ((SnapshotProgress) -> Void)?) {
         self.repo = repository
         self.options = options
         self.progress = progress
         self.chunkQueue = BlockingQueue(capacity: 256)
-        self.budget = CountingSemaphore(max(Self.windowBudget, 3 * max(Self.windowSize, 2 * repository.config.chunker.maxSize)))
+        self.budget = CountingSemaphore(Self.smallBudget)
+        self.pool = BufferPool(
+            bufferSize: max(Self.windowSize, 2 * repository.config.chunker.maxSize), maxCount: Self.windowCount)
         self.saver = BlobSaver(repository: repository)
     }
 
@@ -357,8 +363,8 @@ final class Archiver: @unchecked Sendable {
         reportProgress(path)
         let job = FileJob()
         let reader = ChunkingReader(
-            chunker: repo.chunker, fd: fd, path: path, sizeHint: Int64(st.st_size), windowSize: Self.windowSize,
-            budget: budget)
+            chunker: repo.chunker, fd: fd, path: path, sizeHint: Int64(st.st_size), windowSize: pool.bufferSize,
+            pool: pool, budget: budget)
         do {
             while let window = try reader.nextWindow() {
                 for cut in window.cuts {

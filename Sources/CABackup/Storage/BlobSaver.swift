@@ -32,6 +32,8 @@ final class BlobSaver: @unchecked Sendable {
     /// taking a 16 MiB array out of a dictionary to append would copy it).
     private var packs: [OpenPack] = [OpenPack(), OpenPack()]
     private var failure: CABackupError?
+    /// Emptied pack buffers kept for reuse (see ``BufferPool`` for why reuse matters).
+    private var spare: [[UInt8]] = []
     private let queue = BlockingQueue<SealedPack>(capacity: 2)
     private var writer: pthread_t?
 
@@ -73,7 +75,10 @@ final class BlobSaver: @unchecked Sendable {
             throw failure
         }
         let t = Int(type.rawValue)
-        if packs[t].bytes.isEmpty { packs[t].bytes.reserveCapacity(repo.config.packSize + (1 << 20)) }
+        if packs[t].bytes.capacity == 0 {
+            packs[t].bytes = spare.popLast() ?? []
+            packs[t].bytes.reserveCapacity(repo.config.packSize + (1 << 20))
+        }
         let entry = PackEntry(
             id: id, type: type, compression: compression, offset: Int64(packs[t].bytes.count), length: bytes.count,
             rawLength: rawLength)
@@ -126,30 +131,34 @@ final class BlobSaver: @unchecked Sendable {
 
     private func store(_ pack: inout SealedPack) throws {
         pack.bytes.append(contentsOf: PackFormat.encodeHeader(pack.entries))
-        let bytes = pack.bytes
+        let size = pack.bytes.count
         // Write, then verify: the header must parse back to what was meant.
-        let hlen = try? PackFormat.parseTrailer(Array(bytes.suffix(PackFormat.trailerSize)), packSize: Int64(bytes.count))
+        let hlen = try? PackFormat.parseTrailer(Array(pack.bytes.suffix(PackFormat.trailerSize)), packSize: Int64(size))
         let parsed = hlen.flatMap {
             try? PackFormat.parseHeader(
-                Array(bytes[bytes.count - PackFormat.trailerSize - $0..<bytes.count - PackFormat.trailerSize]),
-                packSize: Int64(bytes.count))
+                Array(pack.bytes[size - PackFormat.trailerSize - $0..<size - PackFormat.trailerSize]),
+                packSize: Int64(size))
         }
         guard parsed == pack.entries else {
             throw CABackupError.corrupt(what: "new pack", reason: "header did not parse back (a bug: please report it)")
         }
-        let id = sha256(bytes)
-        if let limit = Self.failAfterWrites {
-            // Test-only fault injection: die after N pack writes, as a crash would.
-            if packsAdded.load(ordering: .relaxed) >= limit { _exit(137) }
+        let id = sha256(pack.bytes)
+        if let limit = Self.failAfterWrites, packsAdded.load(ordering: .relaxed) >= limit {
+            // Test-only fault injection: die before the N+1st pack write, as a crash would.
+            _exit(137)
         }
-        try bytes.withUnsafeBytes { (raw) throws in
+        try pack.bytes.withUnsafeBytes { (raw) throws in
             try repo.backend.write(.pack, id.hex, raw)
         }
-        try repo.index.addPack(id, size: Int64(bytes.count), entries: pack.entries)
+        try repo.index.addPack(id, size: Int64(size), entries: pack.entries)
+        pack.bytes.removeAll(keepingCapacity: true)
+        let emptied = pack.bytes
+        pack.bytes = []
         lock.locked {
             for e in pack.entries { pending.remove(e.id) }
+            if spare.count < 4 { spare.append(emptied) }
         }
-        bytesAdded.add(Int64(bytes.count), ordering: .relaxed)
+        bytesAdded.add(Int64(size), ordering: .relaxed)
         packsAdded.add(1, ordering: .relaxed)
     }
 }

@@ -1,0 +1,190 @@
+import Foundation
+import Testing
+
+@testable import CABackup
+
+@Suite("Repository: snapshot, index and restore through the library")
+struct RepositoryTests {
+    /// A small tree of files; returns its path.
+    func makeTree(_ dir: TemporaryDirectory) -> String {
+        dir.write("src/a.txt", Array("alpha\n".utf8))
+        dir.write("src/sub/b.bin", pseudoRandomBytes(count: 300_000, seed: 1))
+        dir.write("src/sub/c.log", Array(String(repeating: "log line\n", count: 20000).utf8))
+        dir.write("src/empty", [])
+        return dir.file("src")
+    }
+
+    func smallRepo(_ dir: TemporaryDirectory) throws -> Repository {
+        try Repository.initialize(path: dir.file("repo"), chunker: smallParameters, durable: false)
+    }
+
+    @Test("snapshot then restore gives identical bytes")
+    func roundTrip() throws {
+        let dir = TemporaryDirectory()
+        let src = makeTree(dir)
+        let repo = try smallRepo(dir)
+        let result = try repo.snapshot(paths: [src])
+        #expect(result.warnings.isEmpty)
+        #expect(result.snapshot.summary.filesTotal == 4)
+        let restored = try repo.restore(result.snapshot, to: dir.file("out"))
+        #expect(restored.failures.isEmpty)
+        for f in ["a.txt", "sub/b.bin", "sub/c.log", "empty"] {
+            #expect(FileManager.default.contents(atPath: dir.file("out") + src + "/" + f)
+                == FileManager.default.contents(atPath: src + "/" + f))
+        }
+    }
+
+    @Test("an unchanged re-snapshot adds only its record; a small edit adds about one chunk")
+    func deduplication() throws {
+        let dir = TemporaryDirectory()
+        let big = pseudoRandomBytes(count: 2 << 20, seed: 2)
+        dir.write("src/big", big)
+        let repo = try smallRepo(dir)
+        let first = try repo.snapshot(paths: [dir.file("src")]).snapshot
+        let second = try repo.snapshot(paths: [dir.file("src")]).snapshot
+        #expect(second.summary.chunksAdded == 0)
+        #expect(second.summary.bytesAdded < 1024)
+        #expect(second.tree == first.tree)
+        #expect(second.parent == first.id)
+        var edited = big
+        edited[1_000_000] ^= 0xFF
+        dir.write("src/big", edited)
+        let third = try repo.snapshot(paths: [dir.file("src")]).snapshot
+        #expect(third.summary.chunksAdded >= 1 && third.summary.chunksAdded <= 2)
+    }
+
+    @Test("the index is derived: deleting it, or rebuilding it, gives the same rows")
+    func indexRebuild() throws {
+        let dir = TemporaryDirectory()
+        let src = makeTree(dir)
+        var repo = try smallRepo(dir)
+        _ = try repo.snapshot(paths: [src])
+        _ = try repo.snapshot(paths: [src], options: SnapshotOptions(tags: ["x"]))
+        let live = try repo.indexDump()
+        let snaps = try repo.snapshots().map(\.id)
+        #expect(!live.isEmpty)
+        try repo.rebuildIndex()
+        #expect(try repo.indexDump() == live)
+        repo = try Repository.open(path: dir.file("repo"))  // release the old connection first
+        try FileManager.default.removeItem(atPath: dir.file("repo/index"))
+        let reopened = try Repository.open(path: dir.file("repo"))
+        #expect(try reopened.indexDump() == live)
+        #expect(try reopened.snapshots().map(\.id) == snaps)
+        _ = repo
+    }
+
+    @Test("a pack written but not indexed (crash before indexing) is picked up on open")
+    func orphanPackIndexedOnOpen() throws {
+        let dir = TemporaryDirectory()
+        let src = makeTree(dir)
+        let repo = try smallRepo(dir)
+        _ = try repo.snapshot(paths: [src])
+        let live = try repo.indexDump()
+        // Simulate the crash window: drop one pack from the index only.
+        let pack = try repo.backend.list(.pack)[0]
+        try repo.index.removePack(ObjectID(hex: pack)!)
+        #expect(try repo.indexDump() != live)
+        let reopened = try Repository.open(path: dir.file("repo"))
+        #expect(try reopened.indexDump() == live)
+    }
+
+    @Test("snapshot references: latest, full id, prefix, and clear errors")
+    func snapshotReferences() throws {
+        let dir = TemporaryDirectory()
+        let src = makeTree(dir)
+        let repo = try smallRepo(dir)
+        let a = try repo.snapshot(paths: [src], options: SnapshotOptions(tags: ["one"], hostname: "h1")).snapshot
+        let b = try repo.snapshot(paths: [src], options: SnapshotOptions(hostname: "h2")).snapshot
+        #expect(try repo.findSnapshot("latest").id == b.id)
+        #expect(try repo.findSnapshot("latest", matching: SnapshotFilter(hosts: ["h1"])).id == a.id)
+        #expect(try repo.findSnapshot("latest", matching: SnapshotFilter(tags: ["one"])).id == a.id)
+        #expect(try repo.findSnapshot(a.id.hex).id == a.id)
+        #expect(try repo.findSnapshot(String(b.id.hex.prefix(8))).id == b.id)
+        #expect(throws: CABackupError.self) { try repo.findSnapshot("abc") }
+        #expect(throws: CABackupError.self) { try repo.findSnapshot("00000000") }
+        #expect(throws: CABackupError.self) {
+            try repo.findSnapshot("latest", matching: SnapshotFilter(hosts: ["nope"]))
+        }
+    }
+
+    @Test("a missing top-level path is fatal and writes nothing")
+    func missingSource() throws {
+        let dir = TemporaryDirectory()
+        let repo = try smallRepo(dir)
+        #expect(throws: CABackupError.self) { try repo.snapshot(paths: [dir.file("nope")]) }
+        #expect(try repo.backend.list(.pack).isEmpty)
+        #expect(try repo.snapshots().isEmpty)
+    }
+
+    @Test("a damaged blob fails its file (removed, named), the rest restores")
+    func damagedBlob() throws {
+        let dir = TemporaryDirectory()
+        let src = makeTree(dir)
+        let repo = try smallRepo(dir)
+        let snap = try repo.snapshot(paths: [src]).snapshot
+        // Flip a byte inside the first data blob of b.bin.
+        var node: Node?
+        try repo.list(snap) { if $0.displayPath.hasSuffix("b.bin") { node = $0.node } }
+        let loc = try #require(try repo.index.lookup(node!.content[0]))
+        let packPath = dir.file("repo/data/\(loc.pack.hex.prefix(2))/\(loc.pack.hex)")
+        var bytes = [UInt8](FileManager.default.contents(atPath: packPath)!)
+        bytes[Int(loc.offset) + 10] ^= 0x01
+        try Data(bytes).write(to: URL(fileURLWithPath: packPath))
+        let result = try repo.restore(snap, to: dir.file("out"))
+        #expect(result.failures.count == 1)
+        #expect(result.failures[0].path.hasSuffix("sub/b.bin"))
+        #expect(!FileManager.default.fileExists(atPath: dir.file("out") + src + "/sub/b.bin"))
+        #expect(FileManager.default.contents(atPath: dir.file("out") + src + "/a.txt") == Data("alpha\n".utf8))
+    }
+
+    @Test("restore refuses a non-empty target unless asked to overwrite")
+    func targetNotEmpty() throws {
+        let dir = TemporaryDirectory()
+        let src = makeTree(dir)
+        let repo = try smallRepo(dir)
+        let snap = try repo.snapshot(paths: [src]).snapshot
+        dir.write("out/existing", [1])
+        #expect(throws: CABackupError.self) { try repo.restore(snap, to: dir.file("out")) }
+        let r = try repo.restore(snap, to: dir.file("out"), options: RestoreOptions(overwrite: true))
+        #expect(r.failures.isEmpty && r.filesRestored == 4)
+        let again = try repo.restore(snap, to: dir.file("out"), options: RestoreOptions(overwrite: true))
+        #expect(again.failures.isEmpty)
+    }
+
+    @Test("restore --include restores only the named subtree")
+    func includes() throws {
+        let dir = TemporaryDirectory()
+        let src = makeTree(dir)
+        let repo = try smallRepo(dir)
+        let snap = try repo.snapshot(paths: [src]).snapshot
+        let r = try repo.restore(snap, to: dir.file("out"), options: RestoreOptions(includes: [src + "/sub"]))
+        #expect(r.filesRestored == 2)
+        #expect(FileManager.default.fileExists(atPath: dir.file("out") + src + "/sub/c.log"))
+        #expect(!FileManager.default.fileExists(atPath: dir.file("out") + src + "/a.txt"))
+    }
+
+    @Test("a tree with '..' or '/' in names is refused, nothing escapes the target")
+    func hostileTree() throws {
+        let dir = TemporaryDirectory()
+        let repo = try smallRepo(dir)
+        for bad in [[0x2E, 0x2E], [0x2E, 0x2E, 0x2F, 0x78], [0x2F, 0x74, 0x6D, 0x70]] as [[UInt8]] {
+            var n = Node(name: bad, type: .file)
+            n.mode = 0o644
+            let tree = TreeCodec.encodeSingle([n])
+            let saver = BlobSaver(repository: repo)
+            let id = sha256(tree)
+            if try saver.claim(id) {
+                try tree.withUnsafeBytes {
+                    try saver.add(id, type: .tree, compression: .none, rawLength: tree.count, bytes: $0)
+                }
+            }
+            try saver.finish()
+            let record = Snapshot.encodeRecord(
+                time: formatRFC3339(ns: 0), hostname: "h", username: "u", paths: ["/"], tags: [], parent: nil,
+                tree: id, summary: SnapshotSummary())
+            let snap = try repo.commitSnapshot(record)
+            #expect(throws: CABackupError.self) { try repo.restore(snap, to: dir.file("out-\(bad.count)")) }
+        }
+        #expect(!FileManager.default.fileExists(atPath: dir.path + "/x"))
+    }
+}

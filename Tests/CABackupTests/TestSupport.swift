@@ -1,0 +1,72 @@
+import Foundation
+
+@testable import CABackup
+
+/// Deterministic pseudo-random bytes (SplitMix64), so test data is the same on every run.
+func pseudoRandomBytes(count: Int, seed: UInt64) -> [UInt8] {
+    var state = seed
+    var out = [UInt8](repeating: 0, count: count)
+    out.withUnsafeMutableBytes { raw in
+        var i = 0
+        while i < count {
+            state &+= 0x9E37_79B9_7F4A_7C15
+            var z = state
+            z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
+            z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
+            z ^= z >> 31
+            var word = z.littleEndian
+            let n = min(8, count - i)
+            withUnsafeBytes(of: &word) { w in
+                raw.baseAddress!.advanced(by: i).copyMemory(from: w.baseAddress!, byteCount: n)
+            }
+            i += n
+        }
+    }
+    return out
+}
+
+/// A fresh temporary directory, removed when the test ends.
+final class TemporaryDirectory {
+    let path: String
+
+    init() {
+        var template = Array((NSTemporaryDirectory() + "/cabackup-test-XXXXXX").utf8CString)
+        let p = template.withUnsafeMutableBufferPointer { mkdtemp($0.baseAddress!) }
+        path = String(cString: p!)
+    }
+
+    deinit {
+        try? FileManager.default.removeItem(atPath: path)
+    }
+
+    func file(_ name: String) -> String { path + "/" + name }
+
+    @discardableResult
+    func write(_ name: String, _ bytes: [UInt8]) -> String {
+        let p = file(name)
+        try? FileManager.default.createDirectory(
+            atPath: (p as NSString).deletingLastPathComponent, withIntermediateDirectories: true)
+        _ = FileManager.default.createFile(atPath: p, contents: Data(bytes))
+        return p
+    }
+}
+
+/// A fixed seed for tests whose expected values depend on the Gear table.
+let testSeed: [UInt8] = Array(0..<32)
+
+/// Small chunker parameters so tests see many chunks in little data.
+let smallParameters = ChunkerParameters(minSize: 2048, averageSize: 8192, maxSize: 65536, seed: testSeed)
+
+/// Chunk lengths of `data` cut in memory in one buffer.
+func cutAll(_ chunker: Chunker, _ data: [UInt8]) -> [Int] {
+    var out: [Int] = []
+    data.withUnsafeBytes { raw in
+        var off = 0
+        while off < raw.count {
+            let n = chunker.nextCut(in: UnsafeRawBufferPointer(rebasing: raw[off...]), isFinal: true)!
+            out.append(n)
+            off += n
+        }
+    }
+    return out
+}
