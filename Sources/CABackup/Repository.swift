@@ -59,7 +59,9 @@ public final class Repository: @unchecked Sendable {
     ///   - durable: fsync every write (leave on except in throwaway tests).
     /// - Throws: ``CABackupError/repositoryExists(_:)`` when the directory is not empty.
     @discardableResult
-    public static func initialize(path: String, chunker: ChunkerParameters? = nil, durable: Bool = true)
+    public static func initialize(
+        path: String, chunker: ChunkerParameters? = nil, durable: Bool = true
+    )
         throws -> Repository
     {
         let path = absolutePath(path)
@@ -153,7 +155,9 @@ public final class Repository: @unchecked Sendable {
     }
 
     /// Loads a blob into `out` (reusing its storage), verified against its id.
-    func loadBlob(_ id: BlobID, into out: inout [UInt8], scratch: inout [UInt8], hasher: SHA256Hasher)
+    func loadBlob(
+        _ id: BlobID, into out: inout [UInt8], scratch: inout [UInt8], hasher: SHA256Hasher
+    )
         throws
     {
         guard let loc = try index.lookup(id) else { throw CABackupError.blobNotFound(id) }
@@ -166,7 +170,8 @@ public final class Repository: @unchecked Sendable {
             out = [UInt8](repeating: 0, count: loc.length)
             try out.withUnsafeMutableBytes { (raw) throws in
                 if loc.length > 0 {
-                    try backend.read(.pack, loc.pack.hex, offset: loc.offset, length: loc.length, into: raw.baseAddress!)
+                    try backend.read(
+                        .pack, loc.pack.hex, offset: loc.offset, length: loc.length, into: raw.baseAddress!)
                 }
             }
         case .lz4:
@@ -227,7 +232,9 @@ public final class Repository: @unchecked Sendable {
     ///
     /// - Throws: ``CABackupError/snapshotNotFound(_:)``, ``CABackupError/ambiguousSnapshot(_:matches:)``
     ///   or ``CABackupError/badSnapshotReference(_:)``.
-    public func findSnapshot(_ reference: String, matching filter: SnapshotFilter = SnapshotFilter())
+    public func findSnapshot(
+        _ reference: String, matching filter: SnapshotFilter = SnapshotFilter()
+    )
         throws -> Snapshot
     {
         let all = try snapshots(matching: filter)

@@ -55,7 +55,9 @@ struct LsCommand: ParsableCommand {
             } else if long {
                 let target = n.type == .symlink ? " -> " + displayPath(n.linkTarget) : ""
                 let time = formatRFC3339(ns: n.mtimeNs).replacingOccurrences(of: "T", with: " ").prefix(19)
-                print("\(modeString(n)) \(n.uid)/\(n.gid) \(String(n.size).leftPad(12)) \(time) \(e.displayPath)\(target)")
+                print(
+                    "\(modeString(n)) \(n.uid)/\(n.gid) \(String(n.size).leftPad(12)) \(time) \(e.displayPath)\(target)"
+                )
             } else {
                 print(e.displayPath)
             }

@@ -38,7 +38,9 @@ struct RestoreCommand: ParsableCommand {
         ) { p in
             guard stderrIsTerminal else { return }
             let rate = p.elapsedSeconds > 0 ? Double(p.bytesWritten) / p.elapsedSeconds : 0
-            let eta = rate > 0 && total > p.bytesWritten ? " ETA \(formatDuration(Double(total - p.bytesWritten) / rate))" : ""
+            let eta =
+                rate > 0 && total > p.bytesWritten
+                ? " ETA \(formatDuration(Double(total - p.bytesWritten) / rate))" : ""
             line.update(
                 "[\(formatDuration(p.elapsedSeconds))] \(p.filesDone) files, \(formatBytes(p.bytesWritten)) of \(formatBytes(total)), "
                     + "\(formatBytes(Int64(rate)))/s\(eta)")

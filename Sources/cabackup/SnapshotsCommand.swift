@@ -24,7 +24,9 @@ struct SnapshotsCommand: ParsableCommand {
         let summary: SnapshotSummary
 
         func encode(to encoder: any Encoder) throws {
-            enum K: String, CodingKey { case id, short_id, time, hostname, username, paths, tags, parent, tree, summary }
+            enum K: String, CodingKey {
+                case id, short_id, time, hostname, username, paths, tags, parent, tree, summary
+            }
             var c = encoder.container(keyedBy: K.self)
             try c.encode(id, forKey: .id)
             try c.encode(short_id, forKey: .short_id)
@@ -55,14 +57,18 @@ struct SnapshotsCommand: ParsableCommand {
         }
         let rows = snaps.map { s -> [String] in
             let t = s.time.replacingOccurrences(of: "T", with: " ").prefix(19)
-            return [s.id.shortHex, String(t), s.hostname, s.tags.joined(separator: ","), s.paths.joined(separator: ", ")]
+            return [
+                s.id.shortHex, String(t), s.hostname, s.tags.joined(separator: ","), s.paths.joined(separator: ", "),
+            ]
         }
         let header = ["ID", "Time", "Host", "Tags", "Paths"]
         var widths = header.map(\.count)
         for r in rows { for (i, c) in r.enumerated() { widths[i] = max(widths[i], c.count) } }
         func line(_ r: [String]) -> String {
-            r.enumerated().map { i, c in i == r.count - 1 ? c : c.padding(toLength: widths[i], withPad: " ", startingAt: 0) }
-                .joined(separator: "  ")
+            r.enumerated().map { i, c in
+                i == r.count - 1 ? c : c.padding(toLength: widths[i], withPad: " ", startingAt: 0)
+            }
+            .joined(separator: "  ")
         }
         print(line(header))
         print(String(repeating: "-", count: widths.reduce(0, +) + 2 * (widths.count - 1)))

@@ -108,7 +108,8 @@ struct ChunkerTests {
     @Test("zeros cut at the maximum size; short input is one chunk")
     func degenerateInputs() {
         let chunker = Chunker(smallParameters)
-        #expect(cutAll(chunker, [UInt8](repeating: 0, count: 200_000)).allSatisfy { $0 == 65536 || $0 == 200_000 % 65536 })
+        #expect(
+            cutAll(chunker, [UInt8](repeating: 0, count: 200_000)).allSatisfy { $0 == 65536 || $0 == 200_000 % 65536 })
         #expect(cutAll(chunker, [1, 2, 3]) == [3])
         [UInt8]().withUnsafeBytes { #expect(chunker.nextCut(in: $0, isFinal: true) == 0) }
         let some = [UInt8](repeating: 1, count: 100)

@@ -136,7 +136,9 @@ struct FormatTests {
             return "\(e)".contains("upgrade cabackup")
         }
         #expect(throws: CABackupError.self) { try RepositoryConfig.decode(Array("garbage".utf8), path: "c") }
-        #expect(throws: CABackupError.self) { try RepositoryConfig.decode(Array("{\"format_version\":1}".utf8), path: "c") }
+        #expect(throws: CABackupError.self) {
+            try RepositoryConfig.decode(Array("{\"format_version\":1}".utf8), path: "c")
+        }
     }
 
     @Test("snapshot record: id is the SHA-256 of the bytes, and tampering is detected")

@@ -29,8 +29,9 @@ struct RepositoryTests {
         let restored = try repo.restore(result.snapshot, to: dir.file("out"))
         #expect(restored.failures.isEmpty)
         for f in ["a.txt", "sub/b.bin", "sub/c.log", "empty"] {
-            #expect(FileManager.default.contents(atPath: dir.file("out") + src + "/" + f)
-                == FileManager.default.contents(atPath: src + "/" + f))
+            #expect(
+                FileManager.default.contents(atPath: dir.file("out") + src + "/" + f)
+                    == FileManager.default.contents(atPath: src + "/" + f))
         }
     }
 

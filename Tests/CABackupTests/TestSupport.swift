@@ -32,7 +32,7 @@ final class TemporaryDirectory {
     init() {
         var template = Array((NSTemporaryDirectory() + "/cabackup-test-XXXXXX").utf8CString)
         let p = template.withUnsafeMutableBufferPointer { mkdtemp($0.baseAddress!) }
-        path = String(cString: p!)
+        path = String(cString: realpath(p!, nil)!)
     }
 
     deinit {

@@ -9,7 +9,9 @@ enum LZ4 {
     /// result would not fit (the caller then stores the blob raw).
     ///
     /// `acceleration` 1 is LZ4's default; higher trades ratio for speed.
-    static func compress(_ src: UnsafeRawBufferPointer, into dst: UnsafeMutableRawBufferPointer, acceleration: Int32 = 1)
+    static func compress(
+        _ src: UnsafeRawBufferPointer, into dst: UnsafeMutableRawBufferPointer, acceleration: Int32 = 1
+    )
         -> Int?
     {
         guard src.count > 0, src.count <= Int(LZ4_MAX_INPUT_SIZE) else { return nil }
@@ -23,7 +25,9 @@ enum LZ4 {
     /// Decompresses exactly `dst.count` bytes from `src`; `false` when the input is
     /// malformed or does not decode to exactly that length.
     static func decompress(_ src: UnsafeRawBufferPointer, into dst: UnsafeMutableRawBufferPointer) -> Bool {
-        guard src.count > 0, src.count <= Int(Int32.max), dst.count <= Int(Int32.max) else { return dst.count == 0 && src.count == 0 }
+        guard src.count > 0, src.count <= Int(Int32.max), dst.count <= Int(Int32.max) else {
+            return dst.count == 0 && src.count == 0
+        }
         let n = LZ4_decompress_safe(
             src.baseAddress!.assumingMemoryBound(to: CChar.self),
             dst.baseAddress!.assumingMemoryBound(to: CChar.self),

@@ -53,7 +53,8 @@ public func sha256(_ buf: UnsafeRawBufferPointer) -> ObjectID {
     var out = (UInt64(0), UInt64(0), UInt64(0), UInt64(0))
     withUnsafeMutableBytes(of: &out) { raw in
         var len: UInt32 = 0
-        EVP_Digest(buf.baseAddress, buf.count, raw.baseAddress!.assumingMemoryBound(to: UInt8.self), &len, EVP_sha256(), nil)
+        EVP_Digest(
+            buf.baseAddress, buf.count, raw.baseAddress!.assumingMemoryBound(to: UInt8.self), &len, EVP_sha256(), nil)
     }
     return withUnsafeBytes(of: &out) { ObjectID($0) }
 }

@@ -161,7 +161,8 @@ final class RepositoryIndex: @unchecked Sendable {
             s.bind(1, id)
             guard try s.step() else { return }
             let n = s.int(0)
-            try db.execute("BEGIN IMMEDIATE; DELETE FROM blobs WHERE pack = \(n); DELETE FROM packs WHERE n = \(n); COMMIT")
+            try db.execute(
+                "BEGIN IMMEDIATE; DELETE FROM blobs WHERE pack = \(n); DELETE FROM packs WHERE n = \(n); COMMIT")
         }
     }
 

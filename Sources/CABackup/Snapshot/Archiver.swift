@@ -71,7 +71,9 @@ extension Repository {
         paths: [String], options: SnapshotOptions = SnapshotOptions(),
         progress: ((SnapshotProgress) -> Void)? = nil
     ) throws -> SnapshotResult {
-        guard !paths.isEmpty else { throw CABackupError.invalidArgument("no paths to back up: name at least one file or directory") }
+        guard !paths.isEmpty else {
+            throw CABackupError.invalidArgument("no paths to back up: name at least one file or directory")
+        }
         let archiver = Archiver(repository: self, options: options, progress: progress)
         return try archiver.run(paths: paths)
     }
@@ -207,7 +209,9 @@ final class Archiver: @unchecked Sendable {
             var st = stat()
             if lstat(abs, &st) != 0 { throw CABackupError.unreadableSource(path: p, reason: errnoDescription(errno)) }
             if (st.st_mode & S_IFMT) == S_IFDIR {
-                guard let d = opendir(abs) else { throw CABackupError.unreadableSource(path: p, reason: errnoDescription(errno)) }
+                guard let d = opendir(abs) else {
+                    throw CABackupError.unreadableSource(path: p, reason: errnoDescription(errno))
+                }
                 closedir(d)
             } else if (st.st_mode & S_IFMT) == S_IFREG {
                 let fd = open(abs, O_RDONLY | O_CLOEXEC)
@@ -276,11 +280,15 @@ final class Archiver: @unchecked Sendable {
         let rootNode = makeNode(name: [0x2F], st: st)
         let pd = try walkDirectory(path: [0x2F], node: rootNode, trie: trie.isLeaf ? nil : trie, isRoot: true)
         try drainFinalizeQueue(blocking: true)
-        guard let result = pd.result else { throw CABackupError.invalidArgument("internal error: root tree not finalized") }
+        guard let result = pd.result else {
+            throw CABackupError.invalidArgument("internal error: root tree not finalized")
+        }
         return result
     }
 
-    private func walkDirectory(path: [UInt8], node: Node, trie: PathTrie?, isRoot: Bool = false)
+    private func walkDirectory(
+        path: [UInt8], node: Node, trie: PathTrie?, isRoot: Bool = false
+    )
         throws -> PendingDirectory
     {
         let pd = PendingDirectory(node: node, isRoot: isRoot)
@@ -338,7 +346,11 @@ final class Archiver: @unchecked Sendable {
             return .directory(try walkDirectory(path: path, node: node, trie: nil))
         case .symlink:
             var buf = [UInt8](repeating: 0, count: Int(PATH_MAX) + 1)
-            let n = withCPath(path) { p in buf.withUnsafeMutableBufferPointer { readlink(p, $0.baseAddress!.withMemoryRebound(to: CChar.self, capacity: $0.count) { $0 }, $0.count) } }
+            let n = withCPath(path) { p in
+                buf.withUnsafeMutableBufferPointer {
+                    readlink(p, $0.baseAddress!.withMemoryRebound(to: CChar.self, capacity: $0.count) { $0 }, $0.count)
+                }
+            }
             if n < 0 {
                 warn(path, "cannot read link: \(errnoDescription(errno))")
                 return nil
@@ -374,7 +386,8 @@ final class Archiver: @unchecked Sendable {
                         return job.ids.count - 1
                     }
                     chunkQueue.push(
-                        ChunkJob(buffer: window.buffer, offset: cut.offset, length: cut.length, file: job, index: index))
+                        ChunkJob(buffer: window.buffer, offset: cut.offset, length: cut.length, file: job, index: index)
+                    )
                 }
                 if let e = workerFailure.withLock({ $0 }) { throw e }
             }

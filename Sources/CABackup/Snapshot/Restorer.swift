@@ -115,7 +115,8 @@ extension Repository {
         } else {
             try makeDirectories(target, mode: 0o755)
         }
-        let restorer = try Restorer(repository: self, snapshot: snapshot, target: target, options: options, progress: progress)
+        let restorer = try Restorer(
+            repository: self, snapshot: snapshot, target: target, options: options, progress: progress)
         return try restorer.run()
     }
 }
@@ -291,7 +292,9 @@ final class Restorer: @unchecked Sendable {
         var rc = withCPath(name) { mkdirat(dir.fd, $0, 0o700) }
         if rc != 0 && errno == EEXIST && options.overwrite {
             var st = stat()
-            if withCPath(name, { fstatat(dir.fd, $0, &st, AT_SYMLINK_NOFOLLOW) }) == 0 && (st.st_mode & S_IFMT) != S_IFDIR {
+            if withCPath(name, { fstatat(dir.fd, $0, &st, AT_SYMLINK_NOFOLLOW) }) == 0
+                && (st.st_mode & S_IFMT) != S_IFDIR
+            {
                 _ = withCPath(name) { unlinkat(dir.fd, $0, 0) }
                 rc = withCPath(name) { mkdirat(dir.fd, $0, 0o700) }
             } else {

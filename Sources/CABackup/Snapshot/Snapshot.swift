@@ -84,7 +84,9 @@ extension Snapshot {
     /// the bytes.
     static func decode(id: SnapshotID, bytes: [UInt8]) throws -> Snapshot {
         let what = "snapshot \(id.hex)"
-        guard sha256(bytes) == id else { throw CABackupError.corrupt(what: what, reason: "content does not match its id") }
+        guard sha256(bytes) == id else {
+            throw CABackupError.corrupt(what: what, reason: "content does not match its id")
+        }
         guard let rec = try? JSONDecoder().decode(SnapshotRecord.self, from: Data(bytes)) else {
             throw CABackupError.corrupt(what: what, reason: "not a snapshot record")
         }

@@ -23,7 +23,8 @@ public protocol Backend: Sendable {
     /// A whole file (configs, snapshot records; not packs).
     func read(_ kind: FileKind, _ name: String) throws -> [UInt8]
     /// `length` bytes at `offset` of a file into `buffer`.
-    func read(_ kind: FileKind, _ name: String, offset: Int64, length: Int, into buffer: UnsafeMutableRawPointer)
+    func read(
+        _ kind: FileKind, _ name: String, offset: Int64, length: Int, into buffer: UnsafeMutableRawPointer)
         throws
     /// The size of a file in bytes.
     func size(_ kind: FileKind, _ name: String) throws -> Int64

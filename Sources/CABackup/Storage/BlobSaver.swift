@@ -65,7 +65,9 @@ final class BlobSaver: @unchecked Sendable {
     }
 
     /// Appends a claimed blob's stored bytes to the open pack of its type.
-    func add(_ id: BlobID, type: BlobType, compression: BlobCompression, rawLength: Int, bytes: UnsafeRawBufferPointer)
+    func add(
+        _ id: BlobID, type: BlobType, compression: BlobCompression, rawLength: Int, bytes: UnsafeRawBufferPointer
+    )
         throws
     {
         var sealed: SealedPack?

@@ -75,7 +75,8 @@ public struct RepositoryConfig: Codable, Sendable, Equatable {
             throw CABackupError.badConfig(path: path, reason: CABackupError(error).description)
         }
         guard config.idScheme == "sha256", config.encryption == "none" else {
-            throw CABackupError.badConfig(path: path, reason: "unsupported id scheme or encryption '\(config.encryption)'")
+            throw CABackupError.badConfig(
+                path: path, reason: "unsupported id scheme or encryption '\(config.encryption)'")
         }
         guard config.packSize >= 1 << 16, config.packSize <= 1 << 30 else {
             throw CABackupError.badConfig(path: path, reason: "pack_size out of range")

@@ -119,7 +119,8 @@ public enum PackFormat {
                 let raw = Int(try r.u32())
                 let id = try r.id()
                 if comp == .none && raw != length { throw PackError.badHeader("raw length differs for stored blob") }
-                entries.append(PackEntry(id: id, type: type, compression: comp, offset: offset, length: length, rawLength: raw))
+                entries.append(
+                    PackEntry(id: id, type: type, compression: comp, offset: offset, length: length, rawLength: raw))
                 offset += Int64(length)
             }
             guard offset + Int64(header.count + trailerSize) == packSize else {
@@ -138,9 +139,12 @@ public enum PackFormat {
         let size = try backend.size(.pack, name)
         let what = "pack \(name)"
         var trailer = [UInt8](repeating: 0, count: trailerSize)
-        if size < Int64(trailerSize) { throw CABackupError.corrupt(what: what, reason: PackError.truncated(size: size).description) }
+        if size < Int64(trailerSize) {
+            throw CABackupError.corrupt(what: what, reason: PackError.truncated(size: size).description)
+        }
         try trailer.withUnsafeMutableBytes { (raw) throws in
-            try backend.read(.pack, name, offset: size - Int64(trailerSize), length: trailerSize, into: raw.baseAddress!)
+            try backend.read(
+                .pack, name, offset: size - Int64(trailerSize), length: trailerSize, into: raw.baseAddress!)
         }
         do {
             let hlen = try parseTrailer(trailer, packSize: size)

@@ -44,7 +44,9 @@ public func displayPath(_ bytes: some Collection<UInt8>) -> String {
 func withCPath<R>(_ path: [UInt8], _ body: (UnsafePointer<CChar>) throws -> R) rethrows -> R {
     var z = path
     z.append(0)
-    return try z.withUnsafeBufferPointer { try $0.baseAddress!.withMemoryRebound(to: CChar.self, capacity: z.count, body) }
+    return try z.withUnsafeBufferPointer {
+        try $0.baseAddress!.withMemoryRebound(to: CChar.self, capacity: z.count, body)
+    }
 }
 
 func ioError(_ op: String, _ path: [UInt8], _ e: Int32 = errno) -> CABackupError {
@@ -123,7 +125,9 @@ func readFully(_ fd: Int32, into buf: UnsafeMutableRawPointer, count: Int, path:
 }
 
 /// Reads exactly `count` bytes at `offset`; throws when the file is shorter.
-func preadFully(_ fd: Int32, into buf: UnsafeMutableRawPointer, count: Int, offset: Int64, path: String)
+func preadFully(
+    _ fd: Int32, into buf: UnsafeMutableRawPointer, count: Int, offset: Int64, path: String
+)
     throws
 {
     var done = 0
@@ -157,7 +161,9 @@ func makeDirectories(_ path: String, mode: mode_t = 0o700) throws {
 
 /// Writes a file durably and atomically: temp file in the same directory, fsync,
 /// rename over `path`, fsync the directory.
-func writeFileAtomically(_ path: String, _ bytes: UnsafeRawBufferPointer, mode: mode_t = 0o600, durable: Bool = true)
+func writeFileAtomically(
+    _ path: String, _ bytes: UnsafeRawBufferPointer, mode: mode_t = 0o600, durable: Bool = true
+)
     throws
 {
     let dir = path.split(separator: "/", omittingEmptySubsequences: false).dropLast().joined(separator: "/")
@@ -181,7 +187,9 @@ func writeFileAtomically(_ path: String, _ bytes: UnsafeRawBufferPointer, mode: 
     if durable { try fsyncDirectory(dir.isEmpty ? "." : dir) }
 }
 
-func writeFileAtomically(_ path: String, _ bytes: [UInt8], mode: mode_t = 0o600, durable: Bool = true)
+func writeFileAtomically(
+    _ path: String, _ bytes: [UInt8], mode: mode_t = 0o600, durable: Bool = true
+)
     throws
 {
     try bytes.withUnsafeBytes { (raw) throws in
@@ -200,7 +208,8 @@ func readSmallFile(_ path: String, limit: Int = 64 << 20) throws -> [UInt8] {
     if size > limit { throw CABackupError.corrupt(what: path, reason: "\(size) bytes is larger than expected") }
     var out = [UInt8](repeating: 0, count: size)
     let n = try out.withUnsafeMutableBytes { (raw) throws in
-        try readFully(fd, into: raw.baseAddress ?? UnsafeMutableRawPointer(bitPattern: 1)!, count: size, path: Array(path.utf8))
+        try readFully(
+            fd, into: raw.baseAddress ?? UnsafeMutableRawPointer(bitPattern: 1)!, count: size, path: Array(path.utf8))
     }
     out.removeSubrange(n...)
     return out

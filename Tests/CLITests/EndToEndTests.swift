@@ -1,0 +1,211 @@
+import Foundation
+import Testing
+
+@Suite("cabackup CLI end to end", .serialized)
+struct EndToEndTests {
+    @Test("every kind of entry round-trips, checked by an independent reader (Python os.lstat)")
+    func fullRoundTrip() throws {
+        let s = Scratch()
+        let src = s.file("src")
+        #expect(try python(treetool, "make", src).status == 0)
+        #expect(try cabackup("init", "--repo", s.file("repo")).status == 0)
+        let snap = try cabackup("snapshot", "--repo", s.file("repo"), src)
+        #expect(snap.status == 0, "\(snap.stderr)")
+        #expect(snap.lastLine.hasPrefix("snapshot ") && snap.lastLine.hasSuffix(" saved"))
+        let restore = try cabackup("restore", "--repo", s.file("repo"), "latest", "--target", s.file("out"))
+        #expect(restore.status == 0, "\(restore.stderr)")
+        let cmp = try python(treetool, "compare", src, s.file("out") + src)
+        #expect(cmp.status == 0, "\(cmp.stdout)")
+        #expect(cmp.stdout.contains(" 0 differences"))
+    }
+
+    @Test("the independent comparison can fail: a changed mtime or byte is reported")
+    func comparisonCanFail() throws {
+        let s = Scratch()
+        let src = s.file("src")
+        _ = try python(treetool, "make", src)
+        _ = try cabackup("init", "--repo", s.file("repo"))
+        _ = try cabackup("snapshot", "--repo", s.file("repo"), src)
+        _ = try cabackup("restore", "--repo", s.file("repo"), "latest", "--target", s.file("out"))
+        let victim = s.file("out") + src + "/docs/hello.txt"
+        try Data("hellO, world\n".utf8).write(to: URL(fileURLWithPath: victim))
+        let cmp = try python(treetool, "compare", src, s.file("out") + src)
+        #expect(cmp.status == 1)
+        #expect(cmp.stdout.contains("hello.txt"))
+    }
+
+    @Test("snapshot --json: last line is one object with the documented fields")
+    func snapshotJSON() throws {
+        let s = Scratch()
+        let src = s.file("src")
+        _ = try python(treetool, "make", src)
+        _ = try cabackup("init", "--repo", s.file("repo"))
+        let first = try cabackup("snapshot", "--repo", s.file("repo"), "--json", "--tag", "daily", src)
+        let a = try #require(jsonObject(first.lastLine))
+        for key in ["snapshot_id", "files_total", "bytes_total", "bytes_added", "chunks_added", "duration_s"] {
+            #expect(a[key] != nil, "missing \(key)")
+        }
+        #expect(a["files_total"] as? Int == 14)
+        let second = try cabackup("snapshot", "--repo", s.file("repo"), "--json", src)
+        let b = try #require(jsonObject(second.lastLine))
+        #expect(b["chunks_added"] as? Int == 0)
+        #expect((b["bytes_added"] as? Int ?? .max) < 1 << 20)
+
+        let list = try cabackup("snapshots", "--repo", s.file("repo"), "--json")
+        let arr = try #require(try JSONSerialization.jsonObject(with: Data(list.stdout.utf8)) as? [[String: Any]])
+        #expect(arr.count == 2)
+        #expect(arr[0]["id"] as? String == a["snapshot_id"] as? String)
+        #expect(arr[0]["tags"] as? [String] == ["daily"])
+        #expect(arr[0]["parent"] is NSNull)
+        #expect(arr[1]["parent"] as? String == a["snapshot_id"] as? String)
+        #expect(arr[0]["paths"] as? [String] == [src])
+        let time = try #require(arr[0]["time"] as? String)
+        #expect(
+            time.range(of: #"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{9}[+-]\d\d:\d\d$"#, options: .regularExpression) != nil
+        )
+        let tagged = try cabackup("snapshots", "--repo", s.file("repo"), "--json", "--tag", "daily")
+        #expect((try JSONSerialization.jsonObject(with: Data(tagged.stdout.utf8)) as? [Any])?.count == 1)
+    }
+
+    @Test("ls escapes non-UTF-8 names in text and gives path_b64 in JSON")
+    func lsNames() throws {
+        let s = Scratch()
+        let src = s.file("src")
+        _ = try python(treetool, "make", src)
+        _ = try cabackup("init", "--repo", s.file("repo"))
+        _ = try cabackup("snapshot", "--repo", s.file("repo"), src)
+        let text = try cabackup("ls", "--repo", s.file("repo"), "latest")
+        #expect(text.stdout.contains(src + "/latin1-\\xe9t\\xe9.txt\n"))
+        #expect(text.stdout.contains(src + "/new\\x0aline\n"))
+        let json = try cabackup("ls", "--repo", s.file("repo"), "--json", "latest", src + "/docs")
+        let lines = json.stdout.split(separator: "\n").compactMap { jsonObject(String($0)) }
+        #expect(lines.first?["path"] as? String == src + "/docs")
+        #expect(lines.contains { $0["path"] as? String == src + "/docs/hello.txt" })
+        let all = try cabackup("ls", "--repo", s.file("repo"), "--json", "latest")
+        let latin = all.stdout.split(separator: "\n").compactMap { jsonObject(String($0)) }
+            .first { ($0["path"] as? String)?.contains("latin1-") == true }
+        let b64 = try #require(latin?["path_b64"] as? String)
+        #expect(
+            Data(base64Encoded: b64) == Data((src + "/latin1-").utf8) + Data([0xE9, 0x74, 0xE9]) + Data(".txt".utf8))
+    }
+
+    @Test("exit codes: 10 for no repository, 1 for a missing path (nothing written), 64 for usage")
+    func exitCodes() throws {
+        let s = Scratch()
+        let noRepo = try cabackup("snapshots", "--repo", s.file("none"))
+        #expect(noRepo.status == 10)
+        #expect(noRepo.stderr.contains("cabackup init"))
+        _ = try cabackup("init", "--repo", s.file("repo"))
+        let again = try cabackup("init", "--repo", s.file("repo"))
+        #expect(again.status == 1)
+        let missing = try cabackup("snapshot", "--repo", s.file("repo"), s.file("does-not-exist"))
+        #expect(missing.status == 1)
+        #expect(missing.stderr.contains("does-not-exist"))
+        #expect(try FileManager.default.contentsOfDirectory(atPath: s.file("repo/snapshots")).isEmpty)
+        #expect(try cabackup("snapshot", "--repo", s.file("repo")).status == 64)
+        #expect(try cabackup("snapshot", s.path).status == 64)  // no --repo, no CABACKUP_REPO
+        let env = try cabackup("snapshots", env: ["CABACKUP_REPO": s.file("repo")])
+        #expect(env.status == 0)
+        #expect(try cabackup("--help").stdout.contains("EXIT CODES"))
+        let unknown = try cabackup("restore", "--repo", s.file("repo"), "deadbeef", "--target", s.file("o"))
+        #expect(unknown.status == 1)
+        #expect(unknown.stderr.contains("no snapshot matches"))
+    }
+
+    @Test("restore refuses a non-empty target, and --overwrite allows it")
+    func restoreTarget() throws {
+        let s = Scratch()
+        let src = s.file("src")
+        _ = try python(treetool, "make", src)
+        _ = try cabackup("init", "--repo", s.file("repo"))
+        _ = try cabackup("snapshot", "--repo", s.file("repo"), src)
+        try FileManager.default.createDirectory(atPath: s.file("out"), withIntermediateDirectories: true)
+        FileManager.default.createFile(atPath: s.file("out/keep"), contents: Data([1]))
+        let refused = try cabackup("restore", "--repo", s.file("repo"), "latest", "--target", s.file("out"))
+        #expect(refused.status == 1)
+        #expect(refused.stderr.contains("not empty"))
+        let ok = try cabackup("restore", "--repo", s.file("repo"), "latest", "--target", s.file("out"), "--overwrite")
+        #expect(ok.status == 0, "\(ok.stderr)")
+        #expect(try python(treetool, "compare", src, s.file("out") + src).status == 0)
+    }
+
+    @Test("unreadable entries are reported and skipped; the snapshot is saved with exit code 3")
+    func unreadableEntries() throws {
+        let s = Scratch()
+        let src = s.file("src")
+        try FileManager.default.createDirectory(atPath: src + "/locked", withIntermediateDirectories: true)
+        FileManager.default.createFile(atPath: src + "/ok.txt", contents: Data("fine".utf8))
+        FileManager.default.createFile(atPath: src + "/secret.txt", contents: Data("no".utf8))
+        chmod(src + "/secret.txt", 0)
+        chmod(src + "/locked", 0)
+        // Root reads everything: drop to nobody to make the entries unreadable.
+        var prefix: [String] = []
+        if geteuid() == 0 {
+            chmod(s.path, 0o777)
+            chmod(src, 0o777)
+            prefix = ["/usr/bin/setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--"]
+        }
+        let bin = productsDirectory + "/cabackup"
+        func cab(_ args: [String]) throws -> RunResult {
+            prefix.isEmpty ? try run(bin, args) : try run(prefix[0], Array(prefix.dropFirst()) + [bin] + args)
+        }
+        #expect(try cab(["init", "--repo", s.file("repo")]).status == 0)
+        let r = try cab(["snapshot", "--repo", s.file("repo"), "--json", src])
+        #expect(r.status == 3, "\(r.stderr)")
+        #expect(r.stderr.contains("secret.txt"))
+        #expect(r.stderr.contains("locked"))
+        let summary = try #require(jsonObject(r.lastLine))
+        #expect(summary["files_total"] as? Int == 1)
+        let ls = try cab(["ls", "--repo", s.file("repo"), "latest"])
+        #expect(ls.stdout.contains("/ok.txt"))
+        #expect(!ls.stdout.contains("secret.txt"))
+    }
+
+    @Test("relative paths are stored absolute; --exclude skips matching entries")
+    func relativeAndExclude() throws {
+        let s = Scratch()
+        try FileManager.default.createDirectory(atPath: s.file("src/cache"), withIntermediateDirectories: true)
+        FileManager.default.createFile(atPath: s.file("src/a.txt"), contents: Data("a".utf8))
+        FileManager.default.createFile(atPath: s.file("src/b.tmp"), contents: Data("b".utf8))
+        FileManager.default.createFile(atPath: s.file("src/cache/c"), contents: Data("c".utf8))
+        _ = try cabackup("init", "--repo", s.file("repo"))
+        let r = try cabackup(
+            "snapshot", "--repo", s.file("repo"), "--exclude", "*.tmp", "--exclude", s.file("src/cache"), "src",
+            cwd: s.path)
+        #expect(r.status == 0, "\(r.stderr)")
+        let ls = try cabackup("ls", "--repo", s.file("repo"), "latest")
+        #expect(ls.stdout.contains(s.file("src/a.txt")))
+        #expect(!ls.stdout.contains("b.tmp"))
+        #expect(!ls.stdout.contains("cache"))
+    }
+
+    @Test("repair index rebuilds a deleted index; commands still work")
+    func repairIndex() throws {
+        let s = Scratch()
+        let src = s.file("src")
+        _ = try python(treetool, "make", src)
+        _ = try cabackup("init", "--repo", s.file("repo"))
+        _ = try cabackup("snapshot", "--repo", s.file("repo"), src)
+        try FileManager.default.removeItem(atPath: s.file("repo/index"))
+        let repaired = try cabackup("repair", "index", "--repo", s.file("repo"))
+        #expect(repaired.status == 0)
+        #expect(repaired.stdout.contains("1 snapshots"))
+        let r = try cabackup("restore", "--repo", s.file("repo"), "latest", "--target", s.file("out"))
+        #expect(r.status == 0)
+        #expect(try python(treetool, "compare", src, s.file("out") + src).status == 0)
+    }
+}
+
+@Suite("README")
+struct ReadmeTests {
+    @Test("the README's library example is the compiled Examples/ program, and it runs")
+    func libraryExample() throws {
+        let readme = try String(contentsOfFile: packageRoot + "/README.md", encoding: .utf8)
+        let example = try String(
+            contentsOfFile: packageRoot + "/Examples/LibraryExample/Sources/LibraryExample/main.swift", encoding: .utf8)
+        #expect(readme.contains("```swift\n" + example + "```"))
+        let r = try run(productsDirectory + "/library-example", [])
+        #expect(r.status == 0, "\(r.stderr)")
+        #expect(r.stdout.hasSuffix("hello.txt says: Hello from cabackup\n"))
+    }
+}
