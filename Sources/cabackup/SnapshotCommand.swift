@@ -52,10 +52,16 @@ struct SnapshotCommand: ParsableCommand {
         let line = ProgressLine()
         let options = SnapshotOptions(tags: tag, excludes: exclude, hostname: host)
         let result = try repo.snapshot(paths: paths, options: options) { p in
-            let rate = p.elapsedSeconds > 0 ? Int64(Double(p.bytesRead) / p.elapsedSeconds) : 0
+            let rate = p.elapsedSeconds > 0 ? Double(p.bytesRead) / p.elapsedSeconds : 0
+            let of = p.scanFinished ? " of \(p.totalFiles)" : ""
+            let ofBytes = p.scanFinished ? " of \(formatBytes(p.totalBytes))" : ""
+            var eta = ""
+            if p.scanFinished && rate > 0 && p.totalBytes > p.bytesRead {
+                eta = " ETA \(formatDuration(Double(p.totalBytes - p.bytesRead) / rate))"
+            }
             line.update(
-                "[\(formatDuration(p.elapsedSeconds))] \(p.filesDone) files, \(formatBytes(p.bytesRead)) read, "
-                    + "\(formatBytes(p.bytesAdded)) added, \(formatBytes(rate))/s  \(p.currentPath)")
+                "[\(formatDuration(p.elapsedSeconds))] \(p.filesDone)\(of) files, \(formatBytes(p.bytesRead))\(ofBytes), "
+                    + "\(formatBytes(Int64(rate)))/s\(eta), \(formatBytes(p.bytesAdded)) added  \(p.currentPath)")
         }
         line.clear()
         for w in result.warnings { printError("warning: cannot read \(w)") }

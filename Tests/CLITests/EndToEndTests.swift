@@ -179,6 +179,36 @@ struct EndToEndTests {
         #expect(!ls.stdout.contains("cache"))
     }
 
+    @Test("a file larger than 4 GiB round-trips (data past the 2^32 offset)")
+    func largeFile() throws {
+        let s = Scratch()
+        let big = s.file("src/big.img")
+        // Sparse, 4 GiB + 4 MiB, with random data at the start and across the 4 GiB line.
+        let make = try python(
+            "-c",
+            """
+            import os, random, sys
+            r = random.Random(5)
+            os.makedirs(os.path.dirname(sys.argv[1]), exist_ok=True)
+            with open(sys.argv[1], "wb") as f:
+                for off in (0, (4 << 30) - (1 << 20), (4 << 30) + (1 << 20)):
+                    f.seek(off)
+                    f.write(r.randbytes(3 << 20))
+            """, big)
+        #expect(make.status == 0, "\(make.stderr)")
+        _ = try cabackup("init", "--repo", s.file("repo"))
+        let snap = try cabackup("snapshot", "--repo", s.file("repo"), "--json", s.file("src"))
+        #expect(snap.status == 0, "\(snap.stderr)")
+        let summary = try #require(jsonObject(snap.lastLine))
+        #expect(summary["bytes_total"] as? Int == (4 << 30) + (4 << 20))
+        // Zeros deduplicate: far less is stored than the file's size.
+        #expect((summary["bytes_added"] as? Int ?? .max) < 64 << 20)
+        let r = try cabackup("restore", "--repo", s.file("repo"), "latest", "--target", s.file("out"))
+        #expect(r.status == 0, "\(r.stderr)")
+        let cmp = try python(treetool, "compare", s.file("src"), s.file("out") + s.file("src"))
+        #expect(cmp.status == 0, "\(cmp.stdout)")
+    }
+
     @Test("repair index rebuilds a deleted index; commands still work")
     func repairIndex() throws {
         let s = Scratch()

@@ -34,6 +34,11 @@ public struct SnapshotProgress: Sendable {
     public var elapsedSeconds: Double
     /// The file being read.
     public var currentPath: String
+    /// Files and bytes below the paths, counted by a scan running beside the backup;
+    /// final once ``scanFinished`` is `true`. For a rate and an ETA.
+    public var totalFiles: Int
+    public var totalBytes: Int64
+    public var scanFinished: Bool
 }
 
 /// An entry that could not be read and was left out of the snapshot.
@@ -175,6 +180,7 @@ final class Archiver: @unchecked Sendable {
     private var lastProgress = 0.0
     private let hasher = SHA256Hasher()
     private var treeScratch: [UInt8] = []
+    private let scanner = SizeScanner()
 
     struct HardLinkKey: Hashable {
         let device: UInt64
@@ -227,6 +233,17 @@ final class Archiver: @unchecked Sendable {
 
         for _ in 0..<max(1, options.workers) {
             workers.append(startThread { [self] in self.workerLoop() })
+        }
+        var scanThread: pthread_t?
+        if progress != nil {
+            let scanner = scanner
+            let paths = absolute.map { Array($0.utf8) }
+            let excludes = options.excludes
+            scanThread = startThread { scanner.scan(paths, excludes: excludes) }
+        }
+        defer {
+            scanner.stop.store(true, ordering: .relaxed)
+            if let t = scanThread { joinThread(t) }
         }
         let root: Node
         do {
@@ -554,12 +571,7 @@ final class Archiver: @unchecked Sendable {
     }
 
     private func isExcluded(path: [UInt8], name: [UInt8]) -> Bool {
-        for pattern in options.excludes {
-            let subject = pattern.contains("/") ? path : name
-            let matched = withCPath(subject) { s in fnmatch(pattern, s, 0) == 0 }
-            if matched { return true }
-        }
-        return false
+        matchesExclude(options.excludes, path: path, name: name)
     }
 
     private func warn(_ path: [UInt8], _ message: String) {
@@ -574,7 +586,50 @@ final class Archiver: @unchecked Sendable {
         progress(
             SnapshotProgress(
                 filesDone: filesRead, bytesRead: bytesRead, bytesAdded: saver.bytesAdded.load(ordering: .relaxed),
-                elapsedSeconds: now - start, currentPath: displayPath(path)))
+                elapsedSeconds: now - start, currentPath: displayPath(path),
+                totalFiles: scanner.files.load(ordering: .relaxed), totalBytes: scanner.bytes.load(ordering: .relaxed),
+                scanFinished: scanner.finished.load(ordering: .relaxed)))
+    }
+}
+
+/// Whether an entry matches one of the exclude globs: a pattern with a `/` is matched
+/// against the whole path, one without against the name.
+func matchesExclude(_ patterns: [String], path: [UInt8], name: [UInt8]) -> Bool {
+    for pattern in patterns {
+        let subject = pattern.contains("/") ? path : name
+        if withCPath(subject, { s in fnmatch(pattern, s, 0) == 0 }) { return true }
+    }
+    return false
+}
+
+/// Counts the files and bytes a snapshot will read, on its own thread, so progress can
+/// show an ETA. Only `lstat` and directory reads: cheap beside the backup itself.
+final class SizeScanner: Sendable {
+    let files = Atomic<Int>(0)
+    let bytes = Atomic<Int64>(0)
+    let finished = Atomic<Bool>(false)
+    let stop = Atomic<Bool>(false)
+
+    func scan(_ paths: [[UInt8]], excludes: [String]) {
+        for p in paths { visit(p, name: Array(p.split(separator: 0x2F).last ?? []), excludes: excludes) }
+        finished.store(true, ordering: .relaxed)
+    }
+
+    private func visit(_ path: [UInt8], name: [UInt8], excludes: [String]) {
+        if stop.load(ordering: .relaxed) || matchesExclude(excludes, path: path, name: name) { return }
+        var st = stat()
+        guard withCPath(path, { lstat($0, &st) }) == 0 else { return }
+        switch st.st_mode & S_IFMT {
+        case S_IFREG:
+            files.add(1, ordering: .relaxed)
+            bytes.add(Int64(st.st_size), ordering: .relaxed)
+        case S_IFDIR:
+            for child in (try? readDirectory(path)) ?? [] {
+                visit(joinPath(path, child), name: child, excludes: excludes)
+            }
+        default:
+            break
+        }
     }
 }
 

@@ -121,6 +121,20 @@ extension Repository {
     }
 }
 
+/// Whether every byte is zero (word at a time).
+func isAllZero(_ buf: UnsafeRawBufferPointer) -> Bool {
+    let words = buf.count / 8
+    var acc: UInt64 = 0
+    var i = 0
+    while i < words {
+        acc |= buf.loadUnaligned(fromByteOffset: i * 8, as: UInt64.self)
+        if acc != 0 { return false }
+        i += 1
+    }
+    for j in words * 8..<buf.count where buf[j] != 0 { return false }
+    return true
+}
+
 /// An open directory descriptor, closed when the last user lets go.
 final class DirectoryHandle: Sendable {
     let fd: Int32
@@ -358,11 +372,21 @@ final class Restorer: @unchecked Sendable {
         }
         var written: Int64 = 0
         do {
+            var hole = false
             for id in job.node.content {
                 try repo.loadBlob(id, into: &buf, scratch: &scratch, hasher: hasher)
-                try buf.withUnsafeBytes { try writeAll(fd, $0, path: displayPath(job.path)) }
+                // All-zero chunks become holes: a sparse source is restored sparse and
+                // zeros cost no disk writes.
+                if buf.withUnsafeBytes(isAllZero) {
+                    if lseek(fd, off_t(buf.count), SEEK_CUR) < 0 { throw ioError("seek", displayPath(job.path)) }
+                    hole = true
+                } else {
+                    try buf.withUnsafeBytes { try writeAll(fd, $0, path: displayPath(job.path)) }
+                    hole = false
+                }
                 written += Int64(buf.count)
             }
+            if hole && ftruncate(fd, off_t(written)) != 0 { throw ioError("truncate", displayPath(job.path)) }
         } catch {
             // Never leave wrong or partial bytes behind: the damaged file goes.
             close(fd)
