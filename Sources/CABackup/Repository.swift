@@ -27,7 +27,7 @@ public struct SnapshotFilter: Sendable {
 /// A cabackup repository: packs of deduplicated, compressed blobs, trees and snapshots,
 /// with a derived SQLite index.
 ///
-/// Open one with ``open(path:)`` or create one with ``initialize(path:chunker:durable:)``,
+/// Open one with ``open(path:durable:)`` or create one with ``initialize(path:chunker:durable:)``,
 /// then ``snapshot(paths:options:progress:)`` to back up, ``snapshots(matching:)`` to list,
 /// ``list(_:path:visit:)`` to walk a snapshot, ``restore(_:to:options:progress:)`` to restore.
 /// A repository object may be used from one thread at a time; the work inside each call
@@ -99,8 +99,8 @@ public final class Repository: @unchecked Sendable {
     // MARK: Index
 
     /// Adds packs and snapshots present in storage but missing from the index, and
-    /// drops index entries whose files are gone. Cheap when nothing changed: one
-    /// directory listing per kind.
+    /// drops index entries whose files are gone. Cheap when nothing changed: a listing
+    /// of `snapshots/` and of the 256 `data/` subdirectories.
     public func synchronizeIndex() throws {
         let stored = Set(try backend.list(.pack).compactMap { ObjectID(hex: $0) })
         let indexed = try index.packIDs()

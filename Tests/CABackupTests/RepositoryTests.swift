@@ -152,6 +152,26 @@ struct RepositoryTests {
         #expect(again.failures.isEmpty)
     }
 
+    @Test("restore --overwrite replaces entries: a hard link outside keeps its bytes, a FIFO is replaced")
+    func overwriteReplaces() throws {
+        let dir = TemporaryDirectory()
+        let src = makeTree(dir)
+        let repo = try smallRepo(dir)
+        let snap = try repo.snapshot(paths: [src]).snapshot
+        let out = dir.file("out")
+        _ = try repo.restore(snap, to: out)
+        let outside = dir.write("outside", Array("precious".utf8))
+        unlink(out + src + "/a.txt")
+        #expect(link(outside, out + src + "/a.txt") == 0)
+        unlink(out + src + "/sub/c.log")
+        #expect(mkfifo(out + src + "/sub/c.log", 0o644) == 0)
+        let r = try repo.restore(snap, to: out, options: RestoreOptions(overwrite: true))
+        #expect(r.failures.isEmpty)
+        #expect(FileManager.default.contents(atPath: outside) == Data("precious".utf8))
+        #expect(FileManager.default.contents(atPath: out + src + "/a.txt") == Data("alpha\n".utf8))
+        #expect(FileManager.default.contents(atPath: out + src + "/sub/c.log")?.count == 9 * 20000)
+    }
+
     @Test("restore --include restores only the named subtree")
     func includes() throws {
         let dir = TemporaryDirectory()

@@ -120,7 +120,7 @@ struct EndToEndTests {
         _ = try cabackup("init", "--repo", s.file("repo"))
         _ = try cabackup("snapshot", "--repo", s.file("repo"), src)
         try FileManager.default.createDirectory(atPath: s.file("out"), withIntermediateDirectories: true)
-        FileManager.default.createFile(atPath: s.file("out/keep"), contents: Data([1]))
+        _ = FileManager.default.createFile(atPath: s.file("out/keep"), contents: Data([1]))
         let refused = try cabackup("restore", "--repo", s.file("repo"), "latest", "--target", s.file("out"))
         #expect(refused.status == 1)
         #expect(refused.stderr.contains("not empty"))
@@ -134,8 +134,8 @@ struct EndToEndTests {
         let s = Scratch()
         let src = s.file("src")
         try FileManager.default.createDirectory(atPath: src + "/locked", withIntermediateDirectories: true)
-        FileManager.default.createFile(atPath: src + "/ok.txt", contents: Data("fine".utf8))
-        FileManager.default.createFile(atPath: src + "/secret.txt", contents: Data("no".utf8))
+        _ = FileManager.default.createFile(atPath: src + "/ok.txt", contents: Data("fine".utf8))
+        _ = FileManager.default.createFile(atPath: src + "/secret.txt", contents: Data("no".utf8))
         chmod(src + "/secret.txt", 0)
         chmod(src + "/locked", 0)
         // Root reads everything: drop to nobody to make the entries unreadable.
@@ -165,9 +165,9 @@ struct EndToEndTests {
     func relativeAndExclude() throws {
         let s = Scratch()
         try FileManager.default.createDirectory(atPath: s.file("src/cache"), withIntermediateDirectories: true)
-        FileManager.default.createFile(atPath: s.file("src/a.txt"), contents: Data("a".utf8))
-        FileManager.default.createFile(atPath: s.file("src/b.tmp"), contents: Data("b".utf8))
-        FileManager.default.createFile(atPath: s.file("src/cache/c"), contents: Data("c".utf8))
+        _ = FileManager.default.createFile(atPath: s.file("src/a.txt"), contents: Data("a".utf8))
+        _ = FileManager.default.createFile(atPath: s.file("src/b.tmp"), contents: Data("b".utf8))
+        _ = FileManager.default.createFile(atPath: s.file("src/cache/c"), contents: Data("c".utf8))
         _ = try cabackup("init", "--repo", s.file("repo"))
         let r = try cabackup(
             "snapshot", "--repo", s.file("repo"), "--exclude", "*.tmp", "--exclude", s.file("src/cache"), "src",

@@ -140,7 +140,7 @@ final class ChunkingReader {
         let carried = carry?.length ?? 0
         var capacity = firstCapacity > 0 ? firstCapacity : windowSize
         firstCapacity = 0
-        if capacity - carried < min(readSize, windowSize / 2) { capacity = windowSize }
+        if carried > 0 && capacity - carried < min(readSize, windowSize / 2) { capacity = windowSize }
         let buf = SharedBuffer(capacity: capacity, pool: pool, budget: budget)
         if let c = carry {
             buf.base.copyMemory(from: c.buffer.base + c.offset, byteCount: c.length)

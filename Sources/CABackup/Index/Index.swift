@@ -43,12 +43,17 @@ final class RepositoryIndex: @unchecked Sendable {
     /// Opens (creating if needed) the index at `path` for the repository `repositoryID`.
     /// An index of another schema or repository is discarded and recreated empty.
     init(path: String, repositoryID: String) throws {
-        var database = try SQLiteDatabase(path: path)
-        let ok = (try? RepositoryIndex.check(database, repositoryID: repositoryID)) ?? false
+        var ok = false
+        do {
+            let probe = try SQLiteDatabase(path: path)
+            ok = (try? RepositoryIndex.check(probe, repositoryID: repositoryID)) ?? false
+        }  // The probe connection is closed here, before any file is removed.
         if !ok {
-            database = try RepositoryIndex.recreate(path: path, old: database)
+            // Another schema or another repository's index: it is derived data, start over.
+            for suffix in ["", "-wal", "-shm"] { unlink(path + suffix) }
         }
-        db = database
+        db = try SQLiteDatabase(path: path)
+        chmod(path, 0o600)
         try db.execute(
             """
             PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA cache_size=-65536;
@@ -74,23 +79,13 @@ final class RepositoryIndex: @unchecked Sendable {
         insertPackStmt = try db.prepare("INSERT INTO packs(id, size, blob_count) VALUES(?1, ?2, ?3)")
     }
 
+    /// Whether an existing file is this schema's index of this repository (a new,
+    /// empty file has no `meta` table, fails the query, and is recreated: harmless).
     private static func check(_ db: SQLiteDatabase, repositoryID: String) throws -> Bool {
         let s = try db.prepare("SELECT key, value FROM meta")
         var meta: [String: String] = [:]
         while try s.step() { meta[s.text(0)] = s.text(1) }
-        if meta.isEmpty {
-            // A brand-new file: fine. A file with tables but no meta: not ours.
-            let t = try db.prepare("SELECT count(*) FROM sqlite_master")
-            _ = try t.step()
-            return t.int(0) == 1
-        }
         return meta["schema"] == schemaVersion && meta["repository"] == repositoryID
-    }
-
-    private static func recreate(path: String, old: SQLiteDatabase) throws -> SQLiteDatabase {
-        _ = old
-        for suffix in ["", "-wal", "-shm"] { unlink(path + suffix) }
-        return try SQLiteDatabase(path: path)
     }
 
     /// The location of a blob, or `nil` when no indexed pack holds it.
@@ -122,18 +117,18 @@ final class RepositoryIndex: @unchecked Sendable {
         try lock.locked { () throws in
             try db.execute("BEGIN IMMEDIATE")
             do {
-                insertPackStmt.bind(1, id)
-                insertPackStmt.bind(2, size)
-                insertPackStmt.bind(3, entries.count)
-                do {
-                    try insertPackStmt.run()
-                } catch {
-                    // Already indexed (a re-run found the same pack): nothing to add.
-                    insertPackStmt.reset()
+                let existing = try db.prepare("SELECT 1 FROM packs WHERE id = ?1")
+                existing.bind(1, id)
+                if try existing.step() {
+                    // Already indexed (the same bytes were stored again): nothing to add.
                     try db.execute("ROLLBACK")
                     return
                 }
-                insertPackStmt.reset()
+                insertPackStmt.bind(1, id)
+                insertPackStmt.bind(2, size)
+                insertPackStmt.bind(3, entries.count)
+                defer { insertPackStmt.reset() }
+                try insertPackStmt.run()
                 let n = sqlite3_last_insert_rowid(db.handle)
                 for e in entries {
                     insertBlobStmt.bind(1, e.id)
@@ -161,8 +156,13 @@ final class RepositoryIndex: @unchecked Sendable {
             s.bind(1, id)
             guard try s.step() else { return }
             let n = s.int(0)
-            try db.execute(
-                "BEGIN IMMEDIATE; DELETE FROM blobs WHERE pack = \(n); DELETE FROM packs WHERE n = \(n); COMMIT")
+            try db.execute("BEGIN IMMEDIATE")
+            do {
+                try db.execute("DELETE FROM blobs WHERE pack = \(n); DELETE FROM packs WHERE n = \(n); COMMIT")
+            } catch {
+                try? db.execute("ROLLBACK")
+                throw error
+            }
         }
     }
 

@@ -207,6 +207,16 @@ final class Archiver: @unchecked Sendable {
     }
 
     func run(paths: [String]) throws -> SnapshotResult {
+        do {
+            return try runChecked(paths: paths)
+        } catch {
+            shutdownWorkers()
+            saver.abandon()
+            throw error
+        }
+    }
+
+    private func runChecked(paths: [String]) throws -> SnapshotResult {
         let startNs = wallClockNs()
         // Check every top-level path first: a missing one is fatal and writes nothing.
         var absolute: [String] = []
@@ -220,7 +230,7 @@ final class Archiver: @unchecked Sendable {
                 }
                 closedir(d)
             } else if (st.st_mode & S_IFMT) == S_IFREG {
-                let fd = open(abs, O_RDONLY | O_CLOEXEC)
+                let fd = open(abs, O_RDONLY | O_CLOEXEC | O_NONBLOCK | O_NOFOLLOW)
                 if fd < 0 { throw CABackupError.unreadableSource(path: p, reason: errnoDescription(errno)) }
                 close(fd)
             }
@@ -245,19 +255,9 @@ final class Archiver: @unchecked Sendable {
             scanner.stop.store(true, ordering: .relaxed)
             if let t = scanThread { joinThread(t) }
         }
-        let root: Node
-        do {
-            root = try walkRoot(trie)
-        } catch {
-            shutdownWorkers()
-            saver.abandon()
-            throw error
-        }
+        let root = try walkRoot(trie)
         shutdownWorkers()
-        if let e = workerFailure.withLock({ $0 }) {
-            saver.abandon()
-            throw e
-        }
+        if let e = workerFailure.withLock({ $0 }) { throw e }
         try saver.finish()
 
         let hostname = options.hostname ?? currentHostname()
@@ -283,6 +283,7 @@ final class Archiver: @unchecked Sendable {
         return SnapshotResult(snapshot: snap, warnings: warnings)
     }
 
+    /// Stops and joins the workers (idempotent).
     private func shutdownWorkers() {
         chunkQueue.close()
         for w in workers { joinThread(w) }
@@ -382,13 +383,21 @@ final class Archiver: @unchecked Sendable {
     /// Reads a regular file and queues its chunks; `nil` (with a warning) when it
     /// cannot be opened or read.
     private func readFile(path: [UInt8], st: stat) throws -> FileJob? {
-        var fd = withCPath(path) { open($0, O_RDONLY | O_NOFOLLOW | O_CLOEXEC | openNoAtime) }
-        if fd < 0 && errno == EPERM { fd = withCPath(path) { open($0, O_RDONLY | O_NOFOLLOW | O_CLOEXEC) } }
+        // O_NONBLOCK: if the entry was swapped for a FIFO since lstat, open must not hang.
+        let flags = O_RDONLY | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK
+        var fd = withCPath(path) { open($0, flags | openNoAtime) }
+        if fd < 0 && errno == EPERM { fd = withCPath(path) { open($0, flags) } }
         if fd < 0 {
             warn(path, errnoDescription(errno))
             return nil
         }
         defer { close(fd) }
+        var fst = stat()
+        if fstat(fd, &fst) != 0 || (fst.st_mode & S_IFMT) != S_IFREG {
+            warn(path, "changed type while being backed up")
+            return nil
+        }
+        _ = fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) & ~O_NONBLOCK)
         reportProgress(path)
         let job = FileJob()
         let reader = ChunkingReader(
@@ -407,6 +416,7 @@ final class Archiver: @unchecked Sendable {
                     )
                 }
                 if let e = workerFailure.withLock({ $0 }) { throw e }
+                if window.buffer.count > 4 << 20 { reportProgress(path, pending: reader.bytesRead) }
             }
         } catch {
             let error = CABackupError(error)
@@ -578,14 +588,17 @@ final class Archiver: @unchecked Sendable {
         warnings.append(SnapshotWarning(path: displayPath(path), message: message))
     }
 
-    private func reportProgress(_ path: [UInt8]) {
+    /// Calls the progress callback at most five times a second; `pending` counts bytes
+    /// of the current file read so far.
+    private func reportProgress(_ path: [UInt8], pending: Int64 = 0) {
         guard let progress else { return }
         let now = monotonicSeconds()
         if now - lastProgress < 0.2 { return }
         lastProgress = now
         progress(
             SnapshotProgress(
-                filesDone: filesRead, bytesRead: bytesRead, bytesAdded: saver.bytesAdded.load(ordering: .relaxed),
+                filesDone: filesRead, bytesRead: bytesRead + pending,
+                bytesAdded: saver.bytesAdded.load(ordering: .relaxed),
                 elapsedSeconds: now - start, currentPath: displayPath(path),
                 totalFiles: scanner.files.load(ordering: .relaxed), totalBytes: scanner.bytes.load(ordering: .relaxed),
                 scanFinished: scanner.finished.load(ordering: .relaxed)))

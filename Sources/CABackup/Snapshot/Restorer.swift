@@ -363,8 +363,13 @@ final class Restorer: @unchecked Sendable {
 
     private func restoreFile(_ job: RestoreJob, hasher: SHA256Hasher, buf: inout [UInt8], scratch: inout [UInt8]) {
         let name = job.node.name
-        var flags = O_WRONLY | O_CREAT | O_NOFOLLOW | O_CLOEXEC
-        flags |= options.overwrite ? O_TRUNC : O_EXCL
+        // With overwrite, the old entry is unlinked, never truncated: other hard links to
+        // it keep their bytes, and a FIFO or symlink in its place is replaced, not followed.
+        if options.overwrite && withCPath(name, { unlinkat(job.dir.fd, $0, 0) }) != 0 && errno != ENOENT {
+            fail(job.path, "cannot replace existing entry: \(errnoDescription(errno))")
+            return
+        }
+        let flags = O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC
         let fd = withCPath(name) { openat(job.dir.fd, $0, flags, 0o600) }
         if fd < 0 {
             fail(job.path, "cannot create file: \(errnoDescription(errno))")

@@ -186,7 +186,8 @@ public enum TreeCodec {
                 n.name = Array(try v.bytes(v.remaining))
                 sawName = true
             case .type:
-                guard let t = NodeType(rawValue: UInt8(truncatingIfNeeded: try uint())) else {
+                let raw = try uint()
+                guard raw <= 0xFF, let t = NodeType(rawValue: UInt8(raw)) else {
                     throw FormatError.malformed("unknown node type")
                 }
                 n.type = t

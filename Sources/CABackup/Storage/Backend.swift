@@ -28,7 +28,8 @@ public protocol Backend: Sendable {
         throws
     /// The size of a file in bytes.
     func size(_ kind: FileKind, _ name: String) throws -> Int64
-    /// Stores a file atomically and durably; storing an existing name again is harmless.
+    /// Stores a file atomically and durably; storing an existing name again is harmless
+    /// (except `config`, which is written once and never replaced).
     func write(_ kind: FileKind, _ name: String, _ bytes: UnsafeRawBufferPointer) throws
     /// Removes a file.
     func remove(_ kind: FileKind, _ name: String) throws

@@ -79,7 +79,8 @@ final class BlobSaver: @unchecked Sendable {
         let t = Int(type.rawValue)
         if packs[t].bytes.capacity == 0 {
             packs[t].bytes = spare.popLast() ?? []
-            packs[t].bytes.reserveCapacity(repo.config.packSize + (1 << 20))
+            // Room for the blob that crosses pack_size (up to one maximum chunk) and the header.
+            packs[t].bytes.reserveCapacity(repo.config.packSize + repo.config.chunker.maxSize + (1 << 20))
         }
         let entry = PackEntry(
             id: id, type: type, compression: compression, offset: Int64(packs[t].bytes.count), length: bytes.count,
@@ -134,7 +135,7 @@ final class BlobSaver: @unchecked Sendable {
     private func store(_ pack: inout SealedPack) throws {
         pack.bytes.append(contentsOf: PackFormat.encodeHeader(pack.entries))
         let size = pack.bytes.count
-        // Write, then verify: the header must parse back to what was meant.
+        // Verify before storing: the header must parse back to exactly what was meant.
         let hlen = try? PackFormat.parseTrailer(Array(pack.bytes.suffix(PackFormat.trailerSize)), packSize: Int64(size))
         let parsed = hlen.flatMap {
             try? PackFormat.parseHeader(

@@ -58,9 +58,10 @@ public enum CABackupError: Error, Sendable, CustomStringConvertible {
         case .pathNotInSnapshot(let p):
             return "\(p) is not in the snapshot: list its contents with 'cabackup ls'"
         case .blobNotFound(let id):
-            return "blob \(id.hex) is missing from the repository: run 'cabackup repair index', then 'cabackup check'"
+            return
+                "blob \(id.hex) is missing from the repository: run 'cabackup repair index'; if it stays missing, the data is lost"
         case .corrupt(let what, let reason):
-            return "\(what) is damaged (\(reason)): run 'cabackup check --read-data'"
+            return "\(what) is damaged (\(reason)): the repository's files were changed or corrupted on disk"
         case .io(let op, let path, let e):
             return "\(op) \(path): \(errnoDescription(e))"
         case .index(let m):

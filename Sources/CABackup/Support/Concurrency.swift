@@ -132,8 +132,8 @@ final class WaitGroup: @unchecked Sendable {
     }
 }
 
-/// Starts a detached POSIX thread running `body`, with a stack large enough for the
-/// recursive tree walk.
+/// Starts a POSIX thread running `body` (join it with ``joinThread(_:)``), with an
+/// 8 MiB stack.
 func startThread(_ body: @escaping @Sendable () -> Void) -> pthread_t {
     final class Box: @unchecked Sendable {
         let body: @Sendable () -> Void
