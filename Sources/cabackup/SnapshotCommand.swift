@@ -8,8 +8,12 @@ struct SnapshotCommand: ParsableCommand {
         discussion: """
             Prints the snapshot id; the last line of output is `snapshot <id> saved`, or with
             --json one JSON object with snapshot_id, files_total, bytes_total, bytes_added,
-            chunks_added and duration_s. Unreadable entries below PATH are reported on stderr,
-            skipped, and the snapshot is saved with exit code 3.
+            chunks_added, files_unchanged, bytes_unchanged and duration_s. Unreadable entries
+            below PATH are reported on stderr, skipped, and the snapshot is saved with exit code 3.
+
+            The latest snapshot of the same paths from the same host is the parent: files whose
+            size, mtime, ctime and inode are unchanged since then are not read again (--force
+            reads everything).
 
             \(exitCodeTable)
             """,
@@ -29,6 +33,9 @@ struct SnapshotCommand: ParsableCommand {
     @Flag(name: .long, help: "Print the result as JSON.")
     var json = false
 
+    @Flag(name: .long, help: "Read every file, even those unchanged since the parent snapshot.")
+    var force = false
+
     @Argument(help: "Files and directories to back up.")
     var paths: [String] = []
 
@@ -43,6 +50,8 @@ struct SnapshotCommand: ParsableCommand {
         let bytes_total: Int64
         let bytes_added: Int64
         let chunks_added: Int
+        let files_unchanged: Int
+        let bytes_unchanged: Int64
         let errors: Int
         let duration_s: Double
     }
@@ -50,19 +59,24 @@ struct SnapshotCommand: ParsableCommand {
     func run() throws {
         let repo = try repository.open()
         let line = ProgressLine()
-        let options = SnapshotOptions(tags: tag, excludes: exclude, hostname: host)
-        let result = try repo.snapshot(paths: paths, options: options) { p in
-            let rate = p.elapsedSeconds > 0 ? Double(p.bytesRead) / p.elapsedSeconds : 0
-            let of = p.scanFinished ? " of \(p.totalFiles)" : ""
-            let ofBytes = p.scanFinished ? " of \(formatBytes(p.totalBytes))" : ""
-            var eta = ""
-            if p.scanFinished && rate > 0 && p.totalBytes > p.bytesRead {
-                eta = " ETA \(formatDuration(Double(p.totalBytes - p.bytesRead) / rate))"
+        let options = SnapshotOptions(tags: tag, excludes: exclude, hostname: host, force: force)
+        // Progress (and the size scan behind its ETA) only when someone watches.
+        let progress: ((SnapshotProgress) -> Void)? =
+            !stderrIsTerminal
+            ? nil
+            : { p in
+                let rate = p.elapsedSeconds > 0 ? Double(p.bytesRead) / p.elapsedSeconds : 0
+                let of = p.scanFinished ? " of \(p.totalFiles)" : ""
+                let ofBytes = p.scanFinished ? " of \(formatBytes(p.totalBytes))" : ""
+                var eta = ""
+                if p.scanFinished && rate > 0 && p.totalBytes > p.bytesRead {
+                    eta = " ETA \(formatDuration(Double(p.totalBytes - p.bytesRead) / rate))"
+                }
+                line.update(
+                    "[\(formatDuration(p.elapsedSeconds))] \(p.filesDone)\(of) files, \(formatBytes(p.bytesRead))\(ofBytes), "
+                        + "\(formatBytes(Int64(rate)))/s\(eta), \(formatBytes(p.bytesAdded)) added  \(p.currentPath)")
             }
-            line.update(
-                "[\(formatDuration(p.elapsedSeconds))] \(p.filesDone)\(of) files, \(formatBytes(p.bytesRead))\(ofBytes), "
-                    + "\(formatBytes(Int64(rate)))/s\(eta), \(formatBytes(p.bytesAdded)) added  \(p.currentPath)")
-        }
+        let result = try repo.snapshot(paths: paths, options: options, progress: progress)
         line.clear()
         for w in result.warnings { printError("warning: cannot read \(w)") }
         let s = result.snapshot.summary
@@ -72,10 +86,12 @@ struct SnapshotCommand: ParsableCommand {
                     Output(
                         snapshot_id: result.snapshot.id.hex, files_total: s.filesTotal, dirs_total: s.directoriesTotal,
                         bytes_total: s.bytesTotal, bytes_added: s.bytesAdded, chunks_added: s.chunksAdded,
-                        errors: s.errors, duration_s: s.durationSeconds)))
+                        files_unchanged: s.filesUnchanged, bytes_unchanged: s.bytesUnchanged, errors: s.errors,
+                        duration_s: s.durationSeconds)))
         } else {
+            let unchanged = s.filesUnchanged > 0 ? " (\(s.filesUnchanged) unchanged, not read)" : ""
             print(
-                "\(s.filesTotal) files, \(s.directoriesTotal) directories, \(formatBytes(s.bytesTotal)) read, "
+                "\(s.filesTotal) files\(unchanged), \(s.directoriesTotal) directories, \(formatBytes(s.bytesTotal)) read, "
                     + "\(formatBytes(s.bytesAdded)) added (\(s.chunksAdded) new chunks) in \(formatDuration(s.durationSeconds))"
             )
             print("snapshot \(result.snapshot.id.hex) saved")

@@ -62,6 +62,41 @@ struct RepositoryTests {
         #expect(third.summary.chunksAdded >= 1 && third.summary.chunksAdded <= 2)
     }
 
+    @Test("files unchanged since the parent are not read; changes (even with mtime put back) are")
+    func parentSkipsUnchanged() throws {
+        let dir = TemporaryDirectory()
+        let src = makeTree(dir)
+        let repo = try smallRepo(dir)
+        let first = try repo.snapshot(paths: [src]).snapshot
+        #expect(first.summary.bytesTotal > 0 && first.summary.filesUnchanged == 0)
+        let second = try repo.snapshot(paths: [src]).snapshot
+        #expect(second.summary.filesUnchanged == 4)
+        #expect(second.summary.bytesTotal == 0)
+        #expect(second.summary.filesTotal == 4)
+        // Same size, mtime put back: only ctime tells.
+        var st = stat()
+        stat(src + "/a.txt", &st)
+        let fd = open(src + "/a.txt", O_WRONLY)  // in place: same inode, same size
+        #expect(write(fd, "ALPHA\n", 6) == 6)
+        close(fd)
+        var times = [st.st_atim, st.st_mtim]
+        utimensat(AT_FDCWD, src + "/a.txt", &times, 0)
+        let third = try repo.snapshot(paths: [src]).snapshot
+        #expect(third.summary.filesUnchanged == 3)
+        #expect(third.summary.bytesTotal == 6)
+        let forced = try repo.snapshot(paths: [src], options: SnapshotOptions(force: true)).snapshot
+        #expect(forced.summary.filesUnchanged == 0)
+        #expect(forced.summary.bytesTotal == first.summary.bytesTotal)
+        // The reused content restores correctly.
+        _ = try repo.restore(second, to: dir.file("out"))
+        #expect(
+            FileManager.default.contents(atPath: dir.file("out") + src + "/sub/b.bin")
+                == FileManager.default.contents(atPath: src + "/sub/b.bin"))
+        let r = try repo.restore(third, to: dir.file("out3"))
+        #expect(r.failures.isEmpty)
+        #expect(FileManager.default.contents(atPath: dir.file("out3") + src + "/a.txt") == Data("ALPHA\n".utf8))
+    }
+
     @Test("the index is derived: deleting it, or rebuilding it, gives the same rows")
     func indexRebuild() throws {
         let dir = TemporaryDirectory()

@@ -112,6 +112,23 @@ final class RepositoryIndex: @unchecked Sendable {
         return try containsStmt.step()
     }
 
+    /// The ids among `ids` that no indexed pack holds, checked in one read transaction
+    /// (one lock round trip for a whole directory instead of one per id).
+    func missing(_ ids: [BlobID]) throws -> Set<BlobID> {
+        guard !ids.isEmpty else { return [] }
+        return try lock.locked { () throws -> Set<BlobID> in
+            try db.execute("BEGIN")
+            defer { try? db.execute("COMMIT") }
+            var out = Set<BlobID>()
+            for id in ids {
+                containsStmt.bind(1, id)
+                defer { containsStmt.reset() }
+                if !(try containsStmt.step()) { out.insert(id) }
+            }
+            return out
+        }
+    }
+
     /// Records a pack and all its blobs in one transaction.
     func addPack(_ id: PackID, size: Int64, entries: [PackEntry]) throws {
         try lock.locked { () throws in

@@ -17,11 +17,17 @@ public struct SnapshotOptions: Sendable {
     public var hostname: String?
     /// Worker threads that hash and compress; by default one per core.
     public var workers: Int
+    /// Read every file, even those unchanged since the parent snapshot.
+    public var force: Bool
 
-    public init(tags: [String] = [], excludes: [String] = [], hostname: String? = nil, workers: Int? = nil) {
+    public init(
+        tags: [String] = [], excludes: [String] = [], hostname: String? = nil, force: Bool = false,
+        workers: Int? = nil
+    ) {
         self.tags = tags
         self.excludes = excludes
         self.hostname = hostname
+        self.force = force
         self.workers = workers ?? max(1, Int(sysconf(Int32(_SC_NPROCESSORS_ONLN))))
     }
 }
@@ -181,6 +187,8 @@ final class Archiver: @unchecked Sendable {
     private let hasher = SHA256Hasher()
     private var treeScratch: [UInt8] = []
     private let scanner = SizeScanner()
+    /// Chunks of the current directory's parent entries that are not in the index.
+    private var missingParentChunks = Set<BlobID>()
 
     struct HardLinkKey: Hashable {
         let device: UInt64
@@ -255,13 +263,14 @@ final class Archiver: @unchecked Sendable {
             scanner.stop.store(true, ordering: .relaxed)
             if let t = scanThread { joinThread(t) }
         }
-        let root = try walkRoot(trie)
+        let hostname = options.hostname ?? currentHostname()
+        let parentSnapshot = try? repo.snapshots(matching: SnapshotFilter(hosts: [hostname], paths: absolute)).last
+        let root = try walkRoot(trie, parent: options.force ? nil : parentSnapshot)
         shutdownWorkers()
         if let e = workerFailure.withLock({ $0 }) { throw e }
         try saver.finish()
 
-        let hostname = options.hostname ?? currentHostname()
-        let parent = try? repo.snapshots(matching: SnapshotFilter(hosts: [hostname], paths: absolute)).last?.id
+        let parent = parentSnapshot?.id
         summary.chunksAdded = chunksAdded.load(ordering: .relaxed)
         summary.bytesTotal = bytesRead
         summary.errors = warnings.count
@@ -292,11 +301,13 @@ final class Archiver: @unchecked Sendable {
 
     // MARK: Walking (calling thread)
 
-    private func walkRoot(_ trie: PathTrie) throws -> Node {
+    private func walkRoot(_ trie: PathTrie, parent: Snapshot?) throws -> Node {
         var st = stat()
         if stat("/", &st) != 0 { throw ioError("stat", "/") }
         let rootNode = makeNode(name: [0x2F], st: st)
-        let pd = try walkDirectory(path: [0x2F], node: rootNode, trie: trie.isLeaf ? nil : trie, isRoot: true)
+        let parentEntries = parent.flatMap { try? repo.loadTree($0.tree) }
+        let pd = try walkDirectory(
+            path: [0x2F], node: rootNode, trie: trie.isLeaf ? nil : trie, parent: parentEntries, isRoot: true)
         try drainFinalizeQueue(blocking: true)
         guard let result = pd.result else {
             throw CABackupError.invalidArgument("internal error: root tree not finalized")
@@ -304,17 +315,33 @@ final class Archiver: @unchecked Sendable {
         return result
     }
 
+    /// Walks a directory. `parent` holds the same directory's entries in the parent
+    /// snapshot (when it has one), for skipping unchanged files.
     private func walkDirectory(
-        path: [UInt8], node: Node, trie: PathTrie?, isRoot: Bool = false
+        path: [UInt8], node: Node, trie: PathTrie?, parent: [Node]?, isRoot: Bool = false
     )
         throws -> PendingDirectory
     {
         let pd = PendingDirectory(node: node, isRoot: isRoot)
+        var parentByName: [[UInt8]: Node] = [:]
+        if let parent, !options.force {
+            parentByName.reserveCapacity(parent.count)
+            var ids: [BlobID] = []
+            for n in parent {
+                parentByName[n.name] = n
+                ids += n.content
+            }
+            // Chunks the parent names but the index lacks (pruned, damaged): files using
+            // them are read again.
+            missingParentChunks = try repo.index.missing(ids)
+        }
         if let trie {
             for (name, child) in trie.sortedChildren {
                 let childPath = joinPath(path, name)
                 if child.isLeaf {
-                    if let e = try processEntry(path: childPath, name: name) { pd.entries.append(e) }
+                    if let e = try processEntry(path: childPath, name: name, parent: parentByName[name]) {
+                        pd.entries.append(e)
+                    }
                 } else {
                     // An ancestor of a backed-up path: stored with its own metadata.
                     var st = stat()
@@ -323,7 +350,9 @@ final class Archiver: @unchecked Sendable {
                         warn(childPath, rc != 0 ? errnoDescription(errno) : "not a directory")
                         continue
                     }
-                    let sub = try walkDirectory(path: childPath, node: makeNode(name: name, st: st), trie: child)
+                    let sub = try walkDirectory(
+                        path: childPath, node: makeNode(name: name, st: st), trie: child,
+                        parent: parentDirectory(parentByName[name]))
                     pd.entries.append(.directory(sub))
                 }
             }
@@ -336,7 +365,9 @@ final class Archiver: @unchecked Sendable {
                 names = []
             }
             for name in names {
-                if let e = try processEntry(path: joinPath(path, name), name: name) { pd.entries.append(e) }
+                if let e = try processEntry(path: joinPath(path, name), name: name, parent: parentByName[name]) {
+                    pd.entries.append(e)
+                }
             }
         }
         finalizeQueue.append(pd)
@@ -344,7 +375,26 @@ final class Archiver: @unchecked Sendable {
         return pd
     }
 
-    private func processEntry(path: [UInt8], name: [UInt8]) throws -> PendingDirectory.Entry? {
+    /// The entries of a directory of the parent snapshot; `nil` when there is none or it
+    /// cannot be loaded (then everything below is read, as without a parent).
+    private func parentDirectory(_ node: Node?) -> [Node]? {
+        guard let node, node.type == .directory else { return nil }
+        return try? repo.loadDirectory(node)
+    }
+
+    /// A file is unchanged when the parent snapshot has it with the same size, mtime,
+    /// ctime and inode, and every chunk it names is still in the index. (ctime catches a
+    /// same-size rewrite whose mtime was put back; the device number is not compared,
+    /// as it can change across reboots for some file systems.)
+    private func unchangedContent(_ node: Node, parent: Node?) throws -> [BlobID]? {
+        guard !options.force, let p = parent, p.type == .file, p.size == node.size, p.mtimeNs == node.mtimeNs,
+            p.ctimeNs == node.ctimeNs, p.inode == node.inode
+        else { return nil }
+        if !missingParentChunks.isEmpty && p.content.contains(where: missingParentChunks.contains) { return nil }
+        return p.content
+    }
+
+    private func processEntry(path: [UInt8], name: [UInt8], parent: Node?) throws -> PendingDirectory.Entry? {
         if isExcluded(path: path, name: name) { return nil }
         var st = stat()
         if withCPath(path, { lstat($0, &st) }) != 0 {
@@ -354,6 +404,12 @@ final class Archiver: @unchecked Sendable {
         var node = makeNode(name: name, st: st)
         switch node.type {
         case .file:
+            if let content = try unchangedContent(node, parent: parent) {
+                node.content = content
+                summary.filesUnchanged += 1
+                summary.bytesUnchanged += Int64(node.size)
+                return .done(node)
+            }
             if node.links > 1, let job = hardLinks[HardLinkKey(device: node.device, inode: node.inode)] {
                 return .file(node, job)
             }
@@ -361,7 +417,7 @@ final class Archiver: @unchecked Sendable {
             if node.links > 1 { hardLinks[HardLinkKey(device: node.device, inode: node.inode)] = job }
             return .file(node, job)
         case .directory:
-            return .directory(try walkDirectory(path: path, node: node, trie: nil))
+            return .directory(try walkDirectory(path: path, node: node, trie: nil, parent: parentDirectory(parent)))
         case .symlink:
             var buf = [UInt8](repeating: 0, count: Int(PATH_MAX) + 1)
             let n = withCPath(path) { p in
@@ -481,6 +537,7 @@ final class Archiver: @unchecked Sendable {
             switch e {
             case .done(let n):
                 nodes.append(n)
+                if n.type == .file { summary.filesTotal += 1 }
             case .file(var n, let job):
                 let (ids, size, failed) = cond.locked { (job.ids, job.size, job.failed) }
                 if failed { continue }

@@ -6,7 +6,7 @@ public struct SnapshotSummary: Codable, Sendable, Equatable {
     public var filesTotal: Int = 0
     /// Directories in the snapshot.
     public var directoriesTotal: Int = 0
-    /// Bytes read from files.
+    /// Bytes read from files (files unchanged since the parent snapshot are not read).
     public var bytesTotal: Int64 = 0
     /// Data blobs stored by this snapshot (new chunks).
     public var chunksAdded: Int = 0
@@ -14,6 +14,10 @@ public struct SnapshotSummary: Codable, Sendable, Equatable {
     public var bytesAdded: Int64 = 0
     /// Entries that could not be read and were skipped.
     public var errors: Int = 0
+    /// Files not read because the parent snapshot has them unchanged.
+    public var filesUnchanged: Int = 0
+    /// Bytes of those files.
+    public var bytesUnchanged: Int64 = 0
     public var durationSeconds: Double = 0
 
     enum CodingKeys: String, CodingKey {
@@ -23,10 +27,26 @@ public struct SnapshotSummary: Codable, Sendable, Equatable {
         case chunksAdded = "chunks_added"
         case bytesAdded = "bytes_added"
         case errors
+        case filesUnchanged = "files_unchanged"
+        case bytesUnchanged = "bytes_unchanged"
         case durationSeconds = "duration_s"
     }
 
     public init() {}
+
+    /// Lenient: a field missing from an older record reads as zero.
+    public init(from decoder: any Decoder) throws {
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        filesTotal = try c.decodeIfPresent(Int.self, forKey: .filesTotal) ?? 0
+        directoriesTotal = try c.decodeIfPresent(Int.self, forKey: .directoriesTotal) ?? 0
+        bytesTotal = try c.decodeIfPresent(Int64.self, forKey: .bytesTotal) ?? 0
+        chunksAdded = try c.decodeIfPresent(Int.self, forKey: .chunksAdded) ?? 0
+        bytesAdded = try c.decodeIfPresent(Int64.self, forKey: .bytesAdded) ?? 0
+        errors = try c.decodeIfPresent(Int.self, forKey: .errors) ?? 0
+        filesUnchanged = try c.decodeIfPresent(Int.self, forKey: .filesUnchanged) ?? 0
+        bytesUnchanged = try c.decodeIfPresent(Int64.self, forKey: .bytesUnchanged) ?? 0
+        durationSeconds = try c.decodeIfPresent(Double.self, forKey: .durationSeconds) ?? 0
+    }
 }
 
 /// A snapshot: the record of one backup run, naming the root tree.
