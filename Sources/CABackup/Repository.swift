@@ -148,47 +148,40 @@ public final class Repository: @unchecked Sendable {
     /// - Throws: ``CABackupError/blobNotFound(_:)`` when no pack holds it,
     ///   ``CABackupError/corrupt(what:reason:)`` when the stored bytes do not match.
     public func loadBlob(_ id: BlobID) throws -> [UInt8] {
-        var scratch: [UInt8] = []
-        var out: [UInt8] = []
-        try loadBlob(id, into: &out, scratch: &scratch, hasher: SHA256Hasher())
-        return out
+        let buffers = BlobBuffers()
+        let n = try loadBlob(id, into: buffers, hasher: SHA256Hasher())
+        return Array(buffers.bytes(n))
     }
 
-    /// Loads a blob into `out` (reusing its storage), verified against its id.
-    func loadBlob(
-        _ id: BlobID, into out: inout [UInt8], scratch: inout [UInt8], hasher: SHA256Hasher
-    )
-        throws
-    {
+    /// Loads a blob into `buffers.output` (grown as needed, never zero-filled), verified
+    /// against its id. Returns its length.
+    func loadBlob(_ id: BlobID, into buffers: BlobBuffers, hasher: SHA256Hasher) throws -> Int {
         guard let loc = try index.lookup(id) else { throw CABackupError.blobNotFound(id) }
+        return try loadBlob(id, at: loc, into: buffers, hasher: hasher)
+    }
+
+    func loadBlob(_ id: BlobID, at loc: BlobLocation, into buffers: BlobBuffers, hasher: SHA256Hasher) throws -> Int {
         let what = "blob \(id.hex) in pack \(loc.pack.hex)"
         guard loc.rawLength <= 1 << 30, loc.length <= 1 << 30 else {
             throw CABackupError.corrupt(what: what, reason: "implausible length")
         }
+        buffers.reserve(output: loc.rawLength, input: loc.compression == .none ? 0 : loc.length)
         switch loc.compression {
         case .none:
-            out = [UInt8](repeating: 0, count: loc.length)
-            try out.withUnsafeMutableBytes { (raw) throws in
-                if loc.length > 0 {
-                    try backend.read(
-                        .pack, loc.pack.hex, offset: loc.offset, length: loc.length, into: raw.baseAddress!)
-                }
+            if loc.length > 0 {
+                try backend.read(.pack, loc.pack.hex, offset: loc.offset, length: loc.length, into: buffers.output)
             }
         case .lz4:
-            if scratch.count < loc.length { scratch = [UInt8](repeating: 0, count: loc.length) }
-            try scratch.withUnsafeMutableBytes { (raw) throws in
-                try backend.read(.pack, loc.pack.hex, offset: loc.offset, length: loc.length, into: raw.baseAddress!)
-            }
-            out = [UInt8](repeating: 0, count: loc.rawLength)
-            let ok = scratch.withUnsafeBytes { src in
-                out.withUnsafeMutableBytes { dst in
-                    LZ4.decompress(UnsafeRawBufferPointer(rebasing: src[0..<loc.length]), into: dst)
-                }
-            }
+            try backend.read(.pack, loc.pack.hex, offset: loc.offset, length: loc.length, into: buffers.input)
+            let ok = LZ4.decompress(
+                UnsafeRawBufferPointer(start: buffers.input, count: loc.length),
+                into: UnsafeMutableRawBufferPointer(start: buffers.output, count: loc.rawLength))
             guard ok else { throw CABackupError.corrupt(what: what, reason: "LZ4 data does not decode") }
         }
-        let actual = out.withUnsafeBytes { hasher.hash($0) }
-        guard actual == id else { throw CABackupError.corrupt(what: what, reason: "content does not match its id") }
+        guard hasher.hash(buffers.bytes(loc.rawLength)) == id else {
+            throw CABackupError.corrupt(what: what, reason: "content does not match its id")
+        }
+        return loc.rawLength
     }
 
     /// The entries of a directory node (all its tree parts), in name order.
@@ -262,6 +255,41 @@ public final class Repository: @unchecked Sendable {
         try index.addSnapshot(id, timeNs: snap.timeNs, record: bytes)
         return snap
     }
+}
+
+/// Reusable buffers for loading blobs: the stored bytes and the plaintext. Grown as
+/// needed and never zero-filled, so loading a chunk allocates nothing in steady state.
+final class BlobBuffers {
+    private(set) var input: UnsafeMutableRawPointer
+    private(set) var output: UnsafeMutableRawPointer
+    private var inputCapacity = 1
+    private var outputCapacity = 1
+
+    init() {
+        input = .allocate(byteCount: 1, alignment: 64)
+        output = .allocate(byteCount: 1, alignment: 64)
+    }
+
+    deinit {
+        input.deallocate()
+        output.deallocate()
+    }
+
+    func reserve(output n: Int, input m: Int) {
+        if n > outputCapacity {
+            output.deallocate()
+            outputCapacity = max(n, outputCapacity * 2)
+            output = .allocate(byteCount: outputCapacity, alignment: 64)
+        }
+        if m > inputCapacity {
+            input.deallocate()
+            inputCapacity = max(m, inputCapacity * 2)
+            input = .allocate(byteCount: inputCapacity, alignment: 64)
+        }
+    }
+
+    /// The first `n` bytes of the output buffer.
+    func bytes(_ n: Int) -> UnsafeRawBufferPointer { UnsafeRawBufferPointer(start: output, count: n) }
 }
 
 @inline(__always)

@@ -225,6 +225,10 @@ struct RepositoryTests {
         #expect(r.filesRestored == 2)
         #expect(FileManager.default.fileExists(atPath: dir.file("out") + src + "/sub/c.log"))
         #expect(!FileManager.default.fileExists(atPath: dir.file("out") + src + "/a.txt"))
+        #expect(throws: CABackupError.self) {
+            try repo.restore(snap, to: dir.file("out2"), options: RestoreOptions(includes: [src + "/nope"]))
+        }
+        #expect(!FileManager.default.fileExists(atPath: dir.file("out2")))
     }
 
     @Test("a tree with '..' or '/' in names is refused, nothing escapes the target")

@@ -62,23 +62,31 @@ extension Repository {
     ///
     /// - Throws: ``CABackupError/pathNotInSnapshot(_:)`` when `path` is not in the snapshot.
     public func list(_ snapshot: Snapshot, path: String? = nil, visit: (TreeEntry) throws -> Void) throws {
+        guard let path, absolutePath(path) != "/" else {
+            try walk(try loadTree(snapshot.tree), prefix: [], visit: visit)
+            return
+        }
+        let entry = try entry(in: snapshot, at: path)
+        try visit(entry)
+        if entry.node.type == .directory { try walk(try loadDirectory(entry.node), prefix: entry.path, visit: visit) }
+    }
+
+    /// The entry at an absolute path inside a snapshot.
+    ///
+    /// - Throws: ``CABackupError/pathNotInSnapshot(_:)`` when there is none.
+    public func entry(in snapshot: Snapshot, at path: String) throws -> TreeEntry {
+        let comps = absolutePath(path).split(separator: "/").map { Array($0.utf8) }
+        guard !comps.isEmpty else { throw CABackupError.pathNotInSnapshot(path) }
         var nodes = try loadTree(snapshot.tree)
         var prefix: [UInt8] = []
-        if let path, absolutePath(path) != "/" {
-            let comps = absolutePath(path).split(separator: "/").map { Array($0.utf8) }
-            for (i, c) in comps.enumerated() {
-                guard let n = nodes.first(where: { $0.name == c }) else { throw CABackupError.pathNotInSnapshot(path) }
-                prefix += [0x2F] + c
-                if i == comps.count - 1 {
-                    try visit(TreeEntry(path: prefix, node: n))
-                    nodes = n.type == .directory ? try loadDirectory(n) : []
-                } else {
-                    guard n.type == .directory else { throw CABackupError.pathNotInSnapshot(path) }
-                    nodes = try loadDirectory(n)
-                }
-            }
+        for (i, c) in comps.enumerated() {
+            guard let n = nodes.first(where: { $0.name == c }) else { throw CABackupError.pathNotInSnapshot(path) }
+            prefix += [0x2F] + c
+            if i == comps.count - 1 { return TreeEntry(path: prefix, node: n) }
+            guard n.type == .directory else { throw CABackupError.pathNotInSnapshot(path) }
+            nodes = try loadDirectory(n)
         }
-        try walk(nodes, prefix: prefix, visit: visit)
+        throw CABackupError.pathNotInSnapshot(path)
     }
 
     private func walk(_ nodes: [Node], prefix: [UInt8], visit: (TreeEntry) throws -> Void) throws {
@@ -106,6 +114,8 @@ extension Repository {
         progress: (@Sendable (RestoreProgress) -> Void)? = nil
     ) throws -> RestoreResult {
         let target = absolutePath(target)
+        // An --include that names nothing is a typo, not an empty restore.
+        for include in options.includes { _ = try entry(in: snapshot, at: include) }
         if fileExists(target) {
             guard isDirectory(target) else { throw CABackupError.targetNotEmpty(target) }
             let entries = try readDirectory(Array(target.utf8))
@@ -142,10 +152,37 @@ final class DirectoryHandle: Sendable {
     deinit { close(fd) }
 }
 
-struct RestoreJob: Sendable {
+/// A regular file being restored, possibly by several workers at once, each writing a
+/// run of its chunks at their offsets. The last piece to finish closes it.
+final class FileRestore: @unchecked Sendable {
+    // Safe: `remaining`, `written` and `failure` are only touched with `lock` held;
+    // the rest is immutable after init.
     let dir: DirectoryHandle
     let path: [UInt8]
     let node: Node
+    let fd: Int32
+    let lock = Condition()
+    var remaining: Int
+    var written: Int64 = 0
+    var failure: String?
+
+    init(dir: DirectoryHandle, path: [UInt8], node: Node, fd: Int32, pieces: Int) {
+        self.dir = dir
+        self.path = path
+        self.node = node
+        self.fd = fd
+        self.remaining = pieces
+    }
+}
+
+/// Chunks `first..<end` of a file, written from `offset` on. `locations` is filled in
+/// for files split into several pieces (their offsets needed the lengths up front).
+struct RestoreJob: Sendable {
+    let file: FileRestore
+    let first: Int
+    let end: Int
+    let offset: Int64
+    let locations: [BlobLocation]?
 }
 
 // Safe: workers touch only the queue, `results` (behind its Mutex), the repository
@@ -272,7 +309,7 @@ final class Restorer: @unchecked Sendable {
                     }
                     hardLinks[key] = childPath
                 }
-                queue.push(RestoreJob(dir: dir, path: childPath, node: node))
+                startFile(node, in: dir, path: childPath)
             case .symlink:
                 guard prepare(node.name, in: dir, path: childPath) else { continue }
                 let rc = withCPath(node.linkTarget) { t in withCPath(node.name) { symlinkat(t, dir.fd, $0) } }
@@ -350,67 +387,128 @@ final class Restorer: @unchecked Sendable {
         shared.withLock { $0.failures.append(RestoreFailure(path: displayPath(path), message: message)) }
     }
 
-    // MARK: Workers
+    // MARK: Files
 
-    private func workerLoop() {
-        let hasher = SHA256Hasher()
-        var buf: [UInt8] = []
-        var scratch: [UInt8] = []
-        while let job = queue.pop() {
-            restoreFile(job, hasher: hasher, buf: &buf, scratch: &scratch)
-        }
-    }
+    /// Chunks per piece when a file is split across workers (about 4 MiB of data).
+    static let chunksPerPiece = 4
 
-    private func restoreFile(_ job: RestoreJob, hasher: SHA256Hasher, buf: inout [UInt8], scratch: inout [UInt8]) {
-        let name = job.node.name
+    /// Creates a file and queues its pieces. Files of more than one piece are split so
+    /// both cores work on one large file, instead of the last large file running alone.
+    private func startFile(_ node: Node, in dir: DirectoryHandle, path: [UInt8]) {
         // With overwrite, the old entry is unlinked, never truncated: other hard links to
         // it keep their bytes, and a FIFO or symlink in its place is replaced, not followed.
-        if options.overwrite && withCPath(name, { unlinkat(job.dir.fd, $0, 0) }) != 0 && errno != ENOENT {
-            fail(job.path, "cannot replace existing entry: \(errnoDescription(errno))")
+        if options.overwrite && withCPath(node.name, { unlinkat(dir.fd, $0, 0) }) != 0 && errno != ENOENT {
+            fail(path, "cannot replace existing entry: \(errnoDescription(errno))")
             return
         }
         let flags = O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC
-        let fd = withCPath(name) { openat(job.dir.fd, $0, flags, 0o600) }
+        let fd = withCPath(node.name) { openat(dir.fd, $0, flags, 0o600) }
         if fd < 0 {
-            fail(job.path, "cannot create file: \(errnoDescription(errno))")
+            fail(path, "cannot create file: \(errnoDescription(errno))")
             return
         }
-        var written: Int64 = 0
+        let count = node.content.count
+        if count <= Self.chunksPerPiece {
+            let file = FileRestore(dir: dir, path: path, node: node, fd: fd, pieces: 1)
+            queue.push(RestoreJob(file: file, first: 0, end: count, offset: 0, locations: nil))
+            return
+        }
+        var locations: [BlobLocation] = []
+        locations.reserveCapacity(count)
         do {
-            var hole = false
-            for id in job.node.content {
-                try repo.loadBlob(id, into: &buf, scratch: &scratch, hasher: hasher)
-                // All-zero chunks become holes: a sparse source is restored sparse and
-                // zeros cost no disk writes.
-                if buf.withUnsafeBytes(isAllZero) {
-                    if lseek(fd, off_t(buf.count), SEEK_CUR) < 0 { throw ioError("seek", displayPath(job.path)) }
-                    hole = true
-                } else {
-                    try buf.withUnsafeBytes { try writeAll(fd, $0, path: displayPath(job.path)) }
-                    hole = false
-                }
-                written += Int64(buf.count)
+            for id in node.content {
+                guard let loc = try repo.index.lookup(id) else { throw CABackupError.blobNotFound(id) }
+                locations.append(loc)
             }
-            if hole && ftruncate(fd, off_t(written)) != 0 { throw ioError("truncate", displayPath(job.path)) }
         } catch {
-            // Never leave wrong or partial bytes behind: the damaged file goes.
-            close(fd)
-            _ = withCPath(name) { unlinkat(job.dir.fd, $0, 0) }
-            fail(job.path, "\(error) (in snapshot \(snapshot.id.shortHex); the file was not restored)")
+            let file = FileRestore(dir: dir, path: path, node: node, fd: fd, pieces: 0)
+            file.failure = "\(error)"
+            finish(file)
             return
         }
-        if isRoot { fchown(fd, job.node.uid, job.node.gid) }
-        fchmod(fd, mode_t(job.node.mode))
-        var times = [timespecFrom(ns: job.node.mtimeNs), timespecFrom(ns: job.node.mtimeNs)]
-        futimens(fd, &times)
-        close(fd)
+        let pieces = (count + Self.chunksPerPiece - 1) / Self.chunksPerPiece
+        let file = FileRestore(dir: dir, path: path, node: node, fd: fd, pieces: pieces)
+        var offset: Int64 = 0
+        for first in stride(from: 0, to: count, by: Self.chunksPerPiece) {
+            let end = min(count, first + Self.chunksPerPiece)
+            queue.push(RestoreJob(file: file, first: first, end: end, offset: offset, locations: locations))
+            for k in first..<end { offset += Int64(locations[k].rawLength) }
+        }
+    }
+
+    /// Closes a file once its last piece is done: metadata when it is whole, removal
+    /// (never wrong or partial bytes left behind) when any chunk failed.
+    private func finish(_ file: FileRestore) {
+        let node = file.node
+        if let failure = file.failure {
+            close(file.fd)
+            _ = withCPath(node.name) { unlinkat(file.dir.fd, $0, 0) }
+            fail(file.path, "\(failure) (in snapshot \(snapshot.id.shortHex); the file was not restored)")
+            return
+        }
+        // Trailing all-zero chunks were skipped as holes: set the length explicitly.
+        if ftruncate(file.fd, off_t(file.written)) != 0 {
+            let e = errno
+            close(file.fd)
+            _ = withCPath(node.name) { unlinkat(file.dir.fd, $0, 0) }
+            fail(file.path, "cannot set file size: \(errnoDescription(e))")
+            return
+        }
+        if isRoot { fchown(file.fd, node.uid, node.gid) }
+        fchmod(file.fd, mode_t(node.mode))
+        var times = [timespecFrom(ns: node.mtimeNs), timespecFrom(ns: node.mtimeNs)]
+        futimens(file.fd, &times)
+        close(file.fd)
         let (files, bytes) = shared.withLock { s -> (Int, Int64) in
             s.files += 1
-            s.bytes += written
+            s.bytes += file.written
             return (s.files, s.bytes)
         }
         if let progress, files % 64 == 0 {
             progress(RestoreProgress(filesDone: files, bytesWritten: bytes, elapsedSeconds: monotonicSeconds() - start))
         }
+    }
+
+    // MARK: Workers
+
+    private func workerLoop() {
+        let hasher = SHA256Hasher()
+        let buffers = BlobBuffers()
+        while let job = queue.pop() {
+            restorePiece(job, hasher: hasher, buffers: buffers)
+        }
+    }
+
+    /// Loads, verifies and writes one run of chunks with `pwrite`; all-zero chunks are
+    /// left as holes, so a sparse source is restored sparse and zeros cost no writes.
+    private func restorePiece(_ job: RestoreJob, hasher: SHA256Hasher, buffers: BlobBuffers) {
+        let file = job.file
+        var offset = job.offset
+        var failure: String?
+        do {
+            for k in job.first..<job.end {
+                let id = file.node.content[k]
+                let n: Int
+                if let locs = job.locations {
+                    n = try repo.loadBlob(id, at: locs[k], into: buffers, hasher: hasher)
+                } else {
+                    n = try repo.loadBlob(id, into: buffers, hasher: hasher)
+                }
+                let bytes = buffers.bytes(n)
+                if !isAllZero(bytes) {
+                    try pwriteAll(file.fd, bytes, offset: offset, path: displayPath(file.path))
+                }
+                offset += Int64(n)
+            }
+        } catch {
+            failure = "\(error)"
+        }
+        let done: Bool = file.lock.locked {
+            file.written += offset - job.offset
+            if let failure, file.failure == nil { file.failure = failure }
+            file.remaining -= 1
+            return file.remaining == 0
+        }
+        if done { finish(file) }
     }
 }

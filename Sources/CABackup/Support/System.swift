@@ -108,6 +108,19 @@ func writeAll(_ fd: Int32, _ buf: UnsafeRawBufferPointer, path: String) throws {
     }
 }
 
+/// Writes all of `buf` at `offset`, retrying short writes and EINTR.
+func pwriteAll(_ fd: Int32, _ buf: UnsafeRawBufferPointer, offset: Int64, path: String) throws {
+    var done = 0
+    while done < buf.count {
+        let n = pwrite(fd, buf.baseAddress! + done, buf.count - done, off_t(offset) + off_t(done))
+        if n < 0 {
+            if errno == EINTR { continue }
+            throw ioError("write", path)
+        }
+        done += n
+    }
+}
+
 /// Reads up to `count` bytes at the current position, retrying EINTR and short reads
 /// until `count` bytes or end of file. Returns the number of bytes read.
 func readFully(_ fd: Int32, into buf: UnsafeMutableRawPointer, count: Int, path: [UInt8]) throws -> Int {
