@@ -90,7 +90,7 @@ public final class Repository: @unchecked Sendable {
             throw CABackupError.repositoryNotFound(path)
         }
         let config = try RepositoryConfig.decode(try backend.read(.config, "config"), path: path + "/config")
-        if !isDirectory(path + "/index") { try makeDirectories(path + "/index") }
+        for sub in ["index", "tmp"] where !isDirectory(path + "/" + sub) { try makeDirectories(path + "/" + sub) }
         let repo = try Repository(backend: backend, config: config, indexPath: path + "/index/index.sqlite")
         try repo.synchronizeIndex()
         return repo

@@ -199,9 +199,9 @@ final class Archiver: @unchecked Sendable {
     /// the reader fills the next window.
     static let windowSize = 16 << 20
     /// Pooled windows: one being filled, one carrying a tail, the rest being hashed.
-    static let windowCount = 5
+    static let windowCount = 3
     /// Bytes of file-sized buffers (files up to 1 MiB) in flight.
-    static let smallBudget = 32 << 20
+    static let smallBudget = 16 << 20
 
     init(repository: Repository, options: SnapshotOptions, progress: ((SnapshotProgress) -> Void)?) {
         self.repo = repository

@@ -31,6 +31,12 @@ public protocol Backend: Sendable {
     /// Stores a file atomically and durably; storing an existing name again is harmless
     /// (except `config`, which is written once and never replaced).
     func write(_ kind: FileKind, _ name: String, _ bytes: UnsafeRawBufferPointer) throws
+    /// A directory for temporary files, on the same file system as the stored files
+    /// when the backend is local (so ``store(_:_:fd:temporaryPath:)`` can rename).
+    var temporaryDirectory: String { get }
+    /// Stores a finished temporary file under `name`, durably, consuming the file. The
+    /// caller still owns (and closes) `fd`, which is open for writing on it.
+    func store(_ kind: FileKind, _ name: String, fd: Int32, temporaryPath: String) throws
     /// Removes a file.
     func remove(_ kind: FileKind, _ name: String) throws
 }

@@ -7,41 +7,47 @@ import Synchronization
 #endif
 
 /// Stores new blobs: deduplicates them against the index and against blobs in flight,
-/// appends them to open packs (one for data, one for trees), and hands full packs to a
-/// writer thread that names, verifies, stores and indexes them.
+/// streams them into open packs (one for data, one for trees), and hands full packs to
+/// a writer thread that verifies, names, stores and indexes them.
+///
+/// A pack is written to a temporary file as its blobs arrive, hashed on the way, so no
+/// pack is ever held in memory; sealing appends the header, and the writer thread makes
+/// the file durable and moves it to its final name.
 ///
 /// Thread-safe: the archiver's workers call ``claim(_:)`` and ``add(_:type:compression:rawLength:bytes:)``
 /// concurrently. Write order per pack: pack file durable → index rows → ids released
 /// from the in-flight set.
 final class BlobSaver: @unchecked Sendable {
-    // Safe: `pending`, `packs` and `failure` are only touched with `lock` held.
-    private struct OpenPack {
-        var bytes: [UInt8] = []
+    // Safe: `pending` and `failure` are only touched with `lock` held; `packs` only
+    // with `packLock` held. `lock` is never taken while `packLock` is held.
+    private final class OpenPack {
+        let fd: Int32
+        let path: String
+        let hasher = SHA256Hasher()
         var entries: [PackEntry] = []
-    }
+        var size = 0
 
-    private struct SealedPack {
-        var bytes: [UInt8]
-        var entries: [PackEntry]
+        init(fd: Int32, path: String) {
+            self.fd = fd
+            self.path = path
+        }
     }
 
     private let repo: Repository
     private let lock = Condition()
+    private let packLock = Condition()
     private var pending = Set<BlobID>()
-    /// The open pack per blob type, indexed by `BlobType.rawValue` (mutated in place:
-    /// taking a 16 MiB array out of a dictionary to append would copy it).
-    private var packs: [OpenPack] = [OpenPack(), OpenPack()]
+    private var packs: [OpenPack?] = [nil, nil]
     private var failure: CABackupError?
-    /// Emptied pack buffers kept for reuse (see ``BufferPool`` for why reuse matters).
-    private var spare: [[UInt8]] = []
-    private let queue = BlockingQueue<SealedPack>(capacity: 2)
+    private let queue = BlockingQueue<OpenPack>(capacity: 2)
     private var writer: pthread_t?
 
     /// Bytes of packs stored, headers included.
     let bytesAdded = Atomic<Int64>(0)
     /// Packs stored.
     let packsAdded = Atomic<Int>(0)
-    /// Writes performed, for the fault-injection hook `CABACKUP_FAIL_AFTER_WRITES`.
+    /// Test-only fault injection: `CABACKUP_FAIL_AFTER_WRITES=N` kills the process
+    /// (as a crash would) before it stores its pack number N+1.
     private static let failAfterWrites: Int? = {
         guard let s = getenv("CABACKUP_FAIL_AFTER_WRITES") else { return nil }
         return Int(String(cString: s))
@@ -70,40 +76,54 @@ final class BlobSaver: @unchecked Sendable {
     )
         throws
     {
-        var sealed: SealedPack?
-        lock.lock()
-        if let failure {
-            lock.unlock()
-            throw failure
+        if let failure = lock.locked({ failure }) { throw failure }
+        var sealed: OpenPack?
+        do {
+            try packLock.locked { () throws in
+                let t = Int(type.rawValue)
+                let pack: OpenPack
+                if let p = packs[t] {
+                    pack = p
+                } else {
+                    pack = try openPack()
+                    packs[t] = pack
+                }
+                try writeAll(pack.fd, bytes, path: pack.path)
+                pack.hasher.update(bytes)
+                pack.entries.append(
+                    PackEntry(
+                        id: id, type: type, compression: compression, offset: Int64(pack.size), length: bytes.count,
+                        rawLength: rawLength))
+                pack.size += bytes.count
+                if pack.size >= repo.config.packSize {
+                    try seal(pack)
+                    packs[t] = nil
+                    sealed = pack
+                }
+            }
+        } catch {
+            fail(CABackupError(error))
+            throw error
         }
-        let t = Int(type.rawValue)
-        if packs[t].bytes.capacity == 0 {
-            packs[t].bytes = spare.popLast() ?? []
-            // Room for the blob that crosses pack_size (up to one maximum chunk) and the header.
-            packs[t].bytes.reserveCapacity(repo.config.packSize + repo.config.chunker.maxSize + (1 << 20))
-        }
-        let entry = PackEntry(
-            id: id, type: type, compression: compression, offset: Int64(packs[t].bytes.count), length: bytes.count,
-            rawLength: rawLength)
-        packs[t].bytes.append(contentsOf: bytes)
-        packs[t].entries.append(entry)
-        if packs[t].bytes.count >= repo.config.packSize {
-            var full = OpenPack()
-            swap(&full, &packs[t])
-            sealed = SealedPack(bytes: full.bytes, entries: full.entries)
-        }
-        lock.unlock()
         if let sealed { queue.push(sealed) }
     }
 
     /// Seals the open packs, waits until every pack is stored and indexed.
     /// - Throws: the first error any pack write hit.
     func finish() throws {
-        let open: [OpenPack] = lock.locked {
-            defer { packs = [OpenPack(), OpenPack()] }
-            return packs
+        let open: [OpenPack] = packLock.locked {
+            defer { packs = [nil, nil] }
+            return packs.compactMap { $0 }
         }
-        for p in open where !p.entries.isEmpty { queue.push(SealedPack(bytes: p.bytes, entries: p.entries)) }
+        for p in open {
+            do {
+                try seal(p)
+                queue.push(p)
+            } catch {
+                discard(p)
+                fail(CABackupError(error))
+            }
+        }
         queue.close()
         if let w = writer {
             joinThread(w)
@@ -112,8 +132,13 @@ final class BlobSaver: @unchecked Sendable {
         if let failure = lock.locked({ failure }) { throw failure }
     }
 
-    /// Stops the writer without storing open packs (after an error elsewhere).
+    /// Stops the writer and removes unsealed packs (after an error elsewhere).
     func abandon() {
+        let open: [OpenPack] = packLock.locked {
+            defer { packs = [nil, nil] }
+            return packs.compactMap { $0 }
+        }
+        for p in open { discard(p) }
         queue.close()
         if let w = writer {
             joinThread(w)
@@ -121,47 +146,65 @@ final class BlobSaver: @unchecked Sendable {
         }
     }
 
+    private func fail(_ error: CABackupError) {
+        lock.locked { if failure == nil { failure = error } }
+    }
+
+    private func openPack() throws -> OpenPack {
+        let path = repo.backend.temporaryDirectory + "/pack-\(getpid())-\(UInt64.random(in: 0...UInt64.max)).tmp"
+        let fd = open(path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0o600)
+        if fd < 0 { throw ioError("create", path) }
+        return OpenPack(fd: fd, path: path)
+    }
+
+    private func discard(_ pack: OpenPack) {
+        close(pack.fd)
+        unlink(pack.path)
+    }
+
+    /// Appends the header and trailer, after checking they parse back to exactly the
+    /// entries meant.
+    private func seal(_ pack: OpenPack) throws {
+        let header = PackFormat.encodeHeader(pack.entries)
+        let total = Int64(pack.size + header.count)
+        let hlen = try PackFormat.parseTrailer(Array(header.suffix(PackFormat.trailerSize)), packSize: total)
+        guard try PackFormat.parseHeader(Array(header.prefix(hlen)), packSize: total) == pack.entries else {
+            throw CABackupError.corrupt(what: "new pack", reason: "header did not parse back (a bug: please report it)")
+        }
+        try header.withUnsafeBytes { raw in
+            try writeAll(pack.fd, raw, path: pack.path)
+            pack.hasher.update(raw)
+        }
+        pack.size += header.count
+    }
+
     private func writerLoop() {
-        while var pack = queue.pop() {
-            if lock.locked({ failure }) != nil { continue }
+        while let pack = queue.pop() {
+            if lock.locked({ failure }) != nil {
+                discard(pack)
+                continue
+            }
             do {
-                try store(&pack)
+                try store(pack)
             } catch {
-                lock.locked { if failure == nil { failure = CABackupError(error) } }
+                discard(pack)
+                fail(CABackupError(error))
             }
         }
     }
 
-    private func store(_ pack: inout SealedPack) throws {
-        pack.bytes.append(contentsOf: PackFormat.encodeHeader(pack.entries))
-        let size = pack.bytes.count
-        // Verify before storing: the header must parse back to exactly what was meant.
-        let hlen = try? PackFormat.parseTrailer(Array(pack.bytes.suffix(PackFormat.trailerSize)), packSize: Int64(size))
-        let parsed = hlen.flatMap {
-            try? PackFormat.parseHeader(
-                Array(pack.bytes[size - PackFormat.trailerSize - $0..<size - PackFormat.trailerSize]),
-                packSize: Int64(size))
-        }
-        guard parsed == pack.entries else {
-            throw CABackupError.corrupt(what: "new pack", reason: "header did not parse back (a bug: please report it)")
-        }
-        let id = sha256(pack.bytes)
+    private func store(_ pack: OpenPack) throws {
+        let id = pack.hasher.finish()
         if let limit = Self.failAfterWrites, packsAdded.load(ordering: .relaxed) >= limit {
-            // Test-only fault injection: die before the N+1st pack write, as a crash would.
             _exit(137)
         }
-        try pack.bytes.withUnsafeBytes { (raw) throws in
-            try repo.backend.write(.pack, id.hex, raw)
-        }
-        try repo.index.addPack(id, size: Int64(size), entries: pack.entries)
-        pack.bytes.removeAll(keepingCapacity: true)
-        let emptied = pack.bytes
-        pack.bytes = []
+        try repo.backend.store(.pack, id.hex, fd: pack.fd, temporaryPath: pack.path)
+        close(pack.fd)
+        try repo.index.addPack(id, size: Int64(pack.size), entries: pack.entries)
         lock.locked {
             for e in pack.entries { pending.remove(e.id) }
-            if spare.count < 4 { spare.append(emptied) }
         }
-        bytesAdded.add(Int64(size), ordering: .relaxed)
+        bytesAdded.add(Int64(pack.size), ordering: .relaxed)
         packsAdded.add(1, ordering: .relaxed)
     }
 }

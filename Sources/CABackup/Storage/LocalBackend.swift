@@ -125,6 +125,15 @@ public final class LocalBackend: Backend, @unchecked Sendable {
         try writeFileAtomically(p, bytes, mode: 0o600, durable: durable)
     }
 
+    public var temporaryDirectory: String { root + "/tmp" }
+
+    public func store(_ kind: FileKind, _ name: String, fd: Int32, temporaryPath: String) throws {
+        let p = path(kind, name)
+        if durable && fsync(fd) != 0 { throw ioError("fsync", temporaryPath) }
+        if rename(temporaryPath, p) != 0 { throw ioError("rename", p) }
+        if durable { try fsyncDirectory(String(p[..<p.lastIndex(of: "/")!])) }
+    }
+
     public func remove(_ kind: FileKind, _ name: String) throws {
         let p = path(kind, name)
         lock.locked {
