@@ -41,6 +41,9 @@
     /// The question the archiver asks for every chunk: is it stored already?
     public func contains(_ id: BlobID) throws -> Bool { try index.contains(id) }
 
+    /// The same question for a batch, in one read transaction (as the parent check asks it).
+    public func missing(_ ids: [BlobID]) throws -> Set<BlobID> { try index.missing(ids) }
+
     public var blobCount: Int { (try? index.counts().blobs) ?? 0 }
 }
 
