@@ -11,6 +11,7 @@ let exitCodeTable = """
       0    success
       1    fatal error (nothing was saved, or a restore had failures)
       3    snapshot saved, but some entries were unreadable and skipped
+      4    status --exit-code: there are changes
       10   repository does not exist
       11   repository is locked
       12   wrong password
@@ -27,7 +28,7 @@ struct CABackupCommand: ParsableCommand {
         version: cabackupVersion,
         subcommands: [
             InitCommand.self, SnapshotCommand.self, SnapshotsCommand.self, LsCommand.self, RestoreCommand.self,
-            RepairCommand.self,
+            StatusCommand.self, DiffCommand.self, WatchCommand.self, RepairCommand.self,
         ]
     )
 

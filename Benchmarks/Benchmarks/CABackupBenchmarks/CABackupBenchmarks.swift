@@ -76,6 +76,15 @@ let benchmarks: @Sendable () -> Void = {
     final class Lazy: @unchecked Sendable {
         lazy var random64 = randomBytes(64 << 20, seed: 1)
         lazy var text64 = textBytes(64 << 20, seed: 2)
+        /// 64 MiB of a real executable on this machine (the Swift compiler), or random
+        /// bytes where there is none.
+        lazy var binary64: [UInt8] = {
+            let path = "/opt/swift/usr/bin/swift-frontend"
+            guard let h = FileHandle(forReadingAtPath: path), let d = try? h.read(upToCount: 64 << 20),
+                d.count == 64 << 20
+            else { return randomBytes(64 << 20, seed: 9) }
+            return [UInt8](d)
+        }()
     }
     let data = Lazy()
 
@@ -109,9 +118,9 @@ let benchmarks: @Sendable () -> Void = {
         benchmark.measurement(mbps, Int(Double(random64.count) / megabyte / t))
     }
 
-    for name in ["text", "random"] {
+    for name in ["text", "random", "binary"] {
         Benchmark("LZ4 compress: 1 MiB pieces, 64 MiB \(name)") { benchmark in
-            let data = name == "text" ? data.text64 : data.random64
+            let data = name == "text" ? data.text64 : name == "binary" ? data.binary64 : data.random64
             var out = [UInt8](repeating: 0, count: Primitives.lz4Bound(1 << 20))
             var total = 0
             let t = data.withUnsafeBytes { raw in

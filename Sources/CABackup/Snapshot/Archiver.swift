@@ -187,13 +187,18 @@ final class Archiver: @unchecked Sendable {
     private let hasher = SHA256Hasher()
     private var treeScratch: [UInt8] = []
     private let scanner = SizeScanner()
-    /// Chunks of the current directory's parent entries that are not in the index.
-    private var missingParentChunks = Set<BlobID>()
 
     struct HardLinkKey: Hashable {
         let device: UInt64
         let inode: UInt64
     }
+
+    /// Test-only: `CABACKUP_TEST_MODIFY_DURING_READ=NAME` appends a byte to a file whose
+    /// path ends in NAME after its first read window, to prove the change is caught.
+    static let modifyDuringReadForTests: [UInt8]? = {
+        guard let s = getenv("CABACKUP_TEST_MODIFY_DURING_READ") else { return nil }
+        return Array(String(cString: s).utf8)
+    }()
 
     /// Bytes of read windows allowed in flight: enough to keep both workers busy while
     /// the reader fills the next window.
@@ -323,23 +328,18 @@ final class Archiver: @unchecked Sendable {
         throws -> PendingDirectory
     {
         let pd = PendingDirectory(node: node, isRoot: isRoot)
-        var parentByName: [[UInt8]: Node] = [:]
-        if let parent, !options.force {
-            parentByName.reserveCapacity(parent.count)
-            var ids: [BlobID] = []
-            for n in parent {
-                parentByName[n.name] = n
-                ids += n.content
-            }
-            // Chunks the parent names but the index lacks (pruned, damaged): files using
-            // them are read again.
-            missingParentChunks = try repo.index.missing(ids)
-        }
+        let parent = options.force ? [] : (parent ?? [])
+        // Chunks the parent names but the index lacks (pruned, damaged): files using
+        // them are read again. Local to this directory (subdirectories have their own).
+        let missing = try repo.index.missing(parent.flatMap(\.content))
         if let trie {
+            func parentEntry(_ name: [UInt8]) -> Node? { parent.first { $0.name == name } }
             for (name, child) in trie.sortedChildren {
                 let childPath = joinPath(path, name)
                 if child.isLeaf {
-                    if let e = try processEntry(path: childPath, name: name, parent: parentByName[name]) {
+                    if let e = try processEntry(
+                        path: childPath, name: name, parent: parentEntry(name), missing: missing)
+                    {
                         pd.entries.append(e)
                     }
                 } else {
@@ -352,7 +352,7 @@ final class Archiver: @unchecked Sendable {
                     }
                     let sub = try walkDirectory(
                         path: childPath, node: makeNode(name: name, st: st), trie: child,
-                        parent: parentDirectory(parentByName[name]))
+                        parent: parentDirectory(parentEntry(name)))
                     pd.entries.append(.directory(sub))
                 }
             }
@@ -364,8 +364,12 @@ final class Archiver: @unchecked Sendable {
                 warn(path, "cannot read directory: \(errnoText(CABackupError(error)))")
                 names = []
             }
+            // Both lists are sorted bytewise: walk them side by side.
+            var k = 0
             for name in names {
-                if let e = try processEntry(path: joinPath(path, name), name: name, parent: parentByName[name]) {
+                while k < parent.count && parent[k].name.lexicographicallyPrecedes(name) { k += 1 }
+                let match = k < parent.count && parent[k].name == name ? parent[k] : nil
+                if let e = try processEntry(path: joinPath(path, name), name: name, parent: match, missing: missing) {
                     pd.entries.append(e)
                 }
             }
@@ -386,15 +390,19 @@ final class Archiver: @unchecked Sendable {
     /// ctime and inode, and every chunk it names is still in the index. (ctime catches a
     /// same-size rewrite whose mtime was put back; the device number is not compared,
     /// as it can change across reboots for some file systems.)
-    private func unchangedContent(_ node: Node, parent: Node?) throws -> [BlobID]? {
+    private func unchangedContent(_ node: Node, parent: Node?, missing: Set<BlobID>) -> [BlobID]? {
         guard !options.force, let p = parent, p.type == .file, p.size == node.size, p.mtimeNs == node.mtimeNs,
             p.ctimeNs == node.ctimeNs, p.inode == node.inode
         else { return nil }
-        if !missingParentChunks.isEmpty && p.content.contains(where: missingParentChunks.contains) { return nil }
+        if !missing.isEmpty && p.content.contains(where: missing.contains) { return nil }
         return p.content
     }
 
-    private func processEntry(path: [UInt8], name: [UInt8], parent: Node?) throws -> PendingDirectory.Entry? {
+    private func processEntry(
+        path: [UInt8], name: [UInt8], parent: Node?, missing: Set<BlobID>
+    ) throws
+        -> PendingDirectory.Entry?
+    {
         if isExcluded(path: path, name: name) { return nil }
         var st = stat()
         if withCPath(path, { lstat($0, &st) }) != 0 {
@@ -404,7 +412,7 @@ final class Archiver: @unchecked Sendable {
         var node = makeNode(name: name, st: st)
         switch node.type {
         case .file:
-            if let content = try unchangedContent(node, parent: parent) {
+            if let content = unchangedContent(node, parent: parent, missing: missing) {
                 node.content = content
                 summary.filesUnchanged += 1
                 summary.bytesUnchanged += Int64(node.size)
@@ -473,6 +481,29 @@ final class Archiver: @unchecked Sendable {
                 }
                 if let e = workerFailure.withLock({ $0 }) { throw e }
                 if window.buffer.count > 4 << 20 { reportProgress(path, pending: reader.bytesRead) }
+                if let victim = Self.modifyDuringReadForTests, path.count >= victim.count,
+                    Array(path.suffix(victim.count)) == victim
+                {
+                    _ = withCPath(path) { p in
+                        let wfd = open(p, O_WRONLY | O_APPEND)
+                        defer { close(wfd) }
+                        return write(wfd, "!", 1)
+                    }
+                }
+            }
+            // A file that changed while it was read would be stored half old, half new.
+            var after = stat()
+            if fstat(fd, &after) != 0 || after.st_size != st.st_size
+                || nanoseconds(after.st_mtim) != nanoseconds(st.st_mtim)
+                || nanoseconds(after.st_ctim) != nanoseconds(st.st_ctim)
+            {
+                warn(path, "changed while being read; not stored (back it up again)")
+                cond.locked {
+                    job.failed = true
+                    job.sealed = true
+                }
+                bytesRead += reader.bytesRead
+                return nil
             }
         } catch {
             let error = CABackupError(error)

@@ -82,20 +82,17 @@ public enum TreeCodec {
 
     /// Encodes one node as an entry (length-prefixed).
     static func encode(_ n: Node, into w: inout ByteWriter) {
+        // Fields are written straight into one buffer; no allocation per field (an
+        // unchanged re-snapshot re-encodes every directory, so this is a hot path).
         var f = ByteWriter(capacity: 96 + n.name.count + n.content.count * 32)
         func field(_ tag: Tag, _ value: UInt64) {
             f.varint(tag.rawValue)
-            var v = ByteWriter(capacity: 10)
-            v.varint(value)
-            f.varint(UInt64(v.bytes.count))
-            f.append(v.bytes)
+            f.varint(UInt64(varintSize(value)))
+            f.varint(value)
         }
         func field(_ tag: Tag, signed value: Int64) {
-            f.varint(tag.rawValue)
-            var v = ByteWriter(capacity: 10)
-            v.svarint(value)
-            f.varint(UInt64(v.bytes.count))
-            f.append(v.bytes)
+            let zigzag = UInt64(bitPattern: (value << 1) ^ (value >> 63))
+            field(tag, zigzag)
         }
         func field(_ tag: Tag, bytes: [UInt8]) {
             f.varint(tag.rawValue)
@@ -132,6 +129,12 @@ public enum TreeCodec {
         }
         w.varint(UInt64(f.bytes.count))
         w.append(f.bytes)
+    }
+
+    /// The number of bytes of a LEB128 varint.
+    @inline(__always)
+    static func varintSize(_ v: UInt64) -> Int {
+        v == 0 ? 1 : (64 - v.leadingZeroBitCount + 6) / 7
     }
 
     /// Encodes a directory's entries (already sorted by name) into one or more tree

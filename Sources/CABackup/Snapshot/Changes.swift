@@ -1,0 +1,315 @@
+#if canImport(Glibc)
+    import Glibc
+#elseif canImport(Darwin)
+    import Darwin
+#endif
+
+/// One changed entry: its absolute path (bytes) and size.
+public struct ChangedEntry: Sendable, Equatable {
+    public var path: [UInt8]
+    public var size: UInt64
+    public var type: NodeType
+    /// The path as text, invalid UTF-8 escaped as `\xNN`.
+    public var displayPath: String { CABackup.displayPath(path) }
+}
+
+/// What differs between two states of a tree: a snapshot and a newer snapshot
+/// (``Repository/diff(_:_:)``), or a snapshot and the files now (``Repository/status(paths:options:)``).
+public struct ChangeSet: Sendable, Equatable {
+    /// Entries only in the newer state.
+    public var added: [ChangedEntry] = []
+    /// Entries only in the older state.
+    public var removed: [ChangedEntry] = []
+    /// Entries whose content (or type) changed.
+    public var modified: [ChangedEntry] = []
+    /// Entries whose content is the same but whose mode, owner or times changed.
+    public var metadataOnly: [ChangedEntry] = []
+    /// The snapshot compared against (for status: the parent), if any.
+    public var base: SnapshotID?
+
+    public init() {}
+
+    /// Whether nothing changed.
+    public var isEmpty: Bool { added.isEmpty && removed.isEmpty && modified.isEmpty && metadataOnly.isEmpty }
+
+    /// Regular files that a snapshot would read: added and modified files.
+    public var filesToSync: Int { (added + modified).filter { $0.type == .file }.count }
+
+    /// Bytes a snapshot would read: the sizes of added and modified files.
+    public var bytesToSync: UInt64 { (added + modified).filter { $0.type == .file }.reduce(0) { $0 + $1.size } }
+}
+
+extension Repository {
+    /// The differences between two snapshots, walking both trees in name order and
+    /// skipping subtrees whose tree blobs are identical.
+    public func diff(_ old: Snapshot, _ new: Snapshot) throws -> ChangeSet {
+        var changes = ChangeSet()
+        changes.base = old.id
+        try diffDirectory(try loadTree(old.tree), try loadTree(new.tree), prefix: [], into: &changes)
+        return changes
+    }
+
+    private func diffDirectory(_ a: [Node], _ b: [Node], prefix: [UInt8], into c: inout ChangeSet) throws {
+        var i = 0
+        var j = 0
+        while i < a.count || j < b.count {
+            let order: Int
+            if i == a.count {
+                order = 1
+            } else if j == b.count {
+                order = -1
+            } else if a[i].name == b[j].name {
+                order = 0
+            } else {
+                order = a[i].name.lexicographicallyPrecedes(b[j].name) ? -1 : 1
+            }
+            if order < 0 {
+                try report(a[i], prefix: prefix, as: \.removed, into: &c)
+                i += 1
+            } else if order > 0 {
+                try report(b[j], prefix: prefix, as: \.added, into: &c)
+                j += 1
+            } else {
+                try compare(a[i], b[j], prefix: prefix, into: &c)
+                i += 1
+                j += 1
+            }
+        }
+    }
+
+    /// Reports a node and, for a directory, everything below it.
+    private func report(
+        _ n: Node, prefix: [UInt8], as list: WritableKeyPath<ChangeSet, [ChangedEntry]>, into c: inout ChangeSet
+    )
+        throws
+    {
+        let path = prefix + [0x2F] + n.name
+        c[keyPath: list].append(ChangedEntry(path: path, size: n.size, type: n.type))
+        if n.type == .directory {
+            for child in try loadDirectory(n) { try report(child, prefix: path, as: list, into: &c) }
+        }
+    }
+
+    private func compare(_ a: Node, _ b: Node, prefix: [UInt8], into c: inout ChangeSet) throws {
+        let path = prefix + [0x2F] + a.name
+        if a.type != b.type {
+            try report(a, prefix: prefix, as: \.removed, into: &c)
+            try report(b, prefix: prefix, as: \.added, into: &c)
+            return
+        }
+        let sameMeta = a.mode == b.mode && a.uid == b.uid && a.gid == b.gid && a.mtimeNs == b.mtimeNs
+        switch a.type {
+        case .directory:
+            // A directory's own mtime moves with its entries: those are reported, not it.
+            if a.mode != b.mode || a.uid != b.uid || a.gid != b.gid {
+                c.metadataOnly.append(ChangedEntry(path: path, size: 0, type: .directory))
+            }
+            if a.subtrees != b.subtrees {
+                try diffDirectory(try loadDirectory(a), try loadDirectory(b), prefix: path, into: &c)
+            }
+        default:
+            let sameContent =
+                a.content == b.content && a.size == b.size && a.linkTarget == b.linkTarget && a.rdev == b.rdev
+            if !sameContent {
+                c.modified.append(ChangedEntry(path: path, size: b.size, type: b.type))
+            } else if !sameMeta {
+                c.metadataOnly.append(ChangedEntry(path: path, size: b.size, type: b.type))
+            }
+        }
+    }
+}
+
+/// Options for ``Repository/status(paths:options:)``.
+public struct StatusOptions: Sendable {
+    /// Exclude globs, as for snapshots.
+    public var excludes: [String]
+    /// The host whose snapshots are compared against; this machine's by default.
+    public var hostname: String?
+
+    public init(excludes: [String] = [], hostname: String? = nil) {
+        self.excludes = excludes
+        self.hostname = hostname
+    }
+}
+
+extension Repository {
+    /// What changed in `paths` since their latest snapshot from this host: what the next
+    /// snapshot would store.
+    ///
+    /// Cheap checks first: a file whose size, mtime, ctime and inode match is unchanged,
+    /// unread. A file of the same size whose times or inode changed is read and chunked,
+    /// and reported as modified only if its content differs (so `touch` or `chmod` is
+    /// metadata-only, and a same-size rewrite whose mtime was put back is modified). With
+    /// no earlier snapshot, everything is added.
+    ///
+    /// - Throws: ``CABackupError/unreadableSource(path:reason:)`` for a missing top-level path.
+    public func status(paths: [String], options: StatusOptions = StatusOptions()) throws -> ChangeSet {
+        guard !paths.isEmpty else { throw CABackupError.invalidArgument("name at least one PATH") }
+        var absolute: [String] = []
+        for p in paths {
+            let abs = absolutePath(p)
+            var st = stat()
+            if lstat(abs, &st) != 0 { throw CABackupError.unreadableSource(path: p, reason: errnoDescription(errno)) }
+            if !absolute.contains(abs) { absolute.append(abs) }
+        }
+        let hostname = options.hostname ?? currentHostname()
+        let parent = try snapshots(matching: SnapshotFilter(hosts: [hostname], paths: absolute)).last
+        var changes = ChangeSet()
+        changes.base = parent?.id
+        let trie = PathTrie()
+        for p in absolute { trie.insert(p.split(separator: "/").map { Array($0.utf8) }) }
+        let walker = StatusWalker(repository: self, excludes: options.excludes)
+        let rootEntries = try parent.map { try loadTree($0.tree) } ?? []
+        try walker.walk(trie: trie, path: [], parent: rootEntries, into: &changes)
+        return changes
+    }
+}
+
+/// Compares the file system with a snapshot's trees (for ``Repository/status(paths:options:)``).
+struct StatusWalker {
+    let repo: Repository
+    let excludes: [String]
+    let hasher = SHA256Hasher()
+
+    init(repository: Repository, excludes: [String]) {
+        self.repo = repository
+        self.excludes = excludes
+    }
+
+    /// The ancestors part of the tree: only the named children are looked at.
+    func walk(trie: PathTrie, path: [UInt8], parent: [Node], into c: inout ChangeSet) throws {
+        let byName = Dictionary(parent.map { ($0.name, $0) }, uniquingKeysWith: { a, _ in a })
+        for (name, child) in trie.sortedChildren {
+            let p = path + [0x2F] + name
+            if child.isLeaf {
+                try compareEntry(name: name, path: p, old: byName[name], into: &c)
+            } else {
+                let old = byName[name]
+                let entries = old?.type == .directory ? try repo.loadDirectory(old!) : []
+                try walk(trie: child, path: p, parent: entries, into: &c)
+            }
+        }
+    }
+
+    private func lstatNode(_ path: [UInt8], name: [UInt8]) -> Node? {
+        var st = stat()
+        guard withCPath(path, { lstat($0, &st) }) == 0 else { return nil }
+        var n = Node(name: name, type: .file)
+        switch st.st_mode & S_IFMT {
+        case S_IFREG: n.type = .file
+        case S_IFDIR: n.type = .directory
+        case S_IFLNK: n.type = .symlink
+        case S_IFIFO: n.type = .fifo
+        case S_IFCHR: n.type = .characterDevice
+        case S_IFBLK: n.type = .blockDevice
+        default: n.type = .socket
+        }
+        n.mode = UInt32(st.st_mode & 0o7777)
+        n.uid = st.st_uid
+        n.gid = st.st_gid
+        n.size = n.type == .file ? UInt64(st.st_size) : 0
+        n.mtimeNs = nanoseconds(st.st_mtim)
+        n.ctimeNs = nanoseconds(st.st_ctim)
+        n.inode = UInt64(st.st_ino)
+        n.rdev = UInt64(st.st_rdev)
+        if n.type == .symlink {
+            var buf = [UInt8](repeating: 0, count: Int(PATH_MAX) + 1)
+            let len = withCPath(path) { p in
+                buf.withUnsafeMutableBufferPointer {
+                    readlink(p, $0.baseAddress!.withMemoryRebound(to: CChar.self, capacity: $0.count) { $0 }, $0.count)
+                }
+            }
+            if len >= 0 { n.linkTarget = Array(buf[0..<len]) }
+        }
+        return n
+    }
+
+    private func compareEntry(name: [UInt8], path: [UInt8], old: Node?, into c: inout ChangeSet) throws {
+        if matchesExclude(excludes, path: path, name: name) { return }
+        guard let now = lstatNode(path, name: name) else {
+            if let old { try reportOld(old, path: path, into: &c) }
+            return
+        }
+        guard let old, old.type == now.type else {
+            if let old { try reportOld(old, path: path, into: &c) }
+            try reportNew(now, path: path, into: &c)
+            return
+        }
+        let sameOwnerAndMode = old.mode == now.mode && old.uid == now.uid && old.gid == now.gid
+        switch now.type {
+        case .directory:
+            // A directory's own mtime moves with its entries: those are reported, not it.
+            if !sameOwnerAndMode { c.metadataOnly.append(ChangedEntry(path: path, size: 0, type: .directory)) }
+            try compareDirectory(path: path, old: try repo.loadDirectory(old), into: &c)
+        case .file:
+            if old.size != now.size {
+                c.modified.append(ChangedEntry(path: path, size: now.size, type: .file))
+            } else if old.mtimeNs == now.mtimeNs && old.ctimeNs == now.ctimeNs && old.inode == now.inode {
+                if !sameOwnerAndMode { c.metadataOnly.append(ChangedEntry(path: path, size: now.size, type: .file)) }
+            } else if try contentIDs(path) != old.content {
+                c.modified.append(ChangedEntry(path: path, size: now.size, type: .file))
+            } else {
+                c.metadataOnly.append(ChangedEntry(path: path, size: now.size, type: .file))
+            }
+        default:
+            if old.linkTarget != now.linkTarget || old.rdev != now.rdev {
+                c.modified.append(ChangedEntry(path: path, size: 0, type: now.type))
+            } else if !sameOwnerAndMode || (now.type != .symlink && old.mtimeNs != now.mtimeNs) {
+                c.metadataOnly.append(ChangedEntry(path: path, size: 0, type: now.type))
+            }
+        }
+    }
+
+    private func compareDirectory(path: [UInt8], old: [Node], into c: inout ChangeSet) throws {
+        let names = (try? readDirectory(path)) ?? []
+        var i = 0
+        var j = 0
+        while i < old.count || j < names.count {
+            if j == names.count || (i < old.count && old[i].name.lexicographicallyPrecedes(names[j])) {
+                let p = path + [0x2F] + old[i].name
+                if !matchesExclude(excludes, path: p, name: old[i].name) { try reportOld(old[i], path: p, into: &c) }
+                i += 1
+            } else if i == old.count || names[j].lexicographicallyPrecedes(old[i].name) {
+                try compareEntry(name: names[j], path: path + [0x2F] + names[j], old: nil, into: &c)
+                j += 1
+            } else {
+                try compareEntry(name: names[j], path: path + [0x2F] + names[j], old: old[i], into: &c)
+                i += 1
+                j += 1
+            }
+        }
+    }
+
+    private func reportOld(_ n: Node, path: [UInt8], into c: inout ChangeSet) throws {
+        c.removed.append(ChangedEntry(path: path, size: n.size, type: n.type))
+        if n.type == .directory {
+            for child in try repo.loadDirectory(n) { try reportOld(child, path: path + [0x2F] + child.name, into: &c) }
+        }
+    }
+
+    private func reportNew(_ n: Node, path: [UInt8], into c: inout ChangeSet) throws {
+        c.added.append(ChangedEntry(path: path, size: n.size, type: n.type))
+        if n.type == .directory {
+            for name in (try? readDirectory(path)) ?? [] {
+                let p = path + [0x2F] + name
+                if matchesExclude(excludes, path: p, name: name) { continue }
+                if let child = lstatNode(p, name: name) { try reportNew(child, path: p, into: &c) }
+            }
+        }
+    }
+
+    /// The chunk ids the file's content has now (read and chunked as a snapshot would).
+    private func contentIDs(_ path: [UInt8]) throws -> [BlobID] {
+        let fd = withCPath(path) { open($0, O_RDONLY | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK) }
+        if fd < 0 { return [] }
+        defer { close(fd) }
+        var st = stat()
+        fstat(fd, &st)
+        let reader = ChunkingReader(chunker: repo.chunker, fd: fd, path: path, sizeHint: Int64(st.st_size))
+        var ids: [BlobID] = []
+        while let w = try reader.nextWindow() {
+            for cut in w.cuts { ids.append(hasher.hash(w.buffer.bytes(cut.offset, cut.length))) }
+        }
+        return ids
+    }
+}

@@ -1,0 +1,225 @@
+import ArgumentParser
+import CABackup
+import Foundation
+
+/// Prints a change set as text (`+`, `-`, `M`, `U` lines and a summary) or as one JSON object.
+func printChanges(_ c: ChangeSet, json: Bool) {
+    if json {
+        struct Item: Encodable {
+            let path: String
+            let path_b64: String?
+            let size: UInt64
+            let type: String
+        }
+        struct Output: Encodable {
+            let base: String?
+            let added: [Item]
+            let removed: [Item]
+            let modified: [Item]
+            let metadata_only: [Item]
+            let files_to_sync: Int
+            let bytes_to_sync: UInt64
+
+            func encode(to encoder: any Encoder) throws {
+                enum K: String, CodingKey {
+                    case base, added, removed, modified, metadata_only, files_to_sync, bytes_to_sync
+                }
+                var k = encoder.container(keyedBy: K.self)
+                try k.encode(base, forKey: .base)  // null when there is no earlier snapshot
+                try k.encode(added, forKey: .added)
+                try k.encode(removed, forKey: .removed)
+                try k.encode(modified, forKey: .modified)
+                try k.encode(metadata_only, forKey: .metadata_only)
+                try k.encode(files_to_sync, forKey: .files_to_sync)
+                try k.encode(bytes_to_sync, forKey: .bytes_to_sync)
+            }
+        }
+        func items(_ list: [ChangedEntry]) -> [Item] {
+            list.map {
+                let p = JSONPath($0.path)
+                return Item(path: p.path, path_b64: p.pathB64, size: $0.size, type: $0.type.description)
+            }
+        }
+        print(
+            jsonLine(
+                Output(
+                    base: c.base?.hex, added: items(c.added), removed: items(c.removed), modified: items(c.modified),
+                    metadata_only: items(c.metadataOnly), files_to_sync: c.filesToSync, bytes_to_sync: c.bytesToSync)))
+        return
+    }
+    for e in c.added { print("+ \(e.displayPath)") }
+    for e in c.removed { print("- \(e.displayPath)") }
+    for e in c.modified { print("M \(e.displayPath)") }
+    for e in c.metadataOnly { print("U \(e.displayPath)") }
+    print(summaryLine(c))
+}
+
+func summaryLine(_ c: ChangeSet) -> String {
+    "\(c.added.count) added, \(c.removed.count) removed, \(c.modified.count) modified, "
+        + "\(c.metadataOnly.count) metadata-only; \(c.filesToSync) files (\(formatBytes(Int64(c.bytesToSync)))) to sync"
+}
+
+struct StatusCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "status",
+        abstract: "Show what changed since the last snapshot of PATHs.",
+        discussion: """
+            Compares PATHs with their latest snapshot from this host: + added, - removed,
+            M modified (content), U metadata only (mode, owner, times). --json prints one
+            object with the arrays added, removed, modified, metadata_only (each entry
+            {path, size, type}, plus path_b64 for names that are not UTF-8) and the totals
+            files_to_sync and bytes_to_sync. Exit code 0; with --exit-code, 4 when something
+            changed.
+
+            \(exitCodeTable)
+            """)
+
+    @OptionGroup var repository: RepositoryOptions
+
+    @Option(name: [.short, .long], help: "Exclude entries matching a glob (repeatable).")
+    var exclude: [String] = []
+
+    @Option(name: .long, help: "Compare with snapshots of this host (default: this machine).")
+    var host: String?
+
+    @Flag(name: .long, help: "Print one JSON object.")
+    var json = false
+
+    @Flag(name: .customLong("exit-code"), help: "Exit with 4 when there are changes.")
+    var exitCode = false
+
+    @Argument(help: "Files and directories to check.")
+    var paths: [String] = []
+
+    func validate() throws {
+        if paths.isEmpty { throw ValidationError("name at least one PATH to check") }
+    }
+
+    func run() throws {
+        let repo = try repository.open()
+        let changes = try repo.status(paths: paths, options: StatusOptions(excludes: exclude, hostname: host))
+        printChanges(changes, json: json)
+        if exitCode && !changes.isEmpty { throw ExitCode(4) }
+    }
+}
+
+struct DiffCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "diff",
+        abstract: "Show the differences between two snapshots.",
+        discussion: """
+            Lists entries added (+), removed (-), modified (M: content or type) and changed in
+            metadata only (U) from SNAPSHOT1 to SNAPSHOT2. --json prints one object as
+            `status --json` does.
+
+            \(exitCodeTable)
+            """)
+
+    @OptionGroup var repository: RepositoryOptions
+
+    @Flag(name: .long, help: "Print one JSON object.")
+    var json = false
+
+    @Argument(help: "The older snapshot (id, prefix or 'latest').")
+    var snapshot1: String
+
+    @Argument(help: "The newer snapshot (id, prefix or 'latest').")
+    var snapshot2: String
+
+    func run() throws {
+        let repo = try repository.open()
+        let a = try repo.findSnapshot(snapshot1)
+        let b = try repo.findSnapshot(snapshot2)
+        printChanges(try repo.diff(a, b), json: json)
+    }
+}
+
+struct WatchCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "watch",
+        abstract: "Check PATHs for changes periodically and offer to sync them.",
+        discussion: """
+            Every DURATION (default 24h) compares PATHs with their last snapshot. When
+            something changed it prints a summary and, on a terminal, asks
+            "Sync N changed files (SIZE) now? [y/N]". On y, or with --yes, it takes a new
+            snapshot in which only changed files are read (unchanged ones are reused from the
+            previous snapshot, so the new snapshot is complete). Without a terminal and without
+            --yes it only reports. Nothing changed: no snapshot. --once checks once and exits.
+
+            \(exitCodeTable)
+            """)
+
+    @OptionGroup var repository: RepositoryOptions
+
+    @Option(name: .long, help: "Time between checks: 90s, 15m, 24h, 7d (default 24h).")
+    var every: String = "24h"
+
+    @Flag(name: .long, help: "Check once, then exit.")
+    var once = false
+
+    @Flag(name: [.short, .long], help: "Sync without asking.")
+    var yes = false
+
+    @Option(name: [.short, .long], help: "Exclude entries matching a glob (repeatable).")
+    var exclude: [String] = []
+
+    @Option(name: .long, help: "Tag new snapshots (repeatable).")
+    var tag: [String] = []
+
+    @Argument(help: "Files and directories to watch.")
+    var paths: [String] = []
+
+    func validate() throws {
+        if paths.isEmpty { throw ValidationError("name at least one PATH to watch") }
+        if parseDuration(every) == nil {
+            throw ValidationError("--every '\(every)' is not a duration: use 90s, 15m, 24h or 7d")
+        }
+    }
+
+    func run() throws {
+        let interval = parseDuration(every)!
+        let repo = try repository.open()
+        var warned = false
+        while true {
+            try repo.synchronizeIndex()
+            let changes = try repo.status(paths: paths, options: StatusOptions(excludes: exclude))
+            let stamp = formatRFC3339(ns: Int64(Date().timeIntervalSince1970 * 1e9)).prefix(19)
+            if changes.isEmpty {
+                print("\(stamp) no changes since snapshot \(changes.base?.shortHex ?? "-")")
+            } else {
+                print("\(stamp) \(summaryLine(changes))")
+                var sync = yes
+                if !yes {
+                    if isatty(0) == 1 {
+                        let question =
+                            "Sync \(changes.filesToSync) changed files (\(formatBytes(Int64(changes.bytesToSync)))) now? [y/N] "
+                        FileHandle.standardOutput.write(Data(question.utf8))
+                        let answer = readLine()?.trimmingCharacters(in: .whitespaces).lowercased() ?? ""
+                        sync = answer == "y" || answer == "yes"
+                    } else if !warned {
+                        print("not syncing: no terminal to ask; pass --yes to sync unattended")
+                        warned = true
+                    }
+                }
+                if sync {
+                    let result = try repo.snapshot(paths: paths, options: SnapshotOptions(tags: tag, excludes: exclude))
+                    for w in result.warnings { printError("warning: cannot read \(w)") }
+                    let s = result.snapshot.summary
+                    print(
+                        "snapshot \(result.snapshot.id.hex) saved: \(s.filesTotal - s.filesUnchanged) files read, "
+                            + "\(formatBytes(s.bytesAdded)) added")
+                }
+            }
+            if once { return }
+            sleep(UInt32(min(interval, Double(UInt32.max))))
+        }
+    }
+}
+
+/// `90s`, `15m`, `24h`, `7d` or plain seconds.
+func parseDuration(_ s: String) -> Double? {
+    let units: [Character: Double] = ["s": 1, "m": 60, "h": 3600, "d": 86400]
+    if let last = s.last, let unit = units[last], let v = Double(s.dropLast()), v > 0 { return v * unit }
+    if let v = Double(s), v > 0 { return v }
+    return nil
+}
