@@ -216,6 +216,36 @@ struct EndToEndTests {
         #expect(cmp.status == 0, "\(cmp.stdout)")
     }
 
+    @Test(
+        "a full disk fails the snapshot with a clear error and leaves a valid repository",
+        .enabled(if: geteuid() == 0, "needs root to mount a small tmpfs"))
+    func fullDisk() throws {
+        let s = Scratch()
+        let mountPoint = s.file("small")
+        try FileManager.default.createDirectory(atPath: mountPoint, withIntermediateDirectories: true)
+        #expect(try run("/bin/mount", ["-t", "tmpfs", "-o", "size=6M", "tmpfs", mountPoint]).status == 0)
+        defer { _ = try? run("/bin/umount", [mountPoint]) }
+        let repo = mountPoint + "/repo"
+        try FileManager.default.createDirectory(atPath: s.file("src/small"), withIntermediateDirectories: true)
+        try Data("keep me\n".utf8).write(to: URL(fileURLWithPath: s.file("src/small/a.txt")))
+        // Incompressible, so it cannot fit in 6 MiB.
+        let big = try #require(FileHandle(forReadingAtPath: "/dev/urandom")?.readData(ofLength: 24 << 20))
+        try big.write(to: URL(fileURLWithPath: s.file("src/big.bin")))
+        #expect(try cabackup("init", "--repo", repo).status == 0)
+        #expect(try cabackup("snapshot", "--repo", repo, s.file("src/small")).status == 0)
+        let full = try cabackup("snapshot", "--repo", repo, s.file("src"))
+        #expect(full.status == 1)
+        #expect(full.stderr.contains("No space left on device"))
+        #expect(full.stderr.contains("free space"))
+        #expect(try FileManager.default.contentsOfDirectory(atPath: repo + "/tmp").isEmpty)
+        let list = try cabackup("snapshots", "--repo", repo, "--json")
+        #expect((try JSONSerialization.jsonObject(with: Data(list.stdout.utf8)) as? [Any])?.count == 1)
+        let r = try cabackup("restore", "--repo", repo, "latest", "--target", s.file("out"))
+        #expect(r.status == 0, "\(r.stderr)")
+        #expect(
+            FileManager.default.contents(atPath: s.file("out") + s.file("src/small/a.txt")) == Data("keep me\n".utf8))
+    }
+
     @Test("repair index rebuilds a deleted index; commands still work")
     func repairIndex() throws {
         let s = Scratch()

@@ -1,3 +1,9 @@
+#if canImport(Glibc)
+    import Glibc
+#elseif canImport(Darwin)
+    import Darwin
+#endif
+
 /// Errors the engine reports to its callers. Each message is one line that says what is
 /// wrong and what to do about it; none contains a password or token.
 public enum CABackupError: Error, Sendable, CustomStringConvertible {
@@ -62,6 +68,9 @@ public enum CABackupError: Error, Sendable, CustomStringConvertible {
                 "blob \(id.hex) is missing from the repository: run 'cabackup repair index'; if it stays missing, the data is lost"
         case .corrupt(let what, let reason):
             return "\(what) is damaged (\(reason)): the repository's files were changed or corrupted on disk"
+        case .io(let op, let path, let e) where e == ENOSPC || e == EDQUOT:
+            return
+                "\(op) \(path): \(errnoDescription(e)): free space on that disk and run the command again (an unfinished snapshot is not saved; the repository stays valid)"
         case .io(let op, let path, let e):
             return "\(op) \(path): \(errnoDescription(e))"
         case .index(let m):
