@@ -28,7 +28,7 @@ struct CABackupCommand: ParsableCommand {
         version: cabackupVersion,
         subcommands: [
             InitCommand.self, SnapshotCommand.self, SnapshotsCommand.self, LsCommand.self, RestoreCommand.self,
-            StatusCommand.self, DiffCommand.self, WatchCommand.self, RepairCommand.self,
+            StatusCommand.self, DiffCommand.self, WatchCommand.self, CheckCommand.self, RepairCommand.self,
         ]
     )
 

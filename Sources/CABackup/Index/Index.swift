@@ -183,6 +183,17 @@ final class RepositoryIndex: @unchecked Sendable {
         }
     }
 
+    /// The ids of the blobs the index places in a pack.
+    func blobIDs(inPack pack: PackID) throws -> [BlobID] {
+        try lock.locked { () throws -> [BlobID] in
+            let s = try db.prepare("SELECT b.id FROM blobs b JOIN packs p ON p.n = b.pack WHERE p.id = ?1")
+            s.bind(1, pack)
+            var out: [BlobID] = []
+            while try s.step() { if let id = s.id(0) { out.append(id) } }
+            return out
+        }
+    }
+
     /// Every indexed pack id.
     func packIDs() throws -> Set<PackID> {
         try lock.locked { () throws in

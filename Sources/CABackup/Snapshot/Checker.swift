@@ -1,0 +1,229 @@
+/// Options for ``Repository/check(options:progress:)``.
+public struct CheckOptions: Sendable {
+    /// The fraction of packs (0…1) whose every byte is read and verified: 0 checks
+    /// structure only, 1 is `--read-data`.
+    public var readDataFraction: Double
+
+    public init(readDataFraction: Double = 0) {
+        self.readDataFraction = min(1, max(0, readDataFraction))
+    }
+}
+
+/// One problem `check` found.
+public struct CheckProblem: Sendable, CustomStringConvertible {
+    /// What is wrong, in one line.
+    public var message: String
+    /// The snapshots affected (short ids), when known.
+    public var snapshots: [String]
+    /// Paths inside those snapshots affected, when known.
+    public var paths: [String]
+
+    public var description: String {
+        var s = message
+        if !snapshots.isEmpty { s += " (snapshots \(snapshots.joined(separator: ", ")))" }
+        if !paths.isEmpty { s += ": " + paths.prefix(10).joined(separator: ", ") + (paths.count > 10 ? ", …" : "") }
+        return s
+    }
+}
+
+/// What `check` found.
+public struct CheckReport: Sendable {
+    public var problems: [CheckProblem] = []
+    public var packsChecked = 0
+    public var packsRead = 0
+    public var blobsRead = 0
+    public var snapshotsChecked = 0
+    public var treesChecked = 0
+    public var isClean: Bool { problems.isEmpty }
+}
+
+extension Repository {
+    /// Checks the repository: every pack header parses, every snapshot record is intact,
+    /// every tree of every snapshot loads (verified) and every blob it names is indexed.
+    /// With `readDataFraction` > 0, that fraction of packs is read in full: the pack's
+    /// SHA-256 must match its name and every blob must decompress to its id. Each problem
+    /// names the snapshots and paths it affects.
+    public func check(options: CheckOptions = CheckOptions(), progress: ((String) -> Void)? = nil) throws -> CheckReport
+    {
+        var report = CheckReport()
+        var badBlobs: [BlobID: String] = [:]
+
+        // Packs: headers, and with read-data their bytes.
+        let packs = try backend.list(.pack).compactMap { ObjectID(hex: $0) }.sorted()
+        let indexed = try index.packIDs()
+        let hasher = SHA256Hasher()
+        let buffers = BlobBuffers()
+        for (n, pack) in packs.enumerated() {
+            report.packsChecked += 1
+            let entries: [PackEntry]
+            do {
+                entries = try PackFormat.readHeader(from: backend, name: pack.hex)
+            } catch {
+                report.problems.append(CheckProblem(message: "\(error)", snapshots: [], paths: []))
+                // Whatever the index places in this pack cannot be read back.
+                for id in try index.blobIDs(inPack: pack) {
+                    badBlobs[id] = "is in pack \(pack.hex.prefix(8)), whose header is damaged"
+                }
+                continue
+            }
+            if !indexed.contains(pack) {
+                report.problems.append(
+                    CheckProblem(
+                        message: "pack \(pack.hex) is not in the index: run 'cabackup repair index'", snapshots: [],
+                        paths: []))
+            }
+            // Deterministic selection: packs whose first id byte falls under the fraction.
+            let selected = pack.withUnsafeBytes { Double($0[0]) / 256 } < options.readDataFraction
+            guard selected else { continue }
+            progress?("reading pack \(n + 1) of \(packs.count)")
+            report.packsRead += 1
+            if let damage = verifyPack(pack, entries: entries, hasher: hasher, buffers: buffers, report: &report) {
+                for (id, why) in damage { badBlobs[id] = why }
+            }
+        }
+
+        // Snapshots and their trees.
+        var cleanTrees = Set<BlobID>()
+        var affected: [BlobID: (snapshots: Set<String>, paths: [String])] = [:]
+        let snapshotNames = try backend.list(.snapshot).compactMap { ObjectID(hex: $0) }
+        for id in snapshotNames {
+            report.snapshotsChecked += 1
+            let snap: Snapshot
+            do {
+                snap = try Snapshot.decode(id: id, bytes: try backend.read(.snapshot, id.hex))
+            } catch {
+                report.problems.append(CheckProblem(message: "snapshot \(id.hex): \(error)", snapshots: [], paths: []))
+                continue
+            }
+            progress?("checking snapshot \(snap.id.shortHex)")
+            try checkTree(
+                [snap.tree], path: [], snapshot: snap.id.shortHex, root: true, seen: &cleanTrees, bad: badBlobs,
+                affected: &affected, report: &report)
+        }
+        for (blob, a) in affected.sorted(by: { $0.key < $1.key }) {
+            let why = badBlobs[blob] ?? "is missing from the repository"
+            report.problems.append(
+                CheckProblem(message: "blob \(blob.hex) \(why)", snapshots: a.snapshots.sorted(), paths: a.paths))
+        }
+        // Damaged blobs no snapshot uses are still worth knowing about.
+        for (blob, why) in badBlobs where affected[blob] == nil {
+            report.problems.append(CheckProblem(message: "blob \(blob.hex) \(why) (unused)", snapshots: [], paths: []))
+        }
+        return report
+    }
+
+    /// Reads a whole pack: its hash must match its name, each blob must verify. Returns
+    /// the damaged blobs with the reason.
+    private func verifyPack(
+        _ pack: PackID, entries: [PackEntry], hasher: SHA256Hasher, buffers: BlobBuffers, report: inout CheckReport
+    ) -> [(BlobID, String)]? {
+        var damaged: [(BlobID, String)] = []
+        do {
+            let size = try backend.size(.pack, pack.hex)
+            // Hash the file in 4 MiB pieces.
+            var offset: Int64 = 0
+            let piece = 4 << 20
+            let buf = UnsafeMutableRawPointer.allocate(byteCount: piece, alignment: 64)
+            defer { buf.deallocate() }
+            hasher.reset()
+            while offset < size {
+                let n = Int(min(Int64(piece), size - offset))
+                try backend.read(.pack, pack.hex, offset: offset, length: n, into: buf)
+                hasher.update(UnsafeRawBufferPointer(start: buf, count: n))
+                offset += Int64(n)
+            }
+            if hasher.finish() != pack {
+                report.problems.append(
+                    CheckProblem(message: "pack \(pack.hex): content does not match its name", snapshots: [], paths: [])
+                )
+            }
+        } catch {
+            report.problems.append(CheckProblem(message: "pack \(pack.hex): \(error)", snapshots: [], paths: []))
+        }
+        for e in entries {
+            report.blobsRead += 1
+            let loc = BlobLocation(
+                pack: pack, type: e.type, compression: e.compression, offset: e.offset, length: e.length,
+                rawLength: e.rawLength)
+            do {
+                _ = try loadBlob(e.id, at: loc, into: buffers, hasher: hasher)
+            } catch let error as CABackupError {
+                if case .corrupt(_, let reason) = error {
+                    damaged.append((e.id, "in pack \(pack.hex.prefix(8)) is damaged (\(reason))"))
+                } else {
+                    damaged.append((e.id, "in pack \(pack.hex.prefix(8)) cannot be read (\(error))"))
+                }
+            } catch {
+                damaged.append((e.id, "in pack \(pack.hex.prefix(8)) cannot be read (\(error))"))
+            }
+        }
+        return damaged
+    }
+
+    private func isMissingOrBad(_ id: BlobID, _ bad: [BlobID: String]) throws -> Bool {
+        if bad[id] != nil { return true }
+        return try !index.contains(id)
+    }
+
+    /// Checks trees and what they name; returns whether any problem was found below.
+    /// `clean` holds trees already found sound, which are not walked again (unchanged
+    /// directories and shared snapshots cost nothing); a tree with a problem is walked
+    /// again for each snapshot, so every affected snapshot is named.
+    @discardableResult
+    private func checkTree(
+        _ ids: [BlobID], path: [UInt8], snapshot: String, root: Bool, seen clean: inout Set<BlobID>,
+        bad: [BlobID: String], affected: inout [BlobID: (snapshots: Set<String>, paths: [String])],
+        report: inout CheckReport
+    ) throws -> Bool {
+        var found = false
+        func note(_ blob: BlobID, _ p: [UInt8]) {
+            found = true
+            var a = affected[blob] ?? ([], [])
+            a.snapshots.insert(snapshot)
+            let shown = displayPath(p.isEmpty ? [0x2F] : p)
+            if a.paths.count < 100 && !a.paths.contains(shown) { a.paths.append(shown) }
+            affected[blob] = a
+        }
+        for id in ids {
+            if try isMissingOrBad(id, bad) {
+                note(id, path)
+                continue
+            }
+            // A tree already checked (shared by snapshots or unchanged directories) is
+            // not walked again; its problems were reported with the first snapshot.
+            if clean.contains(id) { continue }
+            let before = found
+            found = false
+            defer { found = found || before }
+            report.treesChecked += 1
+            let nodes: [Node]
+            do {
+                nodes = try loadTree(id)
+            } catch {
+                report.problems.append(
+                    CheckProblem(
+                        message: "tree \(id.hex): \(error)", snapshots: [snapshot],
+                        paths: [displayPath(path.isEmpty ? [0x2F] : path)]))
+                found = true
+                continue
+            }
+            for n in nodes {
+                let p = path + [0x2F] + n.name
+                if n.type == .directory {
+                    if try checkTree(
+                        n.subtrees, path: p, snapshot: snapshot, root: false, seen: &clean, bad: bad,
+                        affected: &affected, report: &report)
+                    {
+                        found = true
+                    }
+                } else {
+                    for blob in n.content where try isMissingOrBad(blob, bad) {
+                        note(blob, p)
+                    }
+                }
+            }
+            if !found { clean.insert(id) }
+        }
+        return found
+    }
+}

@@ -1,0 +1,140 @@
+import Foundation
+import Testing
+
+/// `check`, damage, and interrupted snapshots, through the built binary.
+@Suite("Reliability: check, damage, interrupted snapshots", .serialized)
+struct ReliabilityTests {
+    /// A tree with several packs' worth of incompressible data plus small files.
+    func makeSource(_ s: Scratch, megabytes: Int = 40) throws -> String {
+        let src = s.file("src")
+        try FileManager.default.createDirectory(atPath: src + "/docs", withIntermediateDirectories: true)
+        let random = try #require(FileHandle(forReadingAtPath: "/dev/urandom")?.readData(ofLength: megabytes << 20))
+        try random.write(to: URL(fileURLWithPath: src + "/big.bin"))
+        for i in 0..<20 {
+            try Data("document \(i)\n".utf8).write(to: URL(fileURLWithPath: src + "/docs/d\(i).txt"))
+        }
+        return src
+    }
+
+    func packFiles(_ repo: String) throws -> [String] {
+        let data = repo + "/data"
+        return try FileManager.default.contentsOfDirectory(atPath: data).flatMap { sub in
+            try FileManager.default.contentsOfDirectory(atPath: data + "/" + sub).map { data + "/" + sub + "/" + $0 }
+        }.sorted()
+    }
+
+    /// The pack holding the first chunk of `path` in the latest snapshot, and that chunk's offset.
+    func packOfFirstChunk(_ s: Scratch, path: String) throws -> (pack: String, offset: Int) {
+        let db = s.file("repo/index/index.sqlite")
+        let ls = try cabackup("ls", "--repo", s.file("repo"), "--json", "latest", path)
+        _ = ls
+        // Read the chunk list through the index: the largest data blob belongs to big.bin.
+        let q = try run(
+            "/usr/bin/env",
+            [
+                "python3", "-c",
+                """
+                import sqlite3, sys
+                c = sqlite3.connect(sys.argv[1])
+                row = c.execute("select hex(p.id), b.offset from blobs b join packs p on p.n = b.pack "
+                                "where b.type = 0 order by b.length desc limit 1").fetchone()
+                print(row[0].lower(), row[1])
+                """, db,
+            ])
+        let parts = q.stdout.split(separator: " ")
+        let pack = String(parts[0])
+        return (
+            s.file("repo/data/\(pack.prefix(2))/\(pack)"),
+            Int(parts[1].trimmingCharacters(in: .whitespacesAndNewlines))!
+        )
+    }
+
+    @Test("check passes on a sound repository, with and without --read-data")
+    func clean() throws {
+        let s = Scratch()
+        let src = try makeSource(s, megabytes: 4)
+        _ = try cabackup("init", "--repo", s.file("repo"))
+        _ = try cabackup("snapshot", "--repo", s.file("repo"), src)
+        for args in [[], ["--read-data"], ["--read-data-subset", "50%"]] {
+            let r = try run(productsDirectory + "/cabackup", ["check", "--repo", s.file("repo")] + args)
+            #expect(r.status == 0, "\(r.stdout)\(r.stderr)")
+            #expect(r.lastLine == "no errors were found")
+        }
+    }
+
+    @Test("one flipped byte: check --read-data names the snapshot and file; restore fails loudly")
+    func flippedByte() throws {
+        let s = Scratch()
+        let src = try makeSource(s, megabytes: 4)
+        _ = try cabackup("init", "--repo", s.file("repo"))
+        _ = try cabackup("snapshot", "--repo", s.file("repo"), src)
+        let (pack, offset) = try packOfFirstChunk(s, path: src + "/big.bin")
+        let h = try #require(FileHandle(forUpdatingAtPath: pack))
+        try h.seek(toOffset: UInt64(offset + 100))
+        let byte = try #require(try h.read(upToCount: 1))
+        try h.seek(toOffset: UInt64(offset + 100))
+        try h.write(contentsOf: Data([byte[0] ^ 0x40]))
+        try h.close()
+        let r = try cabackup("check", "--repo", s.file("repo"), "--read-data")
+        #expect(r.status == 1)
+        #expect(r.stdout.contains("is damaged"))
+        #expect(r.stdout.contains(src + "/big.bin"))
+        #expect(r.stdout.contains("does not match its name"))
+        let restore = try cabackup("restore", "--repo", s.file("repo"), "latest", "--target", s.file("out"))
+        #expect(restore.status == 1)
+        #expect(restore.stderr.contains("big.bin"))
+        #expect(!FileManager.default.fileExists(atPath: s.file("out") + src + "/big.bin"))
+        #expect(FileManager.default.fileExists(atPath: s.file("out") + src + "/docs/d3.txt"))
+    }
+
+    @Test("a truncated pack or a deleted pack is reported with the paths it affects")
+    func truncatedAndDeleted() throws {
+        let s = Scratch()
+        let src = try makeSource(s, megabytes: 4)
+        _ = try cabackup("init", "--repo", s.file("repo"))
+        _ = try cabackup("snapshot", "--repo", s.file("repo"), src)
+        let (pack, _) = try packOfFirstChunk(s, path: src + "/big.bin")
+        #expect(truncate(pack, 1000) == 0)
+        let truncated = try cabackup("check", "--repo", s.file("repo"))
+        #expect(truncated.status == 1)
+        #expect(truncated.stdout.contains("pack "))
+        #expect(truncated.stdout.contains(src + "/big.bin"))
+        try FileManager.default.removeItem(atPath: pack)
+        let deleted = try cabackup("check", "--repo", s.file("repo"))
+        #expect(deleted.status == 1)
+        #expect(deleted.stdout.contains("is missing from the repository"))
+        #expect(deleted.stdout.contains(src + "/big.bin"))
+    }
+
+    @Test("killed after every pack write: check passes, earlier snapshots restore, the rerun completes")
+    func interruptedAtEveryWrite() throws {
+        let s = Scratch()
+        let src = try makeSource(s, megabytes: 4)
+        _ = try cabackup("init", "--repo", s.file("repo"))
+        #expect(try cabackup("snapshot", "--repo", s.file("repo"), src).status == 0)
+        // A second, larger change: ~40 MiB of new data is three data packs and a tree pack.
+        let more = try #require(FileHandle(forReadingAtPath: "/dev/urandom")?.readData(ofLength: 40 << 20))
+        try more.write(to: URL(fileURLWithPath: src + "/more.bin"))
+        var n = 0
+        while true {
+            let r = try cabackup(
+                "snapshot", "--repo", s.file("repo"), src, env: ["CABACKUP_FAIL_AFTER_WRITES": String(n)])
+            if r.status == 0 { break }
+            #expect(r.status == 137, "\(r.stderr)")
+            let check = try cabackup("check", "--repo", s.file("repo"), "--read-data")
+            #expect(check.status == 0, "after \(n) writes: \(check.stdout)")
+            let list = try cabackup("snapshots", "--repo", s.file("repo"), "--json")
+            #expect((try JSONSerialization.jsonObject(with: Data(list.stdout.utf8)) as? [Any])?.count == 1)
+            n += 1
+            #expect(n < 20)
+            if n >= 20 { break }
+        }
+        #expect(n >= 3, "expected several pack writes, saw \(n)")
+        // Packs written before each kill were kept and reused: the completed run after the
+        // last kill stored little new data.
+        let r = try cabackup("restore", "--repo", s.file("repo"), "latest", "--target", s.file("out"))
+        #expect(r.status == 0, "\(r.stderr)")
+        #expect(FileManager.default.contents(atPath: s.file("out") + src + "/more.bin") == more)
+        #expect(try cabackup("check", "--repo", s.file("repo"), "--read-data").status == 0)
+    }
+}
