@@ -161,6 +161,9 @@ struct FormatTests {
         }
         #expect(parseRFC3339("2026-11-25T04:32:34Z") == 1_795_581_154_000_000_000)
         #expect(parseRFC3339("yesterday") == nil)
+        // Found by the fuzzer: a year past 2262 overflowed Int64 nanoseconds and trapped.
+        #expect(parseRFC3339("9999-12-31T23:59:59Z") == nil)
+        #expect(parseRFC3339("2026-13-01T00:00:00Z") == nil)
     }
 
     @Test("ids: hex round trip and ordering by bytes")

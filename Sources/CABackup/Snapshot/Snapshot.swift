@@ -164,7 +164,8 @@ public func parseRFC3339(_ s: String) -> Int64? {
         return v
     }
     guard u.count >= 20, let y = num(0, 4), let mo = num(5, 2), let d = num(8, 2), let h = num(11, 2),
-        let mi = num(14, 2), let se = num(17, 2)
+        let mi = num(14, 2), let se = num(17, 2), (1...12).contains(mo), (1...31).contains(d), h < 24, mi < 60,
+        se < 61
     else { return nil }
     var i = 19
     var frac: Int64 = 0
@@ -201,5 +202,8 @@ public func parseRFC3339(_ s: String) -> Int64? {
     let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy
     let days = era * 146097 + doe - 719468
     let secs = Int64(days) * 86400 + Int64(h * 3600 + mi * 60 + se) - Int64(offset)
-    return secs * 1_000_000_000 + frac
+    // Years past ~2262 do not fit in Int64 nanoseconds: refuse rather than overflow.
+    let (ns, overflow) = secs.multipliedReportingOverflow(by: 1_000_000_000)
+    guard !overflow, ns <= Int64.max - frac else { return nil }
+    return ns + frac
 }
