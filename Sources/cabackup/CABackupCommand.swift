@@ -13,7 +13,7 @@ let exitCodeTable = """
       3    snapshot saved, but some entries were unreadable and skipped
       4    status --exit-code: there are changes
       10   repository does not exist
-      11   repository is locked
+      11   repository is locked (prune beside a snapshot, or a snapshot beside prune)
       12   wrong password
       64   usage error
       130  interrupted
@@ -28,7 +28,8 @@ struct CABackupCommand: ParsableCommand {
         version: cabackupVersion,
         subcommands: [
             InitCommand.self, SnapshotCommand.self, SnapshotsCommand.self, LsCommand.self, RestoreCommand.self,
-            StatusCommand.self, DiffCommand.self, WatchCommand.self, CheckCommand.self, RepairCommand.self,
+            StatusCommand.self, DiffCommand.self, WatchCommand.self, CheckCommand.self, ForgetCommand.self,
+            PruneCommand.self, RepairCommand.self,
         ]
     )
 
@@ -50,6 +51,7 @@ struct CABackupCommand: ParsableCommand {
     static func exitCode(for error: CABackupError) -> Int32 {
         switch error {
         case .repositoryNotFound: return 10
+        case .locked: return 11
         case .cancelled: return 130
         default: return 1
         }

@@ -151,6 +151,58 @@ struct RepositoryTests {
         }
     }
 
+    @Test("prune cannot run while a snapshot holds the shared lock, and can after")
+    func pruneLock() throws {
+        let dir = TemporaryDirectory()
+        let src = makeTree(dir)
+        let repo = try smallRepo(dir)
+        _ = try repo.snapshot(paths: [src])
+        var held: RepositoryLock? = try repo.backend.lock(exclusive: false)
+        #expect {
+            try repo.prune()
+        } throws: { e in
+            guard case .locked = e as? CABackupError else { return false }
+            return true
+        }
+        // Another snapshot (shared) may run beside it.
+        _ = try repo.snapshot(paths: [src])
+        held = nil
+        _ = held
+        let report = try repo.prune()
+        #expect(report.packsDeleted == 0)
+    }
+
+    @Test("forget policies keep the newest per day, week, month and overall")
+    func forgetPolicies() throws {
+        let dir = TemporaryDirectory()
+        let src = makeTree(dir)
+        let repo = try smallRepo(dir)
+        let tree = try repo.snapshot(paths: [src]).snapshot.tree
+        try repo.forget(repo.snapshots())
+        // Snapshots at 12:00 UTC on Jan 1–10 and Feb 1–3 2026, two on Jan 10.
+        var times: [Int64] = []
+        for day in 1...10 { times.append(parseRFC3339(String(format: "2026-01-%02dT12:00:00Z", day))!) }
+        times.append(parseRFC3339("2026-01-10T13:00:00Z")!)
+        for day in 1...3 { times.append(parseRFC3339(String(format: "2026-02-%02dT12:00:00Z", day))!) }
+        for t in times {
+            _ = try repo.commitSnapshot(
+                Snapshot.encodeRecord(
+                    time: formatRFC3339(ns: t), hostname: "h", username: "u", paths: [src], tags: [], parent: nil,
+                    tree: tree, summary: SnapshotSummary()))
+        }
+        func kept(_ p: ForgetPolicy) throws -> [String] {
+            try repo.forgetPlan(p).keep.map { String(formatRFC3339(ns: $0.timeNs).prefix(10)) }
+        }
+        setenv("TZ", "UTC", 1)
+        tzset()
+        #expect(try kept(ForgetPolicy(last: 2)) == ["2026-02-02", "2026-02-03"])
+        #expect(try kept(ForgetPolicy(daily: 3)) == ["2026-02-01", "2026-02-02", "2026-02-03"])
+        #expect(try kept(ForgetPolicy(monthly: 2)) == ["2026-01-10", "2026-02-03"])
+        #expect(try repo.forgetPlan(ForgetPolicy(monthly: 2)).keep.first?.timeNs == times[10])
+        #expect(try kept(ForgetPolicy(last: 1, monthly: 2)) == ["2026-01-10", "2026-02-03"])
+        #expect(try repo.forgetPlan(ForgetPolicy(weekly: 1)).remove.count == times.count - 1)
+    }
+
     @Test("a missing top-level path is fatal and writes nothing")
     func missingSource() throws {
         let dir = TemporaryDirectory()

@@ -199,6 +199,98 @@ struct ReliabilityTests {
         let cmp = try python(treetool, "compare", src, s.file("out") + src)
         #expect(cmp.status == 0, "\(cmp.stdout)")
     }
+
+    func snapshotIDs(_ s: Scratch) throws -> [String] {
+        let list = try cabackup("snapshots", "--repo", s.file("repo"), "--json")
+        return try #require(try JSONSerialization.jsonObject(with: Data(list.stdout.utf8)) as? [[String: Any]])
+            .compactMap { $0["id"] as? String }
+    }
+
+    func repoBytes(_ s: Scratch) throws -> Int {
+        try packFiles(s.file("repo")).reduce(0) {
+            $0 + ((try FileManager.default.attributesOfItem(atPath: $1)[.size] as? Int) ?? 0)
+        }
+    }
+
+    @Test("forget + prune frees the data only forgotten snapshots used; the rest restores, check passes")
+    func forgetAndPrune() throws {
+        let s = Scratch()
+        let src = s.file("src")
+        try FileManager.default.createDirectory(atPath: src, withIntermediateDirectories: true)
+        _ = try cabackup("init", "--repo", s.file("repo"))
+        var last = Data()
+        for round in 0..<3 {
+            if round > 0 { try FileManager.default.removeItem(atPath: src + "/r\(round - 1).bin") }
+            last = try #require(FileHandle(forReadingAtPath: "/dev/urandom")?.readData(ofLength: 20 << 20))
+            try last.write(to: URL(fileURLWithPath: src + "/r\(round).bin"))
+            #expect(try cabackup("snapshot", "--repo", s.file("repo"), src).status == 0)
+        }
+        let ids = try snapshotIDs(s)
+        #expect(ids.count == 3)
+        let before = try repoBytes(s)
+        let dry = try cabackup("forget", "--repo", s.file("repo"), "--keep-last", "1", "--prune", "--dry-run")
+        #expect(dry.status == 0, "\(dry.stderr)")
+        #expect(try snapshotIDs(s) == ids)
+        #expect(try repoBytes(s) == before)
+        let r = try cabackup("forget", "--repo", s.file("repo"), "--keep-last", "1", "--prune")
+        #expect(r.status == 0, "\(r.stderr)")
+        #expect(try snapshotIDs(s) == [ids[2]])
+        #expect(try repoBytes(s) < before - (30 << 20))
+        #expect(try cabackup("check", "--repo", s.file("repo"), "--read-data").status == 0)
+        _ = try cabackup("restore", "--repo", s.file("repo"), "latest", "--target", s.file("out"))
+        #expect(FileManager.default.contents(atPath: s.file("out") + src + "/r2.bin") == last)
+    }
+
+    @Test("prune repacks a half-used pack, keeping exactly the used blobs")
+    func pruneRepacks() throws {
+        let s = Scratch()
+        let src = s.file("src")
+        try FileManager.default.createDirectory(atPath: src, withIntermediateDirectories: true)
+        let keep = try #require(FileHandle(forReadingAtPath: "/dev/urandom")?.readData(ofLength: 4 << 20))
+        try keep.write(to: URL(fileURLWithPath: src + "/keep.bin"))
+        let drop = try #require(FileHandle(forReadingAtPath: "/dev/urandom")?.readData(ofLength: 4 << 20))
+        try drop.write(to: URL(fileURLWithPath: src + "/drop.bin"))
+        _ = try cabackup("init", "--repo", s.file("repo"))
+        _ = try cabackup("snapshot", "--repo", s.file("repo"), src)
+        try FileManager.default.removeItem(atPath: src + "/drop.bin")
+        _ = try cabackup("snapshot", "--repo", s.file("repo"), src)
+        let first = try snapshotIDs(s)[0]
+        _ = try cabackup("forget", "--repo", s.file("repo"), first)
+        let r = try cabackup("prune", "--repo", s.file("repo"))
+        #expect(r.status == 0, "\(r.stderr)")
+        #expect(r.stdout.contains("repacked 1"))
+        #expect(try repoBytes(s) < 6 << 20)
+        #expect(try cabackup("check", "--repo", s.file("repo"), "--read-data").status == 0)
+        _ = try cabackup("restore", "--repo", s.file("repo"), "latest", "--target", s.file("out"))
+        #expect(FileManager.default.contents(atPath: s.file("out") + src + "/keep.bin") == keep)
+    }
+
+    @Test("prune refuses to run beside a snapshot (exit 11); the snapshot completes and restores")
+    func pruneBesideSnapshot() throws {
+        let s = Scratch()
+        let src = try makeSource(s, megabytes: 64)
+        _ = try cabackup("init", "--repo", s.file("repo"))
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: productsDirectory + "/cabackup")
+        p.arguments = ["snapshot", "--repo", s.file("repo"), src]
+        p.standardOutput = FileHandle.nullDevice
+        p.standardError = FileHandle.nullDevice
+        try p.run()
+        usleep(100_000)
+        let prune = try cabackup("prune", "--repo", s.file("repo"))
+        let stillRunning = p.isRunning
+        p.waitUntilExit()
+        if stillRunning {
+            #expect(prune.status == 11, "\(prune.stdout)\(prune.stderr)")
+            #expect(prune.stderr.contains("locked"))
+        }
+        #expect(p.terminationStatus == 0)
+        #expect(try cabackup("check", "--repo", s.file("repo"), "--read-data").status == 0)
+        let r = try cabackup("restore", "--repo", s.file("repo"), "latest", "--target", s.file("out"))
+        #expect(r.status == 0)
+        let cmp = try python(treetool, "compare", src, s.file("out") + src)
+        #expect(cmp.status == 0, "\(cmp.stdout)")
+    }
 }
 
 /// A seeded generator, so a failing kill schedule can be replayed.

@@ -85,6 +85,10 @@ extension Repository {
         guard !paths.isEmpty else {
             throw CABackupError.invalidArgument("no paths to back up: name at least one file or directory")
         }
+        // Shared: snapshots only add, so they run side by side; prune (which deletes)
+        // takes the lock exclusively and cannot run beside one.
+        let lock = try backend.lock(exclusive: false)
+        defer { withExtendedLifetime(lock) {} }
         let archiver = Archiver(repository: self, options: options, progress: progress)
         return try archiver.run(paths: paths)
     }

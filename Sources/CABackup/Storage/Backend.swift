@@ -8,6 +8,13 @@ public enum FileKind: String, Sendable, CaseIterable {
     case snapshot
 }
 
+/// A held repository lock; released on deinit.
+public final class RepositoryLock: Sendable {
+    private let release: @Sendable () -> Void
+    public init(release: @escaping @Sendable () -> Void) { self.release = release }
+    deinit { release() }
+}
+
 /// Where a repository's immutable files live: a local directory today, an HTTP server
 /// later. Every write is atomic and durable before it returns; files are never
 /// modified after they are written, only created and (by prune) removed.
@@ -37,6 +44,11 @@ public protocol Backend: Sendable {
     /// Stores a finished temporary file under `name`, durably, consuming the file. The
     /// caller still owns (and closes) `fd`, which is open for writing on it.
     func store(_ kind: FileKind, _ name: String, fd: Int32, temporaryPath: String) throws
+    /// Takes the repository lock: shared for writers that only add (snapshots), exclusive
+    /// for prune, which deletes. Released when the returned handle is released, or when
+    /// the process dies (so a crash never leaves a lock that needs a human).
+    /// - Throws: ``CABackupError/locked(_:)`` when the lock is held in a conflicting mode.
+    func lock(exclusive: Bool) throws -> RepositoryLock
     /// Removes a file.
     func remove(_ kind: FileKind, _ name: String) throws
 }

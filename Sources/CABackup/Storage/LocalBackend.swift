@@ -127,6 +127,25 @@ public final class LocalBackend: Backend, @unchecked Sendable {
 
     public var temporaryDirectory: String { root + "/tmp" }
 
+    /// `flock` on `<repo>/lock`: the kernel drops it when the process exits, however it exits.
+    public func lock(exclusive: Bool) throws -> RepositoryLock {
+        let p = root + "/lock"
+        let fd = open(p, O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
+        if fd < 0 { throw ioError("open", p) }
+        if flock(fd, (exclusive ? LOCK_EX : LOCK_SH) | LOCK_NB) != 0 {
+            let e = errno
+            close(fd)
+            if e == EWOULDBLOCK {
+                throw CABackupError.locked(
+                    exclusive
+                        ? "a snapshot or another prune is running on \(root)"
+                        : "a prune is running on \(root)")
+            }
+            throw ioError("lock", p, e)
+        }
+        return RepositoryLock { close(fd) }
+    }
+
     public func store(_ kind: FileKind, _ name: String, fd: Int32, temporaryPath: String) throws {
         let p = path(kind, name)
         if durable && fsync(fd) != 0 { throw ioError("fsync", temporaryPath) }

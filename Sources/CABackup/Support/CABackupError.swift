@@ -35,6 +35,8 @@ public enum CABackupError: Error, Sendable, CustomStringConvertible {
     case io(operation: String, path: String, errno: Int32)
     /// The SQLite index reported an error.
     case index(String)
+    /// The repository lock is held in a conflicting mode by another process.
+    case locked(String)
     /// The operation was cancelled by the caller.
     case cancelled
     /// Invalid argument given to the library.
@@ -75,6 +77,8 @@ public enum CABackupError: Error, Sendable, CustomStringConvertible {
             return "\(op) \(path): \(errnoDescription(e))"
         case .index(let m):
             return "index: \(m) (the index can be rebuilt with 'cabackup repair index')"
+        case .locked(let who):
+            return "repository is locked: \(who); try again when it has finished"
         case .cancelled:
             return "interrupted"
         case .invalidArgument(let m):

@@ -1,0 +1,191 @@
+#if canImport(Glibc)
+    import Glibc
+#elseif canImport(Darwin)
+    import Darwin
+#endif
+
+/// Which snapshots `forget` keeps (restic's policies). Snapshots are grouped by host and
+/// paths; within each group a snapshot is kept when any rule keeps it.
+public struct ForgetPolicy: Sendable {
+    /// Keep the newest N snapshots.
+    public var last: Int?
+    /// Keep the newest snapshot of each of the last N days that have snapshots.
+    public var daily: Int?
+    /// … of each of the last N ISO weeks that have snapshots.
+    public var weekly: Int?
+    /// … of each of the last N months that have snapshots.
+    public var monthly: Int?
+
+    public init(last: Int? = nil, daily: Int? = nil, weekly: Int? = nil, monthly: Int? = nil) {
+        self.last = last
+        self.daily = daily
+        self.weekly = weekly
+        self.monthly = monthly
+    }
+
+    public var isEmpty: Bool { last == nil && daily == nil && weekly == nil && monthly == nil }
+}
+
+/// What prune did (or, with `dryRun`, would do).
+public struct PruneReport: Sendable {
+    public var packsDeleted = 0
+    public var packsRepacked = 0
+    public var packsWritten = 0
+    public var bytesFreed: Int64 = 0
+    public var blobsRemoved = 0
+    public var temporaryFilesRemoved = 0
+}
+
+extension Repository {
+    /// Splits snapshots (matching `filter`) into those `policy` keeps and those it removes.
+    public func forgetPlan(
+        _ policy: ForgetPolicy, matching filter: SnapshotFilter = SnapshotFilter()
+    ) throws
+        -> (keep: [Snapshot], remove: [Snapshot])
+    {
+        var groups: [String: [Snapshot]] = [:]
+        for s in try snapshots(matching: filter) {
+            groups[s.hostname + "\u{0}" + s.paths.joined(separator: "\u{0}"), default: []].append(s)
+        }
+        var keep: [Snapshot] = []
+        var remove: [Snapshot] = []
+        for (_, group) in groups {
+            let newest = group.sorted { $0.timeNs > $1.timeNs }
+            var kept = Set<SnapshotID>()
+            if let n = policy.last { for s in newest.prefix(n) { kept.insert(s.id) } }
+            func bucketRule(_ n: Int?, _ key: (Int64) -> String) {
+                guard let n else { return }
+                var seen = Set<String>()
+                for s in newest {
+                    let k = key(s.timeNs)
+                    if seen.contains(k) { continue }
+                    if seen.count == n { break }
+                    seen.insert(k)
+                    kept.insert(s.id)
+                }
+            }
+            bucketRule(policy.daily) { calendarKey($0, "%Y-%m-%d") }
+            bucketRule(policy.weekly) { calendarKey($0, "%G-%V") }
+            bucketRule(policy.monthly) { calendarKey($0, "%Y-%m") }
+            for s in newest { if kept.contains(s.id) { keep.append(s) } else { remove.append(s) } }
+        }
+        return (keep.sorted { $0.timeNs < $1.timeNs }, remove.sorted { $0.timeNs < $1.timeNs })
+    }
+
+    /// Removes snapshot records (their data stays until ``prune(dryRun:)``).
+    public func forget(_ snapshots: [Snapshot]) throws {
+        for s in snapshots {
+            try backend.remove(.snapshot, s.id.hex)
+            try index.removeSnapshot(s.id)
+        }
+    }
+
+    /// Removes data no snapshot references: packs with no used blob are deleted; packs
+    /// with more than `repackBelow` of their bytes unused have their used blobs copied
+    /// (verified) into new packs, then are deleted. New packs are durable and indexed
+    /// before any old pack is deleted, so an interruption loses nothing.
+    ///
+    /// Takes the repository lock exclusively: it refuses to run beside a snapshot, so it
+    /// can never delete a blob a running snapshot has just decided to reuse.
+    ///
+    /// - Throws: ``CABackupError/locked(_:)`` while a snapshot runs; a damaged tree aborts
+    ///   prune before anything is deleted (run `check`).
+    public func prune(dryRun: Bool = false, repackBelow usedFraction: Double = 0.8) throws -> PruneReport {
+        let lock = try backend.lock(exclusive: true)
+        defer { withExtendedLifetime(lock) {} }
+        try synchronizeIndex()
+        var report = PruneReport()
+
+        // Everything any snapshot needs. A tree that cannot be read stops prune: deleting
+        // on the strength of a partial walk could delete what that tree needs.
+        var used = Set<BlobID>()
+        func mark(_ ids: [BlobID]) throws {
+            for id in ids where !used.contains(id) {
+                used.insert(id)
+                for n in try loadTree(id) {
+                    if n.type == .directory { try mark(n.subtrees) } else { for c in n.content { used.insert(c) } }
+                }
+            }
+        }
+        for s in try snapshots() { try mark([s.tree]) }
+
+        var deletions: [(PackID, Int64)] = []
+        var repacks: [(PackID, [PackEntry])] = []
+        for pack in try backend.list(.pack).compactMap({ ObjectID(hex: $0) }).sorted() {
+            let entries = try PackFormat.readHeader(from: backend, name: pack.hex)
+            let size = try backend.size(.pack, pack.hex)
+            let live = entries.filter { used.contains($0.id) }
+            let liveBytes = live.reduce(0) { $0 + $1.length }
+            let total = max(1, entries.reduce(0) { $0 + $1.length })
+            report.blobsRemoved += entries.count - live.count
+            if live.isEmpty {
+                deletions.append((pack, size))
+            } else if Double(liveBytes) / Double(total) < usedFraction {
+                repacks.append((pack, live))
+                deletions.append((pack, size))
+            }
+        }
+        report.packsDeleted = deletions.count - repacks.count
+        report.packsRepacked = repacks.count
+        if dryRun {
+            report.bytesFreed = deletions.reduce(0) { $0 + $1.1 }
+            return report
+        }
+
+        // Copy the live blobs of packs being repacked, verifying each on the way.
+        if !repacks.isEmpty {
+            let saver = BlobSaver(repository: self)
+            let hasher = SHA256Hasher()
+            let buffers = BlobBuffers()
+            var stored = [UInt8]()
+            do {
+                for (pack, live) in repacks {
+                    for e in live {
+                        let loc = BlobLocation(
+                            pack: pack, type: e.type, compression: e.compression, offset: e.offset, length: e.length,
+                            rawLength: e.rawLength)
+                        _ = try loadBlob(e.id, at: loc, into: buffers, hasher: hasher)
+                        if stored.count < e.length { stored = [UInt8](repeating: 0, count: e.length) }
+                        try stored.withUnsafeMutableBytes { raw in
+                            try backend.read(
+                                .pack, pack.hex, offset: e.offset, length: e.length, into: raw.baseAddress!)
+                        }
+                        try stored.withUnsafeBytes { raw in
+                            try saver.add(
+                                e.id, type: e.type, compression: e.compression, rawLength: e.rawLength,
+                                bytes: UnsafeRawBufferPointer(rebasing: raw[0..<e.length]))
+                        }
+                    }
+                }
+                try saver.finish()
+            } catch {
+                saver.abandon()
+                throw error
+            }
+            report.packsWritten = saver.packsAdded.load(ordering: .relaxed)
+            report.bytesFreed -= saver.bytesAdded.load(ordering: .relaxed)
+        }
+        for (pack, size) in deletions {
+            try index.removePack(pack)
+            try backend.remove(.pack, pack.hex)
+            report.bytesFreed += size
+        }
+        // No writer runs (we hold the lock exclusively): leftovers in tmp/ are from crashes.
+        for name in (try? readDirectory(Array(backend.temporaryDirectory.utf8))) ?? [] {
+            if unlink(backend.temporaryDirectory + "/" + String(decoding: name, as: UTF8.self)) == 0 {
+                report.temporaryFilesRemoved += 1
+            }
+        }
+        return report
+    }
+}
+
+/// A local-time calendar key (strftime format) for a time in nanoseconds.
+func calendarKey(_ ns: Int64, _ format: String) -> String {
+    var t = time_t(ns / 1_000_000_000)
+    var tm = tm()
+    localtime_r(&t, &tm)
+    var buf = [CChar](repeating: 0, count: 32)
+    let n = strftime(&buf, buf.count, format, &tm)
+    return String(decoding: buf[0..<n].map { UInt8(bitPattern: $0) }, as: UTF8.self)
+}
