@@ -130,6 +130,9 @@ struct ReliabilityTests {
             if n >= 20 { break }
         }
         #expect(n >= 3, "expected several pack writes, saw \(n)")
+        // Nothing stored twice: the packs hold about one copy of the ~44 MiB of random data.
+        let packBytes = try repoBytes(s)
+        #expect(packBytes < (44 << 20) + (2 << 20), "packs: \(packBytes) bytes")
         // Packs written before each kill were kept and reused: the completed run after the
         // last kill stored little new data.
         let r = try cabackup("restore", "--repo", s.file("repo"), "latest", "--target", s.file("out"))
@@ -290,6 +293,42 @@ struct ReliabilityTests {
         #expect(r.status == 0)
         let cmp = try python(treetool, "compare", src, s.file("out") + src)
         #expect(cmp.status == 0, "\(cmp.stdout)")
+    }
+
+    @Test("garbage files, a missing config and a newer format version get clear errors or are ignored")
+    func hostileRepositoryFiles() throws {
+        let s = Scratch()
+        let src = try makeSource(s, megabytes: 1)
+        let repo = s.file("repo")
+        _ = try cabackup("init", "--repo", repo)
+        _ = try cabackup("snapshot", "--repo", repo, src)
+        // Stray files where objects live are ignored by every command...
+        try Data("junk".utf8).write(to: URL(fileURLWithPath: repo + "/data/00/not-a-pack"))
+        try Data("junk".utf8).write(to: URL(fileURLWithPath: repo + "/snapshots/README"))
+        try Data("junk".utf8).write(to: URL(fileURLWithPath: repo + "/stray.txt"))
+        #expect(try cabackup("snapshots", "--repo", repo).status == 0)
+        #expect(try cabackup("snapshot", "--repo", repo, src).status == 0)
+        // ...but a file posing as a pack is reported by check, and a backup still works.
+        let fake = String(repeating: "ab", count: 32)
+        try Data("not a pack at all".utf8).write(to: URL(fileURLWithPath: repo + "/data/ab/" + fake))
+        let check = try cabackup("check", "--repo", repo)
+        #expect(check.status == 1)
+        #expect(check.stdout.contains(fake))
+        #expect(try cabackup("snapshot", "--repo", repo, src).status == 0)
+        try FileManager.default.removeItem(atPath: repo + "/data/ab/" + fake)
+        // A newer format version: refuse, and say to upgrade.
+        let config = try String(contentsOfFile: repo + "/config", encoding: .utf8)
+        try config.replacingOccurrences(of: "\"format_version\" : 1", with: "\"format_version\" : 7")
+            .write(toFile: repo + "/config", atomically: true, encoding: .utf8)
+        let newer = try cabackup("snapshots", "--repo", repo)
+        #expect(newer.status == 1)
+        #expect(newer.stderr.contains("upgrade cabackup"))
+        // No config at all: not a repository (exit 10), nothing created.
+        try FileManager.default.removeItem(atPath: repo + "/config")
+        let missing = try cabackup("snapshot", "--repo", repo, src)
+        #expect(missing.status == 10)
+        #expect(missing.stderr.contains("no repository"))
+        #expect(!FileManager.default.fileExists(atPath: repo + "/config"))
     }
 }
 
