@@ -72,7 +72,7 @@ extension Repository {
         return (keep.sorted { $0.timeNs < $1.timeNs }, remove.sorted { $0.timeNs < $1.timeNs })
     }
 
-    /// Removes snapshot records (their data stays until ``prune(dryRun:)``).
+    /// Removes snapshot records (their data stays until ``prune(dryRun:repackBelow:)``).
     public func forget(_ snapshots: [Snapshot]) throws {
         for s in snapshots {
             try backend.remove(.snapshot, s.id.hex)
