@@ -112,6 +112,7 @@ struct ReliabilityTests {
         let src = try makeSource(s, megabytes: 4)
         _ = try cabackup("init", "--repo", s.file("repo"))
         #expect(try cabackup("snapshot", "--repo", s.file("repo"), src).status == 0)
+        let baseline = FileManager.default.contents(atPath: src + "/big.bin")
         // A second, larger change: ~40 MiB of new data is three data packs and a tree pack.
         let more = try #require(FileHandle(forReadingAtPath: "/dev/urandom")?.readData(ofLength: 40 << 20))
         try more.write(to: URL(fileURLWithPath: src + "/more.bin"))
@@ -123,6 +124,11 @@ struct ReliabilityTests {
             #expect(r.status == 137, "\(r.stderr)")
             let check = try cabackup("check", "--repo", s.file("repo"), "--read-data")
             #expect(check.status == 0, "after \(n) writes: \(check.stdout)")
+            let out = s.file("out-\(n)")
+            let earlier = try cabackup("restore", "--repo", s.file("repo"), "latest", "--target", out)
+            #expect(earlier.status == 0)
+            #expect(FileManager.default.contents(atPath: out + src + "/big.bin") == baseline)
+            try FileManager.default.removeItem(atPath: out)
             let list = try cabackup("snapshots", "--repo", s.file("repo"), "--json")
             #expect((try JSONSerialization.jsonObject(with: Data(list.stdout.utf8)) as? [Any])?.count == 1)
             n += 1
@@ -175,6 +181,9 @@ struct ReliabilityTests {
         let s = Scratch()
         let src = try makeSource(s, megabytes: 24)
         _ = try cabackup("init", "--repo", s.file("repo"))
+        // An earlier snapshot that must survive every kill.
+        #expect(try cabackup("snapshot", "--repo", s.file("repo"), "--tag", "baseline", src).status == 0)
+        let baseline = FileManager.default.contents(atPath: src + "/big.bin")
         var rng = SplitMix(seed: 20_261_125)
         var killed = 0
         for round in 0..<20 {
@@ -194,6 +203,13 @@ struct ReliabilityTests {
             if p.terminationReason == .uncaughtSignal { killed += 1 }
             let check = try cabackup("check", "--repo", s.file("repo"))
             #expect(check.status == 0, "round \(round): \(check.stdout)")
+            let out = s.file("out-\(round)")
+            let earlier = try cabackup(
+                "restore", "--repo", s.file("repo"), "latest", "--tag", "baseline", "--include", src + "/big.bin",
+                "--target", out)
+            #expect(earlier.status == 0)
+            #expect(FileManager.default.contents(atPath: out + src + "/big.bin") == baseline)
+            try? FileManager.default.removeItem(atPath: out)
         }
         #expect(killed >= 15, "only \(killed) of 20 runs were still running when killed")
         #expect(try cabackup("snapshot", "--repo", s.file("repo"), src).status == 0)
