@@ -84,6 +84,15 @@ struct EndToEndTests {
         let text = try cabackup("ls", "--repo", s.file("repo"), "latest")
         #expect(text.stdout.contains(src + "/latin1-\\xe9t\\xe9.txt\n"))
         #expect(text.stdout.contains(src + "/new\\x0aline\n"))
+        let long = try cabackup("ls", "--repo", s.file("repo"), "--long", "latest", src, env: ["TZ": "UTC"])
+        #expect(long.stdout.contains(" \(src)/link-rel -> docs/hello.txt\n"))
+        #expect(long.stdout.split(separator: "\n").contains { $0.hasPrefix("prw-r--r-- ") && $0.hasSuffix("/fifo") })
+        #expect(
+            long.stdout.split(separator: "\n").contains { $0.hasPrefix("-rwxr-xr-x ") && $0.hasSuffix("/script.sh") })
+        #expect(long.stdout.contains("2020-09-13 12:26:40"))
+        let notThere = try cabackup("ls", "--repo", s.file("repo"), "latest", src + "/nope")
+        #expect(notThere.status == 1)
+        #expect(notThere.stderr.contains("is not in the snapshot"))
         let json = try cabackup("ls", "--repo", s.file("repo"), "--json", "latest", src + "/docs")
         let lines = json.stdout.split(separator: "\n").compactMap { jsonObject(String($0)) }
         #expect(lines.first?["path"] as? String == src + "/docs")
