@@ -431,17 +431,11 @@ final class Archiver: @unchecked Sendable {
         case .directory:
             return .directory(try walkDirectory(path: path, node: node, trie: nil, parent: parentDirectory(parent)))
         case .symlink:
-            var buf = [UInt8](repeating: 0, count: Int(PATH_MAX) + 1)
-            let n = withCPath(path) { p in
-                buf.withUnsafeMutableBufferPointer {
-                    readlink(p, $0.baseAddress!.withMemoryRebound(to: CChar.self, capacity: $0.count) { $0 }, $0.count)
-                }
-            }
-            if n < 0 {
+            guard let target = readLinkTarget(path) else {
                 warn(path, "cannot read link: \(errnoDescription(errno))")
                 return nil
             }
-            node.linkTarget = Array(buf[0..<n])
+            node.linkTarget = target
             return .done(node)
         default:
             return .done(node)
@@ -600,13 +594,7 @@ final class Archiver: @unchecked Sendable {
             if treeScratch.count < bound { treeScratch = [UInt8](repeating: 0, count: bound) }
             try bytes.withUnsafeBytes { (src) throws in
                 try treeScratch.withUnsafeMutableBytes { (dst) throws in
-                    if let n = LZ4.compress(src, into: dst), n < bytes.count {
-                        try saver.add(
-                            id, type: .tree, compression: .lz4, rawLength: bytes.count,
-                            bytes: UnsafeRawBufferPointer(rebasing: dst[0..<n]))
-                    } else {
-                        try saver.add(id, type: .tree, compression: .none, rawLength: bytes.count, bytes: src)
-                    }
+                    try saver.addCompressing(id, type: .tree, raw: src, scratch: dst)
                 }
             }
         }
@@ -625,13 +613,7 @@ final class Archiver: @unchecked Sendable {
             let id = hasher.hash(raw)
             do {
                 if try saver.claim(id) {
-                    if let n = LZ4.compress(raw, into: scratch), n < raw.count {
-                        try saver.add(
-                            id, type: .data, compression: .lz4, rawLength: raw.count,
-                            bytes: UnsafeRawBufferPointer(rebasing: scratch[0..<n]))
-                    } else {
-                        try saver.add(id, type: .data, compression: .none, rawLength: raw.count, bytes: raw)
-                    }
+                    try saver.addCompressing(id, type: .data, raw: raw, scratch: scratch)
                     chunksAdded.add(1, ordering: .relaxed)
                 }
             } catch {
@@ -646,31 +628,6 @@ final class Archiver: @unchecked Sendable {
     }
 
     // MARK: Helpers
-
-    private func makeNode(name: [UInt8], st: stat) -> Node {
-        let type: NodeType
-        switch st.st_mode & S_IFMT {
-        case S_IFREG: type = .file
-        case S_IFDIR: type = .directory
-        case S_IFLNK: type = .symlink
-        case S_IFIFO: type = .fifo
-        case S_IFCHR: type = .characterDevice
-        case S_IFBLK: type = .blockDevice
-        default: type = .socket
-        }
-        var n = Node(name: name, type: type)
-        n.mode = UInt32(st.st_mode & 0o7777)
-        n.uid = st.st_uid
-        n.gid = st.st_gid
-        n.size = type == .file ? UInt64(st.st_size) : 0
-        n.mtimeNs = nanoseconds(st.st_mtim)
-        n.ctimeNs = nanoseconds(st.st_ctim)
-        n.inode = UInt64(st.st_ino)
-        n.device = UInt64(st.st_dev)
-        n.links = type == .directory ? 1 : UInt64(st.st_nlink)
-        n.rdev = UInt64(st.st_rdev)
-        return n
-    }
 
     private func isExcluded(path: [UInt8], name: [UInt8]) -> Bool {
         matchesExclude(options.excludes, path: path, name: name)
@@ -695,6 +652,43 @@ final class Archiver: @unchecked Sendable {
                 totalFiles: scanner.files.load(ordering: .relaxed), totalBytes: scanner.bytes.load(ordering: .relaxed),
                 scanFinished: scanner.finished.load(ordering: .relaxed)))
     }
+}
+
+/// A node with the metadata of an `lstat` result (no content, target or subtrees yet).
+func makeNode(name: [UInt8], st: stat) -> Node {
+    let type: NodeType
+    switch st.st_mode & S_IFMT {
+    case S_IFREG: type = .file
+    case S_IFDIR: type = .directory
+    case S_IFLNK: type = .symlink
+    case S_IFIFO: type = .fifo
+    case S_IFCHR: type = .characterDevice
+    case S_IFBLK: type = .blockDevice
+    default: type = .socket
+    }
+    var n = Node(name: name, type: type)
+    n.mode = UInt32(st.st_mode & 0o7777)
+    n.uid = st.st_uid
+    n.gid = st.st_gid
+    n.size = type == .file ? UInt64(st.st_size) : 0
+    n.mtimeNs = nanoseconds(st.st_mtim)
+    n.ctimeNs = nanoseconds(st.st_ctim)
+    n.inode = UInt64(st.st_ino)
+    n.device = UInt64(st.st_dev)
+    n.links = type == .directory ? 1 : UInt64(st.st_nlink)
+    n.rdev = UInt64(st.st_rdev)
+    return n
+}
+
+/// A symlink's target bytes; `nil` when it cannot be read.
+func readLinkTarget(_ path: [UInt8]) -> [UInt8]? {
+    var buf = [UInt8](repeating: 0, count: Int(PATH_MAX) + 1)
+    let n = withCPath(path) { p in
+        buf.withUnsafeMutableBufferPointer {
+            readlink(p, $0.baseAddress!.withMemoryRebound(to: CChar.self, capacity: $0.count) { $0 }, $0.count)
+        }
+    }
+    return n < 0 ? nil : Array(buf[0..<n])
 }
 
 /// Whether an entry matches one of the exclude globs: a pattern with a `/` is matched

@@ -194,33 +194,8 @@ struct StatusWalker {
     private func lstatNode(_ path: [UInt8], name: [UInt8]) -> Node? {
         var st = stat()
         guard withCPath(path, { lstat($0, &st) }) == 0 else { return nil }
-        var n = Node(name: name, type: .file)
-        switch st.st_mode & S_IFMT {
-        case S_IFREG: n.type = .file
-        case S_IFDIR: n.type = .directory
-        case S_IFLNK: n.type = .symlink
-        case S_IFIFO: n.type = .fifo
-        case S_IFCHR: n.type = .characterDevice
-        case S_IFBLK: n.type = .blockDevice
-        default: n.type = .socket
-        }
-        n.mode = UInt32(st.st_mode & 0o7777)
-        n.uid = st.st_uid
-        n.gid = st.st_gid
-        n.size = n.type == .file ? UInt64(st.st_size) : 0
-        n.mtimeNs = nanoseconds(st.st_mtim)
-        n.ctimeNs = nanoseconds(st.st_ctim)
-        n.inode = UInt64(st.st_ino)
-        n.rdev = UInt64(st.st_rdev)
-        if n.type == .symlink {
-            var buf = [UInt8](repeating: 0, count: Int(PATH_MAX) + 1)
-            let len = withCPath(path) { p in
-                buf.withUnsafeMutableBufferPointer {
-                    readlink(p, $0.baseAddress!.withMemoryRebound(to: CChar.self, capacity: $0.count) { $0 }, $0.count)
-                }
-            }
-            if len >= 0 { n.linkTarget = Array(buf[0..<len]) }
-        }
+        var n = makeNode(name: name, st: st)
+        if n.type == .symlink { n.linkTarget = readLinkTarget(path) ?? [] }
         return n
     }
 

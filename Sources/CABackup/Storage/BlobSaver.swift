@@ -108,6 +108,22 @@ final class BlobSaver: @unchecked Sendable {
         if let sealed { queue.push(sealed) }
     }
 
+    /// Compresses a claimed blob with LZ4 into `scratch` (at least `LZ4.bound(raw.count)`
+    /// bytes) and appends it, or appends it raw when compression does not shrink it.
+    func addCompressing(
+        _ id: BlobID, type: BlobType, raw: UnsafeRawBufferPointer, scratch: UnsafeMutableRawBufferPointer
+    )
+        throws
+    {
+        if let n = LZ4.compress(raw, into: scratch), n < raw.count {
+            try add(
+                id, type: type, compression: .lz4, rawLength: raw.count,
+                bytes: UnsafeRawBufferPointer(rebasing: scratch[0..<n]))
+        } else {
+            try add(id, type: type, compression: .none, rawLength: raw.count, bytes: raw)
+        }
+    }
+
     /// Seals the open packs, waits until every pack is stored and indexed.
     /// - Throws: the first error any pack write hit.
     func finish() throws {

@@ -59,13 +59,7 @@
                 guard try saver.claim(id) else { continue }
                 try b.withUnsafeBytes { src in
                     try scratch.withUnsafeMutableBytes { dst in
-                        if let n = LZ4.compress(src, into: dst), n < b.count {
-                            try saver.add(
-                                id, type: .data, compression: .lz4, rawLength: b.count,
-                                bytes: UnsafeRawBufferPointer(rebasing: dst[0..<n]))
-                        } else {
-                            try saver.add(id, type: .data, compression: .none, rawLength: b.count, bytes: src)
-                        }
+                        try saver.addCompressing(id, type: .data, raw: src, scratch: dst)
                     }
                 }
             }
