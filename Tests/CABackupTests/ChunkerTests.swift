@@ -116,6 +116,54 @@ struct ChunkerTests {
         some.withUnsafeBytes { #expect(chunker.nextCut(in: $0, isFinal: false) == nil) }
     }
 
+    /// The plain FastCDC loop, byte by byte, with no shortcuts: what the format defines.
+    func referenceCuts(_ params: ChunkerParameters, _ data: [UInt8]) -> [Int] {
+        let gear = Chunker.gearTable(seed: params.seed)
+        let bits = params.averageSize.trailingZeroBitCount
+        let strict = ~UInt64(0) << UInt64(64 - (bits + 2))
+        let loose = ~UInt64(0) << UInt64(64 - max(1, bits - 2))
+        let normalPoint = max(params.minSize, params.averageSize - params.averageSize / 4)
+        var cuts: [Int] = []
+        var start = 0
+        while start < data.count {
+            let limit = min(data.count - start, params.maxSize)
+            var cut = limit
+            if limit > params.minSize {
+                var h: UInt64 = 0
+                for i in (params.minSize - 64)..<limit {
+                    h = (h &<< 1) &+ gear[Int(data[start + i])]
+                    if i < params.minSize { continue }
+                    if h & (i < min(normalPoint, limit) ? strict : loose) == 0 {
+                        cut = i + 1
+                        break
+                    }
+                }
+            }
+            cuts.append(cut)
+            start += cut
+        }
+        return cuts
+    }
+
+    @Test("runs of equal bytes cut exactly where the plain loop cuts", arguments: [false, true])
+    func runsMatchReference(defaults: Bool) {
+        let params = defaults ? ChunkerParameters.defaults(seed: testSeed) : smallParameters
+        var data = pseudoRandomBytes(count: defaults ? 40 << 20 : 4 << 20, seed: 21)
+        // Runs of several values and lengths, some crossing the min and normal points.
+        var rng = pseudoRandomBytes(count: 256, seed: 22).makeIterator()
+        var offset = 1000
+        for k in 0..<40 {
+            let byte: UInt8 = k % 3 == 0 ? 0 : (rng.next() ?? 7)
+            let length = (k % 5 + 1) * params.minSize / 3 + k * 17
+            guard offset + length < data.count else { break }
+            for i in offset..<offset + length { data[i] = byte }
+            offset += length + data.count / 50
+        }
+        #expect(cutAll(Chunker(params), data) == referenceCuts(params, data))
+        let zeros = [UInt8](repeating: 0, count: 3 * params.maxSize + 5)
+        #expect(cutAll(Chunker(params), zeros) == referenceCuts(params, zeros))
+    }
+
     @Test("invalid parameters are refused")
     func validation() {
         #expect(throws: CABackupError.self) {
