@@ -59,6 +59,17 @@ func cabackup(_ args: String..., env: [String: String] = [:], cwd: String? = nil
     try run(productsDirectory + "/cabackup", args, env: env, cwd: cwd)
 }
 
+/// Starts the built `cabackup` in the background, output discarded.
+func startCabackup(_ args: String...) throws -> Process {
+    let p = Process()
+    p.executableURL = URL(fileURLWithPath: productsDirectory + "/cabackup")
+    p.arguments = args
+    p.standardOutput = FileHandle.nullDevice
+    p.standardError = FileHandle.nullDevice
+    try p.run()
+    return p
+}
+
 func python(_ args: String...) throws -> RunResult {
     try run("/usr/bin/env", ["python3"] + args)
 }

@@ -156,17 +156,8 @@ struct ReliabilityTests {
         let data = try #require(FileHandle(forReadingAtPath: "/dev/urandom")?.readData(ofLength: 12 << 20))
         try data.write(to: URL(fileURLWithPath: b + "/other.bin"))
         _ = try cabackup("init", "--repo", s.file("repo"))
-        func start(_ path: String) throws -> Process {
-            let p = Process()
-            p.executableURL = URL(fileURLWithPath: productsDirectory + "/cabackup")
-            p.arguments = ["snapshot", "--repo", s.file("repo"), path]
-            p.standardOutput = FileHandle.nullDevice
-            p.standardError = FileHandle.nullDevice
-            try p.run()
-            return p
-        }
-        let pa = try start(a)
-        let pb = try start(b)
+        let pa = try startCabackup("snapshot", "--repo", s.file("repo"), a)
+        let pb = try startCabackup("snapshot", "--repo", s.file("repo"), b)
         pa.waitUntilExit()
         pb.waitUntilExit()
         #expect(pa.terminationStatus == 0 && pb.terminationStatus == 0)
@@ -190,13 +181,8 @@ struct ReliabilityTests {
             // Fresh content each round, so every run has packs to write when it is killed.
             let chunk = try #require(FileHandle(forReadingAtPath: "/dev/urandom")?.readData(ofLength: 2 << 20))
             try chunk.write(to: URL(fileURLWithPath: src + "/round-\(round).bin"))
-            let p = Process()
-            p.executableURL = URL(fileURLWithPath: productsDirectory + "/cabackup")
             // --force: every run reads everything, so the kill lands mid-run.
-            p.arguments = ["snapshot", "--repo", s.file("repo"), "--force", src]
-            p.standardOutput = FileHandle.nullDevice
-            p.standardError = FileHandle.nullDevice
-            try p.run()
+            let p = try startCabackup("snapshot", "--repo", s.file("repo"), "--force", src)
             usleep(UInt32(rng.next() % 150_000))
             kill(p.processIdentifier, SIGKILL)
             p.waitUntilExit()
@@ -289,12 +275,7 @@ struct ReliabilityTests {
         let s = Scratch()
         let src = try makeSource(s, megabytes: 64)
         _ = try cabackup("init", "--repo", s.file("repo"))
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: productsDirectory + "/cabackup")
-        p.arguments = ["snapshot", "--repo", s.file("repo"), src]
-        p.standardOutput = FileHandle.nullDevice
-        p.standardError = FileHandle.nullDevice
-        try p.run()
+        let p = try startCabackup("snapshot", "--repo", s.file("repo"), src)
         usleep(100_000)
         let prune = try cabackup("prune", "--repo", s.file("repo"))
         let stillRunning = p.isRunning
