@@ -221,6 +221,12 @@ public final class Repository: @unchecked Sendable {
         return out
     }
 
+    /// The snapshot a new snapshot of `paths` from `hostname` builds on (and that
+    /// `status` compares with): the latest of the same host and path set.
+    public func parentSnapshot(paths: [String], hostname: String) throws -> Snapshot? {
+        try snapshots(matching: SnapshotFilter(hosts: [hostname], paths: paths)).last
+    }
+
     /// Resolves `latest`, a full id or a unique prefix of at least 8 hex digits.
     ///
     /// - Throws: ``CABackupError/snapshotNotFound(_:)``, ``CABackupError/ambiguousSnapshot(_:matches:)``
@@ -286,6 +292,11 @@ final class BlobBuffers {
             inputCapacity = max(m, inputCapacity * 2)
             input = .allocate(byteCount: inputCapacity, alignment: 64)
         }
+    }
+
+    /// The stored (possibly compressed) bytes of the blob last loaded from `loc`.
+    func stored(_ loc: BlobLocation) -> UnsafeRawBufferPointer {
+        UnsafeRawBufferPointer(start: loc.compression == .none ? output : input, count: loc.length)
     }
 
     /// The first `n` bytes of the output buffer.

@@ -4,17 +4,12 @@ import Foundation
 
 /// Deterministic pseudo-random bytes (SplitMix64), so test data is the same on every run.
 func pseudoRandomBytes(count: Int, seed: UInt64) -> [UInt8] {
-    var state = seed
+    var rng = SplitMix64(seed: seed)
     var out = [UInt8](repeating: 0, count: count)
     out.withUnsafeMutableBytes { raw in
         var i = 0
         while i < count {
-            state &+= 0x9E37_79B9_7F4A_7C15
-            var z = state
-            z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-            z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-            z ^= z >> 31
-            var word = z.littleEndian
+            var word = rng.next().littleEndian
             let n = min(8, count - i)
             withUnsafeBytes(of: &word) { w in
                 raw.baseAddress!.advanced(by: i).copyMemory(from: w.baseAddress!, byteCount: n)
@@ -23,6 +18,19 @@ func pseudoRandomBytes(count: Int, seed: UInt64) -> [UInt8] {
         }
     }
     return out
+}
+
+/// SplitMix64: a small seeded generator for test data and the fuzzer.
+struct SplitMix64 {
+    var state: UInt64
+    init(seed: UInt64) { state = seed }
+    mutating func next() -> UInt64 {
+        state &+= 0x9E37_79B9_7F4A_7C15
+        var z = state
+        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
+        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
+        return z ^ (z >> 31)
+    }
 }
 
 /// A fresh temporary directory, removed when the test ends.

@@ -14,6 +14,24 @@ public struct BlobLocation: Sendable, Equatable {
     public var offset: Int64
     public var length: Int
     public var rawLength: Int
+
+    /// The location of a pack header entry.
+    public init(pack: PackID, entry e: PackEntry) {
+        self.init(
+            pack: pack, type: e.type, compression: e.compression, offset: e.offset, length: e.length,
+            rawLength: e.rawLength)
+    }
+
+    public init(
+        pack: PackID, type: BlobType, compression: BlobCompression, offset: Int64, length: Int, rawLength: Int
+    ) {
+        self.pack = pack
+        self.type = type
+        self.compression = compression
+        self.offset = offset
+        self.length = length
+        self.rawLength = rawLength
+    }
 }
 
 /// The SQLite index: which pack holds each blob, and the snapshot list.

@@ -133,11 +133,30 @@ final class PendingDirectory {
     }
 }
 
+/// The identity of a file across its hard links.
+struct HardLinkKey: Hashable {
+    let device: UInt64
+    let inode: UInt64
+
+    init(_ node: Node) {
+        device = node.device
+        inode = node.inode
+    }
+}
+
 /// Paths to back up, merged into a tree of path components. Inner nodes are ancestors
 /// (stored as directories); leaves are walked in full.
 final class PathTrie {
     var children: [[UInt8]: PathTrie] = [:]
     var isLeaf = false
+
+    init() {}
+
+    /// The trie of absolute paths.
+    convenience init(paths: [String]) {
+        self.init()
+        for p in paths { insert(p.split(separator: "/").map { Array($0.utf8) }) }
+    }
 
     func insert(_ components: [[UInt8]]) {
         if isLeaf { return }
@@ -191,11 +210,6 @@ final class Archiver: @unchecked Sendable {
     private let hasher = SHA256Hasher()
     private var treeScratch: [UInt8] = []
     private let scanner = SizeScanner()
-
-    struct HardLinkKey: Hashable {
-        let device: UInt64
-        let inode: UInt64
-    }
 
     /// Test-only: `CABACKUP_TEST_MODIFY_DURING_READ=NAME` appends a byte to a file whose
     /// path ends in NAME after its first read window, to prove the change is caught.
@@ -253,10 +267,7 @@ final class Archiver: @unchecked Sendable {
             }
             if !absolute.contains(abs) { absolute.append(abs) }
         }
-        let trie = PathTrie()
-        for p in absolute {
-            trie.insert(p.split(separator: "/").map { Array($0.utf8) })
-        }
+        let trie = PathTrie(paths: absolute)
 
         for _ in 0..<max(1, options.workers) {
             workers.append(startThread { [self] in self.workerLoop() })
@@ -273,7 +284,7 @@ final class Archiver: @unchecked Sendable {
             if let t = scanThread { joinThread(t) }
         }
         let hostname = options.hostname ?? currentHostname()
-        let parentSnapshot = try? repo.snapshots(matching: SnapshotFilter(hosts: [hostname], paths: absolute)).last
+        let parentSnapshot = try? repo.parentSnapshot(paths: absolute, hostname: hostname)
         let root = try walkRoot(trie, parent: options.force ? nil : parentSnapshot)
         shutdownWorkers()
         if let e = workerFailure.withLock({ $0 }) { throw e }
@@ -332,7 +343,7 @@ final class Archiver: @unchecked Sendable {
         throws -> PendingDirectory
     {
         let pd = PendingDirectory(node: node, isRoot: isRoot)
-        let parent = options.force ? [] : (parent ?? [])
+        let parent = parent ?? []  // nil with --force: walkRoot passes no parent
         // Chunks the parent names but the index lacks (pruned, damaged): files using
         // them are read again. Local to this directory (subdirectories have their own).
         let missing = try repo.index.missing(parent.flatMap(\.content))
@@ -395,7 +406,7 @@ final class Archiver: @unchecked Sendable {
     /// same-size rewrite whose mtime was put back; the device number is not compared,
     /// as it can change across reboots for some file systems.)
     private func unchangedContent(_ node: Node, parent: Node?, missing: Set<BlobID>) -> [BlobID]? {
-        guard !options.force, let p = parent, p.type == .file, p.size == node.size, p.mtimeNs == node.mtimeNs,
+        guard let p = parent, p.type == .file, p.size == node.size, p.mtimeNs == node.mtimeNs,
             p.ctimeNs == node.ctimeNs, p.inode == node.inode
         else { return nil }
         if !missing.isEmpty && p.content.contains(where: missing.contains) { return nil }
@@ -422,11 +433,11 @@ final class Archiver: @unchecked Sendable {
                 summary.bytesUnchanged += Int64(node.size)
                 return .done(node)
             }
-            if node.links > 1, let job = hardLinks[HardLinkKey(device: node.device, inode: node.inode)] {
+            if node.links > 1, let job = hardLinks[HardLinkKey(node)] {
                 return .file(node, job)
             }
             guard let job = try readFile(path: path, st: st) else { return nil }
-            if node.links > 1 { hardLinks[HardLinkKey(device: node.device, inode: node.inode)] = job }
+            if node.links > 1 { hardLinks[HardLinkKey(node)] = job }
             return .file(node, job)
         case .directory:
             return .directory(try walkDirectory(path: path, node: node, trie: nil, parent: parentDirectory(parent)))

@@ -153,11 +153,10 @@ extension Repository {
             if !absolute.contains(abs) { absolute.append(abs) }
         }
         let hostname = options.hostname ?? currentHostname()
-        let parent = try snapshots(matching: SnapshotFilter(hosts: [hostname], paths: absolute)).last
+        let parent = try parentSnapshot(paths: absolute, hostname: hostname)
         var changes = ChangeSet()
         changes.base = parent?.id
-        let trie = PathTrie()
-        for p in absolute { trie.insert(p.split(separator: "/").map { Array($0.utf8) }) }
+        let trie = PathTrie(paths: absolute)
         let walker = StatusWalker(repository: self, excludes: options.excludes)
         let rootEntries = try parent.map { try loadTree($0.tree) } ?? []
         try walker.walk(trie: trie, path: [], parent: rootEntries, into: &changes)

@@ -142,9 +142,7 @@ extension Repository {
         }
         for e in entries {
             report.blobsRead += 1
-            let loc = BlobLocation(
-                pack: pack, type: e.type, compression: e.compression, offset: e.offset, length: e.length,
-                rawLength: e.rawLength)
+            let loc = BlobLocation(pack: pack, entry: e)
             do {
                 _ = try loadBlob(e.id, at: loc, into: buffers, hasher: hasher)
             } catch let error as CABackupError {

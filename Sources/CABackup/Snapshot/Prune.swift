@@ -137,24 +137,15 @@ extension Repository {
             let saver = BlobSaver(repository: self)
             let hasher = SHA256Hasher()
             let buffers = BlobBuffers()
-            var stored = [UInt8]()
             do {
                 for (pack, live) in repacks {
                     for e in live {
-                        let loc = BlobLocation(
-                            pack: pack, type: e.type, compression: e.compression, offset: e.offset, length: e.length,
-                            rawLength: e.rawLength)
+                        // Verified on the way; its stored bytes are copied as they are.
+                        let loc = BlobLocation(pack: pack, entry: e)
                         _ = try loadBlob(e.id, at: loc, into: buffers, hasher: hasher)
-                        if stored.count < e.length { stored = [UInt8](repeating: 0, count: e.length) }
-                        try stored.withUnsafeMutableBytes { raw in
-                            try backend.read(
-                                .pack, pack.hex, offset: e.offset, length: e.length, into: raw.baseAddress!)
-                        }
-                        try stored.withUnsafeBytes { raw in
-                            try saver.add(
-                                e.id, type: e.type, compression: e.compression, rawLength: e.rawLength,
-                                bytes: UnsafeRawBufferPointer(rebasing: raw[0..<e.length]))
-                        }
+                        try saver.add(
+                            e.id, type: e.type, compression: e.compression, rawLength: e.rawLength,
+                            bytes: buffers.stored(loc))
                     }
                 }
                 try saver.finish()

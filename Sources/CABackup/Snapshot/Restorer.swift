@@ -208,12 +208,6 @@ final class Restorer: @unchecked Sendable {
     private var hardLinks: [HardLinkKey: [UInt8]] = [:]
     private var deferredLinks: [(path: [UInt8], first: [UInt8])] = []
     private let start = monotonicSeconds()
-    private var lastProgress = 0.0
-
-    struct HardLinkKey: Hashable {
-        let device: UInt64
-        let inode: UInt64
-    }
 
     init(
         repository: Repository, snapshot: Snapshot, target: String, options: RestoreOptions,
@@ -302,7 +296,7 @@ final class Restorer: @unchecked Sendable {
                 try restoreDirectory(children, dir: sub, path: childPath)
             case .file:
                 if node.links > 1 {
-                    let key = HardLinkKey(device: node.device, inode: node.inode)
+                    let key = HardLinkKey(node)
                     if let first = hardLinks[key] {
                         deferredLinks.append((childPath, first))
                         continue
@@ -440,18 +434,15 @@ final class Restorer: @unchecked Sendable {
     /// (never wrong or partial bytes left behind) when any chunk failed.
     private func finish(_ file: FileRestore) {
         let node = file.node
-        if let failure = file.failure {
+        var failure = file.failure
+        // Trailing all-zero chunks were skipped as holes: set the length explicitly.
+        if failure == nil && ftruncate(file.fd, off_t(file.written)) != 0 {
+            failure = "cannot set file size: \(errnoDescription(errno))"
+        }
+        if let failure {
             close(file.fd)
             _ = withCPath(node.name) { unlinkat(file.dir.fd, $0, 0) }
             fail(file.path, "\(failure) (in snapshot \(snapshot.id.shortHex); the file was not restored)")
-            return
-        }
-        // Trailing all-zero chunks were skipped as holes: set the length explicitly.
-        if ftruncate(file.fd, off_t(file.written)) != 0 {
-            let e = errno
-            close(file.fd)
-            _ = withCPath(node.name) { unlinkat(file.dir.fd, $0, 0) }
-            fail(file.path, "cannot set file size: \(errnoDescription(e))")
             return
         }
         if isRoot { fchown(file.fd, node.uid, node.gid) }
