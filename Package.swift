@@ -39,7 +39,7 @@ let package = Package(
         ),
         .testTarget(
             name: "CLITests",
-            dependencies: ["cabackup", "library-example"],
+            dependencies: ["cabackup", "library-example", "CABackup"],
             exclude: ["treetool.py"]
         ),
     ],

@@ -27,13 +27,16 @@ public struct SnapshotFilter: Sendable {
 /// A cabackup repository: packs of deduplicated, compressed blobs, trees and snapshots,
 /// with a derived SQLite index.
 ///
-/// Open one with ``open(path:durable:)`` or create one with ``initialize(path:chunker:durable:)``,
+/// Open one with ``open(path:password:durable:)`` or create one with
+/// ``initialize(path:password:chunker:kdf:durable:)``,
 /// then ``snapshot(paths:options:progress:)`` to back up, ``snapshots(matching:)`` to list,
 /// ``list(_:path:visit:)`` to walk a snapshot, ``restore(_:to:options:progress:)`` to restore.
 /// A repository object may be used from one thread at a time; the work inside each call
 /// runs on several threads.
 public final class Repository: @unchecked Sendable {
-    // Safe: all stored properties are immutable; the index and backend lock themselves.
+    // Safe: all stored properties but `currentKeyID` are immutable, and that one changes
+    // only in `changePassword`, which like every call runs on one thread at a time; the
+    // index and backend lock themselves.
     /// Where the files live.
     public let backend: any Backend
     /// The config read at open.
@@ -41,46 +44,99 @@ public final class Repository: @unchecked Sendable {
     let index: RepositoryIndex
     let chunker: Chunker
     let indexPath: String
+    /// The master keys of an encrypted repository; nil for a plaintext one.
+    let keys: RepositoryKeys?
+    /// The key slot the repository was opened with.
+    private(set) var currentKeyID: String?
 
-    private init(backend: any Backend, config: RepositoryConfig, indexPath: String) throws {
+    private init(
+        backend: any Backend, config: RepositoryConfig, keys: RepositoryKeys?, keyID: String?, indexPath: String
+    ) throws {
         self.backend = backend
         self.config = config
+        self.keys = keys
+        self.currentKeyID = keyID
         self.chunker = Chunker(config.chunker)
         self.indexPath = indexPath
         self.index = try RepositoryIndex(path: indexPath, repositoryID: config.id)
     }
 
+    func setCurrentKeyID(_ id: String) { currentKeyID = id }
+
     /// Creates a new repository in an empty or missing directory.
     ///
     /// - Parameters:
     ///   - path: the repository directory; created if missing, refused if not empty.
+    ///   - password: the password of the first key slot, which makes the repository
+    ///     encrypted (AES-256-GCM, keyed ids); `nil` makes a plaintext repository.
     ///   - chunker: chunking parameters; the default is 512 KiB / 1 MiB / 8 MiB with a
     ///     fresh random Gear seed.
+    ///   - kdf: the scrypt cost of the first key slot.
     ///   - durable: fsync every write (leave on except in throwaway tests).
     /// - Throws: ``CABackupError/repositoryExists(_:)`` when the directory is not empty.
     @discardableResult
     public static func initialize(
-        path: String, chunker: ChunkerParameters? = nil, durable: Bool = true
+        path: String, password: String?, chunker: ChunkerParameters? = nil, kdf: KDFParameters = .default,
+        durable: Bool = true
     )
         throws -> Repository
     {
         let path = absolutePath(path)
         let backend = LocalBackend(path: path, durable: durable)
         if let chunker { try chunker.validate() }
-        let config = RepositoryConfig.makeNew(chunker: chunker)
+        if let password { try checkNewPassword(password) }
+        try kdf.validate()
+        let config = RepositoryConfig.makeNew(chunker: chunker, encrypted: password != nil)
+        let keys = password == nil ? nil : RepositoryKeys.random()
         try backend.create()
-        try config.encoded().withUnsafeBytes { (raw) throws in
+        var keyID: String?
+        if let keys, let password {
+            keyID = try writeKeySlot(try KeySlot.make(keys: keys, password: password, kdf: kdf), to: backend)
+        }
+        // The config is written last: until it exists, there is no repository.
+        try config.encoded(keys: keys).withUnsafeBytes { (raw) throws in
             try backend.write(.config, "config", raw)
         }
-        return try Repository(backend: backend, config: config, indexPath: path + "/index/index.sqlite")
+        return try Repository(
+            backend: backend, config: config, keys: keys, keyID: keyID, indexPath: path + "/index/index.sqlite")
+    }
+
+    /// Throws ``CABackupError/repositoryExists(_:)`` unless `path` is missing or an empty
+    /// directory (so a tool can refuse before asking for a new password).
+    public static func checkCanInitialize(path: String) throws {
+        try LocalBackend(path: absolutePath(path)).checkEmpty()
     }
 
     /// Opens an existing repository and brings its index up to date with the packs and
     /// snapshot records on disk (rebuilding it if it was deleted).
     ///
+    /// - Parameters:
+    ///   - path: the repository directory.
+    ///   - password: needed when the repository is encrypted; ignored otherwise.
+    ///   - durable: fsync every write (leave on except in throwaway tests).
     /// - Throws: ``CABackupError/repositoryNotFound(_:)`` when there is no config,
-    ///   ``CABackupError/unsupportedVersion(found:supported:)`` for a newer format.
-    public static func open(path: String, durable: Bool = true) throws -> Repository {
+    ///   ``CABackupError/unsupportedVersion(found:supported:)`` for a newer format,
+    ///   ``CABackupError/passwordRequired(_:)`` or ``CABackupError/wrongPassword(_:)``.
+    public static func open(path: String, password: String? = nil, durable: Bool = true) throws -> Repository {
+        try open(
+            path: path,
+            passwordProvider: {
+                guard let password else { throw CABackupError.passwordRequired(absolutePath(path)) }
+                return password
+            }, durable: durable)
+    }
+
+    /// Opens an existing repository, asking `passwordProvider` for the password only if
+    /// the repository is encrypted (so a command line tool prompts only when it must).
+    ///
+    /// - Parameters:
+    ///   - path: the repository directory.
+    ///   - passwordProvider: called at most once, when the config says the repository is
+    ///     encrypted; it may throw (for example when no password is available).
+    ///   - durable: fsync every write (leave on except in throwaway tests).
+    public static func open(
+        path: String, passwordProvider: () throws -> String, durable: Bool = true
+    ) throws -> Repository {
         let path = absolutePath(path)
         let backend = LocalBackend(path: path, durable: durable)
         guard backend.exists() else {
@@ -89,11 +145,50 @@ public final class Repository: @unchecked Sendable {
             }
             throw CABackupError.repositoryNotFound(path)
         }
-        let config = try RepositoryConfig.decode(try backend.read(.config, "config"), path: path + "/config")
+        let file = try ConfigFile.decode(try backend.read(.config, "config"), path: path + "/config")
+        var keys: RepositoryKeys?
+        var keyID: String?
+        if file.isEncrypted {
+            (keys, keyID) = try unlock(backend, password: try passwordProvider())
+        }
+        let config = try file.resolve(keys: keys, path: path + "/config")
         for sub in ["index", "tmp"] where !isDirectory(path + "/" + sub) { try makeDirectories(path + "/" + sub) }
-        let repo = try Repository(backend: backend, config: config, indexPath: path + "/index/index.sqlite")
+        let repo = try Repository(
+            backend: backend, config: config, keys: keys, keyID: keyID, indexPath: path + "/index/index.sqlite")
         try repo.synchronizeIndex()
         return repo
+    }
+
+    /// A per-thread blob codec for this repository's id scheme and encryption.
+    func makeCodec() -> BlobCodec { BlobCodec(keys: keys) }
+
+    /// A cipher context for sealing or opening pack headers, in an encrypted repository.
+    func makeAEAD() -> AESGCM? { keys.map { AESGCM(key: $0.encryption) } }
+
+    /// Reads and parses a stored pack's header (opening its sealed details).
+    func readPackHeader(_ id: PackID) throws -> [PackEntry] {
+        try PackFormat.readHeader(from: backend, name: id.hex, aead: makeAEAD())
+    }
+
+    /// The stored form of a snapshot record.
+    func sealRecord(_ plain: [UInt8]) -> [UInt8] {
+        guard let aead = makeAEAD() else { return plain }
+        return aead.seal(plain, aad: SealedKind.snapshot)
+    }
+
+    /// Parses a stored snapshot record, verifying it against its name and opening it.
+    func decodeRecord(id: SnapshotID, stored: [UInt8]) throws -> Snapshot {
+        guard sha256(stored) == id else {
+            throw CABackupError.corrupt(what: "snapshot \(id.hex)", reason: "content does not match its id")
+        }
+        var plain = stored
+        if let aead = makeAEAD() {
+            guard let p = aead.open(stored, aad: SealedKind.snapshot) else {
+                throw CABackupError.corrupt(what: "snapshot \(id.hex)", reason: "authentication failed")
+            }
+            plain = p
+        }
+        return try Snapshot.decode(id: id, json: plain)
     }
 
     // MARK: Index
@@ -107,7 +202,7 @@ public final class Repository: @unchecked Sendable {
         for id in stored.subtracting(indexed).sorted() {
             let entries: [PackEntry]
             do {
-                entries = try PackFormat.readHeader(from: backend, name: id.hex)
+                entries = try readPackHeader(id)
             } catch {
                 // An unreadable pack is reported by `check`; it is not indexed, so its
                 // blobs count as missing and are stored again by the next backup.
@@ -121,7 +216,7 @@ public final class Repository: @unchecked Sendable {
         let indexedSnaps = Set(try index.snapshotRecords().map(\.id))
         for id in storedSnaps.subtracting(indexedSnaps) {
             guard let bytes = try? backend.read(.snapshot, id.hex),
-                let snap = try? Snapshot.decode(id: id, bytes: bytes)
+                let snap = try? decodeRecord(id: id, stored: bytes)
             else { continue }
             try index.addSnapshot(id, timeNs: snap.timeNs, record: bytes)
         }
@@ -143,42 +238,66 @@ public final class Repository: @unchecked Sendable {
 
     // MARK: Blobs
 
-    /// Loads a blob, decompresses it and verifies it against its id.
+    /// Loads a blob, decompresses (and opens) it and verifies it against its id.
     ///
     /// - Throws: ``CABackupError/blobNotFound(_:)`` when no pack holds it,
     ///   ``CABackupError/corrupt(what:reason:)`` when the stored bytes do not match.
     public func loadBlob(_ id: BlobID) throws -> [UInt8] {
         let buffers = BlobBuffers()
-        let n = try loadBlob(id, into: buffers, hasher: SHA256Hasher())
+        let n = try loadBlob(id, into: buffers, codec: makeCodec())
         return Array(buffers.bytes(n))
     }
 
     /// Loads a blob into `buffers.output` (grown as needed, never zero-filled), verified
     /// against its id. Returns its length.
-    func loadBlob(_ id: BlobID, into buffers: BlobBuffers, hasher: SHA256Hasher) throws -> Int {
+    func loadBlob(_ id: BlobID, into buffers: BlobBuffers, codec: BlobCodec) throws -> Int {
         guard let loc = try index.lookup(id) else { throw CABackupError.blobNotFound(id) }
-        return try loadBlob(id, at: loc, into: buffers, hasher: hasher)
+        return try loadBlob(id, at: loc, into: buffers, codec: codec)
     }
 
-    func loadBlob(_ id: BlobID, at loc: BlobLocation, into buffers: BlobBuffers, hasher: SHA256Hasher) throws -> Int {
+    /// Loads a blob from a known location. Afterwards ``BlobBuffers/stored`` holds its
+    /// stored bytes, for copying them unchanged (prune).
+    func loadBlob(_ id: BlobID, at loc: BlobLocation, into buffers: BlobBuffers, codec: BlobCodec) throws -> Int {
         let what = "blob \(id.hex) in pack \(loc.pack.hex)"
         guard loc.rawLength <= 1 << 30, loc.length <= 1 << 30 else {
             throw CABackupError.corrupt(what: what, reason: "implausible length")
         }
-        buffers.reserve(output: loc.rawLength, input: loc.compression == .none ? 0 : loc.length)
+        var payload: UnsafeRawBufferPointer
+        if let aead = codec.aead {
+            guard loc.length >= AESGCM.overhead else {
+                throw CABackupError.corrupt(what: what, reason: "shorter than its seal")
+            }
+            let n = loc.length - AESGCM.overhead
+            buffers.reserve(output: loc.rawLength, input: loc.length, middle: loc.compression == .none ? 0 : n)
+            try backend.read(.pack, loc.pack.hex, offset: loc.offset, length: loc.length, into: buffers.input)
+            buffers.stored = UnsafeRawBufferPointer(start: buffers.input, count: loc.length)
+            let into = loc.compression == .none ? buffers.output : buffers.middle
+            guard n == loc.rawLength || loc.compression != .none,
+                aead.open(buffers.stored, aad: SealedKind.blob, into: into) == n
+            else {
+                throw CABackupError.corrupt(what: what, reason: "authentication failed: its bytes were changed")
+            }
+            payload = UnsafeRawBufferPointer(start: into, count: n)
+        } else {
+            buffers.reserve(output: loc.rawLength, input: loc.compression == .none ? 0 : loc.length, middle: 0)
+            let into = loc.compression == .none ? buffers.output : buffers.input
+            if loc.length > 0 {
+                try backend.read(.pack, loc.pack.hex, offset: loc.offset, length: loc.length, into: into)
+            }
+            payload = UnsafeRawBufferPointer(start: into, count: loc.length)
+            buffers.stored = payload
+        }
         switch loc.compression {
         case .none:
-            if loc.length > 0 {
-                try backend.read(.pack, loc.pack.hex, offset: loc.offset, length: loc.length, into: buffers.output)
+            guard payload.count == loc.rawLength else {
+                throw CABackupError.corrupt(what: what, reason: "stored length differs from its raw length")
             }
         case .lz4:
-            try backend.read(.pack, loc.pack.hex, offset: loc.offset, length: loc.length, into: buffers.input)
             let ok = LZ4.decompress(
-                UnsafeRawBufferPointer(start: buffers.input, count: loc.length),
-                into: UnsafeMutableRawBufferPointer(start: buffers.output, count: loc.rawLength))
+                payload, into: UnsafeMutableRawBufferPointer(start: buffers.output, count: loc.rawLength))
             guard ok else { throw CABackupError.corrupt(what: what, reason: "LZ4 data does not decode") }
         }
-        guard hasher.hash(buffers.bytes(loc.rawLength)) == id else {
+        guard codec.id(buffers.bytes(loc.rawLength)) == id else {
             throw CABackupError.corrupt(what: what, reason: "content does not match its id")
         }
         return loc.rawLength
@@ -215,7 +334,7 @@ public final class Repository: @unchecked Sendable {
     public func snapshots(matching filter: SnapshotFilter = SnapshotFilter()) throws -> [Snapshot] {
         var out: [Snapshot] = []
         for (id, record) in try index.snapshotRecords() {
-            let s = try Snapshot.decode(id: id, bytes: record)
+            let s = try decodeRecord(id: id, stored: record)
             if filter.matches(s) { out.append(s) }
         }
         return out
@@ -252,51 +371,52 @@ public final class Repository: @unchecked Sendable {
     }
 
     /// Stores a snapshot record (the commit point) and indexes it.
-    func commitSnapshot(_ bytes: [UInt8]) throws -> Snapshot {
+    func commitSnapshot(_ plain: [UInt8]) throws -> Snapshot {
+        let bytes = sealRecord(plain)
         let id = sha256(bytes)
+        let snap = try decodeRecord(id: id, stored: bytes)
         try bytes.withUnsafeBytes { (raw) throws in
             try backend.write(.snapshot, id.hex, raw)
         }
-        let snap = try Snapshot.decode(id: id, bytes: bytes)
         try index.addSnapshot(id, timeNs: snap.timeNs, record: bytes)
         return snap
     }
 }
 
-/// Reusable buffers for loading blobs: the stored bytes and the plaintext. Grown as
-/// needed and never zero-filled, so loading a chunk allocates nothing in steady state.
+/// Reusable buffers for loading blobs: the stored bytes, the opened payload of a sealed
+/// compressed blob, and the plaintext. Grown as needed and never zero-filled, so loading
+/// a chunk allocates nothing in steady state.
 final class BlobBuffers {
     private(set) var input: UnsafeMutableRawPointer
+    private(set) var middle: UnsafeMutableRawPointer
     private(set) var output: UnsafeMutableRawPointer
-    private var inputCapacity = 1
-    private var outputCapacity = 1
+    private var capacities = [1, 1, 1]
+    /// The stored bytes of the blob last loaded.
+    var stored = UnsafeRawBufferPointer(start: nil, count: 0)
 
     init() {
         input = .allocate(byteCount: 1, alignment: 64)
+        middle = .allocate(byteCount: 1, alignment: 64)
         output = .allocate(byteCount: 1, alignment: 64)
     }
 
     deinit {
         input.deallocate()
+        middle.deallocate()
         output.deallocate()
     }
 
-    func reserve(output n: Int, input m: Int) {
-        if n > outputCapacity {
-            output.deallocate()
-            outputCapacity = max(n, outputCapacity * 2)
-            output = .allocate(byteCount: outputCapacity, alignment: 64)
-        }
-        if m > inputCapacity {
-            input.deallocate()
-            inputCapacity = max(m, inputCapacity * 2)
-            input = .allocate(byteCount: inputCapacity, alignment: 64)
-        }
+    private static func grow(_ p: inout UnsafeMutableRawPointer, _ capacity: inout Int, to n: Int) {
+        guard n > capacity else { return }
+        p.deallocate()
+        capacity = max(n, capacity * 2)
+        p = .allocate(byteCount: capacity, alignment: 64)
     }
 
-    /// The stored (possibly compressed) bytes of the blob last loaded from `loc`.
-    func stored(_ loc: BlobLocation) -> UnsafeRawBufferPointer {
-        UnsafeRawBufferPointer(start: loc.compression == .none ? output : input, count: loc.length)
+    func reserve(output n: Int, input m: Int, middle k: Int) {
+        Self.grow(&output, &capacities[0], to: n)
+        Self.grow(&input, &capacities[1], to: m)
+        Self.grow(&middle, &capacities[2], to: k)
     }
 
     /// The first `n` bytes of the output buffer.

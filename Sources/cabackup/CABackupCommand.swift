@@ -14,7 +14,7 @@ let exitCodeTable = """
       4    status --exit-code: there are changes
       10   repository does not exist
       11   repository is locked (prune beside a snapshot, or a snapshot beside prune)
-      12   wrong password
+      12   wrong or missing password (encrypted repository)
       64   usage error
       130  interrupted
     """
@@ -29,7 +29,7 @@ struct CABackupCommand: ParsableCommand {
         subcommands: [
             InitCommand.self, SnapshotCommand.self, SnapshotsCommand.self, LsCommand.self, RestoreCommand.self,
             StatusCommand.self, DiffCommand.self, WatchCommand.self, CheckCommand.self, ForgetCommand.self,
-            PruneCommand.self, RepairCommand.self,
+            PruneCommand.self, RepairCommand.self, KeyCommand.self,
         ]
     )
 
@@ -52,16 +52,26 @@ struct CABackupCommand: ParsableCommand {
         switch error {
         case .repositoryNotFound: return 10
         case .locked: return 11
+        case .passwordRequired, .wrongPassword: return 12
         case .cancelled: return 130
         default: return 1
         }
     }
 }
 
-/// `--repo` or `CABACKUP_REPO`.
+/// `--repo` or `CABACKUP_REPO`, and the password of an encrypted repository.
 struct RepositoryOptions: ParsableArguments {
     @Option(name: [.short, .long], help: "Repository directory (default: $CABACKUP_REPO).")
     var repo: String?
+
+    @Option(
+        name: .long,
+        help:
+            "Read the repository password from the first line of this file (default: $CABACKUP_PASSWORD, else a prompt)."
+    )
+    var passwordFile: String?
+
+    var password: PasswordSource { PasswordSource(file: passwordFile) }
 
     func path() throws -> String {
         if let repo, !repo.isEmpty { return repo }
@@ -70,7 +80,8 @@ struct RepositoryOptions: ParsableArguments {
     }
 
     func open() throws -> Repository {
-        try Repository.open(path: try path())
+        let path = try path()
+        return try Repository.open(path: path, passwordProvider: { try password.read(for: absolutePath(path)) })
     }
 }
 

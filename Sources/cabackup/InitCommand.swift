@@ -1,16 +1,63 @@
 import ArgumentParser
 import CABackup
 
+#if canImport(Glibc)
+    import Glibc
+#endif
+
 struct InitCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "init", abstract: "Create a new repository.", discussion: exitCodeTable)
 
     @OptionGroup var repository: RepositoryOptions
 
+    @Flag(name: .long, help: "Store data in the clear (local repositories you fully control only).")
+    var noEncryption = false
+
+    @Flag(
+        name: .long,
+        help: "Use the chunker parameters of --from-repo, so snapshots copied between the two deduplicate.")
+    var copyChunkerParams = false
+
+    @Option(name: .long, help: "The repository whose chunker parameters --copy-chunker-params copies.")
+    var fromRepo: String?
+
+    @Option(
+        name: .long,
+        help: "Password file of --from-repo (default: $CABACKUP_FROM_PASSWORD, else the new repository's password).")
+    var fromPasswordFile: String?
+
+    func validate() throws {
+        if copyChunkerParams != (fromRepo != nil) {
+            throw ValidationError("--copy-chunker-params and --from-repo go together: give both or neither")
+        }
+    }
+
     func run() throws {
         let path = try repository.path()
-        let repo = try Repository.initialize(path: path)
-        print("created repository \(repo.config.id.prefix(8)) at \(absolutePath(path))")
+        let location = absolutePath(path)
+        try Repository.checkCanInitialize(path: location)
+        let password = noEncryption ? nil : try repository.password.readNew(for: location)
+        var chunker: ChunkerParameters?
+        if let fromRepo {
+            var source = PasswordSource(file: fromPasswordFile, environmentVariable: "CABACKUP_FROM_PASSWORD")
+            source.prompt = "enter password for \(fromRepo): "
+            let from = try Repository.open(
+                path: fromRepo,
+                passwordProvider: {
+                    if fromPasswordFile == nil, getenv("CABACKUP_FROM_PASSWORD") == nil, let password {
+                        return password
+                    }
+                    return try source.read(for: absolutePath(fromRepo))
+                })
+            chunker = from.config.chunker
+        }
+        let repo = try Repository.initialize(path: path, password: password, chunker: chunker, kdf: kdfForNewKeys)
+        let kind = repo.config.isEncrypted ? "encrypted" : "unencrypted"
+        print("created \(kind) repository \(repo.config.id.prefix(8)) at \(location)")
+        if password != nil {
+            print("the password cannot be recovered: without it, the data in this repository cannot be read")
+        }
     }
 }
 

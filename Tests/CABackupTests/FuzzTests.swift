@@ -69,8 +69,11 @@ struct FuzzTests {
             return PackEntry(
                 id: sha256([UInt8(i)]), type: .data, compression: .lz4, offset: offset, length: 100, rawLength: 300)
         }
-        let header = PackFormat.encodeHeader(entries)
-        let r = run([header], seed: 2) { h in
+        // Plain and sealed headers; the sealed one is parsed with the key (authentication
+        // must reject every change) and without it (only the clear part is read).
+        let aead = AESGCM(key: [UInt8](repeating: 3, count: 32))
+        let seeds = [PackFormat.encodeHeader(entries), PackFormat.encodeHeader(entries, aead: aead)]
+        let r = run(seeds, seed: 2) { h in
             let size = Int64(400 + h.count)
             guard h.count >= 8 else { throw PackError.truncated(size: Int64(h.count)) }
             let n = try PackFormat.parseTrailer(Array(h.suffix(8)), packSize: size)
@@ -78,7 +81,9 @@ struct FuzzTests {
             // (absent) blob area is read as zeros, as a reader would read real bytes there.
             let header =
                 n <= h.count - 8 ? Array(h[(h.count - 8 - n)..<(h.count - 8)]) : [UInt8](repeating: 0, count: n)
-            _ = try PackFormat.parseHeader(header, packSize: size)
+            _ = try? PackFormat.parseClearHeader(header, packSize: size)
+            _ = try PackFormat.parseHeader(
+                header, packSize: size, aead: header.count > 1 && header[1] == 1 ? aead : nil)
         }
         #expect(r.rejected > Self.iterations / 4)
     }
@@ -89,14 +94,18 @@ struct FuzzTests {
             time: formatRFC3339(ns: 1_700_000_000_000_000_000), hostname: "h", username: "u", paths: ["/a"],
             tags: ["t"], parent: sha256([7]), tree: sha256([8]), summary: SnapshotSummary())
         // The id is taken from the mutated bytes, so the parser itself is exercised.
-        let r = run([record], seed: 3) { _ = try Snapshot.decode(id: sha256($0), bytes: $0) }
+        let r = run([record], seed: 3) { _ = try Snapshot.decode(id: sha256($0), json: $0) }
         #expect(r.rejected > 0)
     }
 
     @Test("configs")
     func configs() {
-        let r = run([RepositoryConfig.makeNew().encoded()], seed: 4) {
-            _ = try RepositoryConfig.decode($0, path: "config")
+        let keys = RepositoryKeys(bytes: [UInt8](repeating: 5, count: 64))
+        let seeds = [
+            RepositoryConfig.makeNew().encoded(), RepositoryConfig.makeNew(encrypted: true).encoded(keys: keys),
+        ]
+        let r = run(seeds, seed: 4) {
+            _ = try ConfigFile.decode($0, path: "config").resolve(keys: keys, path: "config")
         }
         #expect(r.rejected > 0)
     }

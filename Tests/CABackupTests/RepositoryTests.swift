@@ -15,7 +15,7 @@ struct RepositoryTests {
     }
 
     func smallRepo(_ dir: TemporaryDirectory) throws -> Repository {
-        try Repository.initialize(path: dir.file("repo"), chunker: smallParameters, durable: false)
+        try makeTestRepository(dir)
     }
 
     @Test("snapshot then restore gives identical bytes")
@@ -109,9 +109,9 @@ struct RepositoryTests {
         #expect(!live.isEmpty)
         try repo.rebuildIndex()
         #expect(try repo.indexDump() == live)
-        repo = try Repository.open(path: dir.file("repo"))  // release the old connection first
+        repo = try Repository.open(path: dir.file("repo"), password: testPassword)  // release the old connection first
         try FileManager.default.removeItem(atPath: dir.file("repo/index"))
-        let reopened = try Repository.open(path: dir.file("repo"))
+        let reopened = try Repository.open(path: dir.file("repo"), password: testPassword)
         #expect(try reopened.indexDump() == live)
         #expect(try reopened.snapshots().map(\.id) == snaps)
         _ = repo
@@ -128,7 +128,7 @@ struct RepositoryTests {
         let pack = try repo.backend.list(.pack)[0]
         try repo.index.removePack(ObjectID(hex: pack)!)
         #expect(try repo.indexDump() != live)
-        let reopened = try Repository.open(path: dir.file("repo"))
+        let reopened = try Repository.open(path: dir.file("repo"), password: testPassword)
         #expect(try reopened.indexDump() == live)
     }
 
@@ -292,11 +292,10 @@ struct RepositoryTests {
             n.mode = 0o644
             let tree = TreeCodec.encodeSingle([n])
             let saver = BlobSaver(repository: repo)
-            let id = sha256(tree)
+            let codec = repo.makeCodec()
+            let id = tree.withUnsafeBytes { codec.id($0) }
             if try saver.claim(id) {
-                try tree.withUnsafeBytes {
-                    try saver.add(id, type: .tree, compression: .none, rawLength: tree.count, bytes: $0)
-                }
+                try tree.withUnsafeBytes { try saver.addEncoding(id, type: .tree, raw: $0, codec: codec) }
             }
             try saver.finish()
             let record = Snapshot.encodeRecord(

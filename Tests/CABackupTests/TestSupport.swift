@@ -63,7 +63,18 @@ final class TemporaryDirectory {
 let testSeed: [UInt8] = Array(0..<32)
 
 /// Small chunker parameters so tests see many chunks in little data.
+/// The password of test repositories (opened with cheap scrypt parameters).
+let testPassword = "test password"
+
 let smallParameters = ChunkerParameters(minSize: 2048, averageSize: 8192, maxSize: 65536, seed: testSeed)
+
+/// A repository at `dir/repo` with small chunks and cheap scrypt; encrypted with
+/// ``testPassword`` unless `password` is nil.
+func makeTestRepository(_ dir: TemporaryDirectory, password: String? = testPassword) throws -> Repository {
+    try Repository.initialize(
+        path: dir.file("repo"), password: password, chunker: smallParameters, kdf: .insecureFastForTesting,
+        durable: false)
+}
 
 /// Chunk lengths of `data` cut in memory in one buffer.
 func cutAll(_ chunker: Chunker, _ data: [UInt8]) -> [Int] {

@@ -24,16 +24,28 @@ struct RunResult {
     var lastLine: String { stdout.split(separator: "\n").last.map(String.init) ?? "" }
 }
 
+/// The password every test repository gets unless a test says otherwise.
+let testPassword = "test password"
+
+/// The environment of a child: the test's own, without CABACKUP_REPO, with the test
+/// password and cheap scrypt parameters for new key slots, then `env` on top (an empty
+/// value removes the variable).
+func childEnvironment(_ env: [String: String]) -> [String: String] {
+    var environment = ProcessInfo.processInfo.environment
+    environment.removeValue(forKey: "CABACKUP_REPO")
+    environment["CABACKUP_PASSWORD"] = testPassword
+    environment["CABACKUP_TEST_INSECURE_KDF"] = "1"
+    for (k, v) in env { environment[k] = v.isEmpty ? nil : v }
+    return environment
+}
+
 /// Runs a program to completion, capturing its output.
 @discardableResult
 func run(_ executable: String, _ args: [String], env: [String: String] = [:], cwd: String? = nil) throws -> RunResult {
     let p = Process()
     p.executableURL = URL(fileURLWithPath: executable)
     p.arguments = args
-    var environment = ProcessInfo.processInfo.environment
-    environment.removeValue(forKey: "CABACKUP_REPO")
-    for (k, v) in env { environment[k] = v }
-    p.environment = environment
+    p.environment = childEnvironment(env)
     if let cwd { p.currentDirectoryURL = URL(fileURLWithPath: cwd) }
     let out = Pipe()
     let err = Pipe()
@@ -64,6 +76,7 @@ func startCabackup(_ args: String...) throws -> Process {
     let p = Process()
     p.executableURL = URL(fileURLWithPath: productsDirectory + "/cabackup")
     p.arguments = args
+    p.environment = childEnvironment([:])
     p.standardOutput = FileHandle.nullDevice
     p.standardError = FileHandle.nullDevice
     try p.run()

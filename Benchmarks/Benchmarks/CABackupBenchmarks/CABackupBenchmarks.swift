@@ -161,7 +161,7 @@ let benchmarks: @Sendable () -> Void = {
     Benchmark("Pack writing: 128 × 1 MiB random blobs, fsync on") { benchmark in
         let dir = scratchDirectory("packs")
         remove(dir + "/repo")
-        let repo = try Repository.initialize(path: dir + "/repo")
+        let repo = try Repository.initialize(path: dir + "/repo", password: "benchmark")
         let random64 = data.random64
         let blobs = (0..<128).map { (i: Int) -> [UInt8] in
             let start = (i % 64) << 20
@@ -278,23 +278,28 @@ let benchmarks: @Sendable () -> Void = {
                 size = try ds.write(source)
             }
         }
-        Benchmark("Snapshot: \(ds.name)", configuration: .init(maxIterations: 5)) { benchmark in
-            try prepare()
-            remove(base + "/repo")
-            let repo = try Repository.initialize(path: base + "/repo")
-            sync()
-            benchmark.startMeasurement()
-            let t = try seconds { _ = try repo.snapshot(paths: [source]) }
-            benchmark.stopMeasurement()
-            benchmark.measurement(mbps, Int(Double(size) / megabyte / t))
+        // Encrypted (the shipped default) and plaintext, to measure what encryption costs.
+        for encrypted in [true, false] {
+            let name = encrypted ? "Snapshot: \(ds.name)" : "Snapshot, no encryption: \(ds.name)"
+            Benchmark(name, configuration: .init(maxIterations: 5)) { benchmark in
+                try prepare()
+                remove(base + "/repo")
+                let repo = try Repository.initialize(path: base + "/repo", password: encrypted ? "benchmark" : nil)
+                sync()
+                benchmark.startMeasurement()
+                let t = try seconds { _ = try repo.snapshot(paths: [source]) }
+                benchmark.stopMeasurement()
+                benchmark.measurement(mbps, Int(Double(size) / megabyte / t))
+            }
         }
         Benchmark("Restore: \(ds.name)", configuration: .init(maxIterations: 5)) { benchmark in
             try prepare()
             if !FileManager.default.fileExists(atPath: base + "/restore-repo/config") {
                 remove(base + "/restore-repo")
-                _ = try Repository.initialize(path: base + "/restore-repo").snapshot(paths: [source])
+                _ = try Repository.initialize(path: base + "/restore-repo", password: "benchmark").snapshot(
+                    paths: [source])
             }
-            let repo = try Repository.open(path: base + "/restore-repo")
+            let repo = try Repository.open(path: base + "/restore-repo", password: "benchmark")
             let snap = try repo.findSnapshot("latest")
             remove(base + "/out")
             sync()  // no writeback of earlier iterations inside this one

@@ -1,24 +1,59 @@
 import COpenSSL
 
-/// SHA-256 through libcrypto's EVP interface, which uses the CPU's SHA extensions.
+/// SHA-256, or HMAC-SHA-256 under a fixed key, through libcrypto's EVP interface, which
+/// uses the CPU's SHA extensions.
 ///
-/// One hasher owns one `EVP_MD_CTX` and is reused for many digests, so hashing a chunk
-/// allocates nothing. Not thread-safe: each worker thread keeps its own.
+/// One hasher owns its `EVP_MD_CTX`s and is reused for many digests, so hashing a chunk
+/// allocates nothing. For HMAC the key's inner and outer pad blocks are hashed once, at
+/// init, into two template contexts; each digest starts from a copy of the inner one
+/// (RFC 2104 computed the usual way, checked against RFC 4231's vectors).
+/// Not thread-safe: each worker thread keeps its own.
 final class SHA256Hasher {
-    // Safe: the context is created in init, freed in deinit, used by one thread at a time.
+    // Safe: the contexts are created in init, freed in deinit, used by one thread at a time.
     private let ctx: OpaquePointer
     private let md: OpaquePointer
+    /// The contexts after absorbing `key ⊕ ipad` and `key ⊕ opad`, for HMAC.
+    private let inner: OpaquePointer?
+    private let outer: OpaquePointer?
 
-    init() {
+    /// A plain SHA-256 hasher, or HMAC-SHA-256 when `hmacKey` is given (at most 64 bytes).
+    init(hmacKey: [UInt8]? = nil) {
         ctx = EVP_MD_CTX_new()!
         md = EVP_sha256()!
-        EVP_DigestInit_ex(ctx, md, nil)
+        if let key = hmacKey {
+            precondition(key.count <= 64, "HMAC keys longer than the block size are not used here")
+            let padded = key + [UInt8](repeating: 0, count: 64 - key.count)
+            let i = EVP_MD_CTX_new()!
+            let o = EVP_MD_CTX_new()!
+            EVP_DigestInit_ex(i, md, nil)
+            EVP_DigestInit_ex(o, md, nil)
+            let ipad = padded.map { $0 ^ 0x36 }
+            let opad = padded.map { $0 ^ 0x5C }
+            EVP_DigestUpdate(i, ipad, 64)
+            EVP_DigestUpdate(o, opad, 64)
+            inner = i
+            outer = o
+        } else {
+            inner = nil
+            outer = nil
+        }
+        reset()
     }
 
-    deinit { EVP_MD_CTX_free(ctx) }
+    deinit {
+        EVP_MD_CTX_free(ctx)
+        if let inner { EVP_MD_CTX_free(inner) }
+        if let outer { EVP_MD_CTX_free(outer) }
+    }
 
     /// Starts a new digest.
-    func reset() { EVP_DigestInit_ex(ctx, md, nil) }
+    func reset() {
+        if let inner {
+            EVP_MD_CTX_copy_ex(ctx, inner)
+        } else {
+            EVP_DigestInit_ex(ctx, md, nil)
+        }
+    }
 
     /// Feeds bytes into the digest in progress.
     func update(_ buf: UnsafeRawBufferPointer) {
@@ -29,10 +64,16 @@ final class SHA256Hasher {
     func finish() -> ObjectID {
         var out = (UInt64(0), UInt64(0), UInt64(0), UInt64(0))
         withUnsafeMutableBytes(of: &out) { raw in
+            let p = raw.baseAddress!.assumingMemoryBound(to: UInt8.self)
             var len: UInt32 = 0
-            EVP_DigestFinal_ex(ctx, raw.baseAddress!.assumingMemoryBound(to: UInt8.self), &len)
+            EVP_DigestFinal_ex(ctx, p, &len)
+            if let outer {
+                EVP_MD_CTX_copy_ex(ctx, outer)
+                EVP_DigestUpdate(ctx, p, 32)
+                EVP_DigestFinal_ex(ctx, p, &len)
+            }
         }
-        EVP_DigestInit_ex(ctx, md, nil)
+        reset()
         return withUnsafeBytes(of: &out) { ObjectID($0) }
     }
 
@@ -57,6 +98,11 @@ public func sha256(_ buf: UnsafeRawBufferPointer) -> ObjectID {
             buf.baseAddress, buf.count, raw.baseAddress!.assumingMemoryBound(to: UInt8.self), &len, EVP_sha256(), nil)
     }
     return withUnsafeBytes(of: &out) { ObjectID($0) }
+}
+
+/// HMAC-SHA-256 of a byte array in one call.
+func hmacSHA256(key: [UInt8], _ bytes: [UInt8]) -> ObjectID {
+    bytes.withUnsafeBytes { SHA256Hasher(hmacKey: key).hash($0) }
 }
 
 /// Cryptographically secure random bytes from libcrypto.

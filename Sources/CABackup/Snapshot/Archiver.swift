@@ -207,8 +207,7 @@ final class Archiver: @unchecked Sendable {
     private var filesRead = 0
     private let start = monotonicSeconds()
     private var lastProgress = 0.0
-    private let hasher = SHA256Hasher()
-    private var treeScratch: [UInt8] = []
+    private let treeCodec: BlobCodec
     private let scanner = SizeScanner()
 
     /// Test-only: `CABACKUP_TEST_MODIFY_DURING_READ=NAME` appends a byte to a file whose
@@ -235,6 +234,7 @@ final class Archiver: @unchecked Sendable {
         self.pool = BufferPool(
             bufferSize: max(Self.windowSize, 2 * repository.config.chunker.maxSize), maxCount: Self.windowCount)
         self.saver = BlobSaver(repository: repository)
+        self.treeCodec = repository.makeCodec()
     }
 
     func run(paths: [String]) throws -> SnapshotResult {
@@ -599,32 +599,23 @@ final class Archiver: @unchecked Sendable {
     }
 
     private func storeTree(_ bytes: [UInt8]) throws -> BlobID {
-        let id = bytes.withUnsafeBytes { hasher.hash($0) }
-        if try saver.claim(id) {
-            let bound = LZ4.bound(bytes.count)
-            if treeScratch.count < bound { treeScratch = [UInt8](repeating: 0, count: bound) }
-            try bytes.withUnsafeBytes { (src) throws in
-                try treeScratch.withUnsafeMutableBytes { (dst) throws in
-                    try saver.addCompressing(id, type: .tree, raw: src, scratch: dst)
-                }
-            }
+        try bytes.withUnsafeBytes { (raw) throws in
+            let id = treeCodec.id(raw)
+            if try saver.claim(id) { try saver.addEncoding(id, type: .tree, raw: raw, codec: treeCodec) }
+            return id
         }
-        return id
     }
 
     // MARK: Workers
 
     private func workerLoop() {
-        let hasher = SHA256Hasher()
-        let scratch = UnsafeMutableRawBufferPointer.allocate(
-            byteCount: LZ4.bound(repo.config.chunker.maxSize), alignment: 64)
-        defer { scratch.deallocate() }
+        let codec = repo.makeCodec()
         while let job = chunkQueue.pop() {
             let raw = job.buffer.bytes(job.offset, job.length)
-            let id = hasher.hash(raw)
+            let id = codec.id(raw)
             do {
                 if try saver.claim(id) {
-                    try saver.addCompressing(id, type: .data, raw: raw, scratch: scratch)
+                    try saver.addEncoding(id, type: .data, raw: raw, codec: codec)
                     chunksAdded.add(1, ordering: .relaxed)
                 }
             } catch {

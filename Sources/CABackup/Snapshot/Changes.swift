@@ -168,10 +168,11 @@ extension Repository {
 struct StatusWalker {
     let repo: Repository
     let excludes: [String]
-    let hasher = SHA256Hasher()
+    let codec: BlobCodec
 
     init(repository: Repository, excludes: [String]) {
         self.repo = repository
+        self.codec = repository.makeCodec()
         self.excludes = excludes
     }
 
@@ -282,7 +283,7 @@ struct StatusWalker {
         let reader = ChunkingReader(chunker: repo.chunker, fd: fd, path: path, sizeHint: Int64(st.st_size))
         var ids: [BlobID] = []
         while let w = try reader.nextWindow() {
-            for cut in w.cuts { ids.append(hasher.hash(w.buffer.bytes(cut.offset, cut.length))) }
+            for cut in w.cuts { ids.append(codec.id(w.buffer.bytes(cut.offset, cut.length))) }
         }
         return ids
     }

@@ -52,12 +52,13 @@ extension Repository {
         let packs = try backend.list(.pack).compactMap { ObjectID(hex: $0) }.sorted()
         let indexed = try index.packIDs()
         let hasher = SHA256Hasher()
+        let codec = makeCodec()
         let buffers = BlobBuffers()
         for (n, pack) in packs.enumerated() {
             report.packsChecked += 1
             let entries: [PackEntry]
             do {
-                entries = try PackFormat.readHeader(from: backend, name: pack.hex)
+                entries = try readPackHeader(pack)
             } catch {
                 report.problems.append(CheckProblem(message: "\(error)", snapshots: [], paths: []))
                 // Whatever the index places in this pack cannot be read back.
@@ -77,7 +78,9 @@ extension Repository {
             guard selected else { continue }
             progress?("reading pack \(n + 1) of \(packs.count)")
             report.packsRead += 1
-            if let damage = verifyPack(pack, entries: entries, hasher: hasher, buffers: buffers, report: &report) {
+            if let damage = verifyPack(
+                pack, entries: entries, hasher: hasher, codec: codec, buffers: buffers, report: &report)
+            {
                 for (id, why) in damage { badBlobs[id] = why }
             }
         }
@@ -90,7 +93,7 @@ extension Repository {
             report.snapshotsChecked += 1
             let snap: Snapshot
             do {
-                snap = try Snapshot.decode(id: id, bytes: try backend.read(.snapshot, id.hex))
+                snap = try decodeRecord(id: id, stored: try backend.read(.snapshot, id.hex))
             } catch {
                 report.problems.append(CheckProblem(message: "snapshot \(id.hex): \(error)", snapshots: [], paths: []))
                 continue
@@ -115,7 +118,8 @@ extension Repository {
     /// Reads a whole pack: its hash must match its name, each blob must verify. Returns
     /// the damaged blobs with the reason.
     private func verifyPack(
-        _ pack: PackID, entries: [PackEntry], hasher: SHA256Hasher, buffers: BlobBuffers, report: inout CheckReport
+        _ pack: PackID, entries: [PackEntry], hasher: SHA256Hasher, codec: BlobCodec, buffers: BlobBuffers,
+        report: inout CheckReport
     ) -> [(BlobID, String)]? {
         var damaged: [(BlobID, String)] = []
         do {
@@ -144,7 +148,7 @@ extension Repository {
             report.blobsRead += 1
             let loc = BlobLocation(pack: pack, entry: e)
             do {
-                _ = try loadBlob(e.id, at: loc, into: buffers, hasher: hasher)
+                _ = try loadBlob(e.id, at: loc, into: buffers, codec: codec)
             } catch let error as CABackupError {
                 if case .corrupt(_, let reason) = error {
                     damaged.append((e.id, "in pack \(pack.hex.prefix(8)) is damaged (\(reason))"))

@@ -112,7 +112,7 @@ extension Repository {
         var deletions: [(PackID, Int64)] = []
         var repacks: [(PackID, [PackEntry])] = []
         for pack in try backend.list(.pack).compactMap({ ObjectID(hex: $0) }).sorted() {
-            let entries = try PackFormat.readHeader(from: backend, name: pack.hex)
+            let entries = try readPackHeader(pack)
             let size = try backend.size(.pack, pack.hex)
             let live = entries.filter { used.contains($0.id) }
             let liveBytes = live.reduce(0) { $0 + $1.length }
@@ -135,17 +135,17 @@ extension Repository {
         // Copy the live blobs of packs being repacked, verifying each on the way.
         if !repacks.isEmpty {
             let saver = BlobSaver(repository: self)
-            let hasher = SHA256Hasher()
+            let codec = makeCodec()
             let buffers = BlobBuffers()
             do {
                 for (pack, live) in repacks {
                     for e in live {
                         // Verified on the way; its stored bytes are copied as they are.
                         let loc = BlobLocation(pack: pack, entry: e)
-                        _ = try loadBlob(e.id, at: loc, into: buffers, hasher: hasher)
+                        _ = try loadBlob(e.id, at: loc, into: buffers, codec: codec)
                         try saver.add(
                             e.id, type: e.type, compression: e.compression, rawLength: e.rawLength,
-                            bytes: buffers.stored(loc))
+                            bytes: buffers.stored)
                     }
                 }
                 try saver.finish()

@@ -463,16 +463,16 @@ final class Restorer: @unchecked Sendable {
     // MARK: Workers
 
     private func workerLoop() {
-        let hasher = SHA256Hasher()
+        let codec = repo.makeCodec()
         let buffers = BlobBuffers()
         while let job = queue.pop() {
-            restorePiece(job, hasher: hasher, buffers: buffers)
+            restorePiece(job, codec: codec, buffers: buffers)
         }
     }
 
     /// Loads, verifies and writes one run of chunks with `pwrite`; all-zero chunks are
     /// left as holes, so a sparse source is restored sparse and zeros cost no writes.
-    private func restorePiece(_ job: RestoreJob, hasher: SHA256Hasher, buffers: BlobBuffers) {
+    private func restorePiece(_ job: RestoreJob, codec: BlobCodec, buffers: BlobBuffers) {
         let file = job.file
         var offset = job.offset
         var failure: String?
@@ -481,9 +481,9 @@ final class Restorer: @unchecked Sendable {
                 let id = file.node.content[k]
                 let n: Int
                 if let locs = job.locations {
-                    n = try repo.loadBlob(id, at: locs[k], into: buffers, hasher: hasher)
+                    n = try repo.loadBlob(id, at: locs[k], into: buffers, codec: codec)
                 } else {
-                    n = try repo.loadBlob(id, into: buffers, hasher: hasher)
+                    n = try repo.loadBlob(id, into: buffers, codec: codec)
                 }
                 let bytes = buffers.bytes(n)
                 if !isAllZero(bytes) {

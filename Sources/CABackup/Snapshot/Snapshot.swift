@@ -100,13 +100,10 @@ extension Snapshot {
         return Array(try! enc.encode(rec))
     }
 
-    /// Parses a stored record; `id` is the name it was stored under, verified against
-    /// the bytes.
-    static func decode(id: SnapshotID, bytes: [UInt8]) throws -> Snapshot {
+    /// Parses a record's JSON; `id` is the name it was stored under (already verified
+    /// against the stored bytes by ``Repository/decodeRecord(id:stored:)``).
+    static func decode(id: SnapshotID, json bytes: [UInt8]) throws -> Snapshot {
         let what = "snapshot \(id.hex)"
-        guard sha256(bytes) == id else {
-            throw CABackupError.corrupt(what: what, reason: "content does not match its id")
-        }
         guard let rec = try? JSONDecoder().decode(SnapshotRecord.self, from: Data(bytes)) else {
             throw CABackupError.corrupt(what: what, reason: "not a snapshot record")
         }

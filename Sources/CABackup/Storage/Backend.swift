@@ -6,6 +6,8 @@ public enum FileKind: String, Sendable, CaseIterable {
     case pack
     /// Snapshot records, named by the hex SHA-256 of their bytes.
     case snapshot
+    /// Key slots of an encrypted repository, named by the hex SHA-256 of their bytes.
+    case key
 }
 
 /// A held repository lock; released on deinit.

@@ -14,7 +14,7 @@ import Synchronization
 /// pack is ever held in memory; sealing appends the header, and the writer thread makes
 /// the file durable and moves it to its final name.
 ///
-/// Thread-safe: the archiver's workers call ``claim(_:)`` and ``add(_:type:compression:rawLength:bytes:)``
+/// Thread-safe: the archiver's workers call ``claim(_:)`` and ``addEncoding(_:type:raw:codec:)``
 /// concurrently. Write order per pack: pack file durable → index rows → ids released
 /// from the in-flight set.
 final class BlobSaver: @unchecked Sendable {
@@ -41,6 +41,8 @@ final class BlobSaver: @unchecked Sendable {
     private var failure: CABackupError?
     private let queue = BlockingQueue<OpenPack>(capacity: 2)
     private var writer: pthread_t?
+    /// Seals pack headers in an encrypted repository; used only with `packLock` held.
+    private let headerAEAD: AESGCM?
 
     /// Bytes of packs stored, headers included.
     let bytesAdded = Atomic<Int64>(0)
@@ -55,6 +57,7 @@ final class BlobSaver: @unchecked Sendable {
 
     init(repository: Repository) {
         self.repo = repository
+        self.headerAEAD = repository.makeAEAD()
         writer = startThread { [self] in self.writerLoop() }
     }
 
@@ -108,20 +111,11 @@ final class BlobSaver: @unchecked Sendable {
         if let sealed { queue.push(sealed) }
     }
 
-    /// Compresses a claimed blob with LZ4 into `scratch` (at least `LZ4.bound(raw.count)`
-    /// bytes) and appends it, or appends it raw when compression does not shrink it.
-    func addCompressing(
-        _ id: BlobID, type: BlobType, raw: UnsafeRawBufferPointer, scratch: UnsafeMutableRawBufferPointer
-    )
-        throws
-    {
-        if let n = LZ4.compress(raw, into: scratch), n < raw.count {
-            try add(
-                id, type: type, compression: .lz4, rawLength: raw.count,
-                bytes: UnsafeRawBufferPointer(rebasing: scratch[0..<n]))
-        } else {
-            try add(id, type: type, compression: .none, rawLength: raw.count, bytes: raw)
-        }
+    /// Compresses (and in an encrypted repository seals) a claimed blob with the
+    /// calling thread's `codec`, and appends it.
+    func addEncoding(_ id: BlobID, type: BlobType, raw: UnsafeRawBufferPointer, codec: BlobCodec) throws {
+        let (compression, stored) = codec.encode(raw)
+        try add(id, type: type, compression: compression, rawLength: raw.count, bytes: stored)
     }
 
     /// Seals the open packs, waits until every pack is stored and indexed.
@@ -181,10 +175,11 @@ final class BlobSaver: @unchecked Sendable {
     /// Appends the header and trailer, after checking they parse back to exactly the
     /// entries meant.
     private func seal(_ pack: OpenPack) throws {
-        let header = PackFormat.encodeHeader(pack.entries)
+        let header = PackFormat.encodeHeader(pack.entries, aead: headerAEAD)
         let total = Int64(pack.size + header.count)
         let hlen = try PackFormat.parseTrailer(Array(header.suffix(PackFormat.trailerSize)), packSize: total)
-        guard try PackFormat.parseHeader(Array(header.prefix(hlen)), packSize: total) == pack.entries else {
+        let parsed = try PackFormat.parseHeader(Array(header.prefix(hlen)), packSize: total, aead: headerAEAD)
+        guard parsed == pack.entries else {
             throw CABackupError.corrupt(what: "new pack", reason: "header did not parse back (a bug: please report it)")
         }
         try header.withUnsafeBytes { raw in

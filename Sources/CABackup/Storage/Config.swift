@@ -3,10 +3,14 @@ import Foundation
 /// The repository config: the one file written at `init` and never changed.
 ///
 /// Stored as JSON at `config`. Readers refuse a `format_version` above
-/// ``RepositoryConfig/currentFormatVersion`` and ignore fields they do not know.
-public struct RepositoryConfig: Codable, Sendable, Equatable {
-    /// The format version this build writes and the highest it reads.
-    public static let currentFormatVersion = 1
+/// ``RepositoryConfig/currentFormatVersion`` and ignore fields they do not know. In an
+/// encrypted repository the chunker parameters (with the Gear seed) are sealed under the
+/// master key, so the storage side cannot learn where chunk boundaries fall; everything
+/// else in the file is needed before the key is known.
+public struct RepositoryConfig: Sendable, Equatable {
+    /// The format version this build writes for encrypted repositories and the highest it
+    /// reads. Plaintext repositories are still written as version 1, the same format.
+    public static let currentFormatVersion = 2
 
     /// The repository format version.
     public var formatVersion: Int
@@ -14,45 +18,87 @@ public struct RepositoryConfig: Codable, Sendable, Equatable {
     public var id: String
     /// Content-defined chunking parameters, including the Gear seed.
     public var chunker: ChunkerParameters
-    /// How blob ids are computed: `sha256` (plaintext SHA-256). Encrypted repositories
-    /// will use a keyed scheme.
+    /// How blob ids are computed: `sha256` (plaintext SHA-256) or `hmac-sha256` (keyed,
+    /// in encrypted repositories).
     public var idScheme: String
-    /// `none` for plaintext repositories. Reserved for encryption.
+    /// `none` for plaintext repositories, `aes-256-gcm` for encrypted ones.
     public var encryption: String
     /// The size at which a pack is closed.
     public var packSize: Int
 
-    enum CodingKeys: String, CodingKey {
-        case formatVersion = "format_version"
-        case id
-        case chunker
-        case idScheme = "id_scheme"
-        case encryption
-        case packSize = "pack_size"
-    }
+    /// Whether blobs, pack details, trees and snapshot records are sealed.
+    public var isEncrypted: Bool { encryption == Self.aesGCM }
+
+    static let aesGCM = "aes-256-gcm"
 
     /// 16 MiB: few enough files for large repositories, small enough to write and fsync
     /// without long stalls.
     public static let defaultPackSize = 16 << 20
 
     /// A new config with fresh random ids and default parameters.
-    public static func makeNew(chunker: ChunkerParameters? = nil, packSize: Int = defaultPackSize) -> RepositoryConfig {
+    public static func makeNew(
+        chunker: ChunkerParameters? = nil, encrypted: Bool = false, packSize: Int = defaultPackSize
+    ) -> RepositoryConfig {
         RepositoryConfig(
-            formatVersion: currentFormatVersion,
+            formatVersion: encrypted ? 2 : 1,
             id: hexString(secureRandomBytes(32)),
             chunker: chunker ?? .defaults(seed: secureRandomBytes(32)),
-            idScheme: "sha256",
-            encryption: "none",
+            idScheme: encrypted ? "hmac-sha256" : "sha256",
+            encryption: encrypted ? Self.aesGCM : "none",
             packSize: packSize)
     }
 
-    func encoded() -> [UInt8] {
+    /// The stored file. `keys` seals the chunker parameters and must be given exactly
+    /// when the config is encrypted.
+    func encoded(keys: RepositoryKeys? = nil) -> [UInt8] {
+        precondition(isEncrypted == (keys != nil))
+        var file = ConfigFile(
+            formatVersion: formatVersion, id: id, chunker: chunker, sealedChunker: nil, idScheme: idScheme,
+            encryption: encryption, packSize: packSize)
+        if let keys {
+            let enc = JSONEncoder()
+            enc.outputFormatting = [.sortedKeys]
+            let plain = Array(try! enc.encode(chunker))
+            file.chunker = nil
+            file.sealedChunker = Data(AESGCM(key: keys.encryption).seal(plain, aad: SealedKind.config))
+                .base64EncodedString()
+        }
         let enc = JSONEncoder()
         enc.outputFormatting = [.prettyPrinted, .sortedKeys]
-        return Array(try! enc.encode(self)) + [0x0A]
+        return Array(try! enc.encode(file)) + [0x0A]
     }
 
+    /// Parses a plaintext config (tests and tools; encrypted configs need ``ConfigFile``).
     static func decode(_ bytes: [UInt8], path: String) throws -> RepositoryConfig {
+        try ConfigFile.decode(bytes, path: path).resolve(keys: nil, path: path)
+    }
+}
+
+/// The config file as stored: the plaintext fields, and the chunker parameters either in
+/// the clear or sealed.
+struct ConfigFile: Codable {
+    var formatVersion: Int
+    var id: String
+    var chunker: ChunkerParameters?
+    var sealedChunker: String?
+    var idScheme: String
+    var encryption: String
+    var packSize: Int
+
+    enum CodingKeys: String, CodingKey {
+        case formatVersion = "format_version"
+        case id
+        case chunker
+        case sealedChunker = "sealed_chunker"
+        case idScheme = "id_scheme"
+        case encryption
+        case packSize = "pack_size"
+    }
+
+    var isEncrypted: Bool { encryption == RepositoryConfig.aesGCM }
+
+    /// Parses and checks everything readable without the key.
+    static func decode(_ bytes: [UInt8], path: String) throws -> ConfigFile {
         struct Version: Decodable {
             let format_version: Int
         }
@@ -60,27 +106,57 @@ public struct RepositoryConfig: Codable, Sendable, Equatable {
         guard let v = try? JSONDecoder().decode(Version.self, from: data) else {
             throw CABackupError.badConfig(path: path, reason: "not a cabackup config")
         }
-        guard v.format_version <= currentFormatVersion else {
-            throw CABackupError.unsupportedVersion(found: v.format_version, supported: currentFormatVersion)
+        guard v.format_version <= RepositoryConfig.currentFormatVersion else {
+            throw CABackupError.unsupportedVersion(
+                found: v.format_version, supported: RepositoryConfig.currentFormatVersion)
         }
-        let config: RepositoryConfig
+        let file: ConfigFile
         do {
-            config = try JSONDecoder().decode(RepositoryConfig.self, from: data)
+            file = try JSONDecoder().decode(ConfigFile.self, from: data)
         } catch {
             throw CABackupError.badConfig(path: path, reason: "missing or malformed field")
         }
+        switch (file.encryption, file.idScheme) {
+        case ("none", "sha256"):
+            guard file.chunker != nil else { throw CABackupError.badConfig(path: path, reason: "missing chunker") }
+        case (RepositoryConfig.aesGCM, "hmac-sha256"):
+            guard file.formatVersion >= 2, file.sealedChunker != nil else {
+                throw CABackupError.badConfig(path: path, reason: "encrypted config without sealed_chunker")
+            }
+        default:
+            throw CABackupError.badConfig(
+                path: path, reason: "unsupported id scheme '\(file.idScheme)' or encryption '\(file.encryption)'")
+        }
+        guard file.packSize >= 1 << 16, file.packSize <= 1 << 30 else {
+            throw CABackupError.badConfig(path: path, reason: "pack_size out of range")
+        }
+        return file
+    }
+
+    /// The full config, opening the sealed chunker parameters with `keys`.
+    func resolve(keys: RepositoryKeys?, path: String) throws -> RepositoryConfig {
+        var params: ChunkerParameters
+        if isEncrypted {
+            guard let keys else { throw CABackupError.passwordRequired(path) }
+            guard let sealed = sealedChunker.flatMap({ Data(base64Encoded: $0) }),
+                let plain = AESGCM(key: keys.encryption).open(Array(sealed), aad: SealedKind.config)
+            else {
+                throw CABackupError.corrupt(what: "config \(path)", reason: "sealed chunker parameters do not open")
+            }
+            guard let p = try? JSONDecoder().decode(ChunkerParameters.self, from: Data(plain)) else {
+                throw CABackupError.badConfig(path: path, reason: "malformed sealed chunker parameters")
+            }
+            params = p
+        } else {
+            params = chunker!
+        }
         do {
-            try config.chunker.validate()
+            try params.validate()
         } catch {
             throw CABackupError.badConfig(path: path, reason: CABackupError(error).description)
         }
-        guard config.idScheme == "sha256", config.encryption == "none" else {
-            throw CABackupError.badConfig(
-                path: path, reason: "unsupported id scheme or encryption '\(config.encryption)'")
-        }
-        guard config.packSize >= 1 << 16, config.packSize <= 1 << 30 else {
-            throw CABackupError.badConfig(path: path, reason: "pack_size out of range")
-        }
-        return config
+        return RepositoryConfig(
+            formatVersion: formatVersion, id: id, chunker: params, idScheme: idScheme, encryption: encryption,
+            packSize: packSize)
     }
 }

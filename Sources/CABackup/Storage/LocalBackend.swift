@@ -7,7 +7,7 @@
 /// A repository in a local directory.
 ///
 /// Layout: `config`, `data/XY/<pack id>` (XY = the first two hex digits),
-/// `snapshots/<snapshot id>`, `index/` (the derived SQLite index), `tmp/`.
+/// `snapshots/<snapshot id>`, `keys/<key slot id>`, `index/` (the derived SQLite index), `tmp/`.
 public final class LocalBackend: Backend, @unchecked Sendable {
     // Safe: `openFiles` and `lru` are only touched with `lock` held; the rest is immutable.
     public let root: String
@@ -41,19 +41,25 @@ public final class LocalBackend: Backend, @unchecked Sendable {
         case .config: return root + "/config"
         case .pack: return root + "/data/" + name.prefix(2) + "/" + name
         case .snapshot: return root + "/snapshots/" + name
+        case .key: return root + "/keys/" + name
         }
     }
 
     public func exists() -> Bool { fileExists(root + "/config") }
 
-    public func create() throws {
+    /// Throws unless the root is missing or an empty directory.
+    func checkEmpty() throws {
         if fileExists(root) {
             guard isDirectory(root) else { throw CABackupError.repositoryExists(root) }
             let names = try readDirectory(Array(root.utf8))
             guard names.isEmpty else { throw CABackupError.repositoryExists(root) }
         }
+    }
+
+    public func create() throws {
+        try checkEmpty()
         try makeDirectories(root)
-        for sub in ["data", "snapshots", "index", "tmp"] {
+        for sub in ["data", "snapshots", "keys", "index", "tmp"] {
             try makeDirectories(root + "/" + sub)
         }
         for i in 0..<256 {
@@ -68,6 +74,10 @@ public final class LocalBackend: Backend, @unchecked Sendable {
             return exists() ? ["config"] : []
         case .snapshot:
             return try readDirectory(Array((root + "/snapshots").utf8)).compactMap(Self.idName)
+        case .key:
+            // Repositories made before encryption existed have no keys/ directory.
+            guard isDirectory(root + "/keys") else { return [] }
+            return try readDirectory(Array((root + "/keys").utf8)).compactMap(Self.idName)
         case .pack:
             var out: [String] = []
             for sub in try readDirectory(Array((root + "/data").utf8)) {

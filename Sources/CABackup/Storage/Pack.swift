@@ -52,32 +52,55 @@ public enum PackError: Error, Sendable, CustomStringConvertible {
 /// The pack file format.
 ///
 /// Layout: `blob₁ … blobₙ ‖ header ‖ UInt32 LE header length ‖ "CApk"`.
-/// Header: `version u8 (1) ‖ flags u8 (0: plain) ‖ count u32 LE ‖ count × entry`,
+/// Plain header (flags 0): `version u8 (1) ‖ flags u8 ‖ count u32 LE ‖ count × entry`,
 /// entry: `type u8 ‖ compression u8 ‖ length u32 LE ‖ raw length u32 LE ‖ id (32)`.
+/// Sealed header (flags 1, encrypted repositories): `version ‖ flags ‖ count ‖
+/// count × (length u32 LE ‖ id (32)) ‖ sealed details`, where the details are
+/// `count × (type u8 ‖ compression u8 ‖ raw length u32 LE)` sealed with AES-256-GCM, the
+/// clear part being additional data. So the storage side sees only keyed ids and stored
+/// lengths, and can still check the framing and answer which ids it holds.
 /// Blob offsets are implicit: blobs are stored back to back from offset 0 in header
-/// order. The `flags` byte is where an encrypted (sealed) header will be announced.
+/// order.
 public enum PackFormat {
     static let magic: [UInt8] = Array("CApk".utf8)
     static let version: UInt8 = 1
     static let trailerSize = 8
     static let entrySize = 42
+    static let clearEntrySize = 36
+    static let detailSize = 6
     static let headerFixedSize = 6
+    static let flagSealed: UInt8 = 1
     /// A header larger than this is refused unread (a 16 MiB pack of 512 KiB chunks
     /// needs about 1.4 KiB; this leaves room for packs of tiny tree blobs).
     static let maxHeaderSize = 16 << 20
 
-    /// The header and trailer for blobs stored back to back in `entries` order.
-    static func encodeHeader(_ entries: [PackEntry]) -> [UInt8] {
-        var w = ByteWriter(capacity: headerFixedSize + entries.count * entrySize + trailerSize)
+    /// The header and trailer for blobs stored back to back in `entries` order; sealed
+    /// when `aead` is given.
+    static func encodeHeader(_ entries: [PackEntry], aead: AESGCM? = nil) -> [UInt8] {
+        var w = ByteWriter(capacity: headerFixedSize + entries.count * entrySize + AESGCM.overhead + trailerSize)
         w.u8(version)
-        w.u8(0)
+        w.u8(aead == nil ? 0 : flagSealed)
         w.u32(UInt32(entries.count))
-        for e in entries {
-            w.u8(e.type.rawValue)
-            w.u8(e.compression.rawValue)
-            w.u32(UInt32(e.length))
-            w.u32(UInt32(e.rawLength))
-            w.id(e.id)
+        if let aead {
+            for e in entries {
+                w.u32(UInt32(e.length))
+                w.id(e.id)
+            }
+            var details = ByteWriter(capacity: entries.count * detailSize)
+            for e in entries {
+                details.u8(e.type.rawValue)
+                details.u8(e.compression.rawValue)
+                details.u32(UInt32(e.rawLength))
+            }
+            w.append(aead.seal(details.bytes, aad: SealedKind.packHeader + w.bytes))
+        } else {
+            for e in entries {
+                w.u8(e.type.rawValue)
+                w.u8(e.compression.rawValue)
+                w.u32(UInt32(e.length))
+                w.u32(UInt32(e.rawLength))
+                w.id(e.id)
+            }
         }
         let headerLength = UInt32(w.bytes.count)
         w.u32(headerLength)
@@ -98,33 +121,93 @@ public enum PackFormat {
         return Int(n)
     }
 
-    /// Parses a header of a pack of `packSize` bytes, checking that the blobs exactly
-    /// fill the space before it.
-    static func parseHeader(_ header: [UInt8], packSize: Int64) throws -> [PackEntry] {
+    /// What anyone can read from a header without the key: whether it is sealed, and
+    /// each blob's id and stored length, with offsets. Checks that the blobs exactly fill
+    /// the space before the header.
+    static func parseClearHeader(
+        _ header: [UInt8], packSize: Int64
+    ) throws -> (
+        sealed: Bool, entries: [(id: BlobID, offset: Int64, length: Int)]
+    ) {
         var r = ByteReader(header)
         do {
             guard try r.u8() == version else { throw PackError.badHeader("unknown version") }
-            guard try r.u8() == 0 else { throw PackError.badHeader("unknown flags") }
+            let flags = try r.u8()
+            guard flags == 0 || flags == flagSealed else { throw PackError.badHeader("unknown flags") }
+            let sealed = flags == flagSealed
             let count = Int(try r.u32())
-            guard count * entrySize == r.remaining else { throw PackError.badHeader("entry count does not match size") }
-            var entries: [PackEntry] = []
+            let expected = sealed ? count * (clearEntrySize + detailSize) + AESGCM.overhead : count * entrySize
+            guard expected == r.remaining else { throw PackError.badHeader("entry count does not match size") }
+            var entries: [(id: BlobID, offset: Int64, length: Int)] = []
             entries.reserveCapacity(count)
             var offset: Int64 = 0
             for _ in 0..<count {
-                guard let type = BlobType(rawValue: try r.u8()) else { throw PackError.badHeader("unknown blob type") }
-                guard let comp = BlobCompression(rawValue: try r.u8()) else {
-                    throw PackError.badHeader("unknown compression")
+                let length: Int
+                if sealed {
+                    length = Int(try r.u32())
+                } else {
+                    _ = try r.u8()
+                    _ = try r.u8()
+                    length = Int(try r.u32())
+                    _ = try r.u32()
                 }
-                let length = Int(try r.u32())
-                let raw = Int(try r.u32())
-                let id = try r.id()
-                if comp == .none && raw != length { throw PackError.badHeader("raw length differs for stored blob") }
-                entries.append(
-                    PackEntry(id: id, type: type, compression: comp, offset: offset, length: length, rawLength: raw))
+                entries.append((try r.id(), offset, length))
                 offset += Int64(length)
             }
             guard offset + Int64(header.count + trailerSize) == packSize else {
                 throw PackError.badHeader("blob lengths do not add up to the pack size")
+            }
+            return (sealed, entries)
+        } catch let e as PackError {
+            throw e
+        } catch {
+            throw PackError.badHeader("truncated")
+        }
+    }
+
+    /// Parses a header of a pack of `packSize` bytes, checking that the blobs exactly
+    /// fill the space before it. A sealed header needs `aead` (the repository's key).
+    static func parseHeader(_ header: [UInt8], packSize: Int64, aead: AESGCM? = nil) throws -> [PackEntry] {
+        let (sealed, clear) = try parseClearHeader(header, packSize: packSize)
+        var details = ByteReader(header)
+        if sealed {
+            guard let aead else { throw PackError.badHeader("sealed: it needs the repository key") }
+            let clearSize = headerFixedSize + clear.count * clearEntrySize
+            guard
+                let plain = aead.open(
+                    Array(header[clearSize...]), aad: SealedKind.packHeader + Array(header[0..<clearSize]))
+            else {
+                throw PackError.badHeader("sealed details fail authentication")
+            }
+            details = ByteReader(plain)
+        } else {
+            if aead != nil { throw PackError.badHeader("plaintext header in an encrypted repository") }
+            _ = try? details.bytes(headerFixedSize)
+        }
+        do {
+            var entries: [PackEntry] = []
+            entries.reserveCapacity(clear.count)
+            for c in clear {
+                guard let type = BlobType(rawValue: try details.u8()) else {
+                    throw PackError.badHeader("unknown blob type")
+                }
+                guard let comp = BlobCompression(rawValue: try details.u8()) else {
+                    throw PackError.badHeader("unknown compression")
+                }
+                if !sealed { _ = try details.u32() }
+                let raw = Int(try details.u32())
+                if !sealed { _ = try details.bytes(32) }
+                if sealed {
+                    if comp == .none && raw + AESGCM.overhead != c.length {
+                        throw PackError.badHeader("raw length differs for stored blob")
+                    }
+                    if c.length < AESGCM.overhead { throw PackError.badHeader("sealed blob shorter than its overhead") }
+                } else if comp == .none && raw != c.length {
+                    throw PackError.badHeader("raw length differs for stored blob")
+                }
+                entries.append(
+                    PackEntry(
+                        id: c.id, type: type, compression: comp, offset: c.offset, length: c.length, rawLength: raw))
             }
             return entries
         } catch let e as PackError {
@@ -135,7 +218,7 @@ public enum PackFormat {
     }
 
     /// Reads and parses the header of a stored pack.
-    static func readHeader(from backend: any Backend, name: String) throws -> [PackEntry] {
+    static func readHeader(from backend: any Backend, name: String, aead: AESGCM? = nil) throws -> [PackEntry] {
         let size = try backend.size(.pack, name)
         let what = "pack \(name)"
         var trailer = [UInt8](repeating: 0, count: trailerSize)
@@ -153,7 +236,7 @@ public enum PackFormat {
                 try backend.read(
                     .pack, name, offset: size - Int64(trailerSize + hlen), length: hlen, into: raw.baseAddress!)
             }
-            return try parseHeader(header, packSize: size)
+            return try parseHeader(header, packSize: size, aead: aead)
         } catch let e as PackError {
             throw CABackupError.corrupt(what: what, reason: e.description)
         } catch let e as CABackupError {

@@ -48,19 +48,17 @@
 }
 
 @_spi(Benchmarks) extension Repository {
-    /// Stores `blobs` as data blobs through the real pack writer (dedup, LZ4, packs,
+    /// Stores `blobs` as data blobs through the real pack writer (dedup, LZ4, sealing when encrypted, packs,
     /// fsync, index) without chunking: the pack-writing stage alone.
     public func storeBlobsForBenchmark(_ blobs: [[UInt8]]) throws {
         let saver = BlobSaver(repository: self)
-        var scratch = [UInt8](repeating: 0, count: LZ4.bound(blobs.map(\.count).max() ?? 0))
+        let codec = makeCodec()
         do {
             for b in blobs {
-                let id = sha256(b)
-                guard try saver.claim(id) else { continue }
-                try b.withUnsafeBytes { src in
-                    try scratch.withUnsafeMutableBytes { dst in
-                        try saver.addCompressing(id, type: .data, raw: src, scratch: dst)
-                    }
+                try b.withUnsafeBytes { (raw) throws in
+                    let id = codec.id(raw)
+                    guard try saver.claim(id) else { return }
+                    try saver.addEncoding(id, type: .data, raw: raw, codec: codec)
                 }
             }
             try saver.finish()

@@ -41,6 +41,14 @@ public enum CABackupError: Error, Sendable, CustomStringConvertible {
     case cancelled
     /// Invalid argument given to the library.
     case invalidArgument(String)
+    /// The repository is encrypted and no password was given.
+    case passwordRequired(String)
+    /// No key slot of the repository opens with the password given.
+    case wrongPassword(String)
+    /// No key slot matches the id given.
+    case keyNotFound(String)
+    /// A key operation on a repository that is not encrypted.
+    case notEncrypted(String)
 
     public var description: String {
         switch self {
@@ -83,6 +91,15 @@ public enum CABackupError: Error, Sendable, CustomStringConvertible {
             return "interrupted"
         case .invalidArgument(let m):
             return m
+        case .passwordRequired(let p):
+            return
+                "repository \(p) is encrypted: give its password with CABACKUP_PASSWORD, --password-file or at the prompt"
+        case .wrongPassword(let p):
+            return "wrong password for repository \(p): no key slot opens with it (nothing was changed)"
+        case .keyNotFound(let k):
+            return "no key slot matches '\(k)': list them with 'cabackup key list' and give 8 or more hex digits"
+        case .notEncrypted(let p):
+            return "repository \(p) is not encrypted: it has no keys to manage"
         }
     }
 }
