@@ -81,10 +81,13 @@ public final class Repository: @unchecked Sendable {
     )
         throws -> Repository
     {
-        let path = absolutePath(path)
-        let backend = LocalBackend(path: path, durable: durable)
+        let (backend, indexPath) = try storage(path, durable: durable)
         if let chunker { try chunker.validate() }
         if let password { try checkNewPassword(password) }
+        if backend is HTTPBackend && password == nil {
+            throw CABackupError.invalidArgument(
+                "a repository on a server is always encrypted: drop --no-encryption (give a password)")
+        }
         try kdf.validate()
         let config = RepositoryConfig.makeNew(chunker: chunker, encrypted: password != nil)
         let keys = password == nil ? nil : RepositoryKeys.random()
@@ -98,13 +101,44 @@ public final class Repository: @unchecked Sendable {
             try backend.write(.config, "config", raw)
         }
         return try Repository(
-            backend: backend, config: config, keys: keys, keyID: keyID, indexPath: path + "/index/index.sqlite")
+            backend: backend, config: config, keys: keys, keyID: keyID, indexPath: try indexPath(config.id))
+    }
+
+    /// The backend for a `--repo` value (a directory, or `http(s)://NAME@HOST:PORT[/PREFIX]`)
+    /// and where its index lives: inside a local repository, in the user's cache directory
+    /// for a remote one (named by the repository id).
+    static func storage(_ path: String, durable: Bool) throws -> (any Backend, (String) throws -> String) {
+        if RemoteLocation.isRemote(path) {
+            let backend = try HTTPBackend(try RemoteLocation(parsing: path))
+            return (
+                backend,
+                { id in
+                    let dir = cacheDirectory(id)
+                    try makeDirectories(dir)
+                    return dir + "/index.sqlite"
+                }
+            )
+        }
+        let root = absolutePath(path)
+        return (
+            LocalBackend(path: root, durable: durable),
+            { _ in
+                for sub in ["index", "tmp"] where !isDirectory(root + "/" + sub) {
+                    try makeDirectories(root + "/" + sub)
+                }
+                return root + "/index/index.sqlite"
+            }
+        )
     }
 
     /// Throws ``CABackupError/repositoryExists(_:)`` unless `path` is missing or an empty
     /// directory (so a tool can refuse before asking for a new password).
     public static func checkCanInitialize(path: String) throws {
-        try LocalBackend(path: absolutePath(path)).checkEmpty()
+        if RemoteLocation.isRemote(path) {
+            try storage(path, durable: true).0.create()
+        } else {
+            try LocalBackend(path: absolutePath(path)).checkEmpty()
+        }
     }
 
     /// Opens an existing repository and brings its index up to date with the packs and
@@ -121,7 +155,7 @@ public final class Repository: @unchecked Sendable {
         try open(
             path: path,
             passwordProvider: {
-                guard let password else { throw CABackupError.passwordRequired(absolutePath(path)) }
+                guard let password else { throw CABackupError.passwordRequired(path) }
                 return password
             }, durable: durable)
     }
@@ -137,9 +171,9 @@ public final class Repository: @unchecked Sendable {
     public static func open(
         path: String, passwordProvider: () throws -> String, durable: Bool = true
     ) throws -> Repository {
-        let path = absolutePath(path)
-        let backend = LocalBackend(path: path, durable: durable)
-        guard backend.exists() else {
+        let (backend, indexPath) = try storage(path, durable: durable)
+        let path = backend.location
+        guard try backend.exists() else {
             if fileExists(path) && !isDirectory(path) {
                 throw CABackupError.badConfig(path: path, reason: "not a directory")
             }
@@ -152,9 +186,8 @@ public final class Repository: @unchecked Sendable {
             (keys, keyID) = try unlock(backend, password: try passwordProvider())
         }
         let config = try file.resolve(keys: keys, path: path + "/config")
-        for sub in ["index", "tmp"] where !isDirectory(path + "/" + sub) { try makeDirectories(path + "/" + sub) }
         let repo = try Repository(
-            backend: backend, config: config, keys: keys, keyID: keyID, indexPath: path + "/index/index.sqlite")
+            backend: backend, config: config, keys: keys, keyID: keyID, indexPath: try indexPath(config.id))
         try repo.synchronizeIndex()
         return repo
     }
@@ -371,12 +404,12 @@ public final class Repository: @unchecked Sendable {
     }
 
     /// Stores a snapshot record (the commit point) and indexes it.
-    func commitSnapshot(_ plain: [UInt8]) throws -> Snapshot {
+    func commitSnapshot(_ plain: [UInt8], references: [BlobID] = []) throws -> Snapshot {
         let bytes = sealRecord(plain)
         let id = sha256(bytes)
         let snap = try decodeRecord(id: id, stored: bytes)
         try bytes.withUnsafeBytes { (raw) throws in
-            try backend.write(.snapshot, id.hex, raw)
+            try backend.writeSnapshot(id.hex, raw, references: references)
         }
         try index.addSnapshot(id, timeNs: snap.timeNs, record: bytes)
         return snap

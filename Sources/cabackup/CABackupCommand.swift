@@ -15,12 +15,14 @@ let exitCodeTable = """
       10   repository does not exist
       11   repository is locked (prune beside a snapshot, or a snapshot beside prune)
       12   wrong or missing password (encrypted repository)
+      13   not logged in to the server, or the server refused this device's token
+      14   the server cannot be reached
       64   usage error
       130  interrupted
     """
 
 @main
-struct CABackupCommand: ParsableCommand {
+struct CABackupCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "cabackup",
         abstract: "Content-addressed, deduplicating backups.",
@@ -29,17 +31,23 @@ struct CABackupCommand: ParsableCommand {
         subcommands: [
             InitCommand.self, SnapshotCommand.self, SnapshotsCommand.self, LsCommand.self, RestoreCommand.self,
             StatusCommand.self, DiffCommand.self, WatchCommand.self, CheckCommand.self, ForgetCommand.self,
-            PruneCommand.self, RepairCommand.self, KeyCommand.self,
+            PruneCommand.self, RepairCommand.self, KeyCommand.self, ServerCommand.self, RegisterCommand.self,
+            LoginCommand.self, LogoutCommand.self, DevicesCommand.self,
         ]
     )
 
     /// Parses, runs, and maps every error to its exit code in this one place.
-    static func main() {
+    static func main() async {
         signal(SIGINT) { _ in _exit(130) }
         signal(SIGTERM) { _ in _exit(130) }
+        signal(SIGPIPE, SIG_IGN)
         do {
             var command = try parseAsRoot()
-            try command.run()
+            if var asyncCommand = command as? any AsyncParsableCommand {
+                try await asyncCommand.run()
+            } else {
+                try command.run()
+            }
         } catch let error as CABackupError {
             printError("cabackup: \(error)")
             Glibc.exit(exitCode(for: error))
@@ -53,6 +61,8 @@ struct CABackupCommand: ParsableCommand {
         case .repositoryNotFound: return 10
         case .locked: return 11
         case .passwordRequired, .wrongPassword: return 12
+        case .notLoggedIn: return 13
+        case .network: return 14
         case .cancelled: return 130
         default: return 1
         }
@@ -61,7 +71,9 @@ struct CABackupCommand: ParsableCommand {
 
 /// `--repo` or `CABACKUP_REPO`, and the password of an encrypted repository.
 struct RepositoryOptions: ParsableArguments {
-    @Option(name: [.short, .long], help: "Repository directory (default: $CABACKUP_REPO).")
+    @Option(
+        name: [.short, .long],
+        help: "Repository directory, or http(s)://NAME@HOST:PORT[/PREFIX] on a server (default: $CABACKUP_REPO).")
     var repo: String?
 
     @Option(
@@ -81,7 +93,8 @@ struct RepositoryOptions: ParsableArguments {
 
     func open() throws -> Repository {
         let path = try path()
-        return try Repository.open(path: path, passwordProvider: { try password.read(for: absolutePath(path)) })
+        let location = RemoteLocation.isRemote(path) ? path : absolutePath(path)
+        return try Repository.open(path: path, passwordProvider: { try password.read(for: location) })
     }
 }
 

@@ -35,7 +35,7 @@ struct InitCommand: ParsableCommand {
 
     func run() throws {
         let path = try repository.path()
-        let location = absolutePath(path)
+        let location = RemoteLocation.isRemote(path) ? path : absolutePath(path)
         try Repository.checkCanInitialize(path: location)
         let password = noEncryption ? nil : try repository.password.readNew(for: location)
         var chunker: ChunkerParameters?

@@ -123,7 +123,7 @@ enum SealedKind {
 ///
 /// - Throws: ``CABackupError/invalidArgument(_:)`` when the parameters are out of range
 ///   or need more memory than 1 GiB.
-func scrypt(password: [UInt8], salt: [UInt8], n: UInt64, r: UInt64, p: UInt64, length: Int) throws -> [UInt8] {
+package func scrypt(password: [UInt8], salt: [UInt8], n: UInt64, r: UInt64, p: UInt64, length: Int) throws -> [UInt8] {
     var out = [UInt8](repeating: 0, count: length)
     // A trailing NUL keeps the pointers valid for an empty password or salt.
     let pw = password + [0]
@@ -137,4 +137,22 @@ func scrypt(password: [UInt8], salt: [UInt8], n: UInt64, r: UInt64, p: UInt64, l
     }
     guard rc == 1 else { throw CABackupError.invalidArgument("scrypt parameters N=\(n) r=\(r) p=\(p) are not usable") }
     return out
+}
+
+/// PBKDF2-HMAC-SHA-256 through libcrypto (the server's hash of login secrets).
+package func pbkdf2SHA256(_ secret: [UInt8], salt: [UInt8], iterations: Int, length: Int = 32) -> [UInt8] {
+    var out = [UInt8](repeating: 0, count: length)
+    let s = secret + [0]
+    let rc = s.withUnsafeBytes { p in
+        PKCS5_PBKDF2_HMAC(
+            p.baseAddress!.assumingMemoryBound(to: CChar.self), Int32(secret.count), salt, Int32(salt.count),
+            Int32(iterations), EVP_sha256(), Int32(length), &out)
+    }
+    precondition(rc == 1, "PKCS5_PBKDF2_HMAC failed")
+    return out
+}
+
+/// Compares two byte strings in time that depends only on their length.
+package func constantTimeEqual(_ a: [UInt8], _ b: [UInt8]) -> Bool {
+    a.count == b.count && CRYPTO_memcmp(a, b, a.count) == 0
 }

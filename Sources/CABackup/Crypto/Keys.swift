@@ -51,7 +51,7 @@ struct RepositoryKeys: Sendable {
 
 /// One key slot: the master keys sealed under a key derived from one password.
 /// Stored as JSON at `keys/<sha256 of the file>`.
-struct KeySlot: Codable {
+package struct KeySlot: Codable {
     var created: String
     var hostname: String
     var username: String
@@ -102,7 +102,9 @@ struct KeySlot: Codable {
         return Array(try! enc.encode(self)) + [0x0A]
     }
 
-    static func decode(_ bytes: [UInt8]) -> KeySlot? { try? JSONDecoder().decode(KeySlot.self, from: Data(bytes)) }
+    package static func decode(_ bytes: [UInt8]) -> KeySlot? {
+        try? JSONDecoder().decode(KeySlot.self, from: Data(bytes))
+    }
 }
 
 /// What `cabackup key list` shows about a key slot (nothing secret).

@@ -8,7 +8,7 @@ import COpenSSL
 /// init, into two template contexts; each digest starts from a copy of the inner one
 /// (RFC 2104 computed the usual way, checked against RFC 4231's vectors).
 /// Not thread-safe: each worker thread keeps its own.
-final class SHA256Hasher {
+package final class SHA256Hasher {
     // Safe: the contexts are created in init, freed in deinit, used by one thread at a time.
     private let ctx: OpaquePointer
     private let md: OpaquePointer
@@ -17,7 +17,7 @@ final class SHA256Hasher {
     private let outer: OpaquePointer?
 
     /// A plain SHA-256 hasher, or HMAC-SHA-256 when `hmacKey` is given (at most 64 bytes).
-    init(hmacKey: [UInt8]? = nil) {
+    package init(hmacKey: [UInt8]? = nil) {
         ctx = EVP_MD_CTX_new()!
         md = EVP_sha256()!
         if let key = hmacKey {
@@ -47,7 +47,7 @@ final class SHA256Hasher {
     }
 
     /// Starts a new digest.
-    func reset() {
+    package func reset() {
         if let inner {
             EVP_MD_CTX_copy_ex(ctx, inner)
         } else {
@@ -56,12 +56,12 @@ final class SHA256Hasher {
     }
 
     /// Feeds bytes into the digest in progress.
-    func update(_ buf: UnsafeRawBufferPointer) {
+    package func update(_ buf: UnsafeRawBufferPointer) {
         if buf.count > 0 { EVP_DigestUpdate(ctx, buf.baseAddress, buf.count) }
     }
 
     /// Finishes the digest in progress and starts a new one.
-    func finish() -> ObjectID {
+    package func finish() -> ObjectID {
         var out = (UInt64(0), UInt64(0), UInt64(0), UInt64(0))
         withUnsafeMutableBytes(of: &out) { raw in
             let p = raw.baseAddress!.assumingMemoryBound(to: UInt8.self)
@@ -78,7 +78,7 @@ final class SHA256Hasher {
     }
 
     /// The digest of one buffer.
-    func hash(_ buf: UnsafeRawBufferPointer) -> ObjectID {
+    package func hash(_ buf: UnsafeRawBufferPointer) -> ObjectID {
         update(buf)
         return finish()
     }
@@ -101,12 +101,12 @@ public func sha256(_ buf: UnsafeRawBufferPointer) -> ObjectID {
 }
 
 /// HMAC-SHA-256 of a byte array in one call.
-func hmacSHA256(key: [UInt8], _ bytes: [UInt8]) -> ObjectID {
+package func hmacSHA256(key: [UInt8], _ bytes: [UInt8]) -> ObjectID {
     bytes.withUnsafeBytes { SHA256Hasher(hmacKey: key).hash($0) }
 }
 
 /// Cryptographically secure random bytes from libcrypto.
-func secureRandomBytes(_ count: Int) -> [UInt8] {
+package func secureRandomBytes(_ count: Int) -> [UInt8] {
     var out = [UInt8](repeating: 0, count: count)
     let rc = out.withUnsafeMutableBufferPointer { RAND_bytes($0.baseAddress, Int32(count)) }
     precondition(rc == 1, "RAND_bytes failed")

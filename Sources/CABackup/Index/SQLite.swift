@@ -1,12 +1,12 @@
 import CSQLite
 
 /// The SQLite C API, wrapped as small as it can be: a connection and prepared statements.
-final class SQLiteDatabase {
+package final class SQLiteDatabase {
     // Safe: used under the owning Index's lock only.
     let handle: OpaquePointer
     let path: String
 
-    init(path: String) throws {
+    package init(path: String) throws {
         var db: OpaquePointer?
         let flags = SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_NOMUTEX
         let rc = sqlite3_open_v2(path, &db, flags, nil)
@@ -24,7 +24,7 @@ final class SQLiteDatabase {
 
     var lastError: String { String(cString: sqlite3_errmsg(handle)) }
 
-    func execute(_ sql: String) throws {
+    package func execute(_ sql: String) throws {
         var err: UnsafeMutablePointer<CChar>?
         if sqlite3_exec(handle, sql, nil, nil, &err) != SQLITE_OK {
             let msg = err.map { String(cString: $0) } ?? lastError
@@ -33,7 +33,7 @@ final class SQLiteDatabase {
         }
     }
 
-    func prepare(_ sql: String) throws -> SQLiteStatement {
+    package func prepare(_ sql: String) throws -> SQLiteStatement {
         var stmt: OpaquePointer?
         guard sqlite3_prepare_v3(handle, sql, -1, UInt32(SQLITE_PREPARE_PERSISTENT), &stmt, nil) == SQLITE_OK,
             let stmt
@@ -43,11 +43,11 @@ final class SQLiteDatabase {
 }
 
 /// A prepared statement, reset before each use.
-final class SQLiteStatement {
+package final class SQLiteStatement {
     let stmt: OpaquePointer
     unowned let db: SQLiteDatabase
 
-    init(_ stmt: OpaquePointer, db: SQLiteDatabase) {
+    package init(_ stmt: OpaquePointer, db: SQLiteDatabase) {
         self.stmt = stmt
         self.db = db
     }
@@ -55,26 +55,26 @@ final class SQLiteStatement {
     deinit { sqlite3_finalize(stmt) }
 
     /// Clears bindings and state for a new execution.
-    func reset() {
+    package func reset() {
         sqlite3_reset(stmt)
         sqlite3_clear_bindings(stmt)
     }
 
-    func bind(_ i: Int32, _ v: Int64) { sqlite3_bind_int64(stmt, i, v) }
-    func bind(_ i: Int32, _ v: Int) { sqlite3_bind_int64(stmt, i, Int64(v)) }
-    func bind(_ i: Int32, _ v: String) {
+    package func bind(_ i: Int32, _ v: Int64) { sqlite3_bind_int64(stmt, i, v) }
+    package func bind(_ i: Int32, _ v: Int) { sqlite3_bind_int64(stmt, i, Int64(v)) }
+    package func bind(_ i: Int32, _ v: String) {
         // SQLITE_TRANSIENT: SQLite copies the text before the call returns.
         sqlite3_bind_text(stmt, i, v, -1, unsafeBitCast(-1, to: sqlite3_destructor_type.self))
     }
-    func bindNull(_ i: Int32) { sqlite3_bind_null(stmt, i) }
-    func bind(_ i: Int32, _ id: ObjectID) {
+    package func bindNull(_ i: Int32) { sqlite3_bind_null(stmt, i) }
+    package func bind(_ i: Int32, _ id: ObjectID) {
         id.withUnsafeBytes { raw in
             _ = sqlite3_bind_blob(stmt, i, raw.baseAddress, 32, unsafeBitCast(-1, to: sqlite3_destructor_type.self))
         }
     }
 
     /// Steps once; `true` when a row is available.
-    func step() throws -> Bool {
+    package func step() throws -> Bool {
         switch sqlite3_step(stmt) {
         case SQLITE_ROW: return true
         case SQLITE_DONE: return false
@@ -83,32 +83,32 @@ final class SQLiteStatement {
     }
 
     /// Runs a statement that returns no rows.
-    func run() throws {
+    package func run() throws {
         defer { sqlite3_reset(stmt) }
         _ = try step()
     }
 
-    func int(_ col: Int32) -> Int64 { sqlite3_column_int64(stmt, col) }
-    func isNull(_ col: Int32) -> Bool { sqlite3_column_type(stmt, col) == SQLITE_NULL }
-    func text(_ col: Int32) -> String {
+    package func int(_ col: Int32) -> Int64 { sqlite3_column_int64(stmt, col) }
+    package func isNull(_ col: Int32) -> Bool { sqlite3_column_type(stmt, col) == SQLITE_NULL }
+    package func text(_ col: Int32) -> String {
         guard let p = sqlite3_column_text(stmt, col) else { return "" }
         return String(cString: p)
     }
-    func id(_ col: Int32) -> ObjectID? {
+    package func id(_ col: Int32) -> ObjectID? {
         guard sqlite3_column_bytes(stmt, col) == 32, let p = sqlite3_column_blob(stmt, col) else { return nil }
         return ObjectID(UnsafeRawBufferPointer(start: p, count: 32))
     }
 }
 
 extension SQLiteStatement {
-    func bytes(_ col: Int32) -> [UInt8] {
+    package func bytes(_ col: Int32) -> [UInt8] {
         let n = Int(sqlite3_column_bytes(stmt, col))
         guard n > 0, let p = sqlite3_column_blob(stmt, col) else { return [] }
         return Array(UnsafeRawBufferPointer(start: p, count: n))
     }
 
     /// Binds a byte array (SQLite copies it).
-    func bind(_ i: Int32, bytes: [UInt8]) {
+    package func bind(_ i: Int32, bytes: [UInt8]) {
         bytes.withUnsafeBytes { raw in
             _ = sqlite3_bind_blob(
                 stmt, i, raw.baseAddress, Int32(raw.count), unsafeBitCast(-1, to: sqlite3_destructor_type.self))

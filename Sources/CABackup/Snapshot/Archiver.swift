@@ -208,6 +208,9 @@ final class Archiver: @unchecked Sendable {
     private let start = monotonicSeconds()
     private var lastProgress = 0.0
     private let treeCodec: BlobCodec
+    /// Every tree of this snapshot and the chunks of every file read by this run: what a
+    /// server checks it holds before it accepts the record.
+    private var references: [BlobID] = []
     private let scanner = SizeScanner()
 
     /// Test-only: `CABACKUP_TEST_MODIFY_DURING_READ=NAME` appends a byte to a file whose
@@ -308,7 +311,7 @@ final class Archiver: @unchecked Sendable {
             if total == added { break }
             added = total
         }
-        let snap = try repo.commitSnapshot(record)
+        let snap = try repo.commitSnapshot(record, references: references)
         return SnapshotResult(snapshot: snap, warnings: warnings)
     }
 
@@ -583,6 +586,7 @@ final class Archiver: @unchecked Sendable {
                 if failed { continue }
                 n.content = ids
                 n.size = UInt64(size)
+                references += ids
                 nodes.append(n)
                 summary.filesTotal += 1
             case .directory(let sub):
@@ -601,6 +605,7 @@ final class Archiver: @unchecked Sendable {
     private func storeTree(_ bytes: [UInt8]) throws -> BlobID {
         try bytes.withUnsafeBytes { (raw) throws in
             let id = treeCodec.id(raw)
+            references.append(id)
             if try saver.claim(id) { try saver.addEncoding(id, type: .tree, raw: raw, codec: treeCodec) }
             return id
         }

@@ -24,7 +24,7 @@ public protocol Backend: Sendable {
     /// A human-readable location for messages.
     var location: String { get }
     /// Whether a config exists.
-    func exists() -> Bool
+    func exists() throws -> Bool
     /// Creates the storage layout; fails if the location is not empty.
     func create() throws
     /// Names of all files of a kind.
@@ -53,4 +53,14 @@ public protocol Backend: Sendable {
     func lock(exclusive: Bool) throws -> RepositoryLock
     /// Removes a file.
     func remove(_ kind: FileKind, _ name: String) throws
+    /// Stores a snapshot record (the commit point of a snapshot). `references` are the
+    /// blobs the snapshot's new trees and newly read files name, for a server that cannot
+    /// read sealed trees to check it holds them all before accepting the record.
+    func writeSnapshot(_ name: String, _ bytes: UnsafeRawBufferPointer, references: [BlobID]) throws
+}
+
+extension Backend {
+    public func writeSnapshot(_ name: String, _ bytes: UnsafeRawBufferPointer, references: [BlobID]) throws {
+        try write(.snapshot, name, bytes)
+    }
 }

@@ -76,7 +76,7 @@ public struct RepositoryConfig: Sendable, Equatable {
 
 /// The config file as stored: the plaintext fields, and the chunker parameters either in
 /// the clear or sealed.
-struct ConfigFile: Codable {
+package struct ConfigFile: Codable {
     var formatVersion: Int
     var id: String
     var chunker: ChunkerParameters?
@@ -95,10 +95,10 @@ struct ConfigFile: Codable {
         case packSize = "pack_size"
     }
 
-    var isEncrypted: Bool { encryption == RepositoryConfig.aesGCM }
+    package var isEncrypted: Bool { encryption == RepositoryConfig.aesGCM }
 
     /// Parses and checks everything readable without the key.
-    static func decode(_ bytes: [UInt8], path: String) throws -> ConfigFile {
+    package static func decode(_ bytes: [UInt8], path: String) throws -> ConfigFile {
         struct Version: Decodable {
             let format_version: Int
         }

@@ -64,7 +64,7 @@ public enum PackError: Error, Sendable, CustomStringConvertible {
 public enum PackFormat {
     static let magic: [UInt8] = Array("CApk".utf8)
     static let version: UInt8 = 1
-    static let trailerSize = 8
+    package static let trailerSize = 8
     static let entrySize = 42
     static let clearEntrySize = 36
     static let detailSize = 6
@@ -72,7 +72,7 @@ public enum PackFormat {
     static let flagSealed: UInt8 = 1
     /// A header larger than this is refused unread (a 16 MiB pack of 512 KiB chunks
     /// needs about 1.4 KiB; this leaves room for packs of tiny tree blobs).
-    static let maxHeaderSize = 16 << 20
+    package static let maxHeaderSize = 16 << 20
 
     /// The header and trailer for blobs stored back to back in `entries` order; sealed
     /// when `aead` is given.
@@ -109,7 +109,7 @@ public enum PackFormat {
     }
 
     /// Parses the trailer (last 8 bytes): the header length.
-    static func parseTrailer(_ trailer: [UInt8], packSize: Int64) throws -> Int {
+    package static func parseTrailer(_ trailer: [UInt8], packSize: Int64) throws -> Int {
         guard packSize >= Int64(trailerSize + headerFixedSize), trailer.count == trailerSize else {
             throw PackError.truncated(size: packSize)
         }
@@ -124,7 +124,7 @@ public enum PackFormat {
     /// What anyone can read from a header without the key: whether it is sealed, and
     /// each blob's id and stored length, with offsets. Checks that the blobs exactly fill
     /// the space before the header.
-    static func parseClearHeader(
+    package static func parseClearHeader(
         _ header: [UInt8], packSize: Int64
     ) throws -> (
         sealed: Bool, entries: [(id: BlobID, offset: Int64, length: Int)]

@@ -49,6 +49,12 @@ public enum CABackupError: Error, Sendable, CustomStringConvertible {
     case keyNotFound(String)
     /// A key operation on a repository that is not encrypted.
     case notEncrypted(String)
+    /// The server cannot be reached (connection refused, reset, timed out).
+    case network(String)
+    /// The server did not accept this device's token, or there is none.
+    case notLoggedIn(String)
+    /// The server refused a request; the message says why and what to do.
+    case remote(status: Int, message: String)
 
     public var description: String {
         switch self {
@@ -100,6 +106,10 @@ public enum CABackupError: Error, Sendable, CustomStringConvertible {
             return "no key slot matches '\(k)': list them with 'cabackup key list' and give 8 or more hex digits"
         case .notEncrypted(let p):
             return "repository \(p) is not encrypted: it has no keys to manage"
+        case .network(let m), .notLoggedIn(let m):
+            return m
+        case .remote(let status, let m):
+            return "server refused the request (HTTP \(status)): \(m)"
         }
     }
 }

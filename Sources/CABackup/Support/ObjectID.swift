@@ -105,7 +105,7 @@ private func hexValue(_ c: UInt8) -> UInt8? {
 }
 
 /// Hex encoding of arbitrary bytes.
-func hexString(_ bytes: some Sequence<UInt8>) -> String {
+package func hexString(_ bytes: some Sequence<UInt8>) -> String {
     var s = ""
     for b in bytes {
         s.unicodeScalars.append(Unicode.Scalar(hexDigits[Int(b >> 4)]))

@@ -9,7 +9,7 @@
 /// Thin wrappers over POSIX calls. Paths are byte arrays (file names need not be UTF-8);
 /// every failure becomes a ``CABackupError/io(operation:path:errno:)``.
 
-func errnoDescription(_ e: Int32) -> String {
+package func errnoDescription(_ e: Int32) -> String {
     String(cString: strerror(e))
 }
 
@@ -49,11 +49,11 @@ func withCPath<R>(_ path: [UInt8], _ body: (UnsafePointer<CChar>) throws -> R) r
     }
 }
 
-func ioError(_ op: String, _ path: [UInt8], _ e: Int32 = errno) -> CABackupError {
+package func ioError(_ op: String, _ path: [UInt8], _ e: Int32 = errno) -> CABackupError {
     .io(operation: op, path: displayPath(path), errno: e)
 }
 
-func ioError(_ op: String, _ path: String, _ e: Int32 = errno) -> CABackupError {
+package func ioError(_ op: String, _ path: String, _ e: Int32 = errno) -> CABackupError {
     .io(operation: op, path: path, errno: e)
 }
 
@@ -66,7 +66,7 @@ func lstatPath(_ path: [UInt8]) throws -> stat {
 }
 
 /// Names in a directory (without `.` and `..`), sorted bytewise.
-func readDirectory(_ path: [UInt8]) throws -> [[UInt8]] {
+package func readDirectory(_ path: [UInt8]) throws -> [[UInt8]] {
     guard let dir = withCPath(path, { opendir($0) }) else { throw ioError("open directory", path) }
     defer { closedir(dir) }
     var names: [[UInt8]] = []
@@ -96,7 +96,7 @@ func joinPath(_ dir: [UInt8], _ name: [UInt8]) -> [UInt8] {
 }
 
 /// Writes all of `buf` to `fd`, retrying short writes and EINTR.
-func writeAll(_ fd: Int32, _ buf: UnsafeRawBufferPointer, path: String) throws {
+package func writeAll(_ fd: Int32, _ buf: UnsafeRawBufferPointer, path: String) throws {
     var done = 0
     while done < buf.count {
         let n = write(fd, buf.baseAddress! + done, buf.count - done)
@@ -138,7 +138,7 @@ func readFully(_ fd: Int32, into buf: UnsafeMutableRawPointer, count: Int, path:
 }
 
 /// Reads exactly `count` bytes at `offset`; throws when the file is shorter.
-func preadFully(
+package func preadFully(
     _ fd: Int32, into buf: UnsafeMutableRawPointer, count: Int, offset: Int64, path: String
 )
     throws
@@ -156,7 +156,7 @@ func preadFully(
 }
 
 /// fsync a directory so a rename inside it is durable.
-func fsyncDirectory(_ path: String) throws {
+package func fsyncDirectory(_ path: String) throws {
     let fd = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
     if fd < 0 { throw ioError("open directory", path) }
     defer { close(fd) }
@@ -164,7 +164,7 @@ func fsyncDirectory(_ path: String) throws {
 }
 
 /// Creates a directory and its parents (like `mkdir -p`).
-func makeDirectories(_ path: String, mode: mode_t = 0o700) throws {
+package func makeDirectories(_ path: String, mode: mode_t = 0o700) throws {
     var current = path.hasPrefix("/") ? "" : "."
     for comp in path.split(separator: "/") {
         current += "/" + comp
@@ -174,7 +174,7 @@ func makeDirectories(_ path: String, mode: mode_t = 0o700) throws {
 
 /// Writes a file durably and atomically: temp file in the same directory, fsync,
 /// rename over `path`, fsync the directory.
-func writeFileAtomically(
+package func writeFileAtomically(
     _ path: String, _ bytes: UnsafeRawBufferPointer, mode: mode_t = 0o600, durable: Bool = true
 )
     throws
@@ -200,7 +200,7 @@ func writeFileAtomically(
     if durable { try fsyncDirectory(dir.isEmpty ? "." : dir) }
 }
 
-func writeFileAtomically(
+package func writeFileAtomically(
     _ path: String, _ bytes: [UInt8], mode: mode_t = 0o600, durable: Bool = true
 )
     throws
@@ -211,7 +211,7 @@ func writeFileAtomically(
 }
 
 /// Reads a whole small file (config, snapshot record).
-func readSmallFile(_ path: String, limit: Int = 64 << 20) throws -> [UInt8] {
+package func readSmallFile(_ path: String, limit: Int = 64 << 20) throws -> [UInt8] {
     let fd = open(path, O_RDONLY | O_CLOEXEC)
     if fd < 0 { throw ioError("open", path) }
     defer { close(fd) }
@@ -228,12 +228,12 @@ func readSmallFile(_ path: String, limit: Int = 64 << 20) throws -> [UInt8] {
     return out
 }
 
-func fileExists(_ path: String) -> Bool {
+package func fileExists(_ path: String) -> Bool {
     var st = stat()
     return lstat(path, &st) == 0
 }
 
-func isDirectory(_ path: String) -> Bool {
+package func isDirectory(_ path: String) -> Bool {
     var st = stat()
     return stat(path, &st) == 0 && (st.st_mode & S_IFMT) == S_IFDIR
 }

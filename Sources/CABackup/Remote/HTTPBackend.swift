@@ -1,0 +1,177 @@
+import Foundation
+import NIOHTTP1
+import Synchronization
+
+#if canImport(Glibc)
+    import Glibc
+#endif
+
+/// A repository in a private data space on a `cabackup server`, reached over HTTP(S).
+/// The API is in `docs/http-api.md`: one path per kind of file under `/v1/space/`, range
+/// reads for packs, deletes as their own calls, and a lease-based server-side lock.
+public final class HTTPBackend: Backend, @unchecked Sendable {
+    // Safe: all stored properties are immutable and Sendable.
+    let remote: RemoteLocation
+    let client: RemoteClient
+    public var location: String { remote.description }
+    public let temporaryDirectory: String
+
+    /// - Parameters:
+    ///   - remote: the server and account.
+    ///   - token: the device token; default: the one `cabackup login` stored.
+    ///   - caCertificate: a PEM file to trust besides the system roots (default `$CABACKUP_CACERT`).
+    public init(_ remote: RemoteLocation, token: String? = nil, caCertificate: String? = nil) throws {
+        guard let token = token ?? CredentialStore.token(server: remote.serverURL, user: remote.user) else {
+            throw CABackupError.notLoggedIn(
+                "not logged in to \(remote.serverURL) as '\(remote.user)': run 'cabackup login --server \(remote.serverURL) --user \(remote.user)'"
+            )
+        }
+        self.remote = remote
+        self.client = try RemoteClient(
+            server: remote.serverURL, user: remote.user, token: token, caCertificate: caCertificate)
+        temporaryDirectory = cacheDirectory("tmp-" + String(sha256(Array(remote.description.utf8)).hex.prefix(16)))
+        try makeDirectories(temporaryDirectory)
+    }
+
+    static func path(_ kind: FileKind, _ name: String? = nil) -> String {
+        let base: String
+        switch kind {
+        case .config: return "/v1/space/config"
+        case .pack: base = "/v1/space/packs"
+        case .snapshot: base = "/v1/space/snapshots"
+        case .key: base = "/v1/space/keys"
+        }
+        return name.map { base + "/" + $0 } ?? base
+    }
+
+    public func exists() throws -> Bool {
+        try client.call(.HEAD, Self.path(.config), accept: [200, 404]).status == 200
+    }
+
+    /// The space is made by `register`; creating a repository in it only needs it empty.
+    public func create() throws {
+        if try exists() { throw CABackupError.repositoryExists(location) }
+    }
+
+    public func list(_ kind: FileKind) throws -> [String] {
+        if kind == .config { return try exists() ? ["config"] : [] }
+        let reply = try client.call(.GET, Self.path(kind))
+        guard let names = try? JSONDecoder().decode([String].self, from: Data(reply.body)) else {
+            throw CABackupError.remote(status: reply.status, message: "the server's listing is malformed")
+        }
+        return names.filter { ObjectID(hex: $0) != nil }
+    }
+
+    public func read(_ kind: FileKind, _ name: String) throws -> [UInt8] {
+        try client.call(.GET, Self.path(kind, kind == .config ? nil : name)).body
+    }
+
+    public func read(
+        _ kind: FileKind, _ name: String, offset: Int64, length: Int, into buffer: UnsafeMutableRawPointer
+    ) throws {
+        guard length > 0 else { return }
+        let reply = try client.call(
+            .GET, Self.path(kind, name), headers: [("Range", "bytes=\(offset)-\(offset + Int64(length) - 1)")],
+            accept: [206])
+        guard reply.body.count == length else {
+            throw CABackupError.corrupt(
+                what: "\(kind) \(name) on \(location)", reason: "the server sent \(reply.body.count) of \(length) bytes"
+            )
+        }
+        reply.body.withUnsafeBytes { buffer.copyMemory(from: $0.baseAddress!, byteCount: length) }
+    }
+
+    public func size(_ kind: FileKind, _ name: String) throws -> Int64 {
+        let reply = try client.call(.HEAD, Self.path(kind, name))
+        guard let s = reply.headers.first(name: "X-Cabackup-Size"), let n = Int64(s) else {
+            throw CABackupError.remote(status: reply.status, message: "the server sent no size for \(kind) \(name)")
+        }
+        return n
+    }
+
+    public func write(_ kind: FileKind, _ name: String, _ bytes: UnsafeRawBufferPointer) throws {
+        _ = try client.call(
+            .PUT, Self.path(kind, kind == .config ? nil : name),
+            headers: [("Content-Type", "application/octet-stream")], body: Array(bytes), accept: [200, 201])
+    }
+
+    /// Uploads a snapshot record with the ids of the blobs it references; the server
+    /// stores it only when it holds every one of them.
+    public func writeSnapshot(_ name: String, _ bytes: UnsafeRawBufferPointer, references: [BlobID]) throws {
+        var body = ByteWriter(capacity: 4 + bytes.count + 32 * references.count)
+        body.u32(UInt32(bytes.count))
+        body.append(Array(bytes))
+        for id in references { body.id(id) }
+        _ = try client.call(
+            .PUT, Self.path(.snapshot, name), headers: [("Content-Type", "application/x-cabackup-snapshot")],
+            body: body.bytes, accept: [200, 201])
+    }
+
+    /// Uploads a finished pack (one pack is the most a request buffers) and removes the
+    /// temporary file.
+    public func store(_ kind: FileKind, _ name: String, fd: Int32, temporaryPath: String) throws {
+        // `fd` is write-only: read the finished file through a descriptor of our own.
+        let rfd = open(temporaryPath, O_RDONLY | O_CLOEXEC)
+        if rfd < 0 { throw ioError("open", temporaryPath) }
+        defer { close(rfd) }
+        var st = stat()
+        if fstat(rfd, &st) != 0 { throw ioError("stat", temporaryPath) }
+        var bytes = [UInt8](repeating: 0, count: Int(st.st_size))
+        try bytes.withUnsafeMutableBytes { (raw) throws in
+            try preadFully(rfd, into: raw.baseAddress!, count: raw.count, offset: 0, path: temporaryPath)
+        }
+        _ = try client.call(
+            .PUT, Self.path(kind, name), headers: [("Content-Type", "application/octet-stream")], body: bytes,
+            accept: [200, 201])
+        unlink(temporaryPath)
+    }
+
+    /// Which of `ids` the space holds no pack for.
+    public func missing(_ ids: [BlobID]) throws -> [BlobID] {
+        let body = try JSONSerialization.data(withJSONObject: ["ids": ids.map(\.hex)])
+        let reply = try client.call(
+            .POST, "/v1/space/blobs/missing", headers: [("Content-Type", "application/json")], body: Array(body))
+        struct Missing: Decodable { let missing: [String] }
+        guard let m = try? JSONDecoder().decode(Missing.self, from: Data(reply.body)) else {
+            throw CABackupError.remote(status: reply.status, message: "the server's answer is malformed")
+        }
+        return m.missing.compactMap { ObjectID(hex: $0) }
+    }
+
+    /// A lease on the server, renewed every 20 s by a thread until released; a client
+    /// that dies stops renewing and the lease lapses after 60 s.
+    public func lock(exclusive: Bool) throws -> RepositoryLock {
+        let body = Array(#"{"exclusive":\#(exclusive)}"#.utf8)
+        let reply = try client.call(
+            .POST, "/v1/space/locks", headers: [("Content-Type", "application/json")], body: body,
+            accept: [201, 409])
+        struct Lease: Decodable { let id: String }
+        if reply.status == 409 {
+            throw CABackupError.locked(
+                exclusive ? "a snapshot or a prune is running on \(location)" : "a prune is running on \(location)")
+        }
+        guard let lease = try? JSONDecoder().decode(Lease.self, from: Data(reply.body)) else {
+            throw CABackupError.remote(status: reply.status, message: "the server's lock answer is malformed")
+        }
+        let stop = Atomic<Bool>(false)
+        let client = client
+        let path = "/v1/space/locks/" + lease.id
+        let renewer = startThread {
+            var waited = 0
+            while !stop.load(ordering: .relaxed) {
+                usleep(100_000)
+                waited += 1
+                if waited % 200 == 0 { _ = try? client.call(.PUT, path, accept: [204]) }
+            }
+        }
+        return RepositoryLock {
+            stop.store(true, ordering: .relaxed)
+            joinThread(renewer)
+            _ = try? client.call(.DELETE, path, accept: [204, 404])
+        }
+    }
+
+    public func remove(_ kind: FileKind, _ name: String) throws {
+        _ = try client.call(.DELETE, Self.path(kind, name), accept: [204, 404])
+    }
+}

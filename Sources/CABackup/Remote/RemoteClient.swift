@@ -1,0 +1,216 @@
+import AsyncHTTPClient
+import Foundation
+import NIOCore
+import NIOHTTP1
+import NIOSSL
+import Synchronization
+
+/// Blocking HTTP calls to a `cabackup server`, for the engine's worker threads (never
+/// called from an event loop). One AsyncHTTPClient per trust configuration is shared by
+/// the whole process, so connections are pooled and kept alive across calls.
+final class RemoteClient: Sendable {
+    let server: String
+    let user: String
+    let token: String?
+    private let client: HTTPClient
+
+    private static let clients = Mutex<[String: HTTPClient]>([:])
+
+    /// - Parameters:
+    ///   - caCertificate: a PEM file to trust in addition to the system's roots (a
+    ///     self-signed server certificate); default `$CABACKUP_CACERT`.
+    init(server: String, user: String, token: String?, caCertificate: String? = nil) throws {
+        self.server = server
+        self.user = user
+        self.token = token
+        let ca = caCertificate ?? ProcessInfo.processInfo.environment["CABACKUP_CACERT"] ?? ""
+        client = try Self.clients.withLock { (all) throws in
+            if let c = all[ca] { return c }
+            var tls = TLSConfiguration.makeClientConfiguration()
+            if !ca.isEmpty {
+                do {
+                    tls.additionalTrustRoots = [.certificates(try NIOSSLCertificate.fromPEMFile(ca))]
+                } catch {
+                    throw CABackupError.invalidArgument("cannot read CA certificate \(ca): \(error)")
+                }
+            }
+            let c = HTTPClient(
+                eventLoopGroupProvider: .singleton,
+                configuration: HTTPClient.Configuration(
+                    tlsConfiguration: tls, redirectConfiguration: .disallow,
+                    timeout: .init(connect: .seconds(10), read: .seconds(300))))
+            all[ca] = c
+            return c
+        }
+    }
+
+    struct Reply {
+        var status: Int
+        var headers: HTTPHeaders
+        var body: [UInt8]
+    }
+
+    /// Sends one request; statuses in `accept` are returned, every other status and every
+    /// transport error becomes a one-line ``CABackupError``.
+    func call(
+        _ method: HTTPMethod, _ path: String, headers extra: [(String, String)] = [], body: [UInt8]? = nil,
+        accept: Set<Int> = [200]
+    ) throws -> Reply {
+        let url = server + path
+        var headers = HTTPHeaders()
+        if let token { headers.add(name: "Authorization", value: "Bearer " + token) }
+        for (k, v) in extra { headers.add(name: k, value: v) }
+        let request: HTTPClient.Request
+        do {
+            request = try HTTPClient.Request(
+                url: url, method: method, headers: headers, body: body.map { .bytes($0) })
+        } catch {
+            throw CABackupError.invalidArgument("'\(url)' is not a usable URL: \(error)")
+        }
+        let response: HTTPClient.Response
+        do {
+            response = try client.execute(request: request, deadline: .now() + .seconds(600)).wait()
+        } catch {
+            throw CABackupError.network(
+                "cannot reach the server at \(server) (\(describe(error))): check the address, and that 'cabackup server' is running; nothing was lost, run the command again"
+            )
+        }
+        var bytes: [UInt8] = []
+        if var b = response.body { bytes = b.readBytes(length: b.readableBytes) ?? [] }
+        let status = Int(response.status.code)
+        if accept.contains(status) { return Reply(status: status, headers: response.headers, body: bytes) }
+        throw Self.error(status: status, body: bytes, server: server, user: user)
+    }
+
+    /// The one-line error for a status the caller did not expect.
+    static func error(status: Int, body: [UInt8], server: String, user: String) -> CABackupError {
+        struct Message: Decodable { let error: String }
+        let message = (try? JSONDecoder().decode(Message.self, from: Data(body)))?.error ?? "HTTP \(status)"
+        switch status {
+        case 401:
+            return .notLoggedIn(
+                "the server at \(server) did not accept the login of '\(user)' (\(message)): run 'cabackup login --server \(server) --user \(user)'"
+            )
+        case 403:
+            return .remote(status: status, message: "\(message): this device's token may not do that")
+        case 413:
+            return .remote(
+                status: status,
+                message: "\(message): free space in the account (forget and prune) or ask for a larger quota")
+        case 429:
+            return .remote(status: status, message: message)
+        case 500...:
+            return .remote(
+                status: status,
+                message: "the server at \(server) failed (\(message)): try again later; the space stays valid")
+        default:
+            return .remote(status: status, message: message)
+        }
+    }
+}
+
+private func describe(_ error: any Error) -> String {
+    let s = "\(error)"
+    return s.count > 120 ? String(s.prefix(120)) + "…" : s
+}
+
+/// What `cabackup devices` shows about one login.
+public struct DeviceInfo: Sendable, Codable, Equatable {
+    /// A short public id of the token (not the token).
+    public let id: String
+    public let device: String
+    public let created: String
+    public let lastUsed: String
+    /// Whether this is the token the request was made with.
+    public let current: Bool
+
+    enum CodingKeys: String, CodingKey {
+        case id, device, created, current
+        case lastUsed = "last_used"
+    }
+}
+
+/// Accounts on a `cabackup server`: register, log in and out, list and revoke devices.
+/// Only a login secret derived from the password (``loginSecret(password:user:)``) is
+/// ever sent.
+public enum RemoteAccount {
+    /// Creates an account and its empty private data space.
+    public static func register(
+        server: String, user: String, email: String, password: String, caCertificate: String? = nil
+    ) throws {
+        let s = try RemoteLocation(parsing: server, requireUser: false).serverURL
+        guard isValidUserName(user) else {
+            throw CABackupError.invalidArgument(
+                "'\(user)' is not a valid account name: use 1-64 characters a-z 0-9 . _ -")
+        }
+        try checkNewPassword(password)
+        guard password.count >= 8 else {
+            throw CABackupError.invalidArgument("the password is shorter than 8 characters: choose a longer one")
+        }
+        let body = try JSONSerialization.data(withJSONObject: [
+            "user": user, "email": email, "secret": try loginSecret(password: password, user: user),
+        ])
+        _ = try RemoteClient(server: s, user: user, token: nil, caCertificate: caCertificate).call(
+            .POST, "/v1/register", headers: [("Content-Type", "application/json")], body: Array(body),
+            accept: [201])
+    }
+
+    /// Logs in as a new device and stores the token in ``CredentialStore``.
+    @discardableResult
+    public static func login(
+        server: String, user: String, password: String, device: String = currentHostname(),
+        caCertificate: String? = nil
+    ) throws -> String {
+        let s = try RemoteLocation(parsing: server, requireUser: false).serverURL
+        let body = try JSONSerialization.data(withJSONObject: [
+            "user": user, "secret": try loginSecret(password: password, user: user), "device": device,
+        ])
+        let reply = try RemoteClient(server: s, user: user, token: nil, caCertificate: caCertificate).call(
+            .POST, "/v1/login", headers: [("Content-Type", "application/json")], body: Array(body))
+        struct Token: Decodable { let token: String }
+        guard let t = try? JSONDecoder().decode(Token.self, from: Data(reply.body)) else {
+            throw CABackupError.remote(status: reply.status, message: "the server's login answer is malformed")
+        }
+        try CredentialStore.store(server: s, user: user, token: t.token, device: device)
+        return t.token
+    }
+
+    /// Revokes this device's token on the server and forgets it locally.
+    public static func logout(server: String, user: String, caCertificate: String? = nil) throws {
+        let s = try RemoteLocation(parsing: server, requireUser: false).serverURL
+        guard let token = CredentialStore.token(server: s, user: user) else {
+            throw CABackupError.notLoggedIn("not logged in to \(s) as '\(user)': nothing to log out")
+        }
+        do {
+            _ = try RemoteClient(server: s, user: user, token: token, caCertificate: caCertificate).call(
+                .DELETE, "/v1/session", accept: [204])
+        } catch CABackupError.notLoggedIn {
+            // Already revoked or expired on the server: forgetting it is all that is left.
+        }
+        try CredentialStore.remove(server: s, user: user)
+    }
+
+    /// The devices (tokens) of the account.
+    public static func devices(server: String, user: String, caCertificate: String? = nil) throws -> [DeviceInfo] {
+        let c = try client(server, user, caCertificate)
+        let reply = try c.call(.GET, "/v1/devices")
+        guard let list = try? JSONDecoder().decode([DeviceInfo].self, from: Data(reply.body)) else {
+            throw CABackupError.remote(status: reply.status, message: "the server's device list is malformed")
+        }
+        return list
+    }
+
+    /// Revokes one device's token (by the id ``devices(server:user:caCertificate:)`` shows).
+    public static func revoke(server: String, user: String, device id: String, caCertificate: String? = nil) throws {
+        _ = try client(server, user, caCertificate).call(.DELETE, "/v1/devices/" + id, accept: [204])
+    }
+
+    static func client(_ server: String, _ user: String, _ ca: String?) throws -> RemoteClient {
+        let s = try RemoteLocation(parsing: server, requireUser: false).serverURL
+        guard let token = CredentialStore.token(server: s, user: user) else {
+            throw CABackupError.notLoggedIn(
+                "not logged in to \(s) as '\(user)': run 'cabackup login --server \(s) --user \(user)'")
+        }
+        return try RemoteClient(server: s, user: user, token: token, caCertificate: ca)
+    }
+}

@@ -1,0 +1,135 @@
+import Foundation
+
+/// A repository on a `cabackup server`: `http://NAME@HOST:PORT[/PREFIX]` (https with TLS).
+///
+/// NAME is the account; the space addressed is always the one of the account whose token
+/// is sent, so a URL cannot name another user's data.
+public struct RemoteLocation: Sendable, Equatable, CustomStringConvertible {
+    /// `http` or `https`.
+    public var scheme: String
+    /// The account name.
+    public var user: String
+    public var host: String
+    public var port: Int
+    /// A path prefix for a server behind a reverse proxy (`""` or `/PREFIX`, no trailing slash).
+    public var prefix: String
+
+    /// The server's base URL, without the user: `http://HOST:PORT/PREFIX`.
+    public var serverURL: String { "\(scheme)://\(hostPort)\(prefix)" }
+
+    var hostPort: String { host.contains(":") ? "[\(host)]:\(port)" : "\(host):\(port)" }
+
+    public var description: String { "\(scheme)://\(user)@\(hostPort)\(prefix)" }
+
+    /// Whether `s` is meant as a server location (starts with `http://` or `https://`).
+    public static func isRemote(_ s: String) -> Bool { s.hasPrefix("http://") || s.hasPrefix("https://") }
+
+    /// Parses `http(s)://NAME@HOST[:PORT][/PREFIX]`; `requireUser` is false for the
+    /// `--server URL` of `register` and `login`, which name the user separately.
+    public init(parsing s: String, requireUser: Bool = true) throws {
+        guard let url = URLComponents(string: s), let scheme = url.scheme, scheme == "http" || scheme == "https",
+            let host = url.host, !host.isEmpty
+        else {
+            throw CABackupError.invalidArgument(
+                "'\(s)' is not a server location: use http://NAME@HOST:PORT or https://NAME@HOST:PORT")
+        }
+        let user = url.user ?? ""
+        if requireUser || !user.isEmpty {
+            guard isValidUserName(user) else {
+                throw CABackupError.invalidArgument(
+                    "'\(s)' does not name a valid account: use http://NAME@HOST:PORT with NAME of 1-64 characters a-z 0-9 . _ -"
+                )
+            }
+        }
+        guard url.password == nil else {
+            throw CABackupError.invalidArgument(
+                "do not put a password in the URL '\(s)': use CABACKUP_PASSWORD or a prompt")
+        }
+        var prefix = url.path
+        while prefix.hasSuffix("/") { prefix.removeLast() }
+        self.scheme = scheme
+        self.user = user
+        self.host = host
+        self.port = url.port ?? (scheme == "https" ? 443 : 80)
+        self.prefix = prefix
+    }
+}
+
+/// Account names: 1-64 characters of `a-z 0-9 . _ -`, and not `.` or `..` (a name becomes
+/// a directory on the server, so it is checked on both sides).
+public func isValidUserName(_ s: String) -> Bool {
+    let ok = s.utf8.allSatisfy { c in
+        (c >= 0x61 && c <= 0x7A) || (c >= 0x30 && c <= 0x39) || c == 0x2E || c == 0x5F || c == 0x2D
+    }
+    return ok && !s.isEmpty && s.utf8.count <= 64 && s != "." && s != ".."
+}
+
+/// The secret a client sends to log in: scrypt of the password with a salt made of a fixed
+/// context string and the account name. Repository key slots use random salts and another
+/// context, so the server never receives anything a repository key can be derived from,
+/// even when the account and repository passwords are the same string.
+public func loginSecret(password: String, user: String) throws -> String {
+    let salt = Array("cabackup login secret v1\u{0}".utf8) + Array(user.utf8)
+    return hexString(try scrypt(password: Array(password.utf8), salt: salt, n: 1 << 15, r: 8, p: 1, length: 32))
+}
+
+/// Tokens of the accounts this user logged in to, in `$XDG_CONFIG_HOME/cabackup/credentials.json`
+/// (else `~/.config/cabackup/`), mode 0600. Keyed by server URL, then account name.
+public enum CredentialStore {
+    struct Entry: Codable {
+        var token: String
+        var device: String
+    }
+
+    /// The directory holding the file.
+    public static var directory: String {
+        if let x = ProcessInfo.processInfo.environment["XDG_CONFIG_HOME"], !x.isEmpty { return x + "/cabackup" }
+        return (ProcessInfo.processInfo.environment["HOME"] ?? "/root") + "/.config/cabackup"
+    }
+
+    static var path: String { directory + "/credentials.json" }
+
+    static func load() -> [String: [String: Entry]] {
+        guard let bytes = try? readSmallFile(path) else { return [:] }
+        return (try? JSONDecoder().decode([String: [String: Entry]].self, from: Data(bytes))) ?? [:]
+    }
+
+    static func save(_ all: [String: [String: Entry]]) throws {
+        try makeDirectories(directory)
+        let enc = JSONEncoder()
+        enc.outputFormatting = [.prettyPrinted, .sortedKeys]
+        let bytes = Array(try enc.encode(all))
+        try bytes.withUnsafeBytes { try writeFileAtomically(path, $0, mode: 0o600, durable: true) }
+    }
+
+    /// The stored token for an account, if logged in.
+    public static func token(server: String, user: String) -> String? { load()[server]?[user]?.token }
+
+    /// Stores (or replaces) a token.
+    public static func store(server: String, user: String, token: String, device: String) throws {
+        var all = load()
+        all[server, default: [:]][user] = Entry(token: token, device: device)
+        try save(all)
+    }
+
+    /// Forgets a token.
+    public static func remove(server: String, user: String) throws {
+        var all = load()
+        all[server]?[user] = nil
+        if all[server]?.isEmpty == true { all[server] = nil }
+        try save(all)
+    }
+}
+
+/// Where a remote repository keeps its local index and temporary packs:
+/// `$XDG_CACHE_HOME/cabackup/<key>/` (else `~/.cache/cabackup/<key>/`).
+func cacheDirectory(_ key: String) -> String {
+    let env = ProcessInfo.processInfo.environment
+    let base: String
+    if let x = env["XDG_CACHE_HOME"], !x.isEmpty {
+        base = x + "/cabackup"
+    } else {
+        base = (env["HOME"] ?? "/root") + "/.cache/cabackup"
+    }
+    return base + "/" + key
+}

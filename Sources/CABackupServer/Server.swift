@@ -1,0 +1,445 @@
+import CABackup
+import Foundation
+import HTTPTypes
+import Hummingbird
+import HummingbirdTLS
+import Logging
+import NIOCore
+import NIOSSL
+import Synchronization
+
+#if canImport(Glibc)
+    import Glibc
+#endif
+
+/// How `cabackup server` runs.
+public struct ServerOptions: Sendable {
+    /// Address to listen on (`127.0.0.1`, `0.0.0.0`, …).
+    public var host: String
+    /// Port; 0 picks a free one (reported through `onListening`).
+    public var port: Int
+    /// Where accounts (`accounts.sqlite`) and spaces (`spaces/NAME/`) live.
+    public var dataDirectory: String
+    /// PEM certificate chain and private key: serve HTTPS.
+    public var tlsCertificate: String?
+    public var tlsKey: String?
+    /// Bytes each space may hold (packs, records, keys, config); nil for no limit.
+    public var quotaBytes: Int64?
+    /// How long a device token stays valid without a new login.
+    public var tokenLifetimeSeconds: Int64 = 365 * 24 * 3600
+    /// The largest pack accepted (one pack is the most a request may carry).
+    public var maxPackBytes: Int64 = 1 << 30
+
+    public init(host: String, port: Int, dataDirectory: String) {
+        self.host = host
+        self.port = port
+        self.dataDirectory = dataDirectory
+    }
+}
+
+/// The private-data-space server: runs until the process is stopped. `onListening` gets
+/// the URL it serves (with the real port when `port` was 0).
+public func runServer(_ options: ServerOptions, onListening: @escaping @Sendable (String) -> Void) async throws {
+    var logger = Logger(label: "cabackup.server")
+    logger.logLevel = .info
+    let api = try ServerAPI(options: options, logger: logger)
+    let router = Router(context: BasicRequestContext.self)
+    api.install(on: router)
+    let scheme = options.tlsCertificate == nil ? "http" : "https"
+    let host = options.host
+    let onRunning: @Sendable (any Channel) async -> Void = { channel in
+        let port = channel.localAddress?.port ?? options.port
+        onListening("\(scheme)://\(host.contains(":") ? "[\(host)]" : host):\(port)")
+    }
+    let configuration = ApplicationConfiguration(address: .hostname(options.host, port: options.port))
+    var quiet = logger
+    quiet.logLevel = .warning
+    if let cert = options.tlsCertificate, let key = options.tlsKey {
+        let tls: TLSConfiguration
+        do {
+            let chain = try NIOSSLCertificate.fromPEMFile(cert)
+            let privateKey = try NIOSSLPrivateKey(file: key, format: .pem)
+            tls = TLSConfiguration.makeServerConfiguration(
+                certificateChain: chain.map { .certificate($0) }, privateKey: .privateKey(privateKey))
+        } catch {
+            throw CABackupError.invalidArgument("cannot load the TLS certificate or key (\(error)): give PEM files")
+        }
+        let app = Application(
+            router: router, server: try .tls(.http1(), tlsConfiguration: tls), configuration: configuration,
+            onServerRunning: onRunning, logger: quiet)
+        try await app.runService()
+    } else {
+        let app = Application(
+            router: router, configuration: configuration, onServerRunning: onRunning, logger: quiet)
+        try await app.runService()
+    }
+}
+
+/// The `/v1` HTTP API (documented in `docs/http-api.md`).
+final class ServerAPI: Sendable {
+    let options: ServerOptions
+    let accounts: AccountStore
+    let logger: Logger
+    private let spaces = Mutex<[String: Space]>([:])
+    static let sizeHeader = HTTPField.Name("X-Cabackup-Size")!
+    static let smallBodyLimit = 64 << 20
+
+    init(options: ServerOptions, logger: Logger) throws {
+        self.options = options
+        self.logger = logger
+        try makeDirectories(options.dataDirectory + "/spaces")
+        accounts = try AccountStore(
+            path: options.dataDirectory + "/accounts.sqlite", tokenLifetimeSeconds: options.tokenLifetimeSeconds)
+    }
+
+    /// The caller's own space. No request can name another: the path has no user in it.
+    func space(_ caller: Caller) throws -> Space {
+        try spaces.withLock { all in
+            if let s = all[caller.user] { return s }
+            let root = options.dataDirectory + "/spaces/" + caller.user
+            guard isValidUserName(caller.user), isDirectory(root) else {
+                throw APIError(404, "the account has no space")
+            }
+            let s = try Space(user: caller.user, root: root)
+            all[caller.user] = s
+            return s
+        }
+    }
+
+    func install(on router: Router<BasicRequestContext>) {
+        router.post("/v1/register") { req, _ in await self.handle(req) { try await self.register(req) } }
+        router.post("/v1/login") { req, _ in await self.handle(req) { try await self.login(req) } }
+        router.delete("/v1/session") { req, _ in
+            await self.handle(req) {
+                let caller = try self.accounts.authenticate(req.headers[.authorization])
+                try self.accounts.revoke(caller, id: nil)
+                return Self.empty(204)
+            }
+        }
+        router.get("/v1/devices") { req, _ in
+            await self.handle(req) {
+                let caller = try self.accounts.authenticate(req.headers[.authorization])
+                return try Self.json(200, try self.accounts.devices(of: caller))
+            }
+        }
+        router.delete("/v1/devices/:id") { req, ctx in
+            await self.handle(req) {
+                let caller = try self.accounts.authenticate(req.headers[.authorization])
+                try self.accounts.revoke(caller, id: ctx.parameters.get("id") ?? "")
+                return Self.empty(204)
+            }
+        }
+        router.head("/v1/space/config") { req, _ in await self.handle(req) { try self.head(req, .config, "config") } }
+        router.get("/v1/space/config") { req, _ in await self.handle(req) { try self.get(req, .config, "config") } }
+        router.put("/v1/space/config") { req, _ in await self.handle(req) { try await self.put(req, .config, "config") }
+        }
+        for (segment, kind) in [("packs", FileKind.pack), ("snapshots", .snapshot), ("keys", .key)] {
+            router.get("/v1/space/\(segment)") { req, _ in await self.handle(req) { try self.list(req, kind) } }
+            router.head("/v1/space/\(segment)/:name") { req, ctx in
+                await self.handle(req) { try self.head(req, kind, try Self.name(ctx)) }
+            }
+            router.get("/v1/space/\(segment)/:name") { req, ctx in
+                await self.handle(req) { try self.get(req, kind, try Self.name(ctx)) }
+            }
+            router.put("/v1/space/\(segment)/:name") { req, ctx in
+                await self.handle(req) { try await self.put(req, kind, try Self.name(ctx)) }
+            }
+            router.delete("/v1/space/\(segment)/:name") { req, ctx in
+                await self.handle(req) { try self.delete(req, kind, try Self.name(ctx)) }
+            }
+        }
+        router.post("/v1/space/blobs/missing") { req, _ in await self.handle(req) { try await self.missing(req) } }
+        router.post("/v1/space/locks") { req, _ in await self.handle(req) { try await self.lock(req) } }
+        router.put("/v1/space/locks/:id") { req, ctx in
+            await self.handle(req) {
+                let s = try self.space(try self.accounts.authenticate(req.headers[.authorization]))
+                guard s.renew(ctx.parameters.get("id") ?? "") else { throw APIError(404, "no such lock (it lapsed)") }
+                return Self.empty(204)
+            }
+        }
+        router.delete("/v1/space/locks/:id") { req, ctx in
+            await self.handle(req) {
+                let s = try self.space(try self.accounts.authenticate(req.headers[.authorization]))
+                guard s.release(ctx.parameters.get("id") ?? "") else { throw APIError(404, "no such lock") }
+                return Self.empty(204)
+            }
+        }
+    }
+
+    // MARK: Plumbing
+
+    /// Runs a handler, turning every error into a JSON `{"error": …}` answer, and logs
+    /// the request line and status (never headers or bodies: no token reaches the log).
+    func handle(_ req: Request, _ body: () async throws -> Response) async -> Response {
+        let response: Response
+        do {
+            response = try await body()
+        } catch let e as APIError {
+            response = Self.error(e.status, e.message)
+        } catch let e as CABackupError {
+            response = Self.error(500, "\(e)")
+        } catch let e as any HTTPResponseError {
+            response = Self.error(Int(e.status.code), "request refused (\(e.status.reasonPhrase))")
+        } catch {
+            response = Self.error(500, "internal error")
+        }
+        logger.info("\(req.method) \(req.uri.path) \(response.status.code)")
+        return response
+    }
+
+    static func error(_ status: Int, _ message: String) -> Response {
+        (try? json(status, ["error": message])) ?? empty(500)
+    }
+
+    static func empty(_ status: Int, headers: HTTPFields = [:]) -> Response {
+        Response(status: HTTPResponse.Status(code: status), headers: headers)
+    }
+
+    static func bytes(_ status: Int, _ b: [UInt8], headers: HTTPFields = [:]) -> Response {
+        Response(
+            status: HTTPResponse.Status(code: status), headers: headers,
+            body: ResponseBody(byteBuffer: ByteBuffer(bytes: b)))
+    }
+
+    static func json(_ status: Int, _ value: some Encodable) throws -> Response {
+        let data = try JSONEncoder().encode(value)
+        return bytes(status, Array(data), headers: [.contentType: "application/json"])
+    }
+
+    static func name(_ ctx: BasicRequestContext) throws -> String {
+        guard let n = ctx.parameters.get("name"), n.utf8.count == 64, ObjectID(hex: n) != nil,
+            n == n.lowercased()
+        else {
+            throw APIError(400, "object names are 64 lowercase hex digits")
+        }
+        return n
+    }
+
+    static func decode<T: Decodable>(_ type: T.Type, _ req: inout Request, limit: Int = 1 << 20) async throws -> T {
+        let buffer: ByteBuffer
+        do {
+            buffer = try await req.collectBody(upTo: limit)
+        } catch {
+            throw APIError(413, "request body is larger than \(limit) bytes")
+        }
+        guard let v = try? JSONDecoder().decode(T.self, from: Data(buffer.readableBytesView)) else {
+            throw APIError(400, "malformed JSON body: see docs/http-api.md for the fields")
+        }
+        return v
+    }
+
+    // MARK: Accounts
+
+    struct Registration: Decodable {
+        let user: String
+        let email: String
+        let secret: String
+    }
+
+    func register(_ request: Request) async throws -> Response {
+        var req = request
+        let r = try await Self.decode(Registration.self, &req)
+        try accounts.register(user: r.user, email: r.email, secret: r.secret)
+        let root = options.dataDirectory + "/spaces/" + r.user
+        try LocalBackend(path: root).create()
+        logger.info("registered account \(r.user)")
+        return try Self.json(201, ["user": r.user])
+    }
+
+    struct Login: Decodable {
+        let user: String
+        let secret: String
+        let device: String?
+    }
+
+    func login(_ request: Request) async throws -> Response {
+        var req = request
+        let l = try await Self.decode(Login.self, &req)
+        let token = try accounts.login(user: l.user, secret: l.secret, device: l.device ?? "device")
+        return try Self.json(200, ["token": token])
+    }
+
+    // MARK: Space files
+
+    func list(_ req: Request, _ kind: FileKind) throws -> Response {
+        let s = try space(try accounts.authenticate(req.headers[.authorization]))
+        return try Self.json(200, try s.backend.list(kind).sorted())
+    }
+
+    func head(_ req: Request, _ kind: FileKind, _ name: String) throws -> Response {
+        let s = try space(try accounts.authenticate(req.headers[.authorization]))
+        guard let size = try? s.backend.size(kind, name) else { return Self.empty(404) }
+        return Self.empty(200, headers: [Self.sizeHeader: String(size)])
+    }
+
+    func get(_ req: Request, _ kind: FileKind, _ name: String) throws -> Response {
+        let s = try space(try accounts.authenticate(req.headers[.authorization]))
+        guard let size = try? s.backend.size(kind, name) else {
+            throw APIError(404, "no such \(kind) in this space")
+        }
+        if let range = req.headers[.range] {
+            guard let (from, to) = Self.parseRange(range, size: size) else {
+                throw APIError(416, "range '\(range)' is not inside the \(size)-byte file")
+            }
+            var out = [UInt8](repeating: 0, count: Int(to - from + 1))
+            try out.withUnsafeMutableBytes {
+                try s.backend.read(kind, name, offset: from, length: $0.count, into: $0.baseAddress!)
+            }
+            return Self.bytes(
+                206, out,
+                headers: [.contentRange: "bytes \(from)-\(to)/\(size)", .contentType: "application/octet-stream"])
+        }
+        guard size <= options.maxPackBytes + (16 << 20) else {
+            throw APIError(400, "file too large: read it in ranges")
+        }
+        var out = [UInt8](repeating: 0, count: Int(size))
+        if size > 0 {
+            try out.withUnsafeMutableBytes {
+                try s.backend.read(kind, name, offset: 0, length: $0.count, into: $0.baseAddress!)
+            }
+        }
+        return Self.bytes(200, out, headers: [.contentType: "application/octet-stream"])
+    }
+
+    /// `bytes=A-B` with 0 <= A <= B < size.
+    static func parseRange(_ s: String, size: Int64) -> (Int64, Int64)? {
+        guard s.hasPrefix("bytes=") else { return nil }
+        let parts = s.dropFirst(6).split(separator: "-", omittingEmptySubsequences: false)
+        guard parts.count == 2, let a = Int64(parts[0]), let b = Int64(parts[1]), a >= 0, a <= b, b < size else {
+            return nil
+        }
+        return (a, b)
+    }
+
+    func put(_ request: Request, _ kind: FileKind, _ name: String) async throws -> Response {
+        var req = request
+        let caller = try accounts.authenticate(req.headers[.authorization])
+        let s = try space(caller)
+        switch kind {
+        case .pack:
+            try await receivePack(req, space: s, name: name)
+        case .snapshot:
+            try await receiveSnapshot(&req, space: s, name: name)
+        case .key, .config:
+            let body: ByteBuffer
+            do { body = try await req.collectBody(upTo: 1 << 20) } catch {
+                throw APIError(413, "a \(kind) is at most 1 MiB")
+            }
+            let bytes = Array(body.readableBytesView)
+            if kind == .key {
+                guard sha256(bytes).hex == name, KeySlot.decode(bytes) != nil else {
+                    throw APIError(400, "not a key slot, or its content does not match its name")
+                }
+            } else {
+                let file: ConfigFile
+                do { file = try ConfigFile.decode(bytes, path: "config") } catch {
+                    throw APIError(400, "not a repository config (\(error))")
+                }
+                guard file.isEncrypted else {
+                    throw APIError(400, "a space holds an encrypted repository only: init without --no-encryption")
+                }
+            }
+            try s.storeFile(kind, name, bytes, quota: options.quotaBytes)
+        }
+        logger.info("\(caller.user) stored \(kind) \(name.prefix(12))")
+        return Self.empty(201)
+    }
+
+    /// Streams a pack body to a temporary file, hashing on the way, then verifies and
+    /// stores it. Nothing is kept in memory beyond the body's current buffer.
+    func receivePack(_ req: Request, space s: Space, name: String) async throws {
+        let temporary = s.root + "/tmp/upload-\(hexString(secureRandomBytes(8)))"
+        let fd = open(temporary, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0o600)
+        if fd < 0 { throw APIError(500, "cannot create an upload file") }
+        var stored = false
+        defer {
+            close(fd)
+            if !stored { unlink(temporary) }
+        }
+        let hasher = SHA256Hasher()
+        var size: Int64 = 0
+        for try await buffer in req.body {
+            size += Int64(buffer.readableBytes)
+            if size > options.maxPackBytes {
+                throw APIError(413, "pack is larger than the server's limit of \(options.maxPackBytes) bytes")
+            }
+            try buffer.readableBytesView.withUnsafeBytes { raw in
+                hasher.update(raw)
+                try writeAll(fd, raw, path: temporary)
+            }
+        }
+        try s.storePack(
+            name: name, temporary: temporary, fd: fd, size: size, digest: hasher.finish(), quota: options.quotaBytes)
+        stored = true
+    }
+
+    /// A snapshot record, accepted only when the space holds every blob it declares.
+    /// Body: `u32 LE record length ‖ record ‖ n × 32-byte blob ids`.
+    func receiveSnapshot(_ req: inout Request, space s: Space, name: String) async throws {
+        let body: ByteBuffer
+        do { body = try await req.collectBody(upTo: Self.smallBodyLimit) } catch {
+            throw APIError(413, "a snapshot upload is at most \(Self.smallBodyLimit) bytes")
+        }
+        let bytes = Array(body.readableBytesView)
+        guard bytes.count >= 4 else { throw APIError(400, "snapshot upload is truncated") }
+        let n = Int(UInt32(bytes[0]) | UInt32(bytes[1]) << 8 | UInt32(bytes[2]) << 16 | UInt32(bytes[3]) << 24)
+        guard n > 0, 4 + n <= bytes.count, (bytes.count - 4 - n) % 32 == 0 else {
+            throw APIError(400, "snapshot upload is malformed: u32 length, record, then 32-byte ids")
+        }
+        let record = Array(bytes[4..<(4 + n)])
+        guard sha256(record).hex == name else { throw APIError(400, "snapshot record does not match its name") }
+        var refs: [BlobID] = []
+        refs.reserveCapacity((bytes.count - 4 - n) / 32)
+        bytes.withUnsafeBytes { raw in
+            var o = 4 + n
+            while o < raw.count {
+                refs.append(ObjectID(UnsafeRawBufferPointer(rebasing: raw[o..<(o + 32)])))
+                o += 32
+            }
+        }
+        let missing = try s.missing(refs)
+        guard missing.isEmpty else {
+            throw APIError(
+                409,
+                "the snapshot references \(missing.count) blobs this space does not hold (first \(missing[0].hex.prefix(12))): run the snapshot again"
+            )
+        }
+        try s.storeFile(.snapshot, name, record, quota: options.quotaBytes)
+    }
+
+    func delete(_ req: Request, _ kind: FileKind, _ name: String) throws -> Response {
+        let caller = try accounts.authenticate(req.headers[.authorization])
+        guard caller.canDelete else { throw APIError(403, "this device's token may add data but not delete it") }
+        let s = try space(caller)
+        guard try s.remove(kind, name) else { throw APIError(404, "no such \(kind) in this space") }
+        logger.info("\(caller.user) deleted \(kind) \(name.prefix(12))")
+        return Self.empty(204)
+    }
+
+    struct MissingRequest: Decodable { let ids: [String] }
+
+    func missing(_ request: Request) async throws -> Response {
+        var req = request
+        let s = try space(try accounts.authenticate(req.headers[.authorization]))
+        let m = try await Self.decode(MissingRequest.self, &req, limit: 16 << 20)
+        guard m.ids.count <= 100_000 else { throw APIError(400, "ask about at most 100000 ids at once") }
+        var ids: [BlobID] = []
+        for h in m.ids {
+            guard let id = ObjectID(hex: h) else { throw APIError(400, "'\(h.prefix(70))' is not a 64-hex-digit id") }
+            ids.append(id)
+        }
+        return try Self.json(200, ["missing": try s.missing(ids).map(\.hex)])
+    }
+
+    struct LockRequest: Decodable { let exclusive: Bool }
+
+    func lock(_ request: Request) async throws -> Response {
+        var req = request
+        let s = try space(try accounts.authenticate(req.headers[.authorization]))
+        let l = try await Self.decode(LockRequest.self, &req)
+        guard let id = s.acquire(exclusive: l.exclusive) else {
+            throw APIError(409, l.exclusive ? "the space is in use (a snapshot or prune runs)" : "a prune runs")
+        }
+        return try Self.json(201, ["id": id])
+    }
+}

@@ -1,0 +1,155 @@
+import ArgumentParser
+import CABackup
+import CABackupServer
+import Foundation
+
+#if canImport(Glibc)
+    import Glibc
+#endif
+
+struct ServerCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "server", abstract: "Run the private-data-space server.",
+        discussion: """
+            Hosts one encrypted repository (a private data space) per registered user in DIR.
+            Devices register and log in with 'cabackup register' and 'cabackup login', then use
+            --repo http://NAME@HOST:PORT. The API is documented in docs/http-api.md.
+            """)
+
+    @Option(name: .long, help: "Address and port to listen on (port 0: any free port).")
+    var listen = "127.0.0.1:8443"
+    @Option(name: .long, help: "Directory for accounts and spaces (created if missing).")
+    var data: String
+    @Option(name: .long, help: "PEM certificate chain: serve HTTPS (with --tls-key).")
+    var tlsCert: String?
+    @Option(name: .long, help: "PEM private key of --tls-cert.")
+    var tlsKey: String?
+    @Option(name: .long, help: "Bytes each user's space may hold (default: no limit).")
+    var quotaBytes: Int64?
+    @Option(name: .long, help: ArgumentHelp("Seconds a device token stays valid.", visibility: .hidden))
+    var tokenLifetime: Int64 = 365 * 24 * 3600
+
+    func validate() throws {
+        if (tlsCert == nil) != (tlsKey == nil) { throw ValidationError("give --tls-cert and --tls-key together") }
+        guard let colon = listen.lastIndex(of: ":"), Int(listen[listen.index(after: colon)...]) != nil else {
+            throw ValidationError("--listen takes HOST:PORT, for example 127.0.0.1:8443")
+        }
+        if let q = quotaBytes, q <= 0 { throw ValidationError("--quota-bytes must be positive") }
+    }
+
+    func run() async throws {
+        let colon = listen.lastIndex(of: ":")!
+        var host = String(listen[..<colon])
+        if host.hasPrefix("[") && host.hasSuffix("]") { host = String(host.dropFirst().dropLast()) }
+        var options = ServerOptions(
+            host: host, port: Int(listen[listen.index(after: colon)...])!, dataDirectory: absolutePath(data))
+        options.tlsCertificate = tlsCert
+        options.tlsKey = tlsKey
+        options.quotaBytes = quotaBytes
+        options.tokenLifetimeSeconds = tokenLifetime
+        try await runServer(options) { url in
+            // Written with write(2), unbuffered: a script waiting for this line sees it at once.
+            let line = "cabackup server listening on \(url)\n"
+            _ = line.withCString { Glibc.write(1, $0, strlen($0)) }
+        }
+    }
+}
+
+/// `--server URL --user NAME` of the account commands.
+struct AccountOptions: ParsableArguments {
+    @Option(name: .long, help: "The server, e.g. http://127.0.0.1:8443 (https with TLS).")
+    var server: String
+    @Option(name: .long, help: "The account name (1-64 characters a-z 0-9 . _ -).")
+    var user: String
+    @Option(name: .long, help: "A PEM certificate to trust, for a self-signed server (default: $CABACKUP_CACERT).")
+    var cacert: String?
+}
+
+struct RegisterCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "register", abstract: "Create an account (and its empty private data space) on a server.",
+        discussion: exitCodeTable)
+
+    @OptionGroup var account: AccountOptions
+    @Option(name: .long, help: "The account's e-mail address.")
+    var email: String
+    @Option(
+        name: .long,
+        help: "Read the password from the first line of this file (default: $CABACKUP_PASSWORD, else a prompt).")
+    var passwordFile: String?
+
+    func run() throws {
+        let password = try PasswordSource(file: passwordFile).readNew(for: account.server)
+        try RemoteAccount.register(
+            server: account.server, user: account.user, email: email, password: password,
+            caCertificate: account.cacert)
+        try RemoteAccount.login(
+            server: account.server, user: account.user, password: password, caCertificate: account.cacert)
+        let url = try RemoteLocation(parsing: account.server, requireUser: false)
+        print("registered '\(account.user)' and logged in this device")
+        print(
+            "next: cabackup init --repo \(url.scheme)://\(account.user)@\(url.serverURL.dropFirst(url.scheme.count + 3))"
+        )
+    }
+}
+
+struct LoginCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "login", abstract: "Log this device in to an account; the token is kept in ~/.config/cabackup.",
+        discussion: exitCodeTable)
+
+    @OptionGroup var account: AccountOptions
+    @Option(
+        name: .long,
+        help: "Read the password from the first line of this file (default: $CABACKUP_PASSWORD, else a prompt).")
+    var passwordFile: String?
+    @Option(name: .long, help: "A name for this device in 'cabackup devices' (default: the host name).")
+    var device: String?
+
+    func run() throws {
+        var source = PasswordSource(file: passwordFile)
+        source.prompt = "password for \(account.user): "
+        let password = try source.read(for: account.server)
+        try RemoteAccount.login(
+            server: account.server, user: account.user, password: password, device: device ?? currentHostname(),
+            caCertificate: account.cacert)
+        print("logged in to \(account.server) as '\(account.user)'")
+    }
+}
+
+struct LogoutCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "logout", abstract: "Revoke this device's token and forget it.", discussion: exitCodeTable)
+
+    @OptionGroup var account: AccountOptions
+
+    func run() throws {
+        try RemoteAccount.logout(server: account.server, user: account.user, caCertificate: account.cacert)
+        print("logged out of \(account.server) as '\(account.user)'")
+    }
+}
+
+struct DevicesCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "devices", abstract: "List the devices logged in to an account, or revoke one.",
+        discussion: exitCodeTable)
+
+    @OptionGroup var account: AccountOptions
+    @Option(name: .long, help: "Revoke the device with this id (see the list).")
+    var revoke: String?
+
+    func run() throws {
+        if let revoke {
+            try RemoteAccount.revoke(
+                server: account.server, user: account.user, device: revoke, caCertificate: account.cacert)
+            print("revoked device \(revoke)")
+            return
+        }
+        print("   ID            DEVICE            CREATED                              LAST USED")
+        for d in try RemoteAccount.devices(server: account.server, user: account.user, caCertificate: account.cacert) {
+            print(
+                "\(d.current ? "*" : " ")  \(d.id)  \(d.device.padding(toLength: 16, withPad: " ", startingAt: 0))  \(d.created)  \(d.lastUsed)"
+            )
+        }
+    }
+}
