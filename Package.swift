@@ -66,7 +66,7 @@ let package = Package(
         .testTarget(
             name: "CLITests",
             dependencies: ["cabackup", "library-example", "CABackup", "CABackupServer"],
-            exclude: ["treetool.py"]
+            exclude: ["treetool.py", "httptool.py"]
         ),
     ],
     swiftLanguageModes: [.v6]

@@ -45,7 +45,8 @@ public final class HTTPBackend: Backend, @unchecked Sendable {
     }
 
     public func exists() throws -> Bool {
-        try client.call(.HEAD, Self.path(.config), accept: [200, 404]).status == 200
+        // GET, not HEAD: an error answer then carries its message.
+        try client.call(.GET, Self.path(.config), accept: [200, 404]).status == 200
     }
 
     /// The space is made by `register`; creating a repository in it only needs it empty.

@@ -111,6 +111,10 @@ final class RemoteClient: Sendable {
 
 private func describe(_ error: any Error) -> String {
     let s = "\(error)"
+    if s.contains("CERTIFICATE_VERIFY_FAILED") || s.contains("handshakeFailed") {
+        return
+            "TLS handshake failed: the server's certificate is not trusted; for a self-signed one pass --cacert FILE or set CABACKUP_CACERT"
+    }
     return s.count > 120 ? String(s.prefix(120)) + "…" : s
 }
 

@@ -209,6 +209,15 @@ final class BlobSaver: @unchecked Sendable {
         if let limit = Self.failAfterWrites, packsAdded.load(ordering: .relaxed) >= limit {
             _exit(137)
         }
+        // On a server, ask first: when another device stored every blob of this pack
+        // meanwhile, nothing needs uploading (the next open indexes that device's packs).
+        if let remote = repo.backend as? HTTPBackend, try remote.missing(pack.entries.map(\.id)).isEmpty {
+            discard(pack)
+            lock.locked {
+                for e in pack.entries { pending.remove(e.id) }
+            }
+            return
+        }
         try repo.backend.store(.pack, id.hex, fd: pack.fd, temporaryPath: pack.path)
         close(pack.fd)
         try repo.index.addPack(id, size: Int64(pack.size), entries: pack.entries)

@@ -1,0 +1,357 @@
+import Foundation
+import Testing
+
+let httptool = packageRoot + "/Tests/CLITests/httptool.py"
+
+/// A `cabackup server` started from the test on 127.0.0.1 (a free port unless given).
+final class TestServer {
+    let process: Process
+    let url: String
+    let data: String
+    var port: Int { Int(url.split(separator: ":").last!)! }
+
+    init(data: String, port: Int = 0, _ extra: [String] = []) throws {
+        self.data = data
+        process = Process()
+        process.executableURL = URL(fileURLWithPath: productsDirectory + "/cabackup")
+        process.arguments = ["server", "--listen", "127.0.0.1:\(port)", "--data", data] + extra
+        process.environment = childEnvironment([:])
+        let out = Pipe()
+        process.standardOutput = out
+        process.standardError = FileHandle(forWritingAtPath: "/dev/null")
+        try process.run()
+        var text = ""
+        let deadline = Date().addingTimeInterval(30)
+        while !text.contains("\n") && Date() < deadline {
+            let chunk = out.fileHandleForReading.availableData
+            if chunk.isEmpty { break }
+            text += String(decoding: chunk, as: UTF8.self)
+        }
+        guard let r = text.range(of: "listening on ") else {
+            process.terminate()
+            throw CocoaError(.fileReadUnknown, userInfo: [NSLocalizedDescriptionKey: "server did not start: \(text)"])
+        }
+        url = String(text[r.upperBound...].prefix { !$0.isNewline })
+    }
+
+    /// A repository URL for `user` on this server.
+    func repo(_ user: String) -> String {
+        url.replacingOccurrences(of: "://", with: "://\(user)@")
+    }
+
+    func kill() {
+        if process.isRunning {
+            Glibc.kill(process.processIdentifier, SIGKILL)
+            process.waitUntilExit()
+        }
+    }
+
+    deinit { kill() }
+}
+
+/// The environment of one device: its own config (tokens) and cache (index) directories.
+func device(_ s: Scratch, _ name: String, password: String) -> [String: String] {
+    [
+        "XDG_CONFIG_HOME": s.file(name + "/config"), "XDG_CACHE_HOME": s.file(name + "/cache"),
+        "CABACKUP_PASSWORD": password,
+    ]
+}
+
+/// The token a device stored at login.
+func storedToken(_ env: [String: String]) throws -> String {
+    let data = try Data(contentsOf: URL(fileURLWithPath: env["XDG_CONFIG_HOME"]! + "/cabackup/credentials.json"))
+    let all = try #require(try JSONSerialization.jsonObject(with: data) as? [String: [String: [String: String]]])
+    return try #require(all.values.first?.values.first?["token"])
+}
+
+/// A raw request; returns the status and body.
+func http(
+    _ method: String, _ url: String, token: String? = nil, data: String? = nil, dataFile: String? = nil,
+    cacert: String? = nil
+) throws -> (Int, String) {
+    var args = [httptool, method, url]
+    if let token { args += ["--token", token] }
+    if let data { args += ["--data", data] }
+    if let dataFile { args += ["--data-file", dataFile] }
+    if let cacert { args += ["--cacert", cacert] }
+    let r = try run("/usr/bin/env", ["python3"] + args)
+    let lines = r.stdout.split(separator: "\n", maxSplits: 1, omittingEmptySubsequences: false)
+    return (Int(lines.first ?? "") ?? -1, lines.count > 1 ? String(lines[1]) : "")
+}
+
+func writeRandom(_ path: String, megabytes: Int) throws {
+    try FileManager.default.createDirectory(
+        atPath: (path as NSString).deletingLastPathComponent, withIntermediateDirectories: true)
+    let data = try #require(FileHandle(forReadingAtPath: "/dev/urandom")?.readData(ofLength: megabytes << 20))
+    try data.write(to: URL(fileURLWithPath: path))
+}
+
+/// Pack files of a space on the server's disk.
+func spacePacks(_ data: String, _ user: String) throws -> [String] {
+    let root = data + "/spaces/" + user + "/data"
+    return try FileManager.default.contentsOfDirectory(atPath: root).flatMap { sub in
+        try FileManager.default.contentsOfDirectory(atPath: root + "/" + sub).map { root + "/" + sub + "/" + $0 }
+    }.filter { ($0 as NSString).lastPathComponent.count == 64 }.sorted()
+}
+
+/// Runs a query on a space's server index with Python's sqlite3; returns the first column.
+func spaceQuery(_ data: String, _ user: String, _ sql: String) throws -> [String] {
+    let script =
+        "import sqlite3,sys; [print(r[0].hex() if isinstance(r[0], bytes) else r[0]) "
+        + "for r in sqlite3.connect(sys.argv[1]).execute(sys.argv[2])]"
+    let r = try run("/usr/bin/env", ["python3", "-c", script, data + "/spaces/" + user + "/index/server.sqlite", sql])
+    return r.stdout.split(separator: "\n").map(String.init)
+}
+
+/// Registers `user` (logging this device in) and creates the repository in the space.
+func signUp(_ server: TestServer, _ user: String, env: [String: String]) throws {
+    let reg = try cabackup(
+        "register", "--server", server.url, "--user", user, "--email", "\(user)@example.org", env: env)
+    #expect(reg.status == 0, "\(reg.stderr)")
+    let initialized = try cabackup("init", "--repo", server.repo(user), env: env)
+    #expect(initialized.status == 0, "\(initialized.stderr)")
+}
+
+@Suite("cabackup server: accounts, private data spaces, sync over HTTP", .serialized)
+struct ServerTests {
+    @Test("register, snapshot and restore through the server from two devices; unchanged re-snapshot uploads ~nothing")
+    func roundTrip() throws {
+        let s = Scratch()
+        let server = try TestServer(data: s.file("server"))
+        let laptop = device(s, "laptop", password: "alice password")
+        let reg = try cabackup(
+            "register", "--server", server.url, "--user", "alice", "--email", "alice@example.org", env: laptop)
+        #expect(reg.status == 0, "\(reg.stderr)")
+        let repo = server.repo("alice")
+        #expect(try cabackup("init", "--repo", repo, env: laptop).status == 0)
+        let src = s.file("src")
+        _ = try python(treetool, "make", src)
+        let first = try cabackup("snapshot", "--repo", repo, "--json", src, env: laptop)
+        #expect(first.status == 0, "\(first.stderr)")
+        let firstAdded = try #require(jsonObject(first.lastLine)?["bytes_added"] as? Int)
+        let packBytes = try spacePacks(server.data, "alice").reduce(0) {
+            $0 + ((try FileManager.default.attributesOfItem(atPath: $1)[.size] as? Int) ?? 0)
+        }
+        // What was uploaded: the packs, plus the record.
+        #expect(firstAdded > packBytes && firstAdded < packBytes + 4096)
+        let again = try cabackup("snapshot", "--repo", repo, "--json", src, env: laptop)
+        let againAdded = try #require(jsonObject(again.lastLine)?["bytes_added"] as? Int)
+        #expect(againAdded < 4096, "an unchanged re-snapshot uploads only its record")
+
+        // A second device with an empty cache logs in and restores byte for byte.
+        let desktop = device(s, "desktop", password: "alice password")
+        #expect(try cabackup("login", "--server", server.url, "--user", "alice", env: desktop).status == 0)
+        let restore = try cabackup("restore", "--repo", repo, "latest", "--target", s.file("out"), env: desktop)
+        #expect(restore.status == 0, "\(restore.stderr)")
+        #expect(try python(treetool, "compare", src, s.file("out") + src).status == 0)
+        let devices = try cabackup("devices", "--server", server.url, "--user", "alice", env: desktop)
+        #expect(devices.stdout.split(separator: "\n").count == 3)  // header + two devices
+        #expect(try cabackup("check", "--repo", repo, "--read-data", env: desktop).status == 0)
+
+        // Logged out: the token no longer works, and the CLI says to log in (exit 13).
+        #expect(try cabackup("logout", "--server", server.url, "--user", "alice", env: desktop).status == 0)
+        let after = try cabackup("snapshots", "--repo", repo, env: desktop)
+        #expect(after.status == 13)
+        #expect(after.stderr.contains("cabackup login"))
+        // A wrong repository password is still exit 12, through the server too.
+        var wrong = laptop
+        wrong["CABACKUP_PASSWORD"] = "not it"
+        #expect(try cabackup("snapshots", "--repo", repo, env: wrong).status == 12)
+    }
+
+    @Test("two users cannot read, list, delete or overwrite each other's data, even with a valid token")
+    func isolation() throws {
+        let s = Scratch()
+        let server = try TestServer(data: s.file("server"))
+        let alice = device(s, "alice", password: "alice password")
+        let bob = device(s, "bob", password: "bob's password")
+        try signUp(server, "alice", env: alice)
+        try signUp(server, "bob", env: bob)
+        try writeRandom(s.file("alice-src/photo.raw"), megabytes: 2)
+        #expect(try cabackup("snapshot", "--repo", server.repo("alice"), s.file("alice-src"), env: alice).status == 0)
+        let pack = (try #require(try spacePacks(server.data, "alice").first) as NSString).lastPathComponent
+        let snap = try #require(
+            try FileManager.default.contentsOfDirectory(atPath: server.data + "/spaces/alice/snapshots").first {
+                $0.count == 64
+            })
+        let bobToken = try storedToken(bob)
+        let before = try FileManager.default.subpathsOfDirectory(atPath: server.data + "/spaces/alice")
+            .filter { !$0.hasPrefix("index") }.sorted()
+
+        // Bob's token sees Bob's space only: Alice's objects are simply not there.
+        let list = try http("GET", server.url + "/v1/space/snapshots", token: bobToken)
+        #expect(list.0 == 200 && list.1 == "[]")
+        #expect(try http("GET", server.url + "/v1/space/snapshots/" + snap, token: bobToken).0 == 404)
+        #expect(try http("GET", server.url + "/v1/space/packs/" + pack, token: bobToken).0 == 404)
+        #expect(try http("DELETE", server.url + "/v1/space/packs/" + pack, token: bobToken).0 == 404)
+        // Bob cannot learn whether Alice stored a chunk: every id is missing for him.
+        let ids = try spaceQuery(server.data, "alice", "select id from blobs")
+        #expect(!ids.isEmpty)
+        let ask = "{\"ids\":[" + ids.map { "\"\($0)\"" }.joined(separator: ",") + "]}"
+        let (status, body) = try http("POST", server.url + "/v1/space/blobs/missing", token: bobToken, data: ask)
+        #expect(status == 200)
+        #expect(ids.allSatisfy { body.contains($0) })
+        // Bob "overwriting" Alice's snapshot name writes nothing of Alice's.
+        try Data("garbage".utf8).write(to: URL(fileURLWithPath: s.file("garbage")))
+        let overwrite = try http(
+            "PUT", server.url + "/v1/space/snapshots/" + snap, token: bobToken, dataFile: s.file("garbage"))
+        #expect(overwrite.0 == 400)
+        let after = try FileManager.default.subpathsOfDirectory(atPath: server.data + "/spaces/alice")
+            .filter { !$0.hasPrefix("index") }.sorted()
+        #expect(after == before)
+        #expect(try cabackup("snapshots", "--repo", server.repo("bob"), env: bob).stdout.contains("0 snapshots"))
+        // Bob's client pointed at Alice's account has no login for it.
+        #expect(try cabackup("snapshots", "--repo", server.repo("alice"), env: bob).status == 13)
+        #expect(try cabackup("check", "--repo", server.repo("alice"), "--read-data", env: alice).status == 0)
+    }
+
+    @Test("bad input gets 4xx and changes nothing; the server survives it")
+    func badInput() throws {
+        let s = Scratch()
+        let server = try TestServer(data: s.file("server"))
+        let alice = device(s, "alice", password: "alice password")
+        let u = server.url
+        let reg = try cabackup("register", "--server", u, "--user", "alice", "--email", "a@example.org", env: alice)
+        #expect(reg.status == 0)
+        let dup = try cabackup("register", "--server", u, "--user", "alice", "--email", "b@example.org", env: alice)
+        #expect(dup.status == 1 && dup.stderr.contains("taken"))
+        let secret = String(repeating: "ab", count: 32)
+        let long = String(repeating: "b", count: 65)
+        for (body, why) in [
+            ("{\"user\":\"bob\",\"email\":\"not-an-email\",\"secret\":\"\(secret)\"}", "e-mail"),
+            ("{\"user\":\"\(long)\",\"email\":\"b@example.org\",\"secret\":\"\(secret)\"}", "user name"),
+            ("{\"user\":\"..\",\"email\":\"b@example.org\",\"secret\":\"\(secret)\"}", "user name"),
+            ("{\"user\":\"Bob/../x\",\"email\":\"b@example.org\",\"secret\":\"\(secret)\"}", "user name"),
+            ("{\"user\":\"bob\",\"email\":\"b@example.org\",\"secret\":\"short\"}", "secret"),
+            ("{\"user\": \"bob\", \"email\": ", "malformed JSON"),
+        ] {
+            let (status, text) = try http("POST", u + "/v1/register", data: body)
+            #expect(status == 400, "\(body)")
+            #expect(text.contains(why), "\(text)")
+        }
+        #expect(!FileManager.default.fileExists(atPath: server.data + "/spaces/bob"))
+        #expect(try http("POST", u + "/v1/login", data: "{\"user\":\"alice\",\"secret\":\"\(secret)\"}").0 == 401)
+        var wrong = alice
+        wrong["CABACKUP_PASSWORD"] = "not alice's"
+        #expect(try cabackup("login", "--server", u, "--user", "alice", env: wrong).status == 13)
+        // Forged and missing tokens.
+        #expect(try http("GET", u + "/v1/space/packs", token: String(repeating: "0", count: 64)).0 == 401)
+        #expect(try http("GET", u + "/v1/space/packs").0 == 401)
+
+        // Packs: a real one uploaded under a wrong name, and a truncated one.
+        #expect(try cabackup("init", "--repo", server.repo("alice"), env: alice).status == 0)
+        try writeRandom(s.file("src/a.bin"), megabytes: 1)
+        #expect(try cabackup("snapshot", "--repo", server.repo("alice"), s.file("src"), env: alice).status == 0)
+        let packsBefore = try spacePacks(server.data, "alice")
+        let packPath = try #require(packsBefore.first)
+        let token = try storedToken(alice)
+        let other = String(repeating: "c", count: 64)
+        let mislabelled = try http("PUT", u + "/v1/space/packs/" + other, token: token, dataFile: packPath)
+        #expect(mislabelled.0 == 400 && mislabelled.1.contains("does not match its name"))
+        let bytes = try Data(contentsOf: URL(fileURLWithPath: packPath))
+        try bytes.prefix(bytes.count / 2).write(to: URL(fileURLWithPath: s.file("half")))
+        let halfName = String(try run("/usr/bin/sha256sum", [s.file("half")]).stdout.prefix(64))
+        let truncated = try http("PUT", u + "/v1/space/packs/" + halfName, token: token, dataFile: s.file("half"))
+        #expect(truncated.0 == 400 && truncated.1.contains("malformed"))
+        #expect(try http("PUT", u + "/v1/space/packs/xyz", token: token, dataFile: s.file("half")).0 == 400)
+        #expect(try spacePacks(server.data, "alice") == packsBefore)
+        #expect(try FileManager.default.contentsOfDirectory(atPath: server.data + "/spaces/alice/tmp").isEmpty)
+        #expect(try http("POST", u + "/v1/space/blobs/missing", token: token, data: "{\"ids\":[\"zz\"]}").0 == 400)
+        let config = server.data + "/spaces/alice/config"
+        #expect(try http("PUT", u + "/v1/space/config", token: token, dataFile: config).0 == 409)
+        #expect(try http("PUT", u + "/v1/space/config", token: token, data: "{}").0 == 400)
+        // Still serving, and the space is intact.
+        #expect(try cabackup("check", "--repo", server.repo("alice"), "--read-data", env: alice).status == 0)
+    }
+
+    @Test("an expired token is refused (exit 13); a quota stops an upload with a clear error, space valid")
+    func expiryAndQuota() throws {
+        let s = Scratch()
+        let server = try TestServer(data: s.file("server"), ["--token-lifetime", "2", "--quota-bytes", "1500000"])
+        let alice = device(s, "alice", password: "alice password")
+        try signUp(server, "alice", env: alice)
+        try writeRandom(s.file("small/a.bin"), megabytes: 1)
+        try writeRandom(s.file("big/b.bin"), megabytes: 3)
+        #expect(try cabackup("snapshot", "--repo", server.repo("alice"), s.file("small"), env: alice).status == 0)
+        let over = try cabackup("snapshot", "--repo", server.repo("alice"), s.file("big"), env: alice)
+        #expect(over.status == 1)
+        #expect(over.stderr.contains("quota"))
+        #expect(try cabackup("check", "--repo", server.repo("alice"), env: alice).status == 0)
+        sleep(3)
+        let expired = try cabackup("snapshots", "--repo", server.repo("alice"), env: alice)
+        #expect(expired.status == 13)
+        #expect(expired.stderr.contains("expired"))
+    }
+
+    @Test("the server killed mid-upload: the space stays valid, the re-run completes and uploads nothing twice")
+    func killedMidUpload() throws {
+        let s = Scratch()
+        var server = try TestServer(data: s.file("server"))
+        let port = server.port
+        let alice = device(s, "alice", password: "alice password")
+        try signUp(server, "alice", env: alice)
+        try writeRandom(s.file("src/big.bin"), megabytes: 64)
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: productsDirectory + "/cabackup")
+        p.arguments = ["snapshot", "--repo", server.repo("alice"), s.file("src")]
+        p.environment = childEnvironment(alice)
+        p.standardOutput = FileHandle.nullDevice
+        p.standardError = FileHandle.nullDevice
+        try p.run()
+        let deadline = Date().addingTimeInterval(60)
+        while (try? spacePacks(server.data, "alice").count) ?? 0 < 2 && p.isRunning && Date() < deadline {
+            usleep(10_000)
+        }
+        server.kill()
+        p.waitUntilExit()
+        #expect(p.terminationStatus != 0)
+        #expect(try spacePacks(server.data, "alice").count >= 2)
+
+        server = try TestServer(data: s.file("server"), port: port)
+        #expect(try cabackup("check", "--repo", server.repo("alice"), env: alice).status == 0)
+        let rerun = try cabackup("snapshot", "--repo", server.repo("alice"), "--json", s.file("src"), env: alice)
+        #expect(rerun.status == 0, "\(rerun.stderr)")
+        // Every blob is stored exactly once: nothing that arrived before the kill came again.
+        #expect(try spaceQuery(server.data, "alice", "select count(*) - count(distinct id) from blobs") == ["0"])
+        let restore = try cabackup(
+            "restore", "--repo", server.repo("alice"), "latest", "--target", s.file("out"), env: alice)
+        #expect(restore.status == 0)
+        #expect(
+            FileManager.default.contentsEqual(
+                atPath: s.file("src/big.bin"), andPath: s.file("out") + s.file("src/big.bin")))
+    }
+
+    @Test("over TLS with a self-signed certificate: trusted with CABACKUP_CACERT, refused without")
+    func tls() throws {
+        let s = Scratch()
+        let made = try run(
+            "/usr/bin/openssl",
+            [
+                "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2",
+                "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", s.file("key.pem"),
+                "-out", s.file("cert.pem"),
+            ])
+        #expect(made.status == 0, "\(made.stderr)")
+        let server = try TestServer(
+            data: s.file("server"), ["--tls-cert", s.file("cert.pem"), "--tls-key", s.file("key.pem")])
+        #expect(server.url.hasPrefix("https://"))
+        let untrusted = device(s, "alice", password: "alice password")
+        let refused = try cabackup(
+            "register", "--server", server.url, "--user", "alice", "--email", "a@example.org", env: untrusted)
+        #expect(refused.status == 14)
+        var alice = untrusted
+        alice["CABACKUP_CACERT"] = s.file("cert.pem")
+        let reg = try cabackup(
+            "register", "--server", server.url, "--user", "alice", "--email", "a@example.org", env: alice)
+        #expect(reg.status == 0, "\(reg.stderr)")
+        #expect(try cabackup("init", "--repo", server.repo("alice"), env: alice).status == 0)
+        try writeRandom(s.file("src/a.bin"), megabytes: 1)
+        #expect(try cabackup("snapshot", "--repo", server.repo("alice"), s.file("src"), env: alice).status == 0)
+        let restore = try cabackup(
+            "restore", "--repo", server.repo("alice"), "latest", "--target", s.file("out"), env: alice)
+        #expect(restore.status == 0)
+        #expect(
+            FileManager.default.contentsEqual(atPath: s.file("src/a.bin"), andPath: s.file("out") + s.file("src/a.bin"))
+        )
+    }
+}
