@@ -66,7 +66,8 @@ public final class Repository: @unchecked Sendable {
     /// Creates a new repository in an empty or missing directory.
     ///
     /// - Parameters:
-    ///   - path: the repository directory; created if missing, refused if not empty.
+    ///   - path: the repository directory (created if missing, refused if not empty), or
+    ///     `http(s)://NAME@HOST:PORT[/PREFIX]` for an empty space on a server.
     ///   - password: the password of the first key slot, which makes the repository
     ///     encrypted (AES-256-GCM, keyed ids); `nil` makes a plaintext repository.
     ///   - chunker: chunking parameters; the default is 512 KiB / 1 MiB / 8 MiB with a
@@ -145,7 +146,8 @@ public final class Repository: @unchecked Sendable {
     /// snapshot records on disk (rebuilding it if it was deleted).
     ///
     /// - Parameters:
-    ///   - path: the repository directory.
+    ///   - path: the repository directory, or `http(s)://NAME@HOST:PORT[/PREFIX]` for a
+    ///     private data space on a `cabackup server` this device is logged in to.
     ///   - password: needed when the repository is encrypted; ignored otherwise.
     ///   - durable: fsync every write (leave on except in throwaway tests).
     /// - Throws: ``CABackupError/repositoryNotFound(_:)`` when there is no config,
@@ -164,7 +166,8 @@ public final class Repository: @unchecked Sendable {
     /// the repository is encrypted (so a command line tool prompts only when it must).
     ///
     /// - Parameters:
-    ///   - path: the repository directory.
+    ///   - path: the repository directory, or `http(s)://NAME@HOST:PORT[/PREFIX]` for a
+    ///     private data space on a `cabackup server` this device is logged in to.
     ///   - passwordProvider: called at most once, when the config says the repository is
     ///     encrypted; it may throw (for example when no password is available).
     ///   - durable: fsync every write (leave on except in throwaway tests).
