@@ -91,7 +91,7 @@ struct EncryptionCLITests {
         #expect(r.status == 0 && r.stdout.contains("unencrypted"))
         #expect(try cabackup("snapshot", "--repo", plain, src, env: ["CABACKUP_PASSWORD": ""]).status == 0)
         let names = try FileManager.default.subpathsOfDirectory(atPath: plain)
-        let found = try names.contains { name in
+        let found = names.contains { name in
             let data = try? Data(contentsOf: URL(fileURLWithPath: plain + "/" + name))
             return data?.range(of: Data("private letter".utf8)) != nil
         }
