@@ -144,7 +144,7 @@ final class Space: @unchecked Sendable {
     }
 
     /// Verifies an uploaded pack in `temporary` (already hashed to `digest`) and stores it
-    /// durably under `name`, then indexes it.
+    /// durably under `name`, then indexes it. Consumes the temporary file unless it throws.
     func storePack(name: String, temporary: String, fd: Int32, size: Int64, digest: ObjectID, quota: Int64?) throws {
         guard digest.hex == name else {
             throw APIError(400, "pack content does not match its name (SHA-256 \(digest.hex)): upload it again")
@@ -174,7 +174,10 @@ final class Space: @unchecked Sendable {
         } catch {
             throw APIError(400, "pack is malformed (\(error)): upload it again")
         }
-        if (try? backend.size(.pack, name)) != nil { return }  // stored already: harmless
+        if (try? backend.size(.pack, name)) != nil {  // stored already: harmless
+            unlink(temporary)
+            return
+        }
         try reserve(size, quota: quota)
         try backend.store(.pack, name, fd: fd, temporaryPath: temporary)
         try withLock {

@@ -248,6 +248,9 @@ struct ServerTests {
         let other = String(repeating: "c", count: 64)
         let mislabelled = try http("PUT", u + "/v1/space/packs/" + other, token: token, dataFile: packPath)
         #expect(mislabelled.0 == 400 && mislabelled.1.contains("does not match its name"))
+        // Sending a stored pack again is harmless, and leaves nothing behind.
+        let packName = (packPath as NSString).lastPathComponent
+        #expect(try http("PUT", u + "/v1/space/packs/" + packName, token: token, dataFile: packPath).0 == 201)
         let bytes = try Data(contentsOf: URL(fileURLWithPath: packPath))
         try bytes.prefix(bytes.count / 2).write(to: URL(fileURLWithPath: s.file("half")))
         let halfName = String(try run("/usr/bin/sha256sum", [s.file("half")]).stdout.prefix(64))
