@@ -39,6 +39,7 @@ final class TestServer {
         url.replacingOccurrences(of: "://", with: "://\(user)@")
     }
 
+    /// A crash: SIGKILL, no chance to finish anything.
     func kill() {
         if process.isRunning {
             Glibc.kill(process.processIdentifier, SIGKILL)
@@ -46,7 +47,17 @@ final class TestServer {
         }
     }
 
-    deinit { kill() }
+    /// A normal stop: SIGTERM, which lets the server finish its requests and exit 0.
+    func stop() -> Int32 {
+        guard process.isRunning else { return process.terminationStatus }
+        Glibc.kill(process.processIdentifier, SIGTERM)
+        let deadline = Date().addingTimeInterval(10)
+        while process.isRunning && Date() < deadline { usleep(10_000) }
+        kill()
+        return process.terminationStatus
+    }
+
+    deinit { _ = stop() }
 }
 
 /// The environment of one device: its own config (tokens) and cache (index) directories.
@@ -103,6 +114,15 @@ func spaceQuery(_ data: String, _ user: String, _ sql: String) throws -> [String
     return r.stdout.split(separator: "\n").map(String.init)
 }
 
+/// A scratch directory, a server in it, and Alice's device signed up with a repository.
+func aliceOnServer(_ extra: [String] = []) throws -> (Scratch, TestServer, [String: String]) {
+    let s = Scratch()
+    let server = try TestServer(data: s.file("server"), extra)
+    let alice = device(s, "alice", password: "alice password")
+    try signUp(server, "alice", env: alice)
+    return (s, server, alice)
+}
+
 /// Registers `user` (logging this device in) and creates the repository in the space.
 func signUp(_ server: TestServer, _ user: String, env: [String: String]) throws {
     let reg = try cabackup(
@@ -157,6 +177,7 @@ struct ServerTests {
         var wrong = laptop
         wrong["CABACKUP_PASSWORD"] = "not it"
         #expect(try cabackup("snapshots", "--repo", repo, env: wrong).status == 12)
+        #expect(server.stop() == 0, "SIGTERM stops the server cleanly")
     }
 
     @Test("two users cannot read, list, delete or overwrite each other's data, even with a valid token")
@@ -267,12 +288,62 @@ struct ServerTests {
         #expect(try cabackup("check", "--repo", server.repo("alice"), "--read-data", env: alice).status == 0)
     }
 
+    @Test("forget --prune and the lock work through the server; a lost server index is rebuilt from the packs")
+    func maintenance() throws {
+        let (s, first, alice) = try aliceOnServer()
+        var server = first
+        let port = server.port
+        let repo = server.repo("alice")
+        try writeRandom(s.file("src/a.bin"), megabytes: 2)
+        #expect(try cabackup("snapshot", "--repo", repo, s.file("src"), env: alice).status == 0)
+        try writeRandom(s.file("src/a.bin"), megabytes: 2)
+        #expect(try cabackup("snapshot", "--repo", repo, s.file("src"), env: alice).status == 0)
+        let before = try spacePacks(server.data, "alice").count
+
+        // Another client's exclusive lease blocks a snapshot (exit 11) until released.
+        let token = try storedToken(alice)
+        let (status, body) = try http(
+            "POST", server.url + "/v1/space/locks", token: token, data: "{\"exclusive\":true}")
+        #expect(status == 201)
+        let lease = try #require(jsonObject(body)?["id"] as? String)
+        #expect(try http("PUT", server.url + "/v1/space/locks/" + lease, token: token).0 == 204)
+        #expect(try cabackup("snapshot", "--repo", repo, s.file("src"), env: alice).status == 11)
+        #expect(try http("DELETE", server.url + "/v1/space/locks/" + lease, token: token).0 == 204)
+        #expect(try http("PUT", server.url + "/v1/space/locks/" + lease, token: token).0 == 404)
+
+        let forget = try cabackup("forget", "--repo", repo, "--keep-last", "1", "--prune", env: alice)
+        #expect(forget.status == 0, "\(forget.stderr)")
+        #expect(try spacePacks(server.data, "alice").count < before)
+        #expect(try cabackup("check", "--repo", repo, "--read-data", env: alice).status == 0)
+
+        // The server's own index is derived: lose it, restart, and it is rebuilt from the packs.
+        #expect(server.stop() == 0)
+        for suffix in ["", "-wal", "-shm"] {
+            try? FileManager.default.removeItem(atPath: server.data + "/spaces/alice/index/server.sqlite" + suffix)
+        }
+        server = try TestServer(data: s.file("server"), port: port)
+        // The record is accepted only if the rebuilt index holds every tree it declares.
+        #expect(try cabackup("snapshot", "--repo", repo, s.file("src"), env: alice).status == 0)
+        #expect(try spaceQuery(server.data, "alice", "select count(*) > 0 from blobs") == ["1"])
+        #expect(try cabackup("restore", "--repo", repo, "latest", "--target", s.file("out"), env: alice).status == 0)
+        #expect(
+            FileManager.default.contentsEqual(atPath: s.file("src/a.bin"), andPath: s.file("out") + s.file("src/a.bin"))
+        )
+
+        // A plaintext repository's pack is refused: spaces hold encrypted data only.
+        #expect(try cabackup("init", "--repo", s.file("plain"), "--no-encryption").status == 0)
+        #expect(try cabackup("snapshot", "--repo", s.file("plain"), s.file("src")).status == 0)
+        let plainPack = try #require(
+            try FileManager.default.subpathsOfDirectory(atPath: s.file("plain/data")).first { $0.count == 67 })
+        let name = String(plainPack.suffix(64))
+        let refused = try http(
+            "PUT", server.url + "/v1/space/packs/" + name, token: token, dataFile: s.file("plain/data/" + plainPack))
+        #expect(refused.0 == 400 && refused.1.contains("not sealed"))
+    }
+
     @Test("an expired token is refused (exit 13); a quota stops an upload with a clear error, space valid")
     func expiryAndQuota() throws {
-        let s = Scratch()
-        let server = try TestServer(data: s.file("server"), ["--token-lifetime", "2", "--quota-bytes", "1500000"])
-        let alice = device(s, "alice", password: "alice password")
-        try signUp(server, "alice", env: alice)
+        let (s, server, alice) = try aliceOnServer(["--token-lifetime", "2", "--quota-bytes", "1500000"])
         try writeRandom(s.file("small/a.bin"), megabytes: 1)
         try writeRandom(s.file("big/b.bin"), megabytes: 3)
         #expect(try cabackup("snapshot", "--repo", server.repo("alice"), s.file("small"), env: alice).status == 0)
@@ -288,11 +359,9 @@ struct ServerTests {
 
     @Test("the server killed mid-upload: the space stays valid, the re-run completes and uploads nothing twice")
     func killedMidUpload() throws {
-        let s = Scratch()
-        var server = try TestServer(data: s.file("server"))
+        let (s, first, alice) = try aliceOnServer()
+        var server = first
         let port = server.port
-        let alice = device(s, "alice", password: "alice password")
-        try signUp(server, "alice", env: alice)
         try writeRandom(s.file("src/big.bin"), megabytes: 64)
         let p = Process()
         p.executableURL = URL(fileURLWithPath: productsDirectory + "/cabackup")
