@@ -60,6 +60,8 @@ public enum CABackupError: Error, Sendable, CustomStringConvertible {
         switch self {
         case .repositoryNotFound(let p):
             return "no repository at \(p): create one with 'cabackup init --repo \(p)' or check --repo"
+        case .repositoryExists(let p) where RemoteLocation.isRemote(p):
+            return "the space at \(p) already holds a repository: use it as it is (it needs no init)"
         case .repositoryExists(let p):
             return "\(p) already exists and is not empty: choose a new directory for the repository"
         case .unsupportedVersion(let found, let supported):
