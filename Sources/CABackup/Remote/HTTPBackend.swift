@@ -1,4 +1,5 @@
 import Foundation
+import NIOCore
 import NIOHTTP1
 import Synchronization
 
@@ -117,12 +118,15 @@ public final class HTTPBackend: Backend, @unchecked Sendable {
         defer { close(rfd) }
         var st = stat()
         if fstat(rfd, &st) != 0 { throw ioError("stat", temporaryPath) }
-        var bytes = [UInt8](repeating: 0, count: Int(st.st_size))
-        try bytes.withUnsafeMutableBytes { (raw) throws in
-            try preadFully(rfd, into: raw.baseAddress!, count: raw.count, offset: 0, path: temporaryPath)
+        // Read straight into the buffer the HTTP client sends from: one copy of the pack.
+        let size = Int(st.st_size)
+        var buffer = ByteBufferAllocator().buffer(capacity: size)
+        try buffer.writeWithUnsafeMutableBytes(minimumWritableBytes: size) { (raw) throws in
+            try preadFully(rfd, into: raw.baseAddress!, count: size, offset: 0, path: temporaryPath)
+            return size
         }
         _ = try client.call(
-            .PUT, Self.path(kind, name), headers: [("Content-Type", "application/octet-stream")], body: bytes,
+            .PUT, Self.path(kind, name), headers: [("Content-Type", "application/octet-stream")], buffer: buffer,
             accept: [200, 201])
         unlink(temporaryPath)
     }

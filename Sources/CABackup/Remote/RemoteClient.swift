@@ -54,6 +54,7 @@ final class RemoteClient: Sendable {
     /// transport error becomes a one-line ``CABackupError``.
     func call(
         _ method: HTTPMethod, _ path: String, headers extra: [(String, String)] = [], body: [UInt8]? = nil,
+        buffer: ByteBuffer? = nil,
         accept: Set<Int> = [200]
     ) throws -> Reply {
         let url = server + path
@@ -63,7 +64,8 @@ final class RemoteClient: Sendable {
         let request: HTTPClient.Request
         do {
             request = try HTTPClient.Request(
-                url: url, method: method, headers: headers, body: body.map { .bytes($0) })
+                url: url, method: method, headers: headers,
+                body: buffer.map { .byteBuffer($0) } ?? body.map { .bytes($0) })
         } catch {
             throw CABackupError.invalidArgument("'\(url)' is not a usable URL: \(error)")
         }
