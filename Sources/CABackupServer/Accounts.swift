@@ -77,7 +77,7 @@ final class AccountStore: Sendable {
         }
         try Self.checkEmail(email)
         let s = try Self.decodeSecret(secret)
-        let salt = Array(sha256(Array(UUID().uuidString.utf8) + s).hex.utf8.prefix(16))
+        let salt = secureRandomBytes(16)
         let hash = pbkdf2SHA256(s, salt: salt, iterations: Self.iterations)
         try db.withLock { db in
             let q = try db.prepare("SELECT 1 FROM users WHERE name = ?")
@@ -203,20 +203,16 @@ final class AccountStore: Sendable {
     /// Revokes the caller's token whose public id is `id` (nil: the caller's own).
     func revoke(_ caller: Caller, id: String?) throws {
         try db.withLock { db in
-            let q = try db.prepare("SELECT hash FROM tokens WHERE user = ?")
-            q.bind(1, caller.user)
-            var target: [UInt8]?
-            while try q.step() {
-                let h = q.bytes(0)
-                if let id {
-                    if id.count >= 8 && hexString(h).hasPrefix(id.lowercased()) { target = h }
-                } else if h
-                    == caller.tokenHash
-                {
-                    target = h
+            var target: [UInt8]? = id == nil ? caller.tokenHash : nil
+            if let id, id.count >= 8 {
+                let q = try db.prepare("SELECT hash FROM tokens WHERE user = ?")
+                q.bind(1, caller.user)
+                while try q.step() {
+                    let h = q.bytes(0)
+                    if hexString(h).hasPrefix(id.lowercased()) { target = h }
                 }
+                q.reset()
             }
-            q.reset()
             guard let target else { throw APIError(404, "no device of this account has the id '\(id ?? "")'") }
             let d = try db.prepare("DELETE FROM tokens WHERE hash = ?")
             d.bind(1, bytes: target)

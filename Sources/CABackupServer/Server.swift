@@ -277,28 +277,30 @@ final class ServerAPI: Sendable {
         guard let size = try? s.backend.size(kind, name) else {
             throw APIError(404, "no such \(kind) in this space")
         }
+        var from: Int64 = 0
+        var to = size - 1
+        var status = 200
+        var headers: HTTPFields = [.contentType: "application/octet-stream"]
         if let range = req.headers[.range] {
-            guard let (from, to) = Self.parseRange(range, size: size) else {
+            guard let r = Self.parseRange(range, size: size) else {
                 throw APIError(416, "range '\(range)' is not inside the \(size)-byte file")
             }
-            var out = [UInt8](repeating: 0, count: Int(to - from + 1))
-            try out.withUnsafeMutableBytes {
-                try s.backend.read(kind, name, offset: from, length: $0.count, into: $0.baseAddress!)
-            }
-            return Self.bytes(
-                206, out,
-                headers: [.contentRange: "bytes \(from)-\(to)/\(size)", .contentType: "application/octet-stream"])
-        }
-        guard size <= options.maxPackBytes + (16 << 20) else {
+            (from, to, status) = (r.0, r.1, 206)
+            headers[.contentRange] = "bytes \(from)-\(to)/\(size)"
+        } else if size > options.maxPackBytes + (16 << 20) {
             throw APIError(400, "file too large: read it in ranges")
         }
-        var out = [UInt8](repeating: 0, count: Int(size))
-        if size > 0 {
-            try out.withUnsafeMutableBytes {
-                try s.backend.read(kind, name, offset: 0, length: $0.count, into: $0.baseAddress!)
+        // Read straight into the buffer the response sends from.
+        let length = Int(to - from + 1)
+        var buffer = ByteBufferAllocator().buffer(capacity: length)
+        if length > 0 {
+            try buffer.writeWithUnsafeMutableBytes(minimumWritableBytes: length) { (raw) throws in
+                try s.backend.read(kind, name, offset: from, length: length, into: raw.baseAddress!)
+                return length
             }
         }
-        return Self.bytes(200, out, headers: [.contentType: "application/octet-stream"])
+        return Response(
+            status: HTTPResponse.Status(code: status), headers: headers, body: ResponseBody(byteBuffer: buffer))
     }
 
     /// `bytes=A-B` with 0 <= A <= B < size.

@@ -66,15 +66,8 @@ final class Space: @unchecked Sendable {
     }
 
     private func readClearEntries(_ name: String, size: Int64) throws -> [BlobID] {
-        var trailer = [UInt8](repeating: 0, count: PackFormat.trailerSize)
-        try trailer.withUnsafeMutableBytes {
-            try backend.read(.pack, name, offset: size - Int64($0.count), length: $0.count, into: $0.baseAddress!)
-        }
-        let hlen = try PackFormat.parseTrailer(trailer, packSize: size)
-        var header = [UInt8](repeating: 0, count: hlen)
-        try header.withUnsafeMutableBytes {
-            try backend.read(
-                .pack, name, offset: size - Int64(PackFormat.trailerSize + hlen), length: hlen, into: $0.baseAddress!)
+        let header = try PackFormat.readHeaderBytes(size: size) {
+            try backend.read(.pack, name, offset: $0, length: $1, into: $2)
         }
         return try PackFormat.parseClearHeader(header, packSize: size).entries.map(\.id)
     }
@@ -151,18 +144,8 @@ final class Space: @unchecked Sendable {
         }
         let ids: [BlobID]
         do {
-            var trailer = [UInt8](repeating: 0, count: PackFormat.trailerSize)
-            guard size >= Int64(trailer.count) else { throw APIError(400, "pack of \(size) bytes is too short") }
-            try trailer.withUnsafeMutableBytes {
-                try preadFully(
-                    fd, into: $0.baseAddress!, count: $0.count, offset: size - Int64($0.count), path: temporary)
-            }
-            let hlen = try PackFormat.parseTrailer(trailer, packSize: size)
-            var header = [UInt8](repeating: 0, count: hlen)
-            try header.withUnsafeMutableBytes {
-                try preadFully(
-                    fd, into: $0.baseAddress!, count: hlen, offset: size - Int64(PackFormat.trailerSize + hlen),
-                    path: temporary)
+            let header = try PackFormat.readHeaderBytes(size: size) {
+                try preadFully(fd, into: $2, count: $1, offset: $0, path: temporary)
             }
             let parsed = try PackFormat.parseClearHeader(header, packSize: size)
             guard parsed.sealed else {

@@ -13,18 +13,23 @@ struct PasswordSource {
     var environmentVariable = "CABACKUP_PASSWORD"
     var prompt = "enter password for repository: "
 
-    /// The password of an existing repository.
-    func read(for location: String) throws -> String {
+    /// The password given without asking: the file, else the environment variable.
+    private func given() throws -> String? {
         if let file { return try readPasswordFile(file) }
         if let env = getenv(environmentVariable), env.pointee != 0 { return String(cString: env) }
+        return nil
+    }
+
+    /// The password of an existing repository.
+    func read(for location: String) throws -> String {
+        if let p = try given() { return p }
         guard let p = promptNoEcho(prompt) else { throw CABackupError.passwordRequired(location) }
         return p
     }
 
     /// A new password: asked twice on a terminal.
     func readNew(for location: String) throws -> String {
-        if let file { return try readPasswordFile(file) }
-        if let env = getenv(environmentVariable), env.pointee != 0 { return String(cString: env) }
+        if let p = try given() { return p }
         guard let first = promptNoEcho("enter new password: ") else {
             throw ValidationError(
                 "a new password is needed: set \(environmentVariable), pass a password file, or run on a terminal")

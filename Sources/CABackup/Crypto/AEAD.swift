@@ -123,7 +123,7 @@ enum SealedKind {
 ///
 /// - Throws: ``CABackupError/invalidArgument(_:)`` when the parameters are out of range
 ///   or need more memory than 1 GiB.
-package func scrypt(password: [UInt8], salt: [UInt8], n: UInt64, r: UInt64, p: UInt64, length: Int) throws -> [UInt8] {
+func scrypt(password: [UInt8], salt: [UInt8], n: UInt64, r: UInt64, p: UInt64, length: Int) throws -> [UInt8] {
     var out = [UInt8](repeating: 0, count: length)
     // A trailing NUL keeps the pointers valid for an empty password or salt.
     let pw = password + [0]

@@ -97,11 +97,7 @@ package struct KeySlot: Codable {
         return RepositoryKeys(bytes: plain)
     }
 
-    func encoded() -> [UInt8] {
-        let enc = JSONEncoder()
-        enc.outputFormatting = [.prettyPrinted, .sortedKeys]
-        return Array(try! enc.encode(self)) + [0x0A]
-    }
+    func encoded() -> [UInt8] { jsonFile(self) }
 
     package static func decode(_ bytes: [UInt8]) -> KeySlot? {
         try? JSONDecoder().decode(KeySlot.self, from: Data(bytes))

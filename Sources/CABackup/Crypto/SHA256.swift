@@ -47,7 +47,7 @@ package final class SHA256Hasher {
     }
 
     /// Starts a new digest.
-    package func reset() {
+    func reset() {
         if let inner {
             EVP_MD_CTX_copy_ex(ctx, inner)
         } else {
@@ -101,7 +101,7 @@ public func sha256(_ buf: UnsafeRawBufferPointer) -> ObjectID {
 }
 
 /// HMAC-SHA-256 of a byte array in one call.
-package func hmacSHA256(key: [UInt8], _ bytes: [UInt8]) -> ObjectID {
+func hmacSHA256(key: [UInt8], _ bytes: [UInt8]) -> ObjectID {
     bytes.withUnsafeBytes { SHA256Hasher(hmacKey: key).hash($0) }
 }
 

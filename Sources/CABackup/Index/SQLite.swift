@@ -47,7 +47,7 @@ package final class SQLiteStatement {
     let stmt: OpaquePointer
     unowned let db: SQLiteDatabase
 
-    package init(_ stmt: OpaquePointer, db: SQLiteDatabase) {
+    init(_ stmt: OpaquePointer, db: SQLiteDatabase) {
         self.stmt = stmt
         self.db = db
     }
@@ -66,7 +66,7 @@ package final class SQLiteStatement {
         // SQLITE_TRANSIENT: SQLite copies the text before the call returns.
         sqlite3_bind_text(stmt, i, v, -1, unsafeBitCast(-1, to: sqlite3_destructor_type.self))
     }
-    package func bindNull(_ i: Int32) { sqlite3_bind_null(stmt, i) }
+    func bindNull(_ i: Int32) { sqlite3_bind_null(stmt, i) }
     package func bind(_ i: Int32, _ id: ObjectID) {
         id.withUnsafeBytes { raw in
             _ = sqlite3_bind_blob(stmt, i, raw.baseAddress, 32, unsafeBitCast(-1, to: sqlite3_destructor_type.self))
@@ -89,7 +89,7 @@ package final class SQLiteStatement {
     }
 
     package func int(_ col: Int32) -> Int64 { sqlite3_column_int64(stmt, col) }
-    package func isNull(_ col: Int32) -> Bool { sqlite3_column_type(stmt, col) == SQLITE_NULL }
+    func isNull(_ col: Int32) -> Bool { sqlite3_column_type(stmt, col) == SQLITE_NULL }
     package func text(_ col: Int32) -> String {
         guard let p = sqlite3_column_text(stmt, col) else { return "" }
         return String(cString: p)

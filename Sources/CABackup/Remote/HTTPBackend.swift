@@ -75,12 +75,12 @@ public final class HTTPBackend: Backend, @unchecked Sendable {
         let reply = try client.call(
             .GET, Self.path(kind, name), headers: [("Range", "bytes=\(offset)-\(offset + Int64(length) - 1)")],
             accept: [206])
-        guard reply.body.count == length else {
+        let received = reply.buffer.readableBytes
+        guard received == length else {
             throw CABackupError.corrupt(
-                what: "\(kind) \(name) on \(location)", reason: "the server sent \(reply.body.count) of \(length) bytes"
-            )
+                what: "\(kind) \(name) on \(location)", reason: "the server sent \(received) of \(length) bytes")
         }
-        reply.body.withUnsafeBytes { buffer.copyMemory(from: $0.baseAddress!, byteCount: length) }
+        reply.buffer.withUnsafeReadableBytes { buffer.copyMemory(from: $0.baseAddress!, byteCount: length) }
     }
 
     public func size(_ kind: FileKind, _ name: String) throws -> Int64 {
@@ -96,6 +96,8 @@ public final class HTTPBackend: Backend, @unchecked Sendable {
             .PUT, Self.path(kind, kind == .config ? nil : name),
             headers: [("Content-Type", "application/octet-stream")], body: Array(bytes), accept: [200, 201])
     }
+
+    public var checksSnapshotReferences: Bool { true }
 
     /// Uploads a snapshot record with the ids of the blobs it references; the server
     /// stores it only when it holds every one of them.

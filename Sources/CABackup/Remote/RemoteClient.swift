@@ -47,7 +47,10 @@ final class RemoteClient: Sendable {
     struct Reply {
         var status: Int
         var headers: HTTPHeaders
-        var body: [UInt8]
+        /// The body as received (ranged reads copy from it straight to their destination).
+        var buffer: ByteBuffer
+        /// The body as bytes, for small answers.
+        var body: [UInt8] { Array(buffer.readableBytesView) }
     }
 
     /// Sends one request; statuses in `accept` are returned, every other status and every
@@ -77,11 +80,10 @@ final class RemoteClient: Sendable {
                 "cannot reach the server at \(server) (\(describe(error))): check the address, and that 'cabackup server' is running; nothing was lost, run the command again"
             )
         }
-        var bytes: [UInt8] = []
-        if var b = response.body { bytes = b.readBytes(length: b.readableBytes) ?? [] }
+        let buffer = response.body ?? ByteBuffer()
         let status = Int(response.status.code)
-        if accept.contains(status) { return Reply(status: status, headers: response.headers, body: bytes) }
-        throw Self.error(status: status, body: bytes, server: server, user: user)
+        if accept.contains(status) { return Reply(status: status, headers: response.headers, buffer: buffer) }
+        throw Self.error(status: status, body: Array(buffer.readableBytesView), server: server, user: user)
     }
 
     /// The one-line error for a status the caller did not expect.

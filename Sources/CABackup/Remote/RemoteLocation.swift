@@ -96,9 +96,7 @@ public enum CredentialStore {
 
     static func save(_ all: [String: [String: Entry]]) throws {
         try makeDirectories(directory)
-        let enc = JSONEncoder()
-        enc.outputFormatting = [.prettyPrinted, .sortedKeys]
-        let bytes = Array(try enc.encode(all))
+        let bytes = jsonFile(all)
         try bytes.withUnsafeBytes { try writeFileAtomically(path, $0, mode: 0o600, durable: true) }
     }
 

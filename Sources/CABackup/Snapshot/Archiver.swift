@@ -211,6 +211,7 @@ final class Archiver: @unchecked Sendable {
     /// Every tree of this snapshot and the chunks of every file read by this run: what a
     /// server checks it holds before it accepts the record.
     private var references: [BlobID] = []
+    private let collectReferences: Bool
     private let scanner = SizeScanner()
 
     /// Test-only: `CABACKUP_TEST_MODIFY_DURING_READ=NAME` appends a byte to a file whose
@@ -238,6 +239,7 @@ final class Archiver: @unchecked Sendable {
             bufferSize: max(Self.windowSize, 2 * repository.config.chunker.maxSize), maxCount: Self.windowCount)
         self.saver = BlobSaver(repository: repository)
         self.treeCodec = repository.makeCodec()
+        self.collectReferences = repository.backend.checksSnapshotReferences
     }
 
     func run(paths: [String]) throws -> SnapshotResult {
@@ -586,7 +588,7 @@ final class Archiver: @unchecked Sendable {
                 if failed { continue }
                 n.content = ids
                 n.size = UInt64(size)
-                references += ids
+                if collectReferences { references += ids }
                 nodes.append(n)
                 summary.filesTotal += 1
             case .directory(let sub):
@@ -605,7 +607,7 @@ final class Archiver: @unchecked Sendable {
     private func storeTree(_ bytes: [UInt8]) throws -> BlobID {
         try bytes.withUnsafeBytes { (raw) throws in
             let id = treeCodec.id(raw)
-            references.append(id)
+            if collectReferences { references.append(id) }
             if try saver.claim(id) { try saver.addEncoding(id, type: .tree, raw: raw, codec: treeCodec) }
             return id
         }

@@ -57,9 +57,14 @@ public protocol Backend: Sendable {
     /// blobs the snapshot's new trees and newly read files name, for a server that cannot
     /// read sealed trees to check it holds them all before accepting the record.
     func writeSnapshot(_ name: String, _ bytes: UnsafeRawBufferPointer, references: [BlobID]) throws
+    /// Whether ``writeSnapshot(_:_:references:)`` uses `references` (a server checks them;
+    /// a directory does not, so a local snapshot does not collect them).
+    var checksSnapshotReferences: Bool { get }
 }
 
 extension Backend {
+    public var checksSnapshotReferences: Bool { false }
+
     public func writeSnapshot(_ name: String, _ bytes: UnsafeRawBufferPointer, references: [BlobID]) throws {
         try write(.snapshot, name, bytes)
     }

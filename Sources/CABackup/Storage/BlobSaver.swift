@@ -213,18 +213,21 @@ final class BlobSaver: @unchecked Sendable {
         // meanwhile, nothing needs uploading (the next open indexes that device's packs).
         if let remote = repo.backend as? HTTPBackend, try remote.missing(pack.entries.map(\.id)).isEmpty {
             discard(pack)
-            lock.locked {
-                for e in pack.entries { pending.remove(e.id) }
-            }
+            release(pack)
             return
         }
         try repo.backend.store(.pack, id.hex, fd: pack.fd, temporaryPath: pack.path)
         close(pack.fd)
         try repo.index.addPack(id, size: Int64(pack.size), entries: pack.entries)
+        release(pack)
+        bytesAdded.add(Int64(pack.size), ordering: .relaxed)
+        packsAdded.add(1, ordering: .relaxed)
+    }
+
+    /// Takes a stored (or not needed) pack's ids out of the in-flight set.
+    private func release(_ pack: OpenPack) {
         lock.locked {
             for e in pack.entries { pending.remove(e.id) }
         }
-        bytesAdded.add(Int64(pack.size), ordering: .relaxed)
-        packsAdded.add(1, ordering: .relaxed)
     }
 }

@@ -63,9 +63,7 @@ public struct RepositoryConfig: Sendable, Equatable {
             file.sealedChunker = Data(AESGCM(key: keys.encryption).seal(plain, aad: SealedKind.config))
                 .base64EncodedString()
         }
-        let enc = JSONEncoder()
-        enc.outputFormatting = [.prettyPrinted, .sortedKeys]
-        return Array(try! enc.encode(file)) + [0x0A]
+        return jsonFile(file)
     }
 
     /// Parses a plaintext config (tests and tools; encrypted configs need ``ConfigFile``).
@@ -159,4 +157,12 @@ package struct ConfigFile: Codable {
             formatVersion: formatVersion, id: id, chunker: params, idScheme: idScheme, encryption: encryption,
             packSize: packSize)
     }
+}
+
+/// The stored form of a small JSON file (config, key slot, credentials): pretty-printed,
+/// keys sorted, one trailing newline.
+func jsonFile(_ value: some Encodable) -> [UInt8] {
+    let enc = JSONEncoder()
+    enc.outputFormatting = [.prettyPrinted, .sortedKeys]
+    return Array(try! enc.encode(value)) + [0x0A]
 }

@@ -64,7 +64,7 @@ public enum PackError: Error, Sendable, CustomStringConvertible {
 public enum PackFormat {
     static let magic: [UInt8] = Array("CApk".utf8)
     static let version: UInt8 = 1
-    package static let trailerSize = 8
+    static let trailerSize = 8
     static let entrySize = 42
     static let clearEntrySize = 36
     static let detailSize = 6
@@ -72,7 +72,7 @@ public enum PackFormat {
     static let flagSealed: UInt8 = 1
     /// A header larger than this is refused unread (a 16 MiB pack of 512 KiB chunks
     /// needs about 1.4 KiB; this leaves room for packs of tiny tree blobs).
-    package static let maxHeaderSize = 16 << 20
+    static let maxHeaderSize = 16 << 20
 
     /// The header and trailer for blobs stored back to back in `entries` order; sealed
     /// when `aead` is given.
@@ -109,7 +109,7 @@ public enum PackFormat {
     }
 
     /// Parses the trailer (last 8 bytes): the header length.
-    package static func parseTrailer(_ trailer: [UInt8], packSize: Int64) throws -> Int {
+    static func parseTrailer(_ trailer: [UInt8], packSize: Int64) throws -> Int {
         guard packSize >= Int64(trailerSize + headerFixedSize), trailer.count == trailerSize else {
             throw PackError.truncated(size: packSize)
         }
@@ -217,24 +217,27 @@ public enum PackFormat {
         }
     }
 
+    /// The header bytes of a pack of `size` bytes, found through its trailer; `read` reads
+    /// `length` bytes at `offset` of the pack (from a backend, or a file being uploaded).
+    package static func readHeaderBytes(
+        size: Int64, read: (_ offset: Int64, _ length: Int, _ into: UnsafeMutableRawPointer) throws -> Void
+    ) throws -> [UInt8] {
+        guard size >= Int64(trailerSize) else { throw PackError.truncated(size: size) }
+        var trailer = [UInt8](repeating: 0, count: trailerSize)
+        try trailer.withUnsafeMutableBytes { try read(size - Int64(trailerSize), trailerSize, $0.baseAddress!) }
+        let hlen = try parseTrailer(trailer, packSize: size)
+        var header = [UInt8](repeating: 0, count: hlen)
+        try header.withUnsafeMutableBytes { try read(size - Int64(trailerSize + hlen), hlen, $0.baseAddress!) }
+        return header
+    }
+
     /// Reads and parses the header of a stored pack.
     static func readHeader(from backend: any Backend, name: String, aead: AESGCM? = nil) throws -> [PackEntry] {
-        let size = try backend.size(.pack, name)
         let what = "pack \(name)"
-        var trailer = [UInt8](repeating: 0, count: trailerSize)
-        if size < Int64(trailerSize) {
-            throw CABackupError.corrupt(what: what, reason: PackError.truncated(size: size).description)
-        }
-        try trailer.withUnsafeMutableBytes { (raw) throws in
-            try backend.read(
-                .pack, name, offset: size - Int64(trailerSize), length: trailerSize, into: raw.baseAddress!)
-        }
         do {
-            let hlen = try parseTrailer(trailer, packSize: size)
-            var header = [UInt8](repeating: 0, count: hlen)
-            try header.withUnsafeMutableBytes { (raw) throws in
-                try backend.read(
-                    .pack, name, offset: size - Int64(trailerSize + hlen), length: hlen, into: raw.baseAddress!)
+            let size = try backend.size(.pack, name)
+            let header = try readHeaderBytes(size: size) {
+                try backend.read(.pack, name, offset: $0, length: $1, into: $2)
             }
             return try parseHeader(header, packSize: size, aead: aead)
         } catch let e as PackError {

@@ -9,7 +9,7 @@
 /// Thin wrappers over POSIX calls. Paths are byte arrays (file names need not be UTF-8);
 /// every failure becomes a ``CABackupError/io(operation:path:errno:)``.
 
-package func errnoDescription(_ e: Int32) -> String {
+func errnoDescription(_ e: Int32) -> String {
     String(cString: strerror(e))
 }
 
@@ -49,11 +49,11 @@ func withCPath<R>(_ path: [UInt8], _ body: (UnsafePointer<CChar>) throws -> R) r
     }
 }
 
-package func ioError(_ op: String, _ path: [UInt8], _ e: Int32 = errno) -> CABackupError {
+func ioError(_ op: String, _ path: [UInt8], _ e: Int32 = errno) -> CABackupError {
     .io(operation: op, path: displayPath(path), errno: e)
 }
 
-package func ioError(_ op: String, _ path: String, _ e: Int32 = errno) -> CABackupError {
+func ioError(_ op: String, _ path: String, _ e: Int32 = errno) -> CABackupError {
     .io(operation: op, path: path, errno: e)
 }
 
@@ -156,7 +156,7 @@ package func preadFully(
 }
 
 /// fsync a directory so a rename inside it is durable.
-package func fsyncDirectory(_ path: String) throws {
+func fsyncDirectory(_ path: String) throws {
     let fd = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
     if fd < 0 { throw ioError("open directory", path) }
     defer { close(fd) }
@@ -174,7 +174,7 @@ package func makeDirectories(_ path: String, mode: mode_t = 0o700) throws {
 
 /// Writes a file durably and atomically: temp file in the same directory, fsync,
 /// rename over `path`, fsync the directory.
-package func writeFileAtomically(
+func writeFileAtomically(
     _ path: String, _ bytes: UnsafeRawBufferPointer, mode: mode_t = 0o600, durable: Bool = true
 )
     throws
@@ -200,7 +200,7 @@ package func writeFileAtomically(
     if durable { try fsyncDirectory(dir.isEmpty ? "." : dir) }
 }
 
-package func writeFileAtomically(
+func writeFileAtomically(
     _ path: String, _ bytes: [UInt8], mode: mode_t = 0o600, durable: Bool = true
 )
     throws
@@ -211,7 +211,7 @@ package func writeFileAtomically(
 }
 
 /// Reads a whole small file (config, snapshot record).
-package func readSmallFile(_ path: String, limit: Int = 64 << 20) throws -> [UInt8] {
+func readSmallFile(_ path: String, limit: Int = 64 << 20) throws -> [UInt8] {
     let fd = open(path, O_RDONLY | O_CLOEXEC)
     if fd < 0 { throw ioError("open", path) }
     defer { close(fd) }
@@ -228,7 +228,7 @@ package func readSmallFile(_ path: String, limit: Int = 64 << 20) throws -> [UIn
     return out
 }
 
-package func fileExists(_ path: String) -> Bool {
+func fileExists(_ path: String) -> Bool {
     var st = stat()
     return lstat(path, &st) == 0
 }
