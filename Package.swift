@@ -18,14 +18,16 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-http-types", from: "1.8.0"),
     ],
     targets: [
-        // The only places C headers are imported.
+        // The only places C headers are imported (and the one piece of C we write).
         .systemLibrary(name: "CLZ4", providers: [.apt(["liblz4-dev"])]),
         .systemLibrary(name: "COpenSSL", providers: [.apt(["libssl-dev"])]),
         .systemLibrary(name: "CSQLite", providers: [.apt(["libsqlite3-dev"])]),
+        // scrypt's ROMix in C with SSE2 (Swift's SIMD types do not compile its shuffles).
+        .target(name: "CScrypt"),
         .target(
             name: "CABackup",
             dependencies: [
-                "CLZ4", "COpenSSL", "CSQLite",
+                "CLZ4", "COpenSSL", "CSQLite", "CScrypt",
                 .product(name: "AsyncHTTPClient", package: "async-http-client"),
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOHTTP1", package: "swift-nio"),

@@ -96,6 +96,25 @@ struct EncryptionTests {
                 + "2eaf30d92e22a3886ff109279d9830dac727afb94a83ee6d8360cbdfa2cc0640")
     }
 
+    @Test("scrypt: the same bytes as libcrypto's for many parameters, on one thread or several")
+    func scryptMatchesLibcrypto() throws {
+        var rng = SplitMix64(seed: 7914)
+        for round in 0..<24 {
+            let n = UInt64(1) << UInt64(1 + rng.next() % 10)
+            let r = 1 + rng.next() % 9
+            let p = 1 + rng.next() % 5
+            let length = 1 + Int(rng.next() % 100)
+            let password = (0..<Int(rng.next() % 40)).map { _ in UInt8(truncatingIfNeeded: rng.next()) }
+            let salt = (0..<Int(rng.next() % 40)).map { _ in UInt8(truncatingIfNeeded: rng.next()) }
+            let expected = try scryptOpenSSL(password: password, salt: salt, n: n, r: r, p: p, length: length)
+            let threads = 1 + round % 3
+            let got = try scrypt(password: password, salt: salt, n: n, r: r, p: p, length: length, threads: threads)
+            #expect(got == expected, "N=\(n) r=\(r) p=\(p) length=\(length) threads=\(threads)")
+        }
+        #expect(throws: CABackupError.self) { try scrypt(password: [], salt: [], n: 3, r: 8, p: 1, length: 32) }
+        #expect(throws: CABackupError.self) { try scrypt(password: [], salt: [], n: 1 << 24, r: 8, p: 1, length: 32) }
+    }
+
     @Test("sealed pack header: round trip; without the key only ids and lengths; tampering fails")
     func sealedHeader() throws {
         let g = AESGCM(key: [UInt8](repeating: 7, count: 32))

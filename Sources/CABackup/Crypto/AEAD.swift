@@ -119,11 +119,12 @@ enum SealedKind {
     static let keySlot = Array("cabackup key slot v1".utf8)
 }
 
-/// scrypt (RFC 7914) through libcrypto's `EVP_PBE_scrypt`.
+/// scrypt (RFC 7914) through libcrypto's `EVP_PBE_scrypt`: one lane after another; the tests
+/// and benchmarks hold ``scrypt(password:salt:n:r:p:length:threads:)`` against it.
 ///
 /// - Throws: ``CABackupError/invalidArgument(_:)`` when the parameters are out of range
 ///   or need more memory than 1 GiB.
-func scrypt(password: [UInt8], salt: [UInt8], n: UInt64, r: UInt64, p: UInt64, length: Int) throws -> [UInt8] {
+func scryptOpenSSL(password: [UInt8], salt: [UInt8], n: UInt64, r: UInt64, p: UInt64, length: Int) throws -> [UInt8] {
     var out = [UInt8](repeating: 0, count: length)
     // A trailing NUL keeps the pointers valid for an empty password or salt.
     let pw = password + [0]

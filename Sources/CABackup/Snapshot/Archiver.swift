@@ -332,7 +332,8 @@ final class Archiver: @unchecked Sendable {
         let rootNode = makeNode(name: [0x2F], st: st)
         let parentEntries = parent.flatMap { try? repo.loadTree($0.tree) }
         let pd = try walkDirectory(
-            path: [0x2F], node: rootNode, trie: trie.isLeaf ? nil : trie, parent: parentEntries, isRoot: true)
+            path: [0x2F], directory: EntryRef(path: [0x2F]), node: rootNode, trie: trie.isLeaf ? nil : trie,
+            parent: parentEntries, isRoot: true)
         try drainFinalizeQueue(blocking: true)
         guard let result = pd.result else {
             throw CABackupError.invalidArgument("internal error: root tree not finalized")
@@ -343,7 +344,7 @@ final class Archiver: @unchecked Sendable {
     /// Walks a directory. `parent` holds the same directory's entries in the parent
     /// snapshot (when it has one), for skipping unchanged files.
     private func walkDirectory(
-        path: [UInt8], node: Node, trie: PathTrie?, parent: [Node]?, isRoot: Bool = false
+        path: [UInt8], directory: EntryRef, node: Node, trie: PathTrie?, parent: [Node]?, isRoot: Bool = false
     )
         throws -> PendingDirectory
     {
@@ -358,7 +359,8 @@ final class Archiver: @unchecked Sendable {
                 let childPath = joinPath(path, name)
                 if child.isLeaf {
                     if let e = try processEntry(
-                        path: childPath, name: name, parent: parentEntry(name), missing: missing)
+                        path: childPath, name: name, in: EntryRef(path: childPath), parent: parentEntry(name),
+                        missing: missing)
                     {
                         pd.entries.append(e)
                     }
@@ -371,15 +373,25 @@ final class Archiver: @unchecked Sendable {
                         continue
                     }
                     let sub = try walkDirectory(
-                        path: childPath, node: makeNode(name: name, st: st), trie: child,
+                        path: childPath, directory: EntryRef(path: childPath),
+                        node: makeNode(name: name, st: st), trie: child,
                         parent: parentDirectory(parentEntry(name)))
                     pd.entries.append(.directory(sub))
                 }
             }
         } else {
+            // Entries are looked up relative to the open directory: no path walk per entry,
+            // and a directory renamed meanwhile cannot redirect the walk elsewhere.
+            let dirFD = openAt(directory.fd, directory.relative) {
+                open($0, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC)
+            } at: {
+                openat($0, $1, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC)
+            }
+            defer { if dirFD >= 0 { close(dirFD) } }
             let names: [[UInt8]]
             do {
-                names = try readDirectory(path)
+                guard dirFD >= 0 else { throw ioError("open directory", path) }
+                names = try readDirectory(fd: dirFD, path: path)
             } catch {
                 warn(path, "cannot read directory: \(errnoText(CABackupError(error)))")
                 names = []
@@ -389,7 +401,10 @@ final class Archiver: @unchecked Sendable {
             for name in names {
                 while k < parent.count && parent[k].name.lexicographicallyPrecedes(name) { k += 1 }
                 let match = k < parent.count && parent[k].name == name ? parent[k] : nil
-                if let e = try processEntry(path: joinPath(path, name), name: name, parent: match, missing: missing) {
+                if let e = try processEntry(
+                    path: joinPath(path, name), name: name, in: EntryRef(fd: dirFD, relative: name), parent: match,
+                    missing: missing)
+                {
                     pd.entries.append(e)
                 }
             }
@@ -419,13 +434,14 @@ final class Archiver: @unchecked Sendable {
     }
 
     private func processEntry(
-        path: [UInt8], name: [UInt8], parent: Node?, missing: Set<BlobID>
+        path: [UInt8], name: [UInt8], in entry: EntryRef, parent: Node?, missing: Set<BlobID>
     ) throws
         -> PendingDirectory.Entry?
     {
         if isExcluded(path: path, name: name) { return nil }
         var st = stat()
-        if withCPath(path, { lstat($0, &st) }) != 0 {
+        if openAt(entry.fd, entry.relative, { lstat($0, &st) }, at: { fstatat($0, $1, &st, AT_SYMLINK_NOFOLLOW) }) != 0
+        {
             warn(path, errnoDescription(errno))
             return nil
         }
@@ -441,13 +457,14 @@ final class Archiver: @unchecked Sendable {
             if node.links > 1, let job = hardLinks[HardLinkKey(node)] {
                 return .file(node, job)
             }
-            guard let job = try readFile(path: path, st: st) else { return nil }
+            guard let job = try readFile(path: path, entry: entry, st: st) else { return nil }
             if node.links > 1 { hardLinks[HardLinkKey(node)] = job }
             return .file(node, job)
         case .directory:
-            return .directory(try walkDirectory(path: path, node: node, trie: nil, parent: parentDirectory(parent)))
+            return .directory(
+                try walkDirectory(path: path, directory: entry, node: node, trie: nil, parent: parentDirectory(parent)))
         case .symlink:
-            guard let target = readLinkTarget(path) else {
+            guard let target = readLinkTarget(entry) else {
                 warn(path, "cannot read link: \(errnoDescription(errno))")
                 return nil
             }
@@ -460,11 +477,14 @@ final class Archiver: @unchecked Sendable {
 
     /// Reads a regular file and queues its chunks; `nil` (with a warning) when it
     /// cannot be opened or read.
-    private func readFile(path: [UInt8], st: stat) throws -> FileJob? {
+    private func readFile(path: [UInt8], entry: EntryRef, st: stat) throws -> FileJob? {
         // O_NONBLOCK: if the entry was swapped for a FIFO since lstat, open must not hang.
         let flags = O_RDONLY | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK
-        var fd = withCPath(path) { open($0, flags | openNoAtime) }
-        if fd < 0 && errno == EPERM { fd = withCPath(path) { open($0, flags) } }
+        func openEntry(_ flags: Int32) -> Int32 {
+            openAt(entry.fd, entry.relative, { open($0, flags) }, at: { openat($0, $1, flags) })
+        }
+        var fd = openEntry(flags | openNoAtime)
+        if fd < 0 && errno == EPERM { fd = openEntry(flags) }
         if fd < 0 {
             warn(path, errnoDescription(errno))
             return nil
@@ -691,13 +711,44 @@ func makeNode(name: [UInt8], st: stat) -> Node {
 
 /// A symlink's target bytes; `nil` when it cannot be read.
 func readLinkTarget(_ path: [UInt8]) -> [UInt8]? {
+    readLinkTarget(EntryRef(path: path))
+}
+
+func readLinkTarget(_ entry: EntryRef) -> [UInt8]? {
     var buf = [UInt8](repeating: 0, count: Int(PATH_MAX) + 1)
-    let n = withCPath(path) { p in
-        buf.withUnsafeMutableBufferPointer {
-            readlink(p, $0.baseAddress!.withMemoryRebound(to: CChar.self, capacity: $0.count) { $0 }, $0.count)
+    let n = buf.withUnsafeMutableBufferPointer { b in
+        b.baseAddress!.withMemoryRebound(to: CChar.self, capacity: b.count) { out in
+            openAt(entry.fd, entry.relative, { readlink($0, out, b.count) }, at: { readlinkat($0, $1, out, b.count) })
         }
     }
     return n < 0 ? nil : Array(buf[0..<n])
+}
+
+/// A directory entry to open or stat: `relative` to the open directory `fd`, or, with
+/// `fd` = `AT_FDCWD`, an absolute path.
+struct EntryRef {
+    let fd: Int32
+    let relative: [UInt8]
+
+    init(fd: Int32, relative: [UInt8]) {
+        self.fd = fd
+        self.relative = relative
+    }
+
+    /// An entry named by its absolute path (top-level paths and their ancestors).
+    init(path: [UInt8]) {
+        fd = AT_FDCWD
+        relative = path
+    }
+}
+
+/// Calls `byPath` with the absolute path when `fd` is `AT_FDCWD`, else `at` with the
+/// descriptor and the relative name, both as C strings.
+func openAt<R>(
+    _ fd: Int32, _ relative: [UInt8], _ byPath: (UnsafePointer<CChar>) -> R,
+    at: (Int32, UnsafePointer<CChar>) -> R
+) -> R {
+    withCPath(relative) { fd == AT_FDCWD ? byPath($0) : at(fd, $0) }
 }
 
 /// Whether an entry matches one of the exclude globs: a pattern with a `/` is matched

@@ -68,6 +68,20 @@ func lstatPath(_ path: [UInt8]) throws -> stat {
 /// Names in a directory (without `.` and `..`), sorted bytewise.
 package func readDirectory(_ path: [UInt8]) throws -> [[UInt8]] {
     guard let dir = withCPath(path, { opendir($0) }) else { throw ioError("open directory", path) }
+    return try readDirectory(dir, path: path)
+}
+
+/// The names in the open directory `fd` (not closed), sorted bytewise; `path` is for errors.
+func readDirectory(fd: Int32, path: [UInt8]) throws -> [[UInt8]] {
+    let copy = dup(fd)
+    guard copy >= 0, let dir = fdopendir(copy) else {
+        if copy >= 0 { close(copy) }
+        throw ioError("open directory", path)
+    }
+    return try readDirectory(dir, path: path)
+}
+
+private func readDirectory(_ dir: OpaquePointer, path: [UInt8]) throws -> [[UInt8]] {
     defer { closedir(dir) }
     var names: [[UInt8]] = []
     while true {

@@ -1,0 +1,12 @@
+#ifndef CABACKUP_ROMIX_H
+#define CABACKUP_ROMIX_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+/// scrypt's ROMix (RFC 7914, section 5) on one lane of 128*r bytes, in place.
+/// `v` must hold n*128*r bytes and `xy` 256*r bytes, both 16-byte aligned;
+/// n is a power of two, at least 2, below 2^32.
+void cabackup_romix(uint8_t *block, size_t r, uint64_t n, void *v, void *xy);
+
+#endif

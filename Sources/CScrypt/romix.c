@@ -1,0 +1,151 @@
+// scrypt's ROMix, the memory-hard core of scrypt (RFC 7914), written for one lane.
+//
+// Words of each 64-byte Salsa20 block are kept in "diagonal" order while mixing:
+// position i holds word (5*i) mod 16, so four 32-bit vectors hold the four diagonals
+// (0,5,10,15), (4,9,14,3), (8,13,2,7), (12,1,6,11). A Salsa20 column round is then
+// four vector quarter-rounds, and a lane rotation of three of the vectors turns the
+// diagonals into rows for the row round. Without SSE2 the same order is mixed word by
+// word. Blocks are put back in the natural order before returning.
+
+#include "cabackup_romix.h"
+
+#include <string.h>
+
+#if defined(__SSE2__)
+#include <emmintrin.h>
+typedef __m128i vec;
+#define VADD(a, b) _mm_add_epi32((a), (b))
+#define VXOR(a, b) _mm_xor_si128((a), (b))
+#define VROTL(a, k) _mm_xor_si128(_mm_slli_epi32((a), (k)), _mm_srli_epi32((a), 32 - (k)))
+// Lane rotations: result lane i = input lane (i - 1), (i - 2), (i + 1) mod 4.
+#define VROT_RIGHT1(a) _mm_shuffle_epi32((a), 0x93)
+#define VROT2(a) _mm_shuffle_epi32((a), 0x4E)
+#define VROT_LEFT1(a) _mm_shuffle_epi32((a), 0x39)
+#else
+typedef struct {
+    uint32_t w[4];
+} vec;
+static inline vec vadd(vec a, vec b) {
+    for (int i = 0; i < 4; i++) a.w[i] += b.w[i];
+    return a;
+}
+static inline vec vxor(vec a, vec b) {
+    for (int i = 0; i < 4; i++) a.w[i] ^= b.w[i];
+    return a;
+}
+static inline vec vrotl(vec a, int k) {
+    for (int i = 0; i < 4; i++) a.w[i] = (a.w[i] << k) | (a.w[i] >> (32 - k));
+    return a;
+}
+static inline vec vrot(vec a, int by) {
+    vec r;
+    for (int i = 0; i < 4; i++) r.w[i] = a.w[(i - by + 4) & 3];
+    return r;
+}
+#define VADD(a, b) vadd((a), (b))
+#define VXOR(a, b) vxor((a), (b))
+#define VROTL(a, k) vrotl((a), (k))
+#define VROT_RIGHT1(a) vrot((a), 1)
+#define VROT2(a) vrot((a), 2)
+#define VROT_LEFT1(a) vrot((a), 3)
+#endif
+
+// Salsa20/8 of x (diagonal order), added to its input, in place.
+static inline void salsa8(vec *x0, vec *x1, vec *x2, vec *x3) {
+    vec a = *x0, b = *x1, c = *x2, d = *x3;
+    for (int round = 0; round < 8; round += 2) {
+        b = VXOR(b, VROTL(VADD(a, d), 7));
+        c = VXOR(c, VROTL(VADD(b, a), 9));
+        d = VXOR(d, VROTL(VADD(c, b), 13));
+        a = VXOR(a, VROTL(VADD(d, c), 18));
+        b = VROT_RIGHT1(b);
+        c = VROT2(c);
+        d = VROT_LEFT1(d);
+        d = VXOR(d, VROTL(VADD(a, b), 7));
+        c = VXOR(c, VROTL(VADD(d, a), 9));
+        b = VXOR(b, VROTL(VADD(c, d), 13));
+        a = VXOR(a, VROTL(VADD(b, c), 18));
+        b = VROT_LEFT1(b);
+        c = VROT2(c);
+        d = VROT_RIGHT1(d);
+    }
+    *x0 = VADD(*x0, a);
+    *x1 = VADD(*x1, b);
+    *x2 = VADD(*x2, c);
+    *x3 = VADD(*x3, d);
+}
+
+// BlockMix_salsa20/8: out = BlockMix(in XOR other), other may be NULL. 2r blocks of
+// four vectors each; even results fill the first half of out, odd ones the second.
+static inline void block_mix(const vec *in, const vec *other, vec *out, size_t r) {
+    size_t last = (2 * r - 1) * 4;
+    vec x0 = in[last], x1 = in[last + 1], x2 = in[last + 2], x3 = in[last + 3];
+    if (other) {
+        x0 = VXOR(x0, other[last]);
+        x1 = VXOR(x1, other[last + 1]);
+        x2 = VXOR(x2, other[last + 2]);
+        x3 = VXOR(x3, other[last + 3]);
+    }
+    for (size_t i = 0; i < 2 * r; i++) {
+        const vec *b = in + i * 4;
+        x0 = VXOR(x0, b[0]);
+        x1 = VXOR(x1, b[1]);
+        x2 = VXOR(x2, b[2]);
+        x3 = VXOR(x3, b[3]);
+        if (other) {
+            const vec *o = other + i * 4;
+            x0 = VXOR(x0, o[0]);
+            x1 = VXOR(x1, o[1]);
+            x2 = VXOR(x2, o[2]);
+            x3 = VXOR(x3, o[3]);
+        }
+        salsa8(&x0, &x1, &x2, &x3);
+        vec *dst = out + ((i & 1) * r + (i >> 1)) * 4;
+        dst[0] = x0;
+        dst[1] = x1;
+        dst[2] = x2;
+        dst[3] = x3;
+    }
+}
+
+static inline uint32_t load_le32(const uint8_t *p) {
+    return (uint32_t)p[0] | ((uint32_t)p[1] << 8) | ((uint32_t)p[2] << 16) | ((uint32_t)p[3] << 24);
+}
+
+static inline void store_le32(uint8_t *p, uint32_t w) {
+    p[0] = (uint8_t)w;
+    p[1] = (uint8_t)(w >> 8);
+    p[2] = (uint8_t)(w >> 16);
+    p[3] = (uint8_t)(w >> 24);
+}
+
+void cabackup_romix(uint8_t *block, size_t r, uint64_t n, void *v_memory, void *xy) {
+    const size_t vecs = 8 * r;  // vectors per 128*r bytes
+    vec *v = (vec *)v_memory;
+    vec *x = (vec *)xy;
+    vec *y = x + vecs;
+
+    // Natural little-endian words into diagonal order.
+    for (size_t k = 0; k < 2 * r; k++) {
+        uint32_t *dst = (uint32_t *)(x + k * 4);
+        for (int i = 0; i < 16; i++) dst[i] = load_le32(block + k * 64 + ((i * 5) & 15) * 4);
+    }
+    // V[i] = X; X = BlockMix(X), each result written straight into the next V slot.
+    memcpy(v, x, vecs * sizeof(vec));
+    for (uint64_t i = 0; i + 1 < n; i++) block_mix(v + i * vecs, NULL, v + (i + 1) * vecs, r);
+    block_mix(v + (n - 1) * vecs, NULL, x, r);
+    // X = BlockMix(X XOR V[Integerify(X) mod N]), alternating between x and y. n < 2^32,
+    // so only the low word of Integerify matters: word 0 of the last block, which the
+    // diagonal order leaves at position 0.
+    const uint32_t mask = (uint32_t)(n - 1);
+    for (uint64_t i = 0; i < n; i += 2) {
+        uint32_t j = ((const uint32_t *)(x + vecs - 4))[0] & mask;
+        block_mix(x, v + (size_t)j * vecs, y, r);
+        j = ((const uint32_t *)(y + vecs - 4))[0] & mask;
+        block_mix(y, v + (size_t)j * vecs, x, r);
+    }
+    for (size_t k = 0; k < 2 * r; k++) {
+        const uint32_t *src = (const uint32_t *)(x + k * 4);
+        for (int i = 0; i < 16; i++) store_le32(block + k * 64 + ((i * 5) & 15) * 4, src[i]);
+    }
+}
