@@ -116,6 +116,23 @@ struct ChunkerTests {
         some.withUnsafeBytes { #expect(chunker.nextCut(in: $0, isFinal: false) == nil) }
     }
 
+    @Test("a cut found before the end of a partial buffer is the stream's cut; none found means read more")
+    func partialBuffers() {
+        let chunker = Chunker(smallParameters)
+        let data = pseudoRandomBytes(count: 1 << 20, seed: 11)
+        let first = cutAll(chunker, data)[0]
+        #expect(first < smallParameters.maxSize)
+        data.withUnsafeBytes { raw in
+            for length in [first, first + 1, first + 4096, smallParameters.maxSize - 1] {
+                #expect(chunker.nextCut(in: UnsafeRawBufferPointer(rebasing: raw[..<length]), isFinal: false) == first)
+            }
+            for length in [smallParameters.minSize, smallParameters.minSize + 1, first - 1] {
+                #expect(chunker.nextCut(in: UnsafeRawBufferPointer(rebasing: raw[..<length]), isFinal: false) == nil)
+                #expect(chunker.nextCut(in: UnsafeRawBufferPointer(rebasing: raw[..<length]), isFinal: true) == length)
+            }
+        }
+    }
+
     /// The plain FastCDC loop, byte by byte, with no shortcuts: what the format defines.
     func referenceCuts(_ params: ChunkerParameters, _ data: [UInt8]) -> [Int] {
         let gear = Chunker.gearTable(seed: params.seed)

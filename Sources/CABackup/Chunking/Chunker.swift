@@ -119,25 +119,34 @@ public struct Chunker: Sendable {
 
     /// The length of the chunk that starts at the beginning of `buf`.
     ///
+    /// A cut found inside `buf` is final even when more data follows: it depends only on
+    /// the bytes before it. Only when `buf` holds no cut, is shorter than the maximum
+    /// chunk and more data may follow is the answer `nil`.
+    ///
     /// - Parameters:
     ///   - buf: bytes from the start of the chunk on.
     ///   - isFinal: `true` when `buf` ends where the stream ends.
-    /// - Returns: the chunk length, or `nil` when `buf` is shorter than the maximum chunk
-    ///   and more data may follow (the caller reads more and asks again).
+    /// - Returns: the chunk length, or `nil` when the caller must read more and ask again
+    ///   (with the same start: the bytes scanned so far are scanned again).
     @inlinable
     public func nextCut(in buf: UnsafeRawBufferPointer, isFinal: Bool) -> Int? {
         let n = buf.count
         if n == 0 { return isFinal ? 0 : nil }
-        if n < parameters.maxSize && !isFinal { return nil }
-        return cut(buf.baseAddress!.assumingMemoryBound(to: UInt8.self), min(n, parameters.maxSize))
+        let end = min(n, parameters.maxSize)
+        let complete = isFinal || n >= parameters.maxSize
+        if end > parameters.minSize, let c = cut(buf.baseAddress!.assumingMemoryBound(to: UInt8.self), end) {
+            return c
+        }
+        return complete ? end : nil
     }
 
+    /// The first cut point in `p[0..<end]` (`end` > `minSize`), or `nil` when the hash
+    /// matches nowhere before `end`.
     @usableFromInline
-    func cut(_ p: UnsafePointer<UInt8>, _ limit: Int) -> Int {
+    func cut(_ p: UnsafePointer<UInt8>, _ end: Int) -> Int? {
         let minSize = parameters.minSize
-        if limit <= minSize { return limit }
-        let normal = min(normalPoint, limit)
-        return gear.withUnsafeBufferPointer { g -> Int in
+        let normal = min(normalPoint, end)
+        return gear.withUnsafeBufferPointer { g -> Int? in
             let gear = g.baseAddress!
             var h: UInt64 = 0
             // Safe: minSize >= 64 (validated), so the warm-up starts inside the buffer.
@@ -162,17 +171,17 @@ public struct Chunker: Sendable {
                 let last = p[i - 1]
                 if h == 0 &- gear[Int(last)] { i = runEnd(p, from: i, to: normal, byte: last) }
             }
-            while i < limit {
-                let blockEnd = min(limit, i + 64)
+            while i < end {
+                let blockEnd = min(end, i + 64)
                 while i < blockEnd {
                     h = (h &<< 1) &+ gear[Int(p[i])]
                     if h & maskLoose == 0 { return i + 1 }
                     i += 1
                 }
                 let last = p[i - 1]
-                if h == 0 &- gear[Int(last)] { i = runEnd(p, from: i, to: limit, byte: last) }
+                if h == 0 &- gear[Int(last)] { i = runEnd(p, from: i, to: end, byte: last) }
             }
-            return limit
+            return nil
         }
     }
 }
