@@ -15,11 +15,14 @@ import Synchronization
 /// the file durable and moves it to its final name.
 ///
 /// Thread-safe: the archiver's workers call ``claim(_:)`` and ``addEncoding(_:type:raw:codec:)``
-/// concurrently. Write order per pack: pack file durable → index rows → ids released
-/// from the in-flight set.
+/// concurrently. Each takes an open pack of the blob's type from a free list, appends and
+/// hashes without holding a lock, and puts it back (or seals it when full): two workers
+/// fill two packs side by side instead of queueing for one. Write order per pack: pack
+/// file durable → index rows → ids released from the in-flight set.
 final class BlobSaver: @unchecked Sendable {
-    // Safe: `pending` and `failure` are only touched with `lock` held; `packs` only
-    // with `packLock` held. `lock` is never taken while `packLock` is held.
+    // Safe: `pending` and `failure` are only touched with `lock` held; `freePacks` only
+    // with `packLock` held. An OpenPack taken off the free list belongs to one thread
+    // until it is put back or queued. `lock` is never taken while `packLock` is held.
     private final class OpenPack {
         let fd: Int32
         let path: String
@@ -37,12 +40,11 @@ final class BlobSaver: @unchecked Sendable {
     private let lock = Condition()
     private let packLock = Condition()
     private var pending = Set<BlobID>()
-    private var packs: [OpenPack?] = [nil, nil]
+    /// Open packs not in use, by blob type.
+    private var freePacks: [[OpenPack]] = [[], []]
     private var failure: CABackupError?
     private let queue = BlockingQueue<OpenPack>(capacity: 2)
     private var writer: pthread_t?
-    /// Seals pack headers in an encrypted repository; used only with `packLock` held.
-    private let headerAEAD: AESGCM?
 
     /// Bytes of packs stored, headers included.
     let bytesAdded = Atomic<Int64>(0)
@@ -57,7 +59,6 @@ final class BlobSaver: @unchecked Sendable {
 
     init(repository: Repository) {
         self.repo = repository
-        self.headerAEAD = repository.makeAEAD()
         writer = startThread { [self] in self.writerLoop() }
     }
 
@@ -80,35 +81,33 @@ final class BlobSaver: @unchecked Sendable {
         throws
     {
         if let failure = lock.locked({ failure }) { throw failure }
-        var sealed: OpenPack?
+        let t = Int(type.rawValue)
+        let pack: OpenPack
         do {
-            try packLock.locked { () throws in
-                let t = Int(type.rawValue)
-                let pack: OpenPack
-                if let p = packs[t] {
-                    pack = p
-                } else {
-                    pack = try openPack()
-                    packs[t] = pack
-                }
-                try writeAll(pack.fd, bytes, path: pack.path)
-                pack.hasher.update(bytes)
-                pack.entries.append(
-                    PackEntry(
-                        id: id, type: type, compression: compression, offset: Int64(pack.size), length: bytes.count,
-                        rawLength: rawLength))
-                pack.size += bytes.count
-                if pack.size >= repo.config.packSize {
-                    try seal(pack)
-                    packs[t] = nil
-                    sealed = pack
-                }
-            }
+            pack = try packLock.locked { freePacks[t].popLast() } ?? openPack()
         } catch {
             fail(CABackupError(error))
             throw error
         }
-        if let sealed { queue.push(sealed) }
+        do {
+            try writeAll(pack.fd, bytes, path: pack.path)
+            pack.hasher.update(bytes)
+            pack.entries.append(
+                PackEntry(
+                    id: id, type: type, compression: compression, offset: Int64(pack.size), length: bytes.count,
+                    rawLength: rawLength))
+            pack.size += bytes.count
+            if pack.size >= repo.config.packSize {
+                try seal(pack)
+                queue.push(pack)
+            } else {
+                packLock.locked { freePacks[t].append(pack) }
+            }
+        } catch {
+            discard(pack)
+            fail(CABackupError(error))
+            throw error
+        }
     }
 
     /// Compresses (and in an encrypted repository seals) a claimed blob with the
@@ -122,8 +121,8 @@ final class BlobSaver: @unchecked Sendable {
     /// - Throws: the first error any pack write hit.
     func finish() throws {
         let open: [OpenPack] = packLock.locked {
-            defer { packs = [nil, nil] }
-            return packs.compactMap { $0 }
+            defer { freePacks = [[], []] }
+            return freePacks.flatMap { $0 }
         }
         for p in open {
             do {
@@ -145,8 +144,8 @@ final class BlobSaver: @unchecked Sendable {
     /// Stops the writer and removes unsealed packs (after an error elsewhere).
     func abandon() {
         let open: [OpenPack] = packLock.locked {
-            defer { packs = [nil, nil] }
-            return packs.compactMap { $0 }
+            defer { freePacks = [[], []] }
+            return freePacks.flatMap { $0 }
         }
         for p in open { discard(p) }
         queue.close()
@@ -175,6 +174,8 @@ final class BlobSaver: @unchecked Sendable {
     /// Appends the header and trailer, after checking they parse back to exactly the
     /// entries meant.
     private func seal(_ pack: OpenPack) throws {
+        // A cipher context per pack: packs are sealed on whichever worker filled them.
+        let headerAEAD = repo.makeAEAD()
         let header = PackFormat.encodeHeader(pack.entries, aead: headerAEAD)
         let total = Int64(pack.size + header.count)
         let hlen = try PackFormat.parseTrailer(Array(header.suffix(PackFormat.trailerSize)), packSize: total)
