@@ -90,7 +90,7 @@ extension Repository {
         let lock = try backend.lock(exclusive: false)
         defer { withExtendedLifetime(lock) {} }
         let archiver = Archiver(repository: self, options: options, progress: progress)
-        return try archiver.run(paths: paths)
+        return try index.sharingReads { try archiver.run(paths: paths) }
     }
 }
 
@@ -495,7 +495,6 @@ final class Archiver: @unchecked Sendable {
             warn(path, "changed type while being backed up")
             return nil
         }
-        _ = fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) & ~O_NONBLOCK)
         reportProgress(path)
         let job = FileJob()
         let reader = ChunkingReader(

@@ -125,9 +125,11 @@ extension Repository {
         } else {
             try makeDirectories(target, mode: 0o755)
         }
-        let restorer = try Restorer(
-            repository: self, snapshot: snapshot, target: target, options: options, progress: progress)
-        return try restorer.run()
+        return try index.sharingReads {
+            let restorer = try Restorer(
+                repository: self, snapshot: snapshot, target: target, options: options, progress: progress)
+            return try restorer.run()
+        }
     }
 }
 

@@ -41,32 +41,53 @@ final class Condition: @unchecked Sendable {
 
 /// A bounded FIFO shared by producer and consumer threads. `push` blocks while full,
 /// `pop` blocks while empty; `close` wakes everyone and makes `pop` return `nil` once drained.
+///
+/// Producers and consumers wait on separate condition variables and each change wakes
+/// one waiter of the other side: with a chunk pushed per small file, waking every
+/// worker for each push cost more than the push.
 final class BlockingQueue<Element>: @unchecked Sendable {
-    // Safe: every access to `items` and `closed` holds `cond`'s mutex.
-    private let cond = Condition()
+    // Safe: every access to `items`, `head` and `closed` holds `mutex`; the pthread
+    // objects are heap-allocated once, never moved, freed in deinit.
+    private let mutex = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
+    private let notEmpty = UnsafeMutablePointer<pthread_cond_t>.allocate(capacity: 1)
+    private let notFull = UnsafeMutablePointer<pthread_cond_t>.allocate(capacity: 1)
     private var items: [Element?] = []
     private var head = 0
     private var closed = false
     private let capacity: Int
 
-    init(capacity: Int) { self.capacity = max(1, capacity) }
+    init(capacity: Int) {
+        self.capacity = max(1, capacity)
+        pthread_mutex_init(mutex, nil)
+        pthread_cond_init(notEmpty, nil)
+        pthread_cond_init(notFull, nil)
+    }
+
+    deinit {
+        pthread_cond_destroy(notFull)
+        pthread_cond_destroy(notEmpty)
+        pthread_mutex_destroy(mutex)
+        notFull.deallocate()
+        notEmpty.deallocate()
+        mutex.deallocate()
+    }
 
     /// Adds an element; returns `false` (dropping it) when the queue is closed.
     @discardableResult
     func push(_ e: Element) -> Bool {
-        cond.lock()
-        defer { cond.unlock() }
-        while items.count - head >= capacity && !closed { cond.wait() }
+        pthread_mutex_lock(mutex)
+        defer { pthread_mutex_unlock(mutex) }
+        while items.count - head >= capacity && !closed { pthread_cond_wait(notFull, mutex) }
         if closed { return false }
         items.append(e)
-        cond.broadcast()
+        pthread_cond_signal(notEmpty)
         return true
     }
 
     func pop() -> Element? {
-        cond.lock()
-        defer { cond.unlock() }
-        while items.count == head && !closed { cond.wait() }
+        pthread_mutex_lock(mutex)
+        defer { pthread_mutex_unlock(mutex) }
+        while items.count == head && !closed { pthread_cond_wait(notEmpty, mutex) }
         if items.count == head { return nil }
         // Taken out, not copied: the queue keeps no reference (so large buffers stay unique).
         let e = items[head].take()
@@ -75,15 +96,16 @@ final class BlockingQueue<Element>: @unchecked Sendable {
             items.removeFirst(head)
             head = 0
         }
-        cond.broadcast()
+        pthread_cond_signal(notFull)
         return e!
     }
 
     func close() {
-        cond.locked {
-            closed = true
-            cond.broadcast()
-        }
+        pthread_mutex_lock(mutex)
+        closed = true
+        pthread_cond_broadcast(notEmpty)
+        pthread_cond_broadcast(notFull)
+        pthread_mutex_unlock(mutex)
     }
 }
 

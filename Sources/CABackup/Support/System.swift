@@ -142,7 +142,15 @@ func readFully(_ fd: Int32, into buf: UnsafeMutableRawPointer, count: Int, path:
     while done < count {
         let n = read(fd, buf + done, count - done)
         if n < 0 {
-            if errno == EINTR { continue }
+            let err = errno
+            if err == EINTR { continue }
+            // Files are opened O_NONBLOCK (so a FIFO swapped in cannot hang the open);
+            // regular files ignore it, but a network or FUSE file system may not.
+            if err == EAGAIN {
+                let flags = fcntl(fd, F_GETFL)
+                if flags >= 0, flags & O_NONBLOCK != 0, fcntl(fd, F_SETFL, flags & ~O_NONBLOCK) == 0 { continue }
+            }
+            errno = err
             throw ioError("read", path)
         }
         if n == 0 { break }
@@ -281,4 +289,11 @@ func monotonicSeconds() -> Double {
     var ts = timespec()
     clock_gettime(CLOCK_MONOTONIC, &ts)
     return Double(ts.tv_sec) + Double(ts.tv_nsec) / 1e9
+}
+
+/// Monotonic nanoseconds, for cheap elapsed-time checks on hot paths.
+func monotonicNanoseconds() -> UInt64 {
+    var ts = timespec()
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return UInt64(ts.tv_sec) &* 1_000_000_000 &+ UInt64(ts.tv_nsec)
 }
