@@ -51,6 +51,27 @@ struct ChunkerTests {
         #expect(lengths.reduce(0, +) == data.count)
     }
 
+    @Test("the smallest window still cuts every chunk where the whole stream does", arguments: [false, true])
+    func minimumWindow(zeros: Bool) throws {
+        let dir = TemporaryDirectory()
+        // Zeros never match the hash: every chunk is cut at the maximum, the largest carry.
+        let data = zeros ? [UInt8](repeating: 0, count: 3 << 20) : pseudoRandomBytes(count: 3 << 20, seed: 9)
+        let path = dir.write("f", data)
+        let chunker = Chunker(smallParameters)
+        let fd = open(path, O_RDONLY)
+        defer { close(fd) }
+        let reader = ChunkingReader(
+            chunker: chunker, fd: fd, path: Array(path.utf8), sizeHint: Int64(data.count), readSize: 5000,
+            windowSize: 0)
+        var lengths: [Int] = []
+        while let w = try reader.nextWindow() {
+            #expect(
+                w.buffer.capacity <= ChunkingReader.minimumWindow(maxChunk: smallParameters.maxSize, readSize: 5000))
+            lengths += w.cuts.map(\.length)
+        }
+        #expect(lengths == cutAll(chunker, data))
+    }
+
     @Test("default parameters: boundaries identical for 1 KiB, 64 KiB and 8 MiB reads")
     func readSizeIndependenceDefaults() throws {
         let dir = TemporaryDirectory()

@@ -111,21 +111,31 @@ final class ChunkingReader {
     /// Bytes read so far.
     private(set) var bytesRead: Int64 = 0
 
+    static let defaultReadSize = 4 << 20
+
+    /// The smallest window that always makes progress: the bytes carried over after the
+    /// last cut are fewer than `maxChunk`, so one more read fills past the maximum and
+    /// forces a cut.
+    static func minimumWindow(maxChunk: Int, readSize: Int = defaultReadSize) -> Int {
+        maxChunk + max(1, readSize)
+    }
+
     /// - Parameters:
     ///   - sizeHint: the size `stat` reported; small files get a window of just that size.
     ///   - readSize: bytes per `read` call.
-    ///   - windowSize: the usual window size; raised to twice the maximum chunk.
+    ///   - windowSize: the usual window size; raised to ``minimumWindow(maxChunk:readSize:)``.
     ///   - pool: where full-size windows come from (their size must be the window size).
     ///   - budget: bounds the bytes of smaller, file-sized buffers in flight.
     init(
-        chunker: Chunker, fd: Int32, path: [UInt8], sizeHint: Int64, readSize: Int = 4 << 20,
+        chunker: Chunker, fd: Int32, path: [UInt8], sizeHint: Int64, readSize: Int = defaultReadSize,
         windowSize: Int = 16 << 20, pool: BufferPool? = nil, budget: CountingSemaphore? = nil
     ) {
         self.chunker = chunker
         self.fd = fd
         self.path = path
         self.readSize = max(1, readSize)
-        self.windowSize = max(windowSize, 2 * chunker.parameters.maxSize)
+        self.windowSize = max(
+            windowSize, Self.minimumWindow(maxChunk: chunker.parameters.maxSize, readSize: self.readSize))
         self.pool = pool
         self.budget = budget
         // One byte past the expected size, so the end of file is seen without a second

@@ -221,13 +221,16 @@ final class Archiver: @unchecked Sendable {
         return Array(String(cString: s).utf8)
     }()
 
-    /// Bytes of read windows allowed in flight: enough to keep both workers busy while
-    /// the reader fills the next window.
-    static let windowSize = 16 << 20
-    /// Pooled windows: one being filled, one carrying a tail, the rest being hashed.
-    static let windowCount = 3
-    /// Bytes of file-sized buffers (files up to 1 MiB) in flight.
-    static let smallBudget = 16 << 20
+    /// The size of a read window: the smallest that always makes progress with the
+    /// default 8 MiB maximum chunk (see ``ChunkingReader/minimumWindow(maxChunk:readSize:)``).
+    static let windowSize = 12 << 20
+    /// Pooled windows: one hashed by the workers while the reader fills the other (it
+    /// reads from the page cache far faster than two workers hash and compress). A third
+    /// window measured no faster and cost 16 MB of peak RSS.
+    static let windowCount = 2
+    /// Bytes of file-sized buffers (files up to 1 MiB) in flight: 4 MiB keeps both workers
+    /// fed on a tree of small files (measured no slower than 16 MiB, and 6 MB less RSS).
+    static let smallBudget = 4 << 20
 
     init(repository: Repository, options: SnapshotOptions, progress: ((SnapshotProgress) -> Void)?) {
         self.repo = repository
@@ -236,7 +239,9 @@ final class Archiver: @unchecked Sendable {
         self.chunkQueue = BlockingQueue(capacity: 256)
         self.budget = CountingSemaphore(Self.smallBudget)
         self.pool = BufferPool(
-            bufferSize: max(Self.windowSize, 2 * repository.config.chunker.maxSize), maxCount: Self.windowCount)
+            bufferSize: max(
+                Self.windowSize, ChunkingReader.minimumWindow(maxChunk: repository.config.chunker.maxSize)),
+            maxCount: Self.windowCount)
         self.saver = BlobSaver(repository: repository)
         self.treeCodec = repository.makeCodec()
         self.collectReferences = repository.backend.checksSnapshotReferences
