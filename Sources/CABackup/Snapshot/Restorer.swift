@@ -164,6 +164,8 @@ final class FileRestore: @unchecked Sendable {
     let node: Node
     let fd: Int32
     let lock = Condition()
+    /// Held around each write to `fd`.
+    let writeLock = Condition()
     var remaining: Int
     var written: Int64 = 0
     var failure: String?
@@ -489,6 +491,11 @@ final class Restorer: @unchecked Sendable {
                 }
                 let bytes = buffers.bytes(n)
                 if !isAllZero(bytes) {
+                    // One writer per file at a time: the kernel serializes writes to a file
+                    // anyway (inode lock), and a second writer waiting there spins; here it
+                    // sleeps. Under memory pressure the spinning was seconds of system time.
+                    file.writeLock.lock()
+                    defer { file.writeLock.unlock() }
                     try pwriteAll(file.fd, bytes, offset: offset, path: displayPath(file.path))
                 }
                 offset += Int64(n)
