@@ -113,6 +113,23 @@ struct ChunkJob: Sendable {
     let index: Int
 }
 
+/// A file of at most ``Archiver/smallFileLimit`` bytes for a worker to open, read, chunk
+/// and store whole; `size`, `mtimeNs` and `ctimeNs` are what the walk's `fstatat` saw.
+struct SmallFileJob: Sendable {
+    let entry: EntryRef
+    let path: [UInt8]
+    let size: Int64
+    let mtimeNs: Int64
+    let ctimeNs: Int64
+    let file: FileJob
+}
+
+/// What the walk hands the workers.
+enum WorkItem: Sendable {
+    case chunk(ChunkJob)
+    case smallFile(SmallFileJob)
+}
+
 /// A directory whose entries are known but whose files may still be in the pipeline.
 final class PendingDirectory {
     enum Entry {
@@ -182,7 +199,11 @@ final class PathTrie {
 /// skip known ones, compress and pack new ones; the ``BlobSaver``'s writer thread stores
 /// full packs. A directory's tree is encoded once all its files' chunks are hashed;
 /// directories wait for that in a FIFO in post-order, so the walk never stalls on them.
-/// Memory is bounded by the read-window budget, the chunk queue and two open packs.
+/// Files of at most 1 MiB go to the workers whole: a worker opens, reads, chunks and stores
+/// each (into a buffer of its own), so on a tree of small files the per-file system calls
+/// run on both cores instead of all on the walking thread.
+/// Memory is bounded by the two read windows, the queue and one small-file buffer per
+/// worker.
 // Safe: worker threads touch only `cond`-guarded jobs, the queue, the saver and atomics;
 // everything else belongs to the calling thread.
 final class Archiver: @unchecked Sendable {
@@ -190,12 +211,15 @@ final class Archiver: @unchecked Sendable {
     private let options: SnapshotOptions
     private let progress: ((SnapshotProgress) -> Void)?
     private let cond = Condition()
-    private let chunkQueue: BlockingQueue<ChunkJob>
-    private let budget: CountingSemaphore
+    private let chunkQueue: BlockingQueue<WorkItem>
     private let pool: BufferPool
     private let saver: BlobSaver
     private var workers: [pthread_t] = []
     private let chunksAdded = Atomic<Int>(0)
+    /// Files and bytes read by workers (small files), and what could not be read there.
+    private let smallFilesRead = Atomic<Int>(0)
+    private let smallBytesRead = Atomic<Int64>(0)
+    private let workerWarnings = Mutex<[SnapshotWarning]>([])
     private let workerFailure = Mutex<CABackupError?>(nil)
 
     private var finalizeQueue: [PendingDirectory] = []
@@ -228,16 +252,14 @@ final class Archiver: @unchecked Sendable {
     /// reads from the page cache far faster than two workers hash and compress). A third
     /// window measured no faster and cost 16 MB of peak RSS.
     static let windowCount = 2
-    /// Bytes of file-sized buffers (files up to 1 MiB) in flight: 4 MiB keeps both workers
-    /// fed on a tree of small files (measured no slower than 16 MiB, and 6 MB less RSS).
-    static let smallBudget = 4 << 20
+    /// Files up to this size are read whole by a worker (see ``SmallFileJob``).
+    static let smallFileLimit = 1 << 20
 
     init(repository: Repository, options: SnapshotOptions, progress: ((SnapshotProgress) -> Void)?) {
         self.repo = repository
         self.options = options
         self.progress = progress
         self.chunkQueue = BlockingQueue(capacity: 256)
-        self.budget = CountingSemaphore(Self.smallBudget)
         self.pool = BufferPool(
             bufferSize: max(
                 Self.windowSize, ChunkingReader.minimumWindow(maxChunk: repository.config.chunker.maxSize)),
@@ -299,6 +321,9 @@ final class Archiver: @unchecked Sendable {
         shutdownWorkers()
         if let e = workerFailure.withLock({ $0 }) { throw e }
         try saver.finish()
+        warnings += workerWarnings.withLock { $0 }
+        bytesRead += smallBytesRead.load(ordering: .relaxed)
+        filesRead += smallFilesRead.load(ordering: .relaxed)
 
         let parent = parentSnapshot?.id
         summary.chunksAdded = chunksAdded.load(ordering: .relaxed)
@@ -392,7 +417,7 @@ final class Archiver: @unchecked Sendable {
             } at: {
                 openat($0, $1, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC)
             }
-            defer { if dirFD >= 0 { close(dirFD) } }
+            let handle = dirFD >= 0 ? DirectoryHandle(dirFD) : nil
             let names: [[UInt8]]
             do {
                 guard dirFD >= 0 else { throw ioError("open directory", path) }
@@ -407,7 +432,8 @@ final class Archiver: @unchecked Sendable {
                 while k < parent.count && parent[k].name.lexicographicallyPrecedes(name) { k += 1 }
                 let match = k < parent.count && parent[k].name == name ? parent[k] : nil
                 if let e = try processEntry(
-                    path: joinPath(path, name), name: name, in: EntryRef(fd: dirFD, relative: name), parent: match,
+                    path: joinPath(path, name), name: name, in: EntryRef(directory: handle!, relative: name),
+                    parent: match,
                     missing: missing)
                 {
                     pd.entries.append(e)
@@ -462,7 +488,19 @@ final class Archiver: @unchecked Sendable {
             if node.links > 1, let job = hardLinks[HardLinkKey(node)] {
                 return .file(node, job)
             }
-            guard let job = try readFile(path: path, entry: entry, st: st) else { return nil }
+            let job: FileJob
+            if st.st_size <= Self.smallFileLimit {
+                job = FileJob()
+                reportProgress(path)
+                chunkQueue.push(
+                    .smallFile(
+                        SmallFileJob(
+                            entry: entry, path: path, size: Int64(st.st_size), mtimeNs: node.mtimeNs,
+                            ctimeNs: node.ctimeNs, file: job)))
+            } else {
+                guard let read = try readFile(path: path, entry: entry, st: st) else { return nil }
+                job = read
+            }
             if node.links > 1 { hardLinks[HardLinkKey(node)] = job }
             return .file(node, job)
         case .directory:
@@ -504,7 +542,7 @@ final class Archiver: @unchecked Sendable {
         let job = FileJob()
         let reader = ChunkingReader(
             chunker: repo.chunker, fd: fd, path: path, sizeHint: Int64(st.st_size), windowSize: pool.bufferSize,
-            pool: pool, budget: budget)
+            pool: pool, budget: nil)
         do {
             while let window = try reader.nextWindow() {
                 for cut in window.cuts {
@@ -514,7 +552,9 @@ final class Archiver: @unchecked Sendable {
                         return job.ids.count - 1
                     }
                     chunkQueue.push(
-                        ChunkJob(buffer: window.buffer, offset: cut.offset, length: cut.length, file: job, index: index)
+                        .chunk(
+                            ChunkJob(
+                                buffer: window.buffer, offset: cut.offset, length: cut.length, file: job, index: index))
                     )
                 }
                 if let e = workerFailure.withLock({ $0 }) { throw e }
@@ -641,23 +681,101 @@ final class Archiver: @unchecked Sendable {
 
     private func workerLoop() {
         let codec = repo.makeCodec()
-        while let job = chunkQueue.pop() {
-            let raw = job.buffer.bytes(job.offset, job.length)
-            let id = codec.id(raw)
-            do {
-                if try saver.claim(id) {
-                    try saver.addEncoding(id, type: .data, raw: raw, codec: codec)
-                    chunksAdded.add(1, ordering: .relaxed)
-                }
-            } catch {
-                workerFailure.withLock { if $0 == nil { $0 = CABackupError(error) } }
+        let small = UnsafeMutableRawPointer.allocate(byteCount: Self.smallFileLimit + 1, alignment: 64)
+        defer { small.deallocate() }
+        while let item = chunkQueue.pop() {
+            switch item {
+            case .chunk(let job):
+                let id = store(job.buffer.bytes(job.offset, job.length), codec: codec)
+                cond.lock()
+                job.file.ids[job.index] = id
+                job.file.pending -= 1
+                if job.file.isComplete { cond.broadcast() }
+                cond.unlock()
+            case .smallFile(let job):
+                let (ids, size) = readSmallFile(job, into: small, codec: codec) ?? ([], -1)
+                cond.lock()
+                job.file.ids = ids
+                job.file.size = max(0, size)
+                job.file.failed = size < 0
+                job.file.sealed = true
+                cond.broadcast()
+                cond.unlock()
             }
-            cond.lock()
-            job.file.ids[job.index] = id
-            job.file.pending -= 1
-            if job.file.isComplete { cond.broadcast() }
-            cond.unlock()
         }
+    }
+
+    /// Hashes a chunk and stores it when the repository lacks it. A repository error is
+    /// kept for the walk to throw; the id is returned either way.
+    private func store(_ raw: UnsafeRawBufferPointer, codec: BlobCodec) -> BlobID {
+        let id = codec.id(raw)
+        do {
+            if try saver.claim(id) {
+                try saver.addEncoding(id, type: .data, raw: raw, codec: codec)
+                chunksAdded.add(1, ordering: .relaxed)
+            }
+        } catch {
+            workerFailure.withLock { if $0 == nil { $0 = CABackupError(error) } }
+        }
+        return id
+    }
+
+    /// Opens, reads and stores a small file on a worker; returns its chunk ids and size,
+    /// or `nil` (with a warning) when it cannot be read or changed while it was read.
+    private func readSmallFile(
+        _ job: SmallFileJob, into buffer: UnsafeMutableRawPointer, codec: BlobCodec
+    ) -> ([BlobID], Int64)? {
+        func skip(_ message: String) -> ([BlobID], Int64)? {
+            workerWarnings.withLock { $0.append(SnapshotWarning(path: displayPath(job.path), message: message)) }
+            return nil
+        }
+        let flags = O_RDONLY | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK
+        let entry = job.entry
+        func openEntry(_ flags: Int32) -> Int32 {
+            openAt(entry.fd, entry.relative, { open($0, flags) }, at: { openat($0, $1, flags) })
+        }
+        var fd = openEntry(flags | openNoAtime)
+        if fd < 0 && errno == EPERM { fd = openEntry(flags) }
+        if fd < 0 { return skip(errnoDescription(errno)) }
+        defer { close(fd) }
+        var st = stat()
+        if fstat(fd, &st) != 0 || (st.st_mode & S_IFMT) != S_IFREG {
+            return skip("changed type while being backed up")
+        }
+        // One byte more than expected: a file that grew is seen without a second read.
+        let n: Int
+        do {
+            n = try readFully(fd, into: buffer, count: Int(job.size) + 1, path: job.path)
+        } catch {
+            return skip(errnoText(CABackupError(error)))
+        }
+        if let victim = Self.modifyDuringReadForTests, job.path.count >= victim.count,
+            Array(job.path.suffix(victim.count)) == victim
+        {
+            _ = withCPath(job.path) { p in
+                let wfd = open(p, O_WRONLY | O_APPEND)
+                defer { close(wfd) }
+                return write(wfd, "!", 1)
+            }
+        }
+        // A file that changed while it was read would be stored half old, half new.
+        if fstat(fd, &st) != 0 || Int64(n) != job.size || Int64(st.st_size) != job.size
+            || nanoseconds(st.st_mtim) != job.mtimeNs || nanoseconds(st.st_ctim) != job.ctimeNs
+        {
+            return skip("changed while being read; not stored (back it up again)")
+        }
+        let raw = UnsafeRawBufferPointer(start: buffer, count: n)
+        var ids: [BlobID] = []
+        var offset = 0
+        while offset < n {
+            let rest = UnsafeRawBufferPointer(rebasing: raw[offset...])
+            let length = repo.chunker.nextCut(in: rest, isFinal: true)!
+            ids.append(store(UnsafeRawBufferPointer(rebasing: rest[..<length]), codec: codec))
+            offset += length
+        }
+        smallFilesRead.add(1, ordering: .relaxed)
+        smallBytesRead.add(Int64(n), ordering: .relaxed)
+        return (ids, Int64(n))
     }
 
     // MARK: Helpers
@@ -679,7 +797,8 @@ final class Archiver: @unchecked Sendable {
         lastProgress = now
         progress(
             SnapshotProgress(
-                filesDone: filesRead, bytesRead: bytesRead + pending,
+                filesDone: filesRead + smallFilesRead.load(ordering: .relaxed),
+                bytesRead: bytesRead + smallBytesRead.load(ordering: .relaxed) + pending,
                 bytesAdded: saver.bytesAdded.load(ordering: .relaxed),
                 elapsedSeconds: now - start, currentPath: displayPath(path),
                 totalFiles: scanner.files.load(ordering: .relaxed), totalBytes: scanner.bytes.load(ordering: .relaxed),
@@ -728,22 +847,26 @@ func readLinkTarget(_ entry: EntryRef) -> [UInt8]? {
     return n < 0 ? nil : Array(buf[0..<n])
 }
 
-/// A directory entry to open or stat: `relative` to the open directory `fd`, or, with
-/// `fd` = `AT_FDCWD`, an absolute path.
-struct EntryRef {
-    let fd: Int32
+/// A directory entry to open or stat: `relative` to an open directory, or, without one,
+/// an absolute path. The directory stays open while any entry (a queued small file)
+/// refers to it.
+struct EntryRef: Sendable {
+    let directory: DirectoryHandle?
     let relative: [UInt8]
 
-    init(fd: Int32, relative: [UInt8]) {
-        self.fd = fd
+    init(directory: DirectoryHandle, relative: [UInt8]) {
+        self.directory = directory
         self.relative = relative
     }
 
     /// An entry named by its absolute path (top-level paths and their ancestors).
     init(path: [UInt8]) {
-        fd = AT_FDCWD
+        directory = nil
         relative = path
     }
+
+    /// The directory's descriptor, or `AT_FDCWD` for an absolute path.
+    var fd: Int32 { directory?.fd ?? AT_FDCWD }
 }
 
 /// Calls `byPath` with the absolute path when `fd` is `AT_FDCWD`, else `at` with the
