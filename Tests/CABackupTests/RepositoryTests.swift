@@ -35,6 +35,30 @@ struct RepositoryTests {
         }
     }
 
+    @Test("a small snapshot written by four workers leaves one data pack and one tree pack, and restores")
+    func partlyFilledPacksMerge() throws {
+        let dir = TemporaryDirectory()
+        var files: [String: [UInt8]] = [:]
+        for i in 0..<400 {
+            let name = "src/f\(i).bin"
+            files[name] = pseudoRandomBytes(count: 1000 + 37 * i, seed: UInt64(i))
+            _ = dir.write(name, files[name]!)
+        }
+        let repo = try smallRepo(dir)
+        let result = try repo.snapshot(paths: [dir.file("src")], options: SnapshotOptions(workers: 4))
+        #expect(result.snapshot.summary.filesTotal == 400)
+        // Four workers fill up to four data packs side by side; finish() merges them.
+        #expect(try repo.backend.list(.pack).count == 2)
+        let report = try repo.check(options: CheckOptions(readDataFraction: 1))
+        #expect(report.isClean)
+        #expect(report.blobsRead > 400)
+        let restored = try repo.restore(result.snapshot, to: dir.file("out"))
+        #expect(restored.failures.isEmpty)
+        for (name, bytes) in files {
+            #expect(FileManager.default.contents(atPath: dir.file("out") + dir.file(name)) == Data(bytes))
+        }
+    }
+
     @Test("an unchanged re-snapshot adds only its record; a small edit adds about one chunk")
     func deduplication() throws {
         let dir = TemporaryDirectory()

@@ -120,9 +120,17 @@ final class BlobSaver: @unchecked Sendable {
     /// Seals the open packs, waits until every pack is stored and indexed.
     /// - Throws: the first error any pack write hit.
     func finish() throws {
-        let open: [OpenPack] = packLock.locked {
+        let byType: [[OpenPack]] = packLock.locked {
             defer { freePacks = [[], []] }
-            return freePacks.flatMap { $0 }
+            return freePacks
+        }
+        var open: [OpenPack] = []
+        for packs in byType {
+            do {
+                open += try coalesce(packs)
+            } catch {
+                fail(CABackupError(error))  // coalesce discarded the packs it could not finish
+            }
         }
         for p in open {
             do {
@@ -155,13 +163,53 @@ final class BlobSaver: @unchecked Sendable {
         }
     }
 
+    /// Merges the partly filled packs of one type (one per worker that wrote at the same
+    /// time) into the fullest one while it stays within the pack size, so a small snapshot
+    /// leaves one small pack, not one per worker. Returns the packs left to seal.
+    private func coalesce(_ packs: [OpenPack]) throws -> [OpenPack] {
+        guard packs.count > 1 else { return packs }
+        var rest = packs.sorted { $0.size > $1.size }
+        let target = rest.removeFirst()
+        var kept = [target]
+        var buffer = [UInt8]()
+        while !rest.isEmpty {
+            let other = rest.removeFirst()
+            guard target.size + other.size <= repo.config.packSize else {
+                kept.append(other)
+                continue
+            }
+            do {
+                for e in other.entries {
+                    if buffer.count < max(1, e.length) { buffer = [UInt8](repeating: 0, count: max(1, e.length)) }
+                    try buffer.withUnsafeMutableBytes { raw in
+                        try preadFully(
+                            other.fd, into: raw.baseAddress!, count: e.length, offset: e.offset, path: other.path)
+                        let bytes = UnsafeRawBufferPointer(rebasing: raw[..<e.length])
+                        try writeAll(target.fd, bytes, path: target.path)
+                        target.hasher.update(bytes)
+                    }
+                    var moved = e
+                    moved.offset = Int64(target.size)
+                    target.entries.append(moved)
+                    target.size += e.length
+                }
+            } catch {
+                for p in kept + [other] + rest { discard(p) }
+                throw error
+            }
+            discard(other)
+        }
+        return kept
+    }
+
     private func fail(_ error: CABackupError) {
         lock.locked { if failure == nil { failure = error } }
     }
 
     private func openPack() throws -> OpenPack {
         let path = repo.backend.temporaryDirectory + "/pack-\(getpid())-\(UInt64.random(in: 0...UInt64.max)).tmp"
-        let fd = open(path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0o600)
+        // Read and write: finish() may copy one partly filled pack into another.
+        let fd = open(path, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0o600)
         if fd < 0 { throw ioError("create", path) }
         return OpenPack(fd: fd, path: path)
     }
