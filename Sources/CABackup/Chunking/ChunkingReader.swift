@@ -8,7 +8,7 @@
 ///
 /// Reuse is what keeps memory flat: freeing and reallocating 16 MiB buffers from
 /// several threads makes glibc keep the freed memory in its heaps (a 1.5 GB backup
-/// peaked at 800 MB RSS that way; with the pool it stays under the budget).
+/// peaked at 800 MB RSS that way; with the pool it stays flat).
 final class BufferPool: @unchecked Sendable {
     // Safe: `free` and `allocated` are only touched with `cond`'s mutex held.
     let bufferSize: Int
@@ -45,27 +45,22 @@ final class BufferPool: @unchecked Sendable {
 }
 
 /// A buffer shared, read-only once filled, by the chunks that point into it: a pooled
-/// window, or for a small file a buffer of just its size. It goes back to the pool
-/// (or the small-buffer budget) when the last chunk is done.
+/// window, or for a small file a buffer of just its size. A pooled one goes back to the
+/// pool when the last chunk is done.
 final class SharedBuffer: @unchecked Sendable {
     // Safe: written only by the reader before it is shared; read-only afterwards.
     let base: UnsafeMutableRawPointer
     let capacity: Int
     var count = 0
     private let pool: BufferPool?
-    private let budget: CountingSemaphore?
 
-    /// A buffer from `pool` when `capacity` is the pool's size, else a fresh one whose
-    /// size is counted against `budget`.
-    init(capacity: Int, pool: BufferPool?, budget: CountingSemaphore?) {
+    /// A buffer from `pool` when `capacity` is the pool's size, else a fresh one.
+    init(capacity: Int, pool: BufferPool?) {
         if let pool, capacity == pool.bufferSize {
             self.pool = pool
-            self.budget = nil
             base = pool.take()
         } else {
             self.pool = nil
-            self.budget = budget
-            budget?.acquire(capacity)
             base = UnsafeMutableRawPointer.allocate(byteCount: max(capacity, 1), alignment: 64)
         }
         self.capacity = capacity
@@ -76,7 +71,6 @@ final class SharedBuffer: @unchecked Sendable {
             pool.give(base)
         } else {
             base.deallocate()
-            budget?.release(capacity)
         }
     }
 
@@ -104,7 +98,6 @@ final class ChunkingReader {
     private let readSize: Int
     private let windowSize: Int
     private let pool: BufferPool?
-    private let budget: CountingSemaphore?
     private var carry: (buffer: SharedBuffer, offset: Int, length: Int)?
     private var eof = false
     private var firstCapacity: Int
@@ -125,10 +118,9 @@ final class ChunkingReader {
     ///   - readSize: bytes per `read` call.
     ///   - windowSize: the usual window size; raised to ``minimumWindow(maxChunk:readSize:)``.
     ///   - pool: where full-size windows come from (their size must be the window size).
-    ///   - budget: bounds the bytes of smaller, file-sized buffers in flight.
     init(
         chunker: Chunker, fd: Int32, path: [UInt8], sizeHint: Int64, readSize: Int = defaultReadSize,
-        windowSize: Int = 16 << 20, pool: BufferPool? = nil, budget: CountingSemaphore? = nil
+        windowSize: Int = 16 << 20, pool: BufferPool? = nil
     ) {
         self.chunker = chunker
         self.fd = fd
@@ -137,7 +129,6 @@ final class ChunkingReader {
         self.windowSize = max(
             windowSize, Self.minimumWindow(maxChunk: chunker.parameters.maxSize, readSize: self.readSize))
         self.pool = pool
-        self.budget = budget
         // One byte past the expected size, so the end of file is seen without a second
         // window; files of more than 1 MiB use pooled full windows.
         let wanted = max(0, sizeHint) + 1
@@ -151,7 +142,7 @@ final class ChunkingReader {
         var capacity = firstCapacity > 0 ? firstCapacity : windowSize
         firstCapacity = 0
         if carried > 0 && capacity - carried < min(readSize, windowSize / 2) { capacity = windowSize }
-        let buf = SharedBuffer(capacity: capacity, pool: pool, budget: budget)
+        let buf = SharedBuffer(capacity: capacity, pool: pool)
         if let c = carry {
             buf.base.copyMemory(from: c.buffer.base + c.offset, byteCount: c.length)
             buf.count = c.length

@@ -521,13 +521,7 @@ final class Archiver: @unchecked Sendable {
     /// Reads a regular file and queues its chunks; `nil` (with a warning) when it
     /// cannot be opened or read.
     private func readFile(path: [UInt8], entry: EntryRef, st: stat) throws -> FileJob? {
-        // O_NONBLOCK: if the entry was swapped for a FIFO since lstat, open must not hang.
-        let flags = O_RDONLY | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK
-        func openEntry(_ flags: Int32) -> Int32 {
-            openAt(entry.fd, entry.relative, { open($0, flags) }, at: { openat($0, $1, flags) })
-        }
-        var fd = openEntry(flags | openNoAtime)
-        if fd < 0 && errno == EPERM { fd = openEntry(flags) }
+        let fd = openForReading(entry)
         if fd < 0 {
             warn(path, errnoDescription(errno))
             return nil
@@ -542,7 +536,7 @@ final class Archiver: @unchecked Sendable {
         let job = FileJob()
         let reader = ChunkingReader(
             chunker: repo.chunker, fd: fd, path: path, sizeHint: Int64(st.st_size), windowSize: pool.bufferSize,
-            pool: pool, budget: nil)
+            pool: pool)
         do {
             while let window = try reader.nextWindow() {
                 for cut in window.cuts {
@@ -559,21 +553,11 @@ final class Archiver: @unchecked Sendable {
                 }
                 if let e = workerFailure.withLock({ $0 }) { throw e }
                 if window.buffer.count > 4 << 20 { reportProgress(path, pending: reader.bytesRead) }
-                if let victim = Self.modifyDuringReadForTests, path.count >= victim.count,
-                    Array(path.suffix(victim.count)) == victim
-                {
-                    _ = withCPath(path) { p in
-                        let wfd = open(p, O_WRONLY | O_APPEND)
-                        defer { close(wfd) }
-                        return write(wfd, "!", 1)
-                    }
-                }
+                Self.modifyForTests(path)
             }
             // A file that changed while it was read would be stored half old, half new.
-            var after = stat()
-            if fstat(fd, &after) != 0 || after.st_size != st.st_size
-                || nanoseconds(after.st_mtim) != nanoseconds(st.st_mtim)
-                || nanoseconds(after.st_ctim) != nanoseconds(st.st_ctim)
+            if !isUnchanged(
+                fd, size: Int64(st.st_size), mtimeNs: nanoseconds(st.st_mtim), ctimeNs: nanoseconds(st.st_ctim))
             {
                 warn(path, "changed while being read; not stored (back it up again)")
                 cond.locked {
@@ -729,13 +713,7 @@ final class Archiver: @unchecked Sendable {
             workerWarnings.withLock { $0.append(SnapshotWarning(path: displayPath(job.path), message: message)) }
             return nil
         }
-        let flags = O_RDONLY | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK
-        let entry = job.entry
-        func openEntry(_ flags: Int32) -> Int32 {
-            openAt(entry.fd, entry.relative, { open($0, flags) }, at: { openat($0, $1, flags) })
-        }
-        var fd = openEntry(flags | openNoAtime)
-        if fd < 0 && errno == EPERM { fd = openEntry(flags) }
+        let fd = openForReading(job.entry)
         if fd < 0 { return skip(errnoDescription(errno)) }
         defer { close(fd) }
         var st = stat()
@@ -749,19 +727,9 @@ final class Archiver: @unchecked Sendable {
         } catch {
             return skip(errnoText(CABackupError(error)))
         }
-        if let victim = Self.modifyDuringReadForTests, job.path.count >= victim.count,
-            Array(job.path.suffix(victim.count)) == victim
-        {
-            _ = withCPath(job.path) { p in
-                let wfd = open(p, O_WRONLY | O_APPEND)
-                defer { close(wfd) }
-                return write(wfd, "!", 1)
-            }
-        }
+        Self.modifyForTests(job.path)
         // A file that changed while it was read would be stored half old, half new.
-        if fstat(fd, &st) != 0 || Int64(n) != job.size || Int64(st.st_size) != job.size
-            || nanoseconds(st.st_mtim) != job.mtimeNs || nanoseconds(st.st_ctim) != job.ctimeNs
-        {
+        if Int64(n) != job.size || !isUnchanged(fd, size: job.size, mtimeNs: job.mtimeNs, ctimeNs: job.ctimeNs) {
             return skip("changed while being read; not stored (back it up again)")
         }
         let raw = UnsafeRawBufferPointer(start: buffer, count: n)
@@ -779,6 +747,37 @@ final class Archiver: @unchecked Sendable {
     }
 
     // MARK: Helpers
+
+    /// Opens a regular file for reading, with `O_NOATIME` where the kernel allows it.
+    /// `O_NONBLOCK`: if the entry was swapped for a FIFO since the walk's stat, the open
+    /// must not hang (regular files ignore the flag; see ``readFully(_:into:count:path:)``).
+    private func openForReading(_ entry: EntryRef) -> Int32 {
+        func openEntry(_ flags: Int32) -> Int32 {
+            openAt(entry.fd, entry.relative, { open($0, flags) }, at: { openat($0, $1, flags) })
+        }
+        let flags = O_RDONLY | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK
+        let fd = openEntry(flags | openNoAtime)
+        return fd < 0 && errno == EPERM ? openEntry(flags) : fd
+    }
+
+    /// Whether the open file still has the size, mtime and ctime the walk saw.
+    private func isUnchanged(_ fd: Int32, size: Int64, mtimeNs: Int64, ctimeNs: Int64) -> Bool {
+        var st = stat()
+        return fstat(fd, &st) == 0 && Int64(st.st_size) == size && nanoseconds(st.st_mtim) == mtimeNs
+            && nanoseconds(st.st_ctim) == ctimeNs
+    }
+
+    /// Test-only: appends a byte to the file named by `CABACKUP_TEST_MODIFY_DURING_READ`.
+    private static func modifyForTests(_ path: [UInt8]) {
+        guard let victim = modifyDuringReadForTests, path.count >= victim.count,
+            Array(path.suffix(victim.count)) == victim
+        else { return }
+        _ = withCPath(path) { p in
+            let wfd = open(p, O_WRONLY | O_APPEND)
+            defer { close(wfd) }
+            return write(wfd, "!", 1)
+        }
+    }
 
     private func isExcluded(path: [UInt8], name: [UInt8]) -> Bool {
         matchesExclude(options.excludes, path: path, name: name)

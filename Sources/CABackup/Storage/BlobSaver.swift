@@ -34,6 +34,18 @@ final class BlobSaver: @unchecked Sendable {
             self.fd = fd
             self.path = path
         }
+
+        /// Writes a blob's stored bytes at the end, hashes them, and records the entry
+        /// (its offset and length are where the bytes landed).
+        func append(_ bytes: UnsafeRawBufferPointer, as entry: PackEntry) throws {
+            try writeAll(fd, bytes, path: path)
+            hasher.update(bytes)
+            var e = entry
+            e.offset = Int64(size)
+            e.length = bytes.count
+            entries.append(e)
+            size += bytes.count
+        }
     }
 
     private let repo: Repository
@@ -90,13 +102,10 @@ final class BlobSaver: @unchecked Sendable {
             throw error
         }
         do {
-            try writeAll(pack.fd, bytes, path: pack.path)
-            pack.hasher.update(bytes)
-            pack.entries.append(
-                PackEntry(
-                    id: id, type: type, compression: compression, offset: Int64(pack.size), length: bytes.count,
-                    rawLength: rawLength))
-            pack.size += bytes.count
+            try pack.append(
+                bytes,
+                as: PackEntry(
+                    id: id, type: type, compression: compression, offset: 0, length: bytes.count, rawLength: rawLength))
             if pack.size >= repo.config.packSize {
                 try seal(pack)
                 queue.push(pack)
@@ -184,14 +193,8 @@ final class BlobSaver: @unchecked Sendable {
                     try buffer.withUnsafeMutableBytes { raw in
                         try preadFully(
                             other.fd, into: raw.baseAddress!, count: e.length, offset: e.offset, path: other.path)
-                        let bytes = UnsafeRawBufferPointer(rebasing: raw[..<e.length])
-                        try writeAll(target.fd, bytes, path: target.path)
-                        target.hasher.update(bytes)
+                        try target.append(UnsafeRawBufferPointer(rebasing: raw[..<e.length]), as: e)
                     }
-                    var moved = e
-                    moved.offset = Int64(target.size)
-                    target.entries.append(moved)
-                    target.size += e.length
                 }
             } catch {
                 for p in kept + [other] + rest { discard(p) }

@@ -109,29 +109,6 @@ final class BlockingQueue<Element>: @unchecked Sendable {
     }
 }
 
-/// A counting semaphore that bounds how much memory is in flight.
-final class CountingSemaphore: @unchecked Sendable {
-    // Safe: `value` is only touched with `cond`'s mutex held.
-    private let cond = Condition()
-    private var value: Int
-
-    init(_ value: Int) { self.value = value }
-
-    func acquire(_ n: Int = 1) {
-        cond.lock()
-        while value < n { cond.wait() }
-        value -= n
-        cond.unlock()
-    }
-
-    func release(_ n: Int = 1) {
-        cond.locked {
-            value += n
-            cond.broadcast()
-        }
-    }
-}
-
 /// Counts outstanding work and lets one thread wait for it to reach zero.
 final class WaitGroup: @unchecked Sendable {
     // Safe: `count` is only touched with `cond`'s mutex held.
