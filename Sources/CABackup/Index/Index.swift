@@ -61,6 +61,12 @@ final class RepositoryIndex: @unchecked Sendable {
     private var readSince: UInt64?
     /// Callers inside ``sharingReads(_:)``.
     private var sharing = 0
+    /// The absent-id filter (see ``dedupFilter()``): loaded or built on first use; `nil`
+    /// before that and once disabled.
+    private var filter: IDFilter?
+    private var filterState = FilterState.unloaded
+    private let filterPath: String
+    private enum FilterState { case unloaded, clean, dirty, disabled }
 
     /// Opens (creating if needed) the index at `path` for the repository `repositoryID`.
     /// An index of another schema or repository is discarded and recreated empty.
@@ -72,13 +78,14 @@ final class RepositoryIndex: @unchecked Sendable {
         }  // The probe connection is closed here, before any file is removed.
         if !ok {
             // Another schema or another repository's index: it is derived data, start over.
-            for suffix in ["", "-wal", "-shm"] { unlink(path + suffix) }
+            for suffix in ["", "-wal", "-shm", "-filter"] { unlink(path + suffix) }
         }
         db = try SQLiteDatabase(path: path)
+        filterPath = path + "-filter"
         chmod(path, 0o600)
         try db.execute(
             """
-            PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA cache_size=-65536;
+            PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA cache_size=-16384;
             CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT);
             CREATE TABLE IF NOT EXISTS packs(n INTEGER PRIMARY KEY, id BLOB UNIQUE NOT NULL,
                 size INTEGER NOT NULL, blob_count INTEGER NOT NULL);
@@ -90,6 +97,8 @@ final class RepositoryIndex: @unchecked Sendable {
                 record BLOB NOT NULL);
             INSERT OR IGNORE INTO meta VALUES('schema', '\(RepositoryIndex.schemaVersion)');
             INSERT OR IGNORE INTO meta VALUES('repository', '\(repositoryID)');
+            INSERT OR IGNORE INTO meta VALUES('instance', '\(ObjectID(bytes: secureRandomBytes(32))!.hex)');
+            INSERT OR IGNORE INTO meta VALUES('generation', '0');
             """)
         lookupStmt = try db.prepare(
             """
@@ -130,16 +139,25 @@ final class RepositoryIndex: @unchecked Sendable {
         if sharing == 0 { endRead() }
     }
 
-    /// Runs `body` (a snapshot, a restore) with lookups sharing read transactions.
+    /// Runs `body` (a snapshot, a restore) with lookups sharing read transactions; saves
+    /// the absent-id filter afterwards if packs were added.
     func sharingReads<R>(_ body: () throws -> R) rethrows -> R {
         lock.locked { sharing += 1 }
         defer {
             lock.locked {
                 sharing -= 1
                 finishRead()
+                if sharing == 0 { saveFilter() }
             }
         }
         return try body()
+    }
+
+    deinit {
+        lock.locked {
+            endRead()
+            saveFilter()
+        }
     }
 
     /// Ends the shared read transaction, if one is open. Called with `lock` held.
@@ -175,37 +193,49 @@ final class RepositoryIndex: @unchecked Sendable {
             rawLength: Int(lookupStmt.int(5)))
     }
 
-    /// Whether an indexed pack holds the blob.
+    /// Whether an indexed pack holds the blob, for deciding whether to store it: the
+    /// absent-id filter answers most "no"s. It may answer "no" for a blob another process
+    /// indexed after this one loaded the filter; the caller then stores it twice, which is
+    /// harmless. ``lookup(_:)`` is always exact.
     func contains(_ id: BlobID) throws -> Bool {
         lock.lock()
         defer { lock.unlock() }
+        if let filter = try dedupFilter(), !filter.mayContain(id) { return false }
         try beginRead()
         defer { finishRead() }
-        containsStmt.bind(1, id)
-        defer { containsStmt.reset() }
-        return try containsStmt.step()
+        return try containsStmt.hasRow(binding: id)
     }
 
     /// The ids among `ids` that no indexed pack holds (one lock round trip for a whole
-    /// directory instead of one per id).
+    /// directory instead of one per id). Like ``contains(_:)``, may include an id another
+    /// process indexed after this one loaded its filter.
     func missing(_ ids: [BlobID]) throws -> Set<BlobID> {
         guard !ids.isEmpty else { return [] }
         return try lock.locked { () throws -> Set<BlobID> in
-            try beginRead()
-            defer { finishRead() }
+            let filter = try dedupFilter()
             var out = Set<BlobID>()
+            var reading = false
+            defer { if reading { finishRead() } }
             for id in ids {
-                containsStmt.bind(1, id)
-                defer { containsStmt.reset() }
-                if !(try containsStmt.step()) { out.insert(id) }
+                if let filter, !filter.mayContain(id) {
+                    out.insert(id)
+                    continue
+                }
+                if !reading {
+                    try beginRead()
+                    reading = true
+                }
+                if !(try containsStmt.hasRow(binding: id)) { out.insert(id) }
             }
             return out
         }
     }
 
-    /// Records a pack and all its blobs in one transaction.
+    /// Records a pack and all its blobs in one transaction, which also advances the
+    /// index generation (see ``dedupFilter()``).
     func addPack(_ id: PackID, size: Int64, entries: [PackEntry]) throws {
         try exclusive { () throws in
+            if filterState == .unloaded { loadSavedFilter() }
             try db.execute("BEGIN IMMEDIATE")
             do {
                 let existing = try db.prepare("SELECT 1 FROM packs WHERE id = ?1")
@@ -232,12 +262,119 @@ final class RepositoryIndex: @unchecked Sendable {
                     try insertBlobStmt.run()
                     insertBlobStmt.reset()
                 }
+                let generation = try self.generation()
+                try db.execute("UPDATE meta SET value = '\(generation + 1)' WHERE key = 'generation'")
                 try db.execute("COMMIT")
+                filterAdded(entries, before: generation)
             } catch {
                 try? db.execute("ROLLBACK")
                 throw error
             }
         }
+    }
+
+    // MARK: The absent-id filter
+
+    // Kept in step with the blob rows by the generation in `meta`, which every addPack
+    // advances in its transaction. The filter records the generation it describes; it is
+    // trusted (loaded from its file, or kept in memory) only while that equals the
+    // database's: a crash before the filter is saved, or another process adding packs,
+    // makes them differ, and the filter is then rebuilt from the rows (on load) or set
+    // aside (in memory, for the rest of this connection). Removing packs leaves their
+    // bits set, which can only cost a SQLite lookup. The `instance` (random, made with
+    // the database) keeps a filter from matching a recreated index.
+
+    /// The filter for "is it stored?" questions: loaded from its file, or built from the
+    /// blob rows on first use (and saved); `nil` once set aside. Called with `lock` held.
+    private func dedupFilter() throws -> IDFilter? {
+        switch filterState {
+        case .clean, .dirty: return filter
+        case .disabled: return nil
+        case .unloaded: break
+        }
+        try beginRead()
+        defer { finishRead() }
+        let (instance, generation) = try filterVersion()
+        if let saved = IDFilter.load(path: filterPath, instance: instance, generation: generation) {
+            filter = saved
+            filterState = .clean
+            return saved
+        }
+        let count = try queryInt("SELECT coalesce(sum(blob_count), 0) FROM packs")
+        let built = IDFilter(capacity: Int(count) + Int(count) / 2, instance: instance, generation: generation)
+        let s = try db.prepare("SELECT id FROM blobs")
+        while try s.step() { if let id = s.id(0) { built.insert(id) } }
+        filter = built
+        filterState = .dirty
+        saveFilter()
+        return built
+    }
+
+    /// Loads the saved filter if it matches the database; never builds one. Called with
+    /// `lock` held and no transaction open.
+    private func loadSavedFilter() {
+        guard let (instance, generation) = try? filterVersion(),
+            let saved = IDFilter.load(path: filterPath, instance: instance, generation: generation)
+        else { return }
+        filter = saved
+        filterState = .clean
+    }
+
+    /// After a pack committed at `before` + 1: adds its ids, or sets the filter aside when
+    /// another connection added packs since the filter was made. Called with `lock` held.
+    private func filterAdded(_ entries: [PackEntry], before: Int64) {
+        guard let filter else { return }
+        guard filter.generation == before else {
+            self.filter = nil
+            filterState = .disabled
+            return
+        }
+        for e in entries { filter.insert(e.id) }
+        filter.generation = before + 1
+        filterState = .dirty
+        if filter.inserted > filter.capacity {
+            // Full: rebuilt at its next use, sized for the rows then.
+            self.filter = nil
+            filterState = .unloaded
+        }
+    }
+
+    /// Saves a changed filter if it still describes the database. Called with `lock` held.
+    private func saveFilter() {
+        guard filterState == .dirty, let filter else { return }
+        guard (try? generation()) == filter.generation else {
+            self.filter = nil
+            filterState = .disabled
+            return
+        }
+        // Derived data: when it cannot be saved, the next process rebuilds it.
+        if (try? filter.save(to: filterPath)) != nil { filterState = .clean }
+    }
+
+    private func filterVersion() throws -> (instance: ObjectID, generation: Int64) {
+        guard let instance = ObjectID(hex: try metaValue("instance")) else {
+            throw CABackupError.index("the index has no instance id; delete \(db.path) to rebuild it")
+        }
+        return (instance, try generation())
+    }
+
+    private func generation() throws -> Int64 {
+        guard let g = Int64(try metaValue("generation")) else {
+            throw CABackupError.index("the index has no generation; delete \(db.path) to rebuild it")
+        }
+        return g
+    }
+
+    private func metaValue(_ key: String) throws -> String {
+        let s = try db.prepare("SELECT value FROM meta WHERE key = ?1")
+        s.bind(1, key)
+        return try s.step() ? s.text(0) : ""
+    }
+
+    private func queryInt(_ sql: String) throws -> Int64 {
+        let s = try db.prepare(sql)
+        _ = try s.step()
+        return s.int(0)
     }
 
     /// Forgets a pack and its blobs.

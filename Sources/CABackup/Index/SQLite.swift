@@ -73,6 +73,16 @@ package final class SQLiteStatement {
         }
     }
 
+    /// Binds `id` to parameter `i` without a copy, steps once and resets: whether the
+    /// statement returns a row (an existence query, the index's hot path).
+    package func hasRow(binding id: ObjectID, at i: Int32 = 1) throws -> Bool {
+        try id.withUnsafeBytes { raw in
+            sqlite3_bind_blob(stmt, i, raw.baseAddress, 32, nil)  // SQLITE_STATIC: valid until reset
+            defer { sqlite3_reset(stmt) }
+            return try step()
+        }
+    }
+
     /// Steps once; `true` when a row is available.
     package func step() throws -> Bool {
         switch sqlite3_step(stmt) {

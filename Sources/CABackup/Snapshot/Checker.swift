@@ -164,7 +164,7 @@ extension Repository {
 
     private func isMissingOrBad(_ id: BlobID, _ bad: [BlobID: String]) throws -> Bool {
         if bad[id] != nil { return true }
-        return try !index.contains(id)
+        return try index.lookup(id) == nil
     }
 
     /// Checks trees and what they name; returns whether any problem was found below.

@@ -1,0 +1,140 @@
+import Foundation
+import Testing
+
+@testable import CABackup
+
+@Suite("Index: the absent-id filter stays a superset of the stored ids")
+struct IndexFilterTests {
+    func ids(_ range: Range<Int>, salt: UInt64 = 0) -> [BlobID] {
+        range.map { i in
+            var v = (UInt64(i) ^ salt << 40).littleEndian
+            return withUnsafeBytes(of: &v) { sha256($0) }
+        }
+    }
+
+    func entries(_ ids: [BlobID]) -> [PackEntry] {
+        ids.enumerated().map { i, id in
+            PackEntry(id: id, type: .data, compression: .lz4, offset: Int64(i) * 100, length: 100, rawLength: 200)
+        }
+    }
+
+    func addPack(_ index: RepositoryIndex, _ n: UInt64, _ ids: [BlobID]) throws {
+        var v = n.littleEndian
+        let pack = withUnsafeBytes(of: &v) { sha256(Array("pack".utf8) + Array($0)) }
+        try index.addPack(pack, size: Int64(ids.count) * 100, entries: entries(ids))
+    }
+
+    @Test("inserted ids are always found; absent ids mostly answered without SQLite; saved bytes round-trip")
+    func filterAlone() throws {
+        let dir = TemporaryDirectory()
+        let instance = sha256(Array("instance".utf8))
+        let f = IDFilter(capacity: 100_000, instance: instance, generation: 7)
+        let stored = ids(0..<100_000)
+        for id in stored { f.insert(id) }
+        #expect(stored.allSatisfy { f.mayContain($0) })
+        let absent = ids(0..<100_000, salt: 1)
+        let falsePositives = absent.filter { f.mayContain($0) }.count
+        #expect(falsePositives < 1_000, "false positive rate \(falsePositives) in 100000")
+
+        let path = dir.file("filter")
+        try f.save(to: path)
+        let back = try #require(IDFilter.load(path: path, instance: instance, generation: 7))
+        #expect(back.inserted == 100_000)
+        #expect(stored.allSatisfy { back.mayContain($0) })
+        #expect(absent.filter { back.mayContain($0) }.count == falsePositives)
+        #expect(IDFilter.load(path: path, instance: instance, generation: 8) == nil)
+        #expect(IDFilter.load(path: path, instance: sha256(Array("other".utf8)), generation: 7) == nil)
+
+        // A flipped bit or a torn file is refused.
+        var bytes = try #require(FileManager.default.contents(atPath: path))
+        bytes[IDFilter.headerSize + 1000] ^= 1
+        try bytes.write(to: URL(fileURLWithPath: path))
+        #expect(IDFilter.load(path: path, instance: instance, generation: 7) == nil)
+        try bytes.prefix(bytes.count - 1).write(to: URL(fileURLWithPath: path))
+        #expect(IDFilter.load(path: path, instance: instance, generation: 7) == nil)
+    }
+
+    @Test("a filter saved before a crash (older generation) is rebuilt, not trusted")
+    func staleFileAfterCrash() throws {
+        let dir = TemporaryDirectory()
+        let path = dir.file("index.sqlite")
+        let first = ids(0..<500)
+        let second = ids(500..<1000)
+        do {
+            let index = try RepositoryIndex(path: path, repositoryID: "r")
+            try addPack(index, 1, first)
+            #expect(try index.contains(first[0]))
+        }  // closed: the filter is saved at generation 1
+        let saved = try #require(FileManager.default.contents(atPath: path + "-filter"))
+        do {
+            let index = try RepositoryIndex(path: path, repositoryID: "r")
+            try addPack(index, 2, second)
+        }
+        // As if the process had died before saving its filter: the file is generation 1's.
+        try saved.write(to: URL(fileURLWithPath: path + "-filter"))
+        let index = try RepositoryIndex(path: path, repositoryID: "r")
+        #expect(try (first + second).allSatisfy { try index.contains($0) })
+        #expect(try index.missing(second + ids(0..<10, salt: 9)) == Set(ids(0..<10, salt: 9)))
+    }
+
+    @Test("a filter left from a deleted index never matches the new one")
+    func recreatedIndex() throws {
+        let dir = TemporaryDirectory()
+        let path = dir.file("index.sqlite")
+        do {
+            let index = try RepositoryIndex(path: path, repositoryID: "r")
+            try addPack(index, 1, ids(0..<100))
+            _ = try index.contains(ids(0..<1)[0])
+        }
+        let old = try #require(FileManager.default.contents(atPath: path + "-filter"))
+        for suffix in ["", "-wal", "-shm", "-filter"] { unlink(path + suffix) }
+        let other = ids(0..<100, salt: 3)
+        do {
+            let index = try RepositoryIndex(path: path, repositoryID: "r")
+            try addPack(index, 1, other)  // generation 1 again, other ids
+        }
+        try old.write(to: URL(fileURLWithPath: path + "-filter"))
+        let index = try RepositoryIndex(path: path, repositoryID: "r")
+        #expect(try other.allSatisfy { try index.contains($0) })
+    }
+
+    @Test("another connection's packs: lookup is exact at once, and the filter is set aside, never saved wrong")
+    func twoConnections() throws {
+        let dir = TemporaryDirectory()
+        let path = dir.file("index.sqlite")
+        let a = try RepositoryIndex(path: path, repositoryID: "r")
+        try addPack(a, 1, ids(0..<100))
+        #expect(try a.contains(ids(0..<1)[0]))  // a's filter is loaded
+        let theirs = ids(0..<100, salt: 5)
+        do {
+            let b = try RepositoryIndex(path: path, repositoryID: "r")
+            try addPack(b, 2, theirs)
+        }
+        #expect(try a.lookup(theirs[0]) != nil)
+        let ours = ids(0..<100, salt: 6)
+        try addPack(a, 3, ours)  // a notices the generation moved on
+        #expect(try theirs.allSatisfy { try a.contains($0) })
+        #expect(try ours.allSatisfy { try a.contains($0) })
+        let c = try RepositoryIndex(path: path, repositoryID: "r")
+        #expect(try (ids(0..<100) + theirs + ours).allSatisfy { try c.contains($0) })
+        #expect(try c.missing(ids(0..<50, salt: 7)).count == 50)
+    }
+
+    @Test("a filter that fills up is rebuilt larger, and removed packs stay absent")
+    func growth() throws {
+        let dir = TemporaryDirectory()
+        let path = dir.file("index.sqlite")
+        let index = try RepositoryIndex(path: path, repositoryID: "r")
+        #expect(try !index.contains(ids(0..<1)[0]))  // built empty, at the minimum capacity
+        let all = ids(0..<(IDFilter.minimumCapacity + 20_000))
+        for (n, start) in stride(from: 0, to: all.count, by: 10_000).enumerated() {
+            try addPack(index, UInt64(n), Array(all[start..<min(all.count, start + 10_000)]))
+        }
+        #expect(try index.missing(all).isEmpty)
+        #expect(try index.missing(ids(0..<1000, salt: 2)).count == 1000)
+        var v = UInt64(0).littleEndian
+        try index.removePack(withUnsafeBytes(of: &v) { sha256(Array("pack".utf8) + Array($0)) })
+        #expect(try index.missing(all).count == 10_000)
+        #expect(try !index.contains(all[0]))
+    }
+}
