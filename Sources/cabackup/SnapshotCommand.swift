@@ -57,9 +57,12 @@ struct SnapshotCommand: ParsableCommand {
     }
 
     func run() throws {
+        // The tree is listed on another core while the repository opens (key derivation).
+        let prefetch = TreePrefetch(paths: paths, excludes: exclude)
         let repo = try repository.open()
         let line = ProgressLine()
-        let options = SnapshotOptions(tags: tag, excludes: exclude, hostname: host, force: force)
+        var options = SnapshotOptions(tags: tag, excludes: exclude, hostname: host, force: force)
+        options.prefetch = prefetch
         // Progress (and the size scan behind its ETA) only when someone watches.
         let progress: ((SnapshotProgress) -> Void)? =
             !stderrIsTerminal

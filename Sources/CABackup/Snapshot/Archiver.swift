@@ -19,6 +19,9 @@ public struct SnapshotOptions: Sendable {
     public var workers: Int
     /// Read every file, even those unchanged since the parent snapshot.
     public var force: Bool
+    /// Directory listings made ahead of the walk (see ``TreePrefetch``); finished when
+    /// the walk is done.
+    public var prefetch: TreePrefetch?
 
     public init(
         tags: [String] = [], excludes: [String] = [], hostname: String? = nil, force: Bool = false,
@@ -280,7 +283,9 @@ final class Archiver: @unchecked Sendable {
     }
 
     private func runChecked(paths: [String]) throws -> SnapshotResult {
-        let startNs = wallClockNs()
+        // A snapshot records the tree as of its time: the prefetch's start when listings
+        // made ahead are used.
+        let startNs = min(wallClockNs(), options.prefetch?.startedNs ?? .max)
         // Check every top-level path first: a missing one is fatal and writes nothing.
         var absolute: [String] = []
         for p in paths {
@@ -317,7 +322,14 @@ final class Archiver: @unchecked Sendable {
         }
         let hostname = options.hostname ?? currentHostname()
         let parentSnapshot = try? repo.parentSnapshot(paths: absolute, hostname: hostname)
-        let root = try walkRoot(trie, parent: options.force ? nil : parentSnapshot)
+        // Without a parent every file is read and stated again before reading: listings
+        // made ahead would only hold memory.
+        if parentSnapshot == nil || options.force { options.prefetch?.finish() }
+        let root: Node
+        do {
+            defer { options.prefetch?.finish() }
+            root = try walkRoot(trie, parent: options.force ? nil : parentSnapshot)
+        }
         shutdownWorkers()
         if let e = workerFailure.withLock({ $0 }) { throw e }
         try saver.finish()
@@ -418,23 +430,27 @@ final class Archiver: @unchecked Sendable {
                 openat($0, $1, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC)
             }
             let handle = dirFD >= 0 ? DirectoryHandle(dirFD) : nil
-            let names: [[UInt8]]
-            do {
-                guard dirFD >= 0 else { throw ioError("open directory", path) }
-                names = try readDirectory(fd: dirFD, path: path)
-            } catch {
-                warn(path, "cannot read directory: \(errnoText(CABackupError(error)))")
-                names = []
+            var names: [[UInt8]] = []
+            var prefetched: [PrefetchedEntry]?
+            if dirFD >= 0, let listing = options.prefetch?.take(directory: dirFD, path: path) {
+                names = listing.names
+                prefetched = listing.entries
+            } else {
+                do {
+                    guard dirFD >= 0 else { throw ioError("open directory", path) }
+                    names = try readDirectory(fd: dirFD, path: path)
+                } catch {
+                    warn(path, "cannot read directory: \(errnoText(CABackupError(error)))")
+                }
             }
             // Both lists are sorted bytewise: walk them side by side.
             var k = 0
-            for name in names {
+            for (i, name) in names.enumerated() {
                 while k < parent.count && parent[k].name.lexicographicallyPrecedes(name) { k += 1 }
                 let match = k < parent.count && parent[k].name == name ? parent[k] : nil
                 if let e = try processEntry(
                     path: joinPath(path, name), name: name, in: EntryRef(directory: handle!, relative: name),
-                    parent: match,
-                    missing: missing)
+                    parent: match, missing: missing, known: prefetched?[i])
                 {
                     pd.entries.append(e)
                 }
@@ -464,14 +480,25 @@ final class Archiver: @unchecked Sendable {
         return p.content
     }
 
+    /// Stats (unless `known` holds the prefetch's `lstat`), records and, for files that
+    /// changed, queues one entry.
     private func processEntry(
-        path: [UInt8], name: [UInt8], in entry: EntryRef, parent: Node?, missing: Set<BlobID>
+        path: [UInt8], name: [UInt8], in entry: EntryRef, parent: Node?, missing: Set<BlobID>,
+        known: PrefetchedEntry? = nil
     ) throws
         -> PendingDirectory.Entry?
     {
         if isExcluded(path: path, name: name) { return nil }
         var st = stat()
-        if openAt(entry.fd, entry.relative, { lstat($0, &st) }, at: { fstatat($0, $1, &st, AT_SYMLINK_NOFOLLOW) }) != 0
+        if let known, known.error >= 0 {
+            if known.error > 0 {
+                warn(path, errnoDescription(known.error))
+                return nil
+            }
+            st = known.makeStat()
+        } else if openAt(
+            entry.fd, entry.relative, { lstat($0, &st) }, at: { fstatat($0, $1, &st, AT_SYMLINK_NOFOLLOW) })
+            != 0
         {
             warn(path, errnoDescription(errno))
             return nil
@@ -484,6 +511,11 @@ final class Archiver: @unchecked Sendable {
                 summary.filesUnchanged += 1
                 summary.bytesUnchanged += Int64(node.size)
                 return .done(node)
+            }
+            if known != nil {
+                // To be read: stat it now, so the check after reading compares with
+                // what was current when reading began, not when the prefetch listed it.
+                return try processEntry(path: path, name: name, in: entry, parent: parent, missing: missing)
             }
             if node.links > 1, let job = hardLinks[HardLinkKey(node)] {
                 return .file(node, job)
