@@ -244,7 +244,7 @@ final class PrefetchState: @unchecked Sendable {
     /// Appends a listing once the budget has room for it; `false` when stopped.
     private func publish(_ path: [UInt8], _ key: Key, _ listing: PrefetchedDirectory) -> Bool {
         let published = cond.locked { () -> Bool in
-            while !stopped && held > 0 && held + listing.entries.count > budget { cond.wait() }
+            while !stopped && held + listing.entries.count > budget { cond.wait() }
             if stopped { return false }
             queue.append((path, key, listing))
             held += listing.entries.count
@@ -277,6 +277,9 @@ final class PrefetchState: @unchecked Sendable {
         if isStopped { return false }
         var dst = stat()
         guard fstat(fd, &dst) == 0, let names = try? readDirectory(fd: fd, path: path) else { return true }
+        // A directory larger than the budget, and what is below it, is left to the walk
+        // (which then finds the next listing later in walk order and reads these itself).
+        if names.count > budget { return true }
         var entries: [PrefetchedEntry] = []
         entries.reserveCapacity(names.count)
         var subdirectories: [Int] = []
