@@ -85,6 +85,22 @@ struct PrefetchTests {
         #expect(FileManager.default.contents(atPath: again + src + "/a/one.txt") == Data("one\nlate\n".utf8))
     }
 
+    @Test("hundreds of directories through a small queue: every listing is taken, in order")
+    func manyDirectories() throws {
+        let dir = TemporaryDirectory()
+        for i in 0..<300 { dir.write("wide/d\(1000 + i)/f", Array("\(i)\n".utf8)) }
+        let repo = try makeTestRepository(dir)
+        let wide = dir.file("wide")
+        _ = try repo.snapshot(paths: [wide])
+        let prefetch = TreePrefetch(paths: [wide], budget: 400)
+        var options = SnapshotOptions()
+        options.prefetch = prefetch
+        let with = try repo.snapshot(paths: [wide], options: options)
+        #expect(prefetch.directoriesTaken == 301)
+        #expect(with.snapshot.summary.filesUnchanged == 300)
+        #expect(try repo.snapshot(paths: [wide]).snapshot.tree == with.snapshot.tree)
+    }
+
     @Test("a prefetch dropped unused, or finished early, stops its thread")
     func finishEarly() throws {
         let dir = TemporaryDirectory()
