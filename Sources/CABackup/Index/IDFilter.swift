@@ -84,6 +84,16 @@ final class IDFilter {
         return all
     }
 
+    /// Reads the first word of each id's block, so that the misses of a batch overlap
+    /// (independent loads: the CPU keeps several in flight) instead of costing a full
+    /// memory latency each when the ids are then tested one by one. Returns a value
+    /// derived from the loads, for the caller to keep (so they are not optimized away).
+    func touch(_ ids: [ObjectID]) -> UInt64 {
+        var acc: UInt64 = 0
+        for id in ids { acc ^= words[block(id)] }
+        return acc
+    }
+
     // MARK: Persistence
 
     /// Writes the filter to `path` (through a temporary file and a rename, mode 0600).

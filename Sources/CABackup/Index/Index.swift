@@ -66,6 +66,8 @@ final class RepositoryIndex: @unchecked Sendable {
     private var filter: IDFilter?
     private var filterState = FilterState.unloaded
     private let filterPath: String
+    /// What ``IDFilter/touch(_:)`` returned, kept so its loads are not optimized away.
+    private var touched: UInt64 = 0
     private enum FilterState { case unloaded, clean, dirty, disabled }
 
     /// Opens (creating if needed) the index at `path` for the repository `repositoryID`.
@@ -213,6 +215,7 @@ final class RepositoryIndex: @unchecked Sendable {
         guard !ids.isEmpty else { return [] }
         return try lock.locked { () throws -> Set<BlobID> in
             let filter = try dedupFilter()
+            if let filter { touched ^= filter.touch(ids) }
             var out = Set<BlobID>()
             var reading = false
             defer { if reading { finishRead() } }
