@@ -97,6 +97,8 @@ final class RepositoryIndex: @unchecked Sendable {
             CREATE INDEX IF NOT EXISTS blobs_by_pack ON blobs(pack);
             CREATE TABLE IF NOT EXISTS snapshots(id BLOB PRIMARY KEY, time_ns INTEGER NOT NULL,
                 record BLOB NOT NULL);
+            CREATE TABLE IF NOT EXISTS complete(snapshot BLOB PRIMARY KEY, packs_upto INTEGER NOT NULL,
+                pack_count INTEGER NOT NULL, last_pack BLOB);
             INSERT OR IGNORE INTO meta VALUES('schema', '\(RepositoryIndex.schemaVersion)');
             INSERT OR IGNORE INTO meta VALUES('repository', '\(repositoryID)');
             INSERT OR IGNORE INTO meta VALUES('instance', '\(ObjectID(bytes: secureRandomBytes(32))!.hex)');
@@ -276,6 +278,78 @@ final class RepositoryIndex: @unchecked Sendable {
         }
     }
 
+    // MARK: Complete snapshots
+
+    /// Which packs the index holds, in a form that shows whether any of them has been
+    /// removed since: the highest row number, the number of rows up to it and the id of
+    /// that row. Rows are numbered upwards and a removed number is only reused when it was
+    /// the highest, so "the same count up to the same number, with the same pack at it"
+    /// holds exactly when none of those packs was removed.
+    struct PackState: Equatable {
+        var upTo: Int64
+        var count: Int64
+        var last: PackID?
+        /// The index generation (packs ever added), to tell a removal among packs added
+        /// later: then the count grew by less than the generation.
+        var generation: Int64 = 0
+    }
+
+    func packState() throws -> PackState {
+        try exclusive { try currentPackState() }
+    }
+
+    private func currentPackState() throws -> PackState {
+        let s = try db.prepare("SELECT coalesce(max(n), 0), count(*) FROM packs")
+        _ = try s.step()
+        let upTo = s.int(0)
+        return PackState(upTo: upTo, count: s.int(1), last: try packID(at: upTo), generation: try generation())
+    }
+
+    private func packID(at n: Int64) throws -> PackID? {
+        let s = try db.prepare("SELECT id FROM packs WHERE n = ?1")
+        s.bind(1, n)
+        return try s.step() ? s.id(0) : nil
+    }
+
+    /// Whether every pack of `state` is still indexed. Called with `lock` held.
+    private func stillHolds(_ state: PackState) throws -> Bool {
+        let s = try db.prepare("SELECT count(*) FROM packs WHERE n <= ?1")
+        s.bind(1, state.upTo)
+        _ = try s.step()
+        guard s.int(0) == state.count else { return false }
+        return try packID(at: state.upTo) == state.last
+    }
+
+    /// Records that every blob `snapshot` names is indexed now, given that it was written
+    /// by a run that began at `start`: every blob it found indexed was in a pack indexed
+    /// then or added since, and everything it stored is indexed by now. Nothing is
+    /// recorded if any pack was removed meanwhile (one of `start`'s, or one added since:
+    /// the count then grew by less than the generation).
+    func markComplete(_ snapshot: SnapshotID, since start: PackState) throws {
+        try exclusive { () throws in
+            let now = try currentPackState()
+            guard try stillHolds(start), now.count - start.count == now.generation - start.generation else { return }
+            let s = try db.prepare("INSERT OR REPLACE INTO complete VALUES(?1, ?2, ?3, ?4)")
+            s.bind(1, snapshot)
+            s.bind(2, now.upTo)
+            s.bind(3, now.count)
+            if let last = now.last { s.bind(4, last) } else { s.bindNull(4) }
+            try s.run()
+        }
+    }
+
+    /// Whether every blob `snapshot` names is still indexed, known without looking them up:
+    /// it was complete when recorded and no pack indexed then has been removed since.
+    func isComplete(_ snapshot: SnapshotID) throws -> Bool {
+        try exclusive { () throws -> Bool in
+            let s = try db.prepare("SELECT packs_upto, pack_count, last_pack FROM complete WHERE snapshot = ?1")
+            s.bind(1, snapshot)
+            guard try s.step() else { return false }
+            let state = PackState(upTo: s.int(0), count: s.int(1), last: s.isNull(2) ? nil : s.id(2))
+            return try stillHolds(state)
+        }
+    }
+
     // MARK: The absent-id filter
 
     // Kept in step with the blob rows by the generation in `meta`, which every addPack
@@ -431,9 +505,11 @@ final class RepositoryIndex: @unchecked Sendable {
 
     func removeSnapshot(_ id: SnapshotID) throws {
         try exclusive { () throws in
-            let s = try db.prepare("DELETE FROM snapshots WHERE id = ?1")
-            s.bind(1, id)
-            try s.run()
+            for table in ["snapshots WHERE id", "complete WHERE snapshot"] {
+                let s = try db.prepare("DELETE FROM \(table) = ?1")
+                s.bind(1, id)
+                try s.run()
+            }
         }
     }
 

@@ -228,6 +228,8 @@ final class Archiver: @unchecked Sendable {
     private var finalizeQueue: [PendingDirectory] = []
     private var finalizeHead = 0
     private var hardLinks: [HardLinkKey: FileJob] = [:]
+    /// Every chunk of the parent snapshot is known to be indexed.
+    private var parentIsComplete = false
     private var warnings: [SnapshotWarning] = []
     private var summary = SnapshotSummary()
     private var bytesRead: Int64 = 0
@@ -321,7 +323,13 @@ final class Archiver: @unchecked Sendable {
             if let t = scanThread { joinThread(t) }
         }
         let hostname = options.hostname ?? currentHostname()
+        let packsAtStart = try repo.index.packState()
         let parentSnapshot = try? repo.parentSnapshot(paths: absolute, hostname: hostname)
+        // A parent whose every chunk is known to be indexed (see RepositoryIndex.isComplete)
+        // needs no lookup per chunk to trust its unchanged files.
+        if let parentSnapshot, !options.force, (try? repo.index.isComplete(parentSnapshot.id)) == true {
+            parentIsComplete = true
+        }
         // Without a parent every file is read and stated again before reading: listings
         // made ahead would only hold memory.
         if parentSnapshot == nil || options.force { options.prefetch?.finish() }
@@ -356,6 +364,8 @@ final class Archiver: @unchecked Sendable {
             added = total
         }
         let snap = try repo.commitSnapshot(record, references: references)
+        // Every chunk it names was indexed when found, or stored and indexed by now.
+        try repo.index.markComplete(snap.id, since: packsAtStart)
         return SnapshotResult(snapshot: snap, warnings: warnings)
     }
 
@@ -394,7 +404,7 @@ final class Archiver: @unchecked Sendable {
         let parent = parent ?? []  // nil with --force: walkRoot passes no parent
         // Chunks the parent names but the index lacks (pruned, damaged): files using
         // them are read again. Local to this directory (subdirectories have their own).
-        let missing = try repo.index.missing(parent.flatMap(\.content))
+        let missing = parentIsComplete ? [] : try repo.index.missing(parent.flatMap(\.content))
         if let trie {
             func parentEntry(_ name: [UInt8]) -> Node? { parent.first { $0.name == name } }
             for (name, child) in trie.sortedChildren {
