@@ -323,7 +323,7 @@ final class Archiver: @unchecked Sendable {
             if let t = scanThread { joinThread(t) }
         }
         let hostname = options.hostname ?? currentHostname()
-        let packsAtStart = try repo.index.packState()
+        let packsAtStart = try? repo.index.packState()
         let parentSnapshot = try? repo.parentSnapshot(paths: absolute, hostname: hostname)
         // A parent whose every chunk is known to be indexed (see RepositoryIndex.isComplete)
         // needs no lookup per chunk to trust its unchanged files.
@@ -364,8 +364,9 @@ final class Archiver: @unchecked Sendable {
             added = total
         }
         let snap = try repo.commitSnapshot(record, references: references)
-        // Every chunk it names was indexed when found, or stored and indexed by now.
-        try repo.index.markComplete(snap.id, since: packsAtStart)
+        // Every chunk it names was indexed when found, or stored and indexed by now. Only
+        // an optimization for the next run: the snapshot is saved whatever happens here.
+        if let packsAtStart { try? repo.index.markComplete(snap.id, since: packsAtStart) }
         return SnapshotResult(snapshot: snap, warnings: warnings)
     }
 
