@@ -372,11 +372,7 @@ final class RepositoryIndex: @unchecked Sendable {
         try beginRead()
         defer { finishRead() }
         let (instance, generation) = try filterVersion()
-        if let saved = IDFilter.load(path: filterPath, instance: instance, generation: generation) {
-            filter = saved
-            filterState = .clean
-            return saved
-        }
+        if let saved = adoptSavedFilter(instance: instance, generation: generation) { return saved }
         let count = try queryInt("SELECT coalesce(sum(blob_count), 0) FROM packs")
         let built = IDFilter(capacity: Int(count) + Int(count) / 2, instance: instance, generation: generation)
         let s = try db.prepare("SELECT id FROM blobs")
@@ -390,22 +386,33 @@ final class RepositoryIndex: @unchecked Sendable {
     /// Loads the saved filter if it matches the database; never builds one. Called with
     /// `lock` held and no transaction open.
     private func loadSavedFilter() {
-        guard let (instance, generation) = try? filterVersion(),
-            let saved = IDFilter.load(path: filterPath, instance: instance, generation: generation)
-        else { return }
+        guard let (instance, generation) = try? filterVersion() else { return }
+        _ = adoptSavedFilter(instance: instance, generation: generation)
+    }
+
+    /// Takes the saved filter as this connection's if it describes `instance` at
+    /// `generation`. Called with `lock` held.
+    private func adoptSavedFilter(instance: ObjectID, generation: Int64) -> IDFilter? {
+        guard let saved = IDFilter.load(path: filterPath, instance: instance, generation: generation) else {
+            return nil
+        }
         filter = saved
         filterState = .clean
+        return saved
+    }
+
+    /// Stops using the filter for the rest of this connection (lookups go to SQLite), and
+    /// never saves it. Called with `lock` held.
+    private func setFilterAside() {
+        filter = nil
+        filterState = .disabled
     }
 
     /// After a pack committed at `before` + 1: adds its ids, or sets the filter aside when
     /// another connection added packs since the filter was made. Called with `lock` held.
     private func filterAdded(_ entries: [PackEntry], before: Int64) {
         guard let filter else { return }
-        guard filter.generation == before else {
-            self.filter = nil
-            filterState = .disabled
-            return
-        }
+        guard filter.generation == before else { return setFilterAside() }
         for e in entries { filter.insert(e.id) }
         filter.generation = before + 1
         filterState = .dirty
@@ -419,11 +426,7 @@ final class RepositoryIndex: @unchecked Sendable {
     /// Saves a changed filter if it still describes the database. Called with `lock` held.
     private func saveFilter() {
         guard filterState == .dirty, let filter else { return }
-        guard (try? generation()) == filter.generation else {
-            self.filter = nil
-            filterState = .disabled
-            return
-        }
+        guard (try? generation()) == filter.generation else { return setFilterAside() }
         // Derived data: when it cannot be saved, the next process rebuilds it.
         if (try? filter.save(to: filterPath)) != nil { filterState = .clean }
     }

@@ -213,9 +213,13 @@ final class PrefetchState: @unchecked Sendable {
     func take(path: [UInt8], key: Key, mtimeNs: Int64, ctimeNs: Int64) -> PrefetchedDirectory? {
         let found = cond.locked { () -> PrefetchedDirectory? in
             while true {
-                while head < queue.count && precedesInWalk(queue[head].path, path) { pop() }
+                // Both sides build paths the same way: the next listing is normally this
+                // one, found without splitting paths into components.
+                while head < queue.count && queue[head].path != path && precedesInWalk(queue[head].path, path) {
+                    pop()
+                }
                 if head < queue.count {
-                    guard !precedesInWalk(path, queue[head].path) else { return nil }  // skipped
+                    guard queue[head].path == path else { return nil }  // skipped: the head is past it
                     let entry = queue[head]
                     pop()
                     guard entry.key == key, entry.listing.mtimeNs == mtimeNs, entry.listing.ctimeNs == ctimeNs
