@@ -246,7 +246,7 @@ public final class Repository: @unchecked Sendable {
             }
             try index.addPack(id, size: try backend.size(.pack, id.hex), entries: entries)
         }
-        for id in indexed.subtracting(stored) { try index.removePack(id) }
+        try index.removePacks(indexed.subtracting(stored))
 
         let storedSnaps = Set(try backend.list(.snapshot).compactMap { ObjectID(hex: $0) })
         let indexedSnaps = Set(try index.snapshotRecords().map(\.id))
@@ -261,7 +261,7 @@ public final class Repository: @unchecked Sendable {
 
     /// Deletes the index and rebuilds it from the pack headers and snapshot records.
     public func rebuildIndex() throws {
-        for id in try index.packIDs() { try index.removePack(id) }
+        try index.removePacks(try index.packIDs())
         for (id, _) in try index.snapshotRecords() { try index.removeSnapshot(id) }
         try synchronizeIndex()
     }

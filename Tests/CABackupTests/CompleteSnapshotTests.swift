@@ -22,14 +22,14 @@ struct CompleteSnapshotTests {
         #expect(try index.isComplete(snap))
         try addPack(index, "p4")
         #expect(try index.isComplete(snap))  // packs added later change nothing
-        try index.removePack(id("p2"))
+        try index.removePacks([id("p2")])
         #expect(try !index.isComplete(snap))
 
         // The highest row removed and its number given to a new pack: still noticed.
         let other = id("other")
         try index.markComplete(other, since: try index.packState())
         #expect(try index.isComplete(other))
-        try index.removePack(id("p4"))
+        try index.removePacks([id("p4")])
         try addPack(index, "p5")
         #expect(try !index.isComplete(other))
 
@@ -47,7 +47,7 @@ struct CompleteSnapshotTests {
         try addPack(index, "p1")
         let start = try index.packState()
         try addPack(index, "p2")  // another process's pack, whose blob the run found indexed
-        try index.removePack(id("p2"))
+        try index.removePacks([id("p2")])
         let snap = id("snapshot")
         try index.markComplete(snap, since: start)
         #expect(try !index.isComplete(snap))

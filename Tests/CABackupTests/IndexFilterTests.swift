@@ -18,10 +18,13 @@ struct IndexFilterTests {
         }
     }
 
-    func addPack(_ index: RepositoryIndex, _ n: UInt64, _ ids: [BlobID]) throws {
+    func pack(_ n: UInt64) -> PackID {
         var v = n.littleEndian
-        let pack = withUnsafeBytes(of: &v) { sha256(Array("pack".utf8) + Array($0)) }
-        try index.addPack(pack, size: Int64(ids.count) * 100, entries: entries(ids))
+        return withUnsafeBytes(of: &v) { sha256(Array("pack".utf8) + Array($0)) }
+    }
+
+    func addPack(_ index: RepositoryIndex, _ n: UInt64, _ ids: [BlobID]) throws {
+        try index.addPack(pack(n), size: Int64(ids.count) * 100, entries: entries(ids))
     }
 
     @Test("inserted ids are always found; absent ids mostly answered without SQLite; saved bytes round-trip")
@@ -132,9 +135,39 @@ struct IndexFilterTests {
         }
         #expect(try index.missing(all).isEmpty)
         #expect(try index.missing(ids(0..<1000, salt: 2)).count == 1000)
-        var v = UInt64(0).littleEndian
-        try index.removePack(withUnsafeBytes(of: &v) { sha256(Array("pack".utf8) + Array($0)) })
+        try index.removePacks([pack(0)])
         #expect(try index.missing(all).count == 10_000)
         #expect(try !index.contains(all[0]))
+    }
+
+    @Test("packs removed together take exactly their blobs; an old index loses its by-pack index and keeps working")
+    func removePacksTogether() throws {
+        let dir = TemporaryDirectory()
+        let path = dir.file("index.sqlite")
+        do {
+            // An index as older versions made it, with the index of blobs by pack.
+            let index = try RepositoryIndex(path: path, repositoryID: "r")
+            try addPack(index, 0, ids(0..<10))
+            let db = try SQLiteDatabase(path: path)
+            try db.execute("CREATE INDEX blobs_by_pack ON blobs(pack)")
+        }
+        let index = try RepositoryIndex(path: path, repositoryID: "r")
+        let probe = try SQLiteDatabase(path: path)
+        let named = try probe.prepare("SELECT count(*) FROM sqlite_master WHERE name = 'blobs_by_pack'")
+        #expect(try named.step() && named.int(0) == 0)
+
+        try addPack(index, 1, ids(10..<20))
+        try addPack(index, 2, ids(20..<30) + ids(0..<1))  // also holds pack 0's first blob
+        try addPack(index, 3, ids(30..<40))
+        try index.removePacks([pack(0), pack(2), sha256(Array("never indexed".utf8))])
+        #expect(try index.packIDs() == [pack(1), pack(3)])
+        #expect(try index.lookup(ids(0..<1)[0]) == nil)
+        #expect(try ids(10..<20).allSatisfy { try index.lookup($0)?.pack == pack(1) })
+        #expect(try ids(30..<40).allSatisfy { try index.lookup($0)?.pack == pack(3) })
+        #expect(try index.missing(ids(0..<40)) == Set(ids(0..<10) + ids(20..<30)))
+        #expect(
+            try index.blobIDs(inPack: pack(3)).sorted { $0.hex < $1.hex } == ids(30..<40).sorted { $0.hex < $1.hex })
+        #expect(try index.blobIDs(inPack: pack(2)).isEmpty)
+        #expect(try index.counts().blobs == 20)
     }
 }

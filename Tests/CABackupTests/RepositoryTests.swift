@@ -150,7 +150,7 @@ struct RepositoryTests {
         let live = try repo.indexDump()
         // Simulate the crash window: drop one pack from the index only.
         let pack = try repo.backend.list(.pack)[0]
-        try repo.index.removePack(ObjectID(hex: pack)!)
+        try repo.index.removePacks([ObjectID(hex: pack)!])
         #expect(try repo.indexDump() != live)
         let reopened = try Repository.open(path: dir.file("repo"), password: testPassword)
         #expect(try reopened.indexDump() == live)

@@ -156,8 +156,10 @@ extension Repository {
             report.packsWritten = saver.packsAdded.load(ordering: .relaxed)
             report.bytesFreed -= saver.bytesAdded.load(ordering: .relaxed)
         }
+        // The index forgets them first: a crash before a file is removed leaves a pack
+        // the next open indexes again (a duplicate, never a blob the index places nowhere).
+        try index.removePacks(deletions.map(\.0))
         for (pack, size) in deletions {
-            try index.removePack(pack)
             try backend.remove(.pack, pack.hex)
             report.bytesFreed += size
         }
