@@ -341,14 +341,25 @@ public final class Repository: @unchecked Sendable {
 
     /// The entries of a directory node (all its tree parts), in name order.
     public func loadDirectory(_ node: Node) throws -> [Node] {
+        try loadDirectory(node, into: BlobBuffers(), codec: makeCodec())
+    }
+
+    /// The entries of a directory node, loaded with a caller's buffers and codec (a walk
+    /// loads thousands of trees; each codec costs key schedules and HMAC pads).
+    func loadDirectory(_ node: Node, into buffers: BlobBuffers, codec: BlobCodec) throws -> [Node] {
         var out: [Node] = []
-        for id in node.subtrees { out += try loadTree(id) }
+        for id in node.subtrees { out += try loadTree(id, into: buffers, codec: codec) }
         return out
     }
 
     /// Decodes one tree blob.
     func loadTree(_ id: BlobID) throws -> [Node] {
-        let bytes = try loadBlob(id)
+        try loadTree(id, into: BlobBuffers(), codec: makeCodec())
+    }
+
+    /// Decodes one tree blob, loaded with a caller's buffers and codec.
+    func loadTree(_ id: BlobID, into buffers: BlobBuffers, codec: BlobCodec) throws -> [Node] {
+        let bytes = Array(buffers.bytes(try loadBlob(id, into: buffers, codec: codec)))
         do {
             let nodes = try TreeCodec.decode(bytes)
             for n in nodes where !isSafeName(n.name) {

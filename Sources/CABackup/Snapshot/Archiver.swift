@@ -134,6 +134,12 @@ enum WorkItem: Sendable {
 }
 
 /// A directory whose entries are known but whose files may still be in the pipeline.
+/// A directory as the parent snapshot has it: its entries and the tree blobs holding them.
+struct ParentDirectory {
+    var entries: [Node]
+    var trees: [BlobID]
+}
+
 final class PendingDirectory {
     enum Entry {
         case done(Node)
@@ -143,6 +149,9 @@ final class PendingDirectory {
 
     var node: Node
     var entries: [Entry] = []
+    /// The same directory in the parent snapshot, until finalized: when every entry
+    /// turns out equal to its entries, its trees are reused instead of encoded again.
+    var parent: ParentDirectory?
     var result: Node?
     var readyCursor = 0
     let isRoot: Bool
@@ -236,7 +245,9 @@ final class Archiver: @unchecked Sendable {
     private var filesRead = 0
     private let start = monotonicSeconds()
     private var lastProgress = 0.0
+    /// The walk's codec and buffers, for the trees it stores and the parent's it loads.
     private let treeCodec: BlobCodec
+    private let treeBuffers = BlobBuffers()
     /// Every tree of this snapshot and the chunks of every file read by this run: what a
     /// server checks it holds before it accepts the record.
     private var references: [BlobID] = []
@@ -383,7 +394,11 @@ final class Archiver: @unchecked Sendable {
         var st = stat()
         if stat("/", &st) != 0 { throw ioError("stat", "/") }
         let rootNode = makeNode(name: [0x2F], st: st)
-        let parentEntries = parent.flatMap { try? repo.loadTree($0.tree) }
+        let parentEntries = parent.flatMap { p in
+            (try? repo.loadTree(p.tree, into: treeBuffers, codec: treeCodec)).map {
+                ParentDirectory(entries: $0, trees: [p.tree])
+            }
+        }
         let pd = try walkDirectory(
             path: [0x2F], directory: EntryRef(path: [0x2F]), node: rootNode, trie: trie.isLeaf ? nil : trie,
             parent: parentEntries, isRoot: true)
@@ -397,12 +412,14 @@ final class Archiver: @unchecked Sendable {
     /// Walks a directory. `parent` holds the same directory's entries in the parent
     /// snapshot (when it has one), for skipping unchanged files.
     private func walkDirectory(
-        path: [UInt8], directory: EntryRef, node: Node, trie: PathTrie?, parent: [Node]?, isRoot: Bool = false
+        path: [UInt8], directory: EntryRef, node: Node, trie: PathTrie?, parent parentDir: ParentDirectory?,
+        isRoot: Bool = false
     )
         throws -> PendingDirectory
     {
         let pd = PendingDirectory(node: node, isRoot: isRoot)
-        let parent = parent ?? []  // nil with --force: walkRoot passes no parent
+        pd.parent = parentDir
+        let parent = parentDir?.entries ?? []  // nil with --force: walkRoot passes no parent
         // Chunks the parent names but the index lacks (pruned, damaged): files using
         // them are read again. Local to this directory (subdirectories have their own).
         let missing = parentIsComplete ? [] : try repo.index.missing(parent.flatMap(\.content))
@@ -474,9 +491,11 @@ final class Archiver: @unchecked Sendable {
 
     /// The entries of a directory of the parent snapshot; `nil` when there is none or it
     /// cannot be loaded (then everything below is read, as without a parent).
-    private func parentDirectory(_ node: Node?) -> [Node]? {
-        guard let node, node.type == .directory else { return nil }
-        return try? repo.loadDirectory(node)
+    private func parentDirectory(_ node: Node?) -> ParentDirectory? {
+        guard let node, node.type == .directory,
+            let entries = try? repo.loadDirectory(node, into: treeBuffers, codec: treeCodec)
+        else { return nil }
+        return ParentDirectory(entries: entries, trees: node.subtrees)
     }
 
     /// A file is unchanged when the parent snapshot has it with the same size, mtime,
@@ -690,8 +709,16 @@ final class Archiver: @unchecked Sendable {
         }
         pd.entries = []
         var node = pd.node
-        let parts = pd.isRoot ? [TreeCodec.encodeSingle(nodes)] : TreeCodec.encodeParts(nodes)
-        node.subtrees = try parts.map { (p) throws in try storeTree(p) }
+        if !pd.isRoot, let parent = pd.parent, nodes == parent.entries {
+            // Nothing in it changed: the parent's trees, which were just loaded from the
+            // repository, are this directory's too (equal entries encode to equal bytes).
+            node.subtrees = parent.trees
+            if collectReferences { references += parent.trees }
+        } else {
+            let parts = pd.isRoot ? [TreeCodec.encodeSingle(nodes)] : TreeCodec.encodeParts(nodes)
+            node.subtrees = try parts.map { (p) throws in try storeTree(p) }
+        }
+        pd.parent = nil
         pd.result = node
     }
 
