@@ -34,9 +34,10 @@ public struct SnapshotFilter: Sendable {
 /// A repository object may be used from one thread at a time; the work inside each call
 /// runs on several threads.
 public final class Repository: @unchecked Sendable {
-    // Safe: all stored properties but `currentKeyID` are immutable, and that one changes
-    // only in `changePassword`, which like every call runs on one thread at a time; the
-    // index and backend lock themselves.
+    // Safe: all stored properties but `currentKeyID` and `treeLoaders` are immutable;
+    // `currentKeyID` changes only in `changePassword`, which like every call runs on one
+    // thread at a time, `treeLoaders` only behind its lock; the index and backend lock
+    // themselves.
     /// Where the files live.
     public let backend: any Backend
     /// The config read at open.
@@ -48,6 +49,10 @@ public final class Repository: @unchecked Sendable {
     let keys: RepositoryKeys?
     /// The key slot the repository was opened with.
     private(set) var currentKeyID: String?
+    /// Idle buffers and codecs for loading trees (see ``withTreeLoader(_:)``), only
+    /// touched with `treeLoaderLock` held.
+    private var treeLoaders: [(BlobBuffers, BlobCodec)] = []
+    private let treeLoaderLock = Condition()
 
     private init(
         backend: any Backend, config: RepositoryConfig, keys: RepositoryKeys?, keyID: String?, indexPath: String
@@ -341,7 +346,7 @@ public final class Repository: @unchecked Sendable {
 
     /// The entries of a directory node (all its tree parts), in name order.
     public func loadDirectory(_ node: Node) throws -> [Node] {
-        try loadDirectory(node, into: BlobBuffers(), codec: makeCodec())
+        try withTreeLoader { try loadDirectory(node, into: $0, codec: $1) }
     }
 
     /// The entries of a directory node, loaded with a caller's buffers and codec (a walk
@@ -354,7 +359,16 @@ public final class Repository: @unchecked Sendable {
 
     /// Decodes one tree blob.
     func loadTree(_ id: BlobID) throws -> [Node] {
-        try loadTree(id, into: BlobBuffers(), codec: makeCodec())
+        try withTreeLoader { try loadTree(id, into: $0, codec: $1) }
+    }
+
+    /// Runs `body` with buffers and a codec from a small pool: walks (restore, check,
+    /// diff, ls, prune) load a tree per directory, and each new codec costs key
+    /// schedules and HMAC pads.
+    private func withTreeLoader<R>(_ body: (BlobBuffers, BlobCodec) throws -> R) rethrows -> R {
+        let loader = treeLoaderLock.locked { treeLoaders.popLast() } ?? (BlobBuffers(), makeCodec())
+        defer { treeLoaderLock.locked { if treeLoaders.count < 4 { treeLoaders.append(loader) } } }
+        return try body(loader.0, loader.1)
     }
 
     /// Decodes one tree blob, loaded with a caller's buffers and codec.
