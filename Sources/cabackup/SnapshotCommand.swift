@@ -68,16 +68,25 @@ struct SnapshotCommand: ParsableCommand {
             !stderrIsTerminal
             ? nil
             : { p in
+                // Unchanged files count as done (they need no reading); with a parent the
+                // totals are its totals, an estimate ("~").
+                let files = p.filesDone + p.filesUnchanged
+                let bytes = p.bytesRead + p.bytesUnchanged
+                let known = p.scanFinished && p.totalFiles >= files && p.totalBytes >= bytes
+                let approx = p.totalsFromParent ? "~" : ""
+                let of = known ? " of \(approx)\(p.totalFiles)" : ""
+                let ofBytes = known ? " of \(approx)\(formatBytes(p.totalBytes))" : ""
                 let rate = p.elapsedSeconds > 0 ? Double(p.bytesRead) / p.elapsedSeconds : 0
-                let of = p.scanFinished ? " of \(p.totalFiles)" : ""
-                let ofBytes = p.scanFinished ? " of \(formatBytes(p.totalBytes))" : ""
+                let pace = p.elapsedSeconds > 0 ? Double(bytes) / p.elapsedSeconds : 0
                 var eta = ""
-                if p.scanFinished && rate > 0 && p.totalBytes > p.bytesRead {
-                    eta = " ETA \(formatDuration(Double(p.totalBytes - p.bytesRead) / rate))"
+                if known && pace > 0 && p.totalBytes > bytes {
+                    eta = " ETA \(formatDuration(Double(p.totalBytes - bytes) / pace))"
                 }
+                let unchanged = p.filesUnchanged > 0 ? " (\(p.filesUnchanged) unchanged)" : ""
                 line.update(
-                    "[\(formatDuration(p.elapsedSeconds))] \(p.filesDone)\(of) files, \(formatBytes(p.bytesRead))\(ofBytes), "
-                        + "\(formatBytes(Int64(rate)))/s\(eta), \(formatBytes(p.bytesAdded)) added  \(p.currentPath)")
+                    "[\(formatDuration(p.elapsedSeconds))] \(files)\(of) files\(unchanged), \(formatBytes(bytes))\(ofBytes), "
+                        + "read \(formatBytes(Int64(rate)))/s\(eta), \(formatBytes(p.bytesAdded)) added  \(p.currentPath)"
+                )
             }
         let result = try repo.snapshot(paths: paths, options: options, progress: progress)
         line.clear()

@@ -330,4 +330,31 @@ struct RepositoryTests {
         }
         #expect(!FileManager.default.fileExists(atPath: dir.path + "/x"))
     }
+
+    @Test(
+        "progress: a first run counts the tree by a scan; a re-run shows the parent's totals and unchanged files as done"
+    )
+    func progressTotals() throws {
+        let dir = TemporaryDirectory()
+        let src = makeTree(dir)
+        let repo = try smallRepo(dir)
+        final class Seen { var reports: [SnapshotProgress] = [] }
+        let first = Seen()
+        let one = try repo.snapshot(paths: [src], progress: { first.reports.append($0) })
+        #expect(!first.reports.isEmpty)
+        #expect(first.reports.allSatisfy { !$0.totalsFromParent && $0.filesUnchanged == 0 })
+
+        // Twice: the second run's parent read nothing, its bytes all count as unchanged.
+        for _ in 0..<2 {
+            let again = Seen()
+            _ = try repo.snapshot(paths: [src], progress: { again.reports.append($0) })
+            let last = try #require(again.reports.last)
+            #expect(
+                again.reports.allSatisfy {
+                    $0.totalsFromParent && $0.scanFinished && $0.totalFiles == one.snapshot.summary.filesTotal
+                        && $0.totalBytes == one.snapshot.summary.bytesTotal && $0.filesDone == 0
+                })
+            #expect(last.filesUnchanged >= 1 && last.bytesUnchanged >= 1)
+        }
+    }
 }

@@ -37,17 +37,24 @@ public struct SnapshotOptions: Sendable {
 
 /// Progress of a running snapshot, reported a few times a second.
 public struct SnapshotProgress: Sendable {
+    /// Files read so far, and their bytes.
     public var filesDone: Int
     public var bytesRead: Int64
+    /// Files found unchanged since the parent snapshot (not read), and their bytes.
+    public var filesUnchanged: Int = 0
+    public var bytesUnchanged: Int64 = 0
     public var bytesAdded: Int64
     public var elapsedSeconds: Double
     /// The file being read.
     public var currentPath: String
-    /// Files and bytes below the paths, counted by a scan running beside the backup;
-    /// final once ``scanFinished`` is `true`. For a rate and an ETA.
+    /// Files and bytes below the paths, for a rate and an ETA: without a parent snapshot,
+    /// counted by a scan running beside the backup (final once ``scanFinished`` is
+    /// `true`); with one, the parent's totals (``totalsFromParent``), an estimate that
+    /// costs no second walk of the tree.
     public var totalFiles: Int
     public var totalBytes: Int64
     public var scanFinished: Bool
+    public var totalsFromParent: Bool = false
 }
 
 /// An entry that could not be read and was left out of the snapshot.
@@ -253,6 +260,8 @@ final class Archiver: @unchecked Sendable {
     private var references: [BlobID] = []
     private let collectReferences: Bool
     private let scanner = SizeScanner()
+    /// With a parent snapshot, its file and byte totals, shown instead of a scan's.
+    private var parentTotals: (files: Int, bytes: Int64)?
 
     /// Test-only: `CABACKUP_TEST_MODIFY_DURING_READ=NAME` appends a byte to a file whose
     /// path ends in NAME after its first read window, to prove the change is caught.
@@ -322,20 +331,27 @@ final class Archiver: @unchecked Sendable {
         for _ in 0..<max(1, options.workers) {
             workers.append(startThread { [self] in self.workerLoop() })
         }
+        let hostname = options.hostname ?? currentHostname()
+        let packsAtStart = try? repo.index.packState()
+        let parentSnapshot = try? repo.parentSnapshot(paths: absolute, hostname: hostname)
         var scanThread: pthread_t?
         if progress != nil {
-            let scanner = scanner
-            let paths = absolute.map { Array($0.utf8) }
-            let excludes = options.excludes
-            scanThread = startThread { scanner.scan(paths, excludes: excludes) }
+            if let parentSnapshot, !options.force {
+                // The parent's totals estimate this run's: a scan would walk the tree a
+                // second time beside the walk (+15-40% on an unchanged re-snapshot).
+                let sum = parentSnapshot.summary
+                parentTotals = (sum.filesTotal, sum.bytesTotal + sum.bytesUnchanged)
+            } else {
+                let scanner = scanner
+                let paths = absolute.map { Array($0.utf8) }
+                let excludes = options.excludes
+                scanThread = startThread { scanner.scan(paths, excludes: excludes) }
+            }
         }
         defer {
             scanner.stop.store(true, ordering: .relaxed)
             if let t = scanThread { joinThread(t) }
         }
-        let hostname = options.hostname ?? currentHostname()
-        let packsAtStart = try? repo.index.packState()
-        let parentSnapshot = try? repo.parentSnapshot(paths: absolute, hostname: hostname)
         // A parent whose every chunk is known to be indexed (see RepositoryIndex.isComplete)
         // needs no lookup per chunk to trust its unchanged files.
         if let parentSnapshot, !options.force, (try? repo.index.isComplete(parentSnapshot.id)) == true {
@@ -540,6 +556,7 @@ final class Archiver: @unchecked Sendable {
                 node.content = content
                 summary.filesUnchanged += 1
                 summary.bytesUnchanged += Int64(node.size)
+                reportProgress(path)
                 return .done(node)
             }
             if known != nil {
@@ -868,10 +885,13 @@ final class Archiver: @unchecked Sendable {
             SnapshotProgress(
                 filesDone: filesRead + smallFilesRead.load(ordering: .relaxed),
                 bytesRead: bytesRead + smallBytesRead.load(ordering: .relaxed) + pending,
+                filesUnchanged: summary.filesUnchanged, bytesUnchanged: summary.bytesUnchanged,
                 bytesAdded: saver.bytesAdded.load(ordering: .relaxed),
                 elapsedSeconds: now - start, currentPath: displayPath(path),
-                totalFiles: scanner.files.load(ordering: .relaxed), totalBytes: scanner.bytes.load(ordering: .relaxed),
-                scanFinished: scanner.finished.load(ordering: .relaxed)))
+                totalFiles: parentTotals?.files ?? scanner.files.load(ordering: .relaxed),
+                totalBytes: parentTotals?.bytes ?? scanner.bytes.load(ordering: .relaxed),
+                scanFinished: parentTotals != nil || scanner.finished.load(ordering: .relaxed),
+                totalsFromParent: parentTotals != nil))
     }
 }
 
