@@ -39,6 +39,7 @@ final class Space: @unchecked Sendable {
             PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;
             CREATE TABLE IF NOT EXISTS packs(id BLOB PRIMARY KEY, size INTEGER NOT NULL) WITHOUT ROWID;
             CREATE TABLE IF NOT EXISTS blobs(id BLOB NOT NULL, pack BLOB NOT NULL, PRIMARY KEY(id, pack)) WITHOUT ROWID;
+            CREATE INDEX IF NOT EXISTS blobs_by_pack ON blobs(pack);
             """)
         try synchronize()
     }
