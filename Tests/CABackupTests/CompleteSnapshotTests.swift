@@ -40,6 +40,30 @@ struct CompleteSnapshotTests {
         #expect(try !index.isComplete(third))
     }
 
+    @Test("every pack removed, then some indexed again without one of them: not complete")
+    func numbersNeverReused() throws {
+        let dir = TemporaryDirectory()
+        let path = dir.file("index.sqlite")
+        let index = try RepositoryIndex(path: path, repositoryID: "r")
+        for p in ["p1", "p2", "p3"] { try addPack(index, p) }
+        let snap = id("snapshot")
+        try index.markComplete(snap, since: try index.packState())
+        // Storage looked empty (a mount gone), then came back without p2 and with a pack
+        // of another client: numbered afresh from 1 they would line up with the mark.
+        try index.removePacks([id("p1"), id("p2"), id("p3")])
+        for p in ["p1", "p4", "p3"] { try addPack(index, p) }
+        #expect(try !index.isComplete(snap))
+
+        // An index from before: numbers above its generation. Opening raises the
+        // generation, so the next pack is numbered past every row.
+        let db = try SQLiteDatabase(path: path)
+        try db.execute("UPDATE meta SET value = '1' WHERE key = 'generation'")
+        let reopened = try RepositoryIndex(path: path, repositoryID: "r")
+        try addPack(reopened, "p5")
+        let rows = try db.prepare("SELECT count(*), count(DISTINCT n), max(n) FROM packs")
+        #expect(try rows.step() && rows.int(0) == 4 && rows.int(1) == 4 && rows.int(2) == 7)
+    }
+
     @Test("a pack added and removed while the snapshot ran: not marked complete")
     func removalDuringRun() throws {
         let dir = TemporaryDirectory()

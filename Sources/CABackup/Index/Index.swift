@@ -103,6 +103,8 @@ final class RepositoryIndex: @unchecked Sendable {
             INSERT OR IGNORE INTO meta VALUES('repository', '\(repositoryID)');
             INSERT OR IGNORE INTO meta VALUES('instance', '\(ObjectID(bytes: secureRandomBytes(32))!.hex)');
             INSERT OR IGNORE INTO meta VALUES('generation', '0');
+            UPDATE meta SET value = (SELECT max(n) FROM packs)
+                WHERE key = 'generation' AND CAST(value AS INTEGER) < (SELECT coalesce(max(n), 0) FROM packs);
             """)
         lookupStmt = try db.prepare(
             """
@@ -111,7 +113,7 @@ final class RepositoryIndex: @unchecked Sendable {
             """)
         containsStmt = try db.prepare("SELECT 1 FROM blobs WHERE id = ?1 LIMIT 1")
         insertBlobStmt = try db.prepare("INSERT OR IGNORE INTO blobs VALUES(?1, ?2, ?3, ?4, ?5, ?6, ?7)")
-        insertPackStmt = try db.prepare("INSERT INTO packs(id, size, blob_count) VALUES(?1, ?2, ?3)")
+        insertPackStmt = try db.prepare("INSERT INTO packs(n, id, size, blob_count) VALUES(?1, ?2, ?3, ?4)")
     }
 
     /// Whether an existing file is this schema's index of this repository (a new,
@@ -250,12 +252,19 @@ final class RepositoryIndex: @unchecked Sendable {
                     try db.execute("ROLLBACK")
                     return
                 }
-                insertPackStmt.bind(1, id)
-                insertPackStmt.bind(2, size)
-                insertPackStmt.bind(3, entries.count)
+                // Packs are numbered by the generation, which only grows and is at least
+                // every number given (raised on open for older indexes), so a number is
+                // never given twice, even after every pack was removed (see PackState).
+                // Beyond the highest row too, should a writer of an older version have
+                // numbered past the generation.
+                let generation = try self.generation()
+                let n = max(generation, try queryInt("SELECT coalesce(max(n), 0) FROM packs")) + 1
+                insertPackStmt.bind(1, n)
+                insertPackStmt.bind(2, id)
+                insertPackStmt.bind(3, size)
+                insertPackStmt.bind(4, entries.count)
                 defer { insertPackStmt.reset() }
                 try insertPackStmt.run()
-                let n = sqlite3_last_insert_rowid(db.handle)
                 for e in entries {
                     insertBlobStmt.bind(1, e.id)
                     insertBlobStmt.bind(2, n)
@@ -267,8 +276,7 @@ final class RepositoryIndex: @unchecked Sendable {
                     try insertBlobStmt.run()
                     insertBlobStmt.reset()
                 }
-                let generation = try self.generation()
-                try db.execute("UPDATE meta SET value = '\(generation + 1)' WHERE key = 'generation'")
+                try db.execute("UPDATE meta SET value = '\(n)' WHERE key = 'generation'")
                 try db.execute("COMMIT")
                 filterAdded(entries, before: generation)
             } catch {
@@ -282,9 +290,9 @@ final class RepositoryIndex: @unchecked Sendable {
 
     /// Which packs the index holds, in a form that shows whether any of them has been
     /// removed since: the highest row number, the number of rows up to it and the id of
-    /// that row. Rows are numbered upwards and a removed number is only reused when it was
-    /// the highest, so "the same count up to the same number, with the same pack at it"
-    /// holds exactly when none of those packs was removed.
+    /// that row. Rows are numbered upwards and a number is never given twice (see
+    /// ``addPack(_:size:entries:)``), so "the same count up to the same number" holds
+    /// exactly when none of those packs was removed; the id at it is checked as well.
     struct PackState: Equatable {
         var upTo: Int64
         var count: Int64
@@ -472,7 +480,10 @@ final class RepositoryIndex: @unchecked Sendable {
                     s.bind(1, id)
                     if try s.step() { numbers.append(s.int(0)) }
                 }
-                if !numbers.isEmpty {
+                if try !numbers.isEmpty && Int64(numbers.count) == queryInt("SELECT count(*) FROM packs") {
+                    // Every pack (a rebuild): SQLite empties whole tables without a row walk.
+                    try db.execute("DELETE FROM blobs; DELETE FROM packs")
+                } else if !numbers.isEmpty {
                     let list = numbers.map { String($0) }.joined(separator: ",")
                     try db.execute("DELETE FROM blobs WHERE pack IN (\(list)); DELETE FROM packs WHERE n IN (\(list))")
                 }
