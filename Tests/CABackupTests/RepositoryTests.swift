@@ -357,4 +357,40 @@ struct RepositoryTests {
             #expect(last.filesUnchanged >= 1 && last.bytesUnchanged >= 1)
         }
     }
+
+    @Test("prune keeps one copy of blobs stored twice, as an interrupted prune's new packs leave them")
+    func pruneDropsCopies() throws {
+        let dir = TemporaryDirectory()
+        let src = makeTree(dir)
+        let repo = try smallRepo(dir)
+        _ = try repo.snapshot(paths: [src])
+        func packBytes() throws -> Int64 {
+            try repo.backend.list(.pack).reduce(0) { try $0 + repo.backend.size(.pack, $1) }
+        }
+        let once = try packBytes()
+        // Every blob copied into new packs, the old ones left in place.
+        let saver = BlobSaver(repository: repo)
+        let codec = repo.makeCodec()
+        let buffers = BlobBuffers()
+        for name in try repo.backend.list(.pack) {
+            let pack = try #require(ObjectID(hex: name))
+            for e in try repo.readPackHeader(pack) {
+                _ = try repo.loadBlob(e.id, at: BlobLocation(pack: pack, entry: e), into: buffers, codec: codec)
+                try saver.add(
+                    e.id, type: e.type, compression: e.compression, rawLength: e.rawLength, bytes: buffers.stored)
+            }
+        }
+        try saver.finish()
+        #expect(try packBytes() > once * 19 / 10)
+
+        let report = try repo.prune()
+        #expect(report.blobsRemoved > 0)
+        #expect(try packBytes() < once * 11 / 10)
+        #expect(try repo.check(options: CheckOptions(readDataFraction: 1)).isClean)
+        let restored = try repo.restore(try repo.findSnapshot("latest"), to: dir.file("out"))
+        #expect(restored.failures.isEmpty)
+        #expect(
+            FileManager.default.contents(atPath: dir.file("out") + src + "/sub/b.bin")
+                == Data(pseudoRandomBytes(count: 300_000, seed: 1)))
+    }
 }

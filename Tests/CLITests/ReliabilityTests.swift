@@ -270,6 +270,52 @@ struct ReliabilityTests {
         #expect(FileManager.default.contents(atPath: s.file("out") + src + "/keep.bin") == keep)
     }
 
+    @Test("prune killed at later and later moments: check passes after each, the kept files restore identical")
+    func pruneKilled() throws {
+        let s = Scratch()
+        let src = s.file("src")
+        try FileManager.default.createDirectory(atPath: src, withIntermediateDirectories: true)
+        func random(_ megabytes: Int) throws -> Data {
+            try #require(FileHandle(forReadingAtPath: "/dev/urandom")?.readData(ofLength: megabytes << 20))
+        }
+        let keep = try random(4)
+        try keep.write(to: URL(fileURLWithPath: src + "/keep.bin"))
+        _ = try cabackup("init", "--repo", s.file("repo"))
+        // Round 0's packs mix keep.bin with a file dropped later (repacked); rounds 1-2
+        // leave packs only forgotten snapshots use (deleted).
+        var last = Data()
+        for round in 0..<4 {
+            if round > 0 { try FileManager.default.removeItem(atPath: src + "/drop\(round - 1).bin") }
+            last = try random(6)
+            try last.write(to: URL(fileURLWithPath: src + "/drop\(round).bin"))
+            #expect(try cabackup("snapshot", "--repo", s.file("repo"), src).status == 0)
+        }
+        #expect(try cabackup("forget", "--repo", s.file("repo"), "--keep-last", "1").status == 0)
+        var killed = 0
+        var finished = false
+        // Each kill a little later than the one before (+25%, up to 15 s): the early ones
+        // land in each phase of a prune in turn, until one finishes.
+        var delay = 5_000
+        while !finished && delay < 15_000_000 {
+            defer { delay = delay * 5 / 4 + 5_000 }
+            let p = try startCabackup("prune", "--repo", s.file("repo"))
+            usleep(UInt32(delay))
+            kill(p.processIdentifier, SIGKILL)
+            p.waitUntilExit()
+            if p.terminationReason == .uncaughtSignal { killed += 1 } else { finished = p.terminationStatus == 0 }
+            let check = try cabackup("check", "--repo", s.file("repo"))
+            #expect(check.status == 0, "killed after \(delay) µs: \(check.stdout) \(check.stderr)")
+        }
+        #expect(finished)
+        #expect(killed >= 2, "only \(killed) runs were killed before one finished")
+        #expect(try cabackup("prune", "--repo", s.file("repo")).status == 0)
+        #expect(try cabackup("check", "--repo", s.file("repo"), "--read-data").status == 0)
+        #expect(try repoBytes(s) < 12 << 20)
+        _ = try cabackup("restore", "--repo", s.file("repo"), "latest", "--target", s.file("out"))
+        #expect(FileManager.default.contents(atPath: s.file("out") + src + "/keep.bin") == keep)
+        #expect(FileManager.default.contents(atPath: s.file("out") + src + "/drop3.bin") == last)
+    }
+
     @Test("prune refuses to run beside a snapshot (exit 11); the snapshot completes and restores")
     func pruneBesideSnapshot() throws {
         let s = Scratch()

@@ -83,7 +83,8 @@ extension Repository {
     /// Removes data no snapshot references: packs with no used blob are deleted; packs
     /// with more than `repackBelow` of their bytes unused have their used blobs copied
     /// (verified) into new packs, then are deleted. New packs are durable and indexed
-    /// before any old pack is deleted, so an interruption loses nothing.
+    /// before any old pack is deleted, so an interruption loses nothing. A blob stored in
+    /// several packs is kept once (the copies an interrupted prune leaves).
     ///
     /// Takes the repository lock exclusively: it refuses to run beside a snapshot, so it
     /// can never delete a blob a running snapshot has just decided to reuse.
@@ -114,7 +115,11 @@ extension Repository {
         for pack in try backend.list(.pack).compactMap({ ObjectID(hex: $0) }).sorted() {
             let entries = try readPackHeader(pack)
             let size = try backend.size(.pack, pack.hex)
-            let live = entries.filter { used.contains($0.id) }
+            // Each used blob is kept once: the first pack holding it claims it, and a copy
+            // in a later pack counts as unused. Copies come from an interrupted prune (its
+            // new packs were written, the old ones not yet deleted) or from two snapshots
+            // storing the same new blob at once; kept as live, they would never go.
+            let live = entries.filter { used.remove($0.id) != nil }
             let liveBytes = live.reduce(0) { $0 + $1.length }
             let total = max(1, entries.reduce(0) { $0 + $1.length })
             report.blobsRemoved += entries.count - live.count
