@@ -169,5 +169,10 @@ struct IndexFilterTests {
             try index.blobIDs(inPack: pack(3)).sorted { $0.hex < $1.hex } == ids(30..<40).sorted { $0.hex < $1.hex })
         #expect(try index.blobIDs(inPack: pack(2)).isEmpty)
         #expect(try index.counts().blobs == 20)
+
+        // Two packs left, one named twice: not taken for "every pack" (which empties the tables).
+        try index.removePacks([pack(1), pack(1)])
+        #expect(try index.packIDs() == [pack(3)])
+        #expect(try index.counts().blobs == 10)
     }
 }

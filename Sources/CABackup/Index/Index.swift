@@ -474,11 +474,11 @@ final class RepositoryIndex: @unchecked Sendable {
             try db.execute("BEGIN IMMEDIATE")
             do {
                 let s = try db.prepare("SELECT n FROM packs WHERE id = ?1")
-                var numbers: [Int64] = []
+                var numbers = Set<Int64>()  // a set: an id named twice must not count twice
                 for id in ids {
                     s.reset()
                     s.bind(1, id)
-                    if try s.step() { numbers.append(s.int(0)) }
+                    if try s.step() { numbers.insert(s.int(0)) }
                 }
                 if try !numbers.isEmpty && Int64(numbers.count) == queryInt("SELECT count(*) FROM packs") {
                     // Every pack (a rebuild): SQLite empties whole tables without a row walk.
