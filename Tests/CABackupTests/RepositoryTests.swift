@@ -358,8 +358,10 @@ struct RepositoryTests {
         }
     }
 
-    @Test("prune keeps one copy of blobs stored twice, as an interrupted prune's new packs leave them")
-    func pruneDropsCopies() throws {
+    @Test(
+        "prune keeps one copy of blobs stored twice (an interrupted prune's state), its used set in memory or on disk",
+        arguments: [1_000_000, 2])
+    func pruneDropsCopies(idsInMemory: Int) throws {
         let dir = TemporaryDirectory()
         let src = makeTree(dir)
         let repo = try smallRepo(dir)
@@ -383,7 +385,7 @@ struct RepositoryTests {
         try saver.finish()
         #expect(try packBytes() > once * 19 / 10)
 
-        let report = try repo.prune()
+        let report = try repo.prune(dryRun: false, repackBelow: 0.8, idsInMemory: idsInMemory)
         #expect(report.blobsRemoved > 0)
         #expect(try packBytes() < once * 11 / 10)
         #expect(try repo.check(options: CheckOptions(readDataFraction: 1)).isClean)
@@ -392,5 +394,22 @@ struct RepositoryTests {
         #expect(
             FileManager.default.contents(atPath: dir.file("out") + src + "/sub/b.bin")
                 == Data(pseudoRandomBytes(count: 300_000, seed: 1)))
+    }
+
+    @Test("the used-blob set answers the same before and after it moves to disk")
+    func spillingSet() throws {
+        let set = SpillingIDSet(memoryLimit: 4)
+        let ids = (0..<10).map { sha256([UInt8($0)]) }
+        for id in ids[..<4] { #expect(try set.insert(id)) }
+        #expect(!set.spilled)
+        #expect(try !set.insert(ids[0]))
+        #expect(try set.remove(ids[3]))
+        for id in ids[3...] { #expect(try set.insert(id)) }
+        #expect(set.spilled)
+        #expect(try !set.insert(ids[0]) && !set.insert(ids[9]))
+        #expect(try set.remove(ids[0]) && !set.remove(ids[0]))
+        #expect(try !set.remove(sha256([99])))
+        #expect(try ids[1...].allSatisfy { try set.remove($0) })
+        #expect(try ids.allSatisfy { try !set.remove($0) })
     }
 }

@@ -1,3 +1,5 @@
+import CSQLite
+
 #if canImport(Glibc)
     import Glibc
 #elseif canImport(Darwin)
@@ -92,6 +94,12 @@ extension Repository {
     /// - Throws: ``CABackupError/locked(_:)`` while a snapshot runs; a damaged tree aborts
     ///   prune before anything is deleted (run `check`).
     public func prune(dryRun: Bool = false, repackBelow usedFraction: Double = 0.8) throws -> PruneReport {
+        try prune(dryRun: dryRun, repackBelow: usedFraction, idsInMemory: 1_000_000)
+    }
+
+    /// ``prune(dryRun:repackBelow:)`` keeping at most `idsInMemory` used blob ids in memory
+    /// (about 70 bytes each) before the set moves to a temporary SQLite file.
+    func prune(dryRun: Bool, repackBelow usedFraction: Double, idsInMemory: Int) throws -> PruneReport {
         let lock = try backend.lock(exclusive: true)
         defer { withExtendedLifetime(lock) {} }
         try synchronizeIndex()
@@ -99,12 +107,15 @@ extension Repository {
 
         // Everything any snapshot needs. A tree that cannot be read stops prune: deleting
         // on the strength of a partial walk could delete what that tree needs.
-        var used = Set<BlobID>()
+        let used = SpillingIDSet(memoryLimit: idsInMemory)
         func mark(_ ids: [BlobID]) throws {
-            for id in ids where !used.contains(id) {
-                used.insert(id)
+            for id in ids where try used.insert(id) {
                 for n in try loadTree(id) {
-                    if n.type == .directory { try mark(n.subtrees) } else { for c in n.content { used.insert(c) } }
+                    if n.type == .directory {
+                        try mark(n.subtrees)
+                    } else {
+                        for c in n.content { _ = try used.insert(c) }
+                    }
                 }
             }
         }
@@ -119,7 +130,7 @@ extension Repository {
             // in a later pack counts as unused. Copies come from an interrupted prune (its
             // new packs were written, the old ones not yet deleted) or from two snapshots
             // storing the same new blob at once; kept as live, they would never go.
-            let live = entries.filter { used.remove($0.id) != nil }
+            let live = try entries.filter { try used.remove($0.id) }
             let liveBytes = live.reduce(0) { $0 + $1.length }
             let total = max(1, entries.reduce(0) { $0 + $1.length })
             report.blobsRemoved += entries.count - live.count
@@ -186,4 +197,57 @@ func calendarKey(_ ns: Int64, _ format: String) -> String {
     var buf = [CChar](repeating: 0, count: 32)
     let n = strftime(&buf, buf.count, format, &tm)
     return String(decoding: buf[0..<n].map { UInt8(bitPattern: $0) }, as: UTF8.self)
+}
+
+/// A set of blob ids kept in memory up to a limit, then moved to a private temporary
+/// SQLite database (a file SQLite deletes when it closes) whose page cache bounds the
+/// memory: prune's set of used blobs grows with the repository, ~70 bytes an id in a
+/// Swift set, 0.7 GB for a 10M-blob repository.
+final class SpillingIDSet {
+    private var memory = Set<BlobID>()
+    private let memoryLimit: Int
+    private var disk: (db: SQLiteDatabase, insert: SQLiteStatement, remove: SQLiteStatement)?
+
+    init(memoryLimit: Int) { self.memoryLimit = memoryLimit }
+
+    /// Whether the set holds ids on disk.
+    var spilled: Bool { disk != nil }
+
+    /// Adds `id`; `false` when the set held it already.
+    func insert(_ id: BlobID) throws -> Bool {
+        if let disk {
+            disk.insert.bind(1, id)
+            try disk.insert.run()
+            return sqlite3_changes(disk.db.handle) > 0
+        }
+        guard memory.insert(id).inserted else { return false }
+        if memory.count > memoryLimit { try spill() }
+        return true
+    }
+
+    /// Removes `id`; `false` when the set did not hold it.
+    func remove(_ id: BlobID) throws -> Bool {
+        if let disk {
+            disk.remove.bind(1, id)
+            try disk.remove.run()
+            return sqlite3_changes(disk.db.handle) > 0
+        }
+        return memory.remove(id) != nil
+    }
+
+    private func spill() throws {
+        let db = try SQLiteDatabase(path: "")
+        try db.execute(
+            """
+            PRAGMA journal_mode=OFF; PRAGMA synchronous=OFF; PRAGMA cache_size=-16384;
+            CREATE TABLE ids(id BLOB PRIMARY KEY) WITHOUT ROWID; BEGIN
+            """)
+        let insert = try db.prepare("INSERT OR IGNORE INTO ids VALUES(?1)")
+        for id in memory {
+            insert.bind(1, id)
+            try insert.run()
+        }
+        memory = []
+        disk = (db, insert, try db.prepare("DELETE FROM ids WHERE id = ?1"))
+    }
 }
