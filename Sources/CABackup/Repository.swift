@@ -49,8 +49,8 @@ public final class Repository: @unchecked Sendable {
     let keys: RepositoryKeys?
     /// The key slot the repository was opened with.
     private(set) var currentKeyID: String?
-    /// Idle buffers and codecs for loading trees (see ``withTreeLoader(_:)``), only
-    /// touched with `treeLoaderLock` held.
+    /// Idle buffers and codecs for loading trees (see ``loadTree(_:)``), only touched
+    /// with `treeLoaderLock` held.
     private var treeLoaders: [(BlobBuffers, BlobCodec)] = []
     private let treeLoaderLock = Condition()
 
@@ -346,33 +346,17 @@ public final class Repository: @unchecked Sendable {
 
     /// The entries of a directory node (all its tree parts), in name order.
     public func loadDirectory(_ node: Node) throws -> [Node] {
-        try withTreeLoader { try loadDirectory(node, into: $0, codec: $1) }
-    }
-
-    /// The entries of a directory node, loaded with a caller's buffers and codec (a walk
-    /// loads thousands of trees; each codec costs key schedules and HMAC pads).
-    func loadDirectory(_ node: Node, into buffers: BlobBuffers, codec: BlobCodec) throws -> [Node] {
         var out: [Node] = []
-        for id in node.subtrees { out += try loadTree(id, into: buffers, codec: codec) }
+        for id in node.subtrees { out += try loadTree(id) }
         return out
     }
 
-    /// Decodes one tree blob.
+    /// Decodes one tree blob, loaded with buffers and a codec from a small pool: walks
+    /// (snapshot, restore, check, diff, ls, prune) load a tree per directory, and each new
+    /// codec costs key schedules and HMAC pads.
     func loadTree(_ id: BlobID) throws -> [Node] {
-        try withTreeLoader { try loadTree(id, into: $0, codec: $1) }
-    }
-
-    /// Runs `body` with buffers and a codec from a small pool: walks (restore, check,
-    /// diff, ls, prune) load a tree per directory, and each new codec costs key
-    /// schedules and HMAC pads.
-    private func withTreeLoader<R>(_ body: (BlobBuffers, BlobCodec) throws -> R) rethrows -> R {
-        let loader = treeLoaderLock.locked { treeLoaders.popLast() } ?? (BlobBuffers(), makeCodec())
-        defer { treeLoaderLock.locked { if treeLoaders.count < 4 { treeLoaders.append(loader) } } }
-        return try body(loader.0, loader.1)
-    }
-
-    /// Decodes one tree blob, loaded with a caller's buffers and codec.
-    func loadTree(_ id: BlobID, into buffers: BlobBuffers, codec: BlobCodec) throws -> [Node] {
+        let (buffers, codec) = treeLoaderLock.locked { treeLoaders.popLast() } ?? (BlobBuffers(), makeCodec())
+        defer { treeLoaderLock.locked { if treeLoaders.count < 4 { treeLoaders.append((buffers, codec)) } } }
         let bytes = Array(buffers.bytes(try loadBlob(id, into: buffers, codec: codec)))
         do {
             let nodes = try TreeCodec.decode(bytes)

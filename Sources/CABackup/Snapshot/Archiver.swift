@@ -252,9 +252,9 @@ final class Archiver: @unchecked Sendable {
     private var filesRead = 0
     private let start = monotonicSeconds()
     private var lastProgress = 0.0
-    /// The walk's codec and buffers, for the trees it stores and the parent's it loads.
+    /// The walk's codec, for the trees it stores (parent trees load through the
+    /// repository's pool of codecs and buffers).
     private let treeCodec: BlobCodec
-    private let treeBuffers = BlobBuffers()
     /// Every tree of this snapshot and the chunks of every file read by this run: what a
     /// server checks it holds before it accepts the record.
     private var references: [BlobID] = []
@@ -411,7 +411,7 @@ final class Archiver: @unchecked Sendable {
         if stat("/", &st) != 0 { throw ioError("stat", "/") }
         let rootNode = makeNode(name: [0x2F], st: st)
         let parentEntries = parent.flatMap { p in
-            (try? repo.loadTree(p.tree, into: treeBuffers, codec: treeCodec)).map {
+            (try? repo.loadTree(p.tree)).map {
                 ParentDirectory(entries: $0, trees: [p.tree])
             }
         }
@@ -509,7 +509,7 @@ final class Archiver: @unchecked Sendable {
     /// cannot be loaded (then everything below is read, as without a parent).
     private func parentDirectory(_ node: Node?) -> ParentDirectory? {
         guard let node, node.type == .directory,
-            let entries = try? repo.loadDirectory(node, into: treeBuffers, codec: treeCodec)
+            let entries = try? repo.loadDirectory(node)
         else { return nil }
         return ParentDirectory(entries: entries, trees: node.subtrees)
     }
