@@ -176,3 +176,109 @@ struct IndexFilterTests {
         #expect(try index.counts().blobs == 10)
     }
 }
+
+@Suite("Index: the sorted id table answers only for ids still stored")
+struct IndexTableTests {
+    let helper = IndexFilterTests()
+
+    @Test("every listed id is found, across blocks whose ids share a first word; nothing else; damage is refused")
+    func tableAlone() throws {
+        let dir = TemporaryDirectory()
+        let instance = sha256(Array("instance".utf8))
+        var stored = helper.ids(0..<10_000)
+        // 40 ids with one first word: they straddle a block boundary wherever they land.
+        let shared = stored[5000].w0
+        stored += (0..<40).map { ObjectID(w0: shared, w1: UInt64($0) * 977, w2: 1, w3: 2) }
+        stored.sort()
+        let state = RepositoryIndex.PackState(upTo: 9, count: 7, last: helper.pack(9))
+        let path = dir.file("ids")
+        let writer = try IDTable.Writer(path: path, instance: instance, state: state)
+        for id in stored {
+            try writer.append(id)
+            if id.w0 == shared { try writer.append(id) }  // a blob in two packs: listed once
+        }
+        let table = try writer.finish()
+        #expect(table.count == stored.count)
+        #expect(table.state.upTo == 9 && table.state.count == 7 && table.state.last == helper.pack(9))
+        #expect(stored.allSatisfy { table.contains($0) })
+        let absent = helper.ids(0..<10_000, salt: 1) + [ObjectID(w0: shared, w1: 5, w2: 1, w3: 2), .zero]
+        #expect(!absent.contains { table.contains($0) })
+
+        #expect(IDTable.load(path: path, instance: sha256(Array("other".utf8))) == nil)
+        var bytes = try #require(FileManager.default.contents(atPath: path))
+        var flipped = bytes
+        flipped[flipped.count - 40] ^= 1  // a fence word
+        try flipped.write(to: URL(fileURLWithPath: path))
+        #expect(IDTable.load(path: path, instance: instance) == nil)
+        bytes.removeLast()
+        try bytes.write(to: URL(fileURLWithPath: path))
+        #expect(IDTable.load(path: path, instance: instance) == nil)
+    }
+
+    @Test(
+        "built once the index is large enough, rebuilt when a quarter of the ids are unlisted; unlisted ids still found"
+    )
+    func builtAndGrown() throws {
+        let dir = TemporaryDirectory()
+        let path = dir.file("index.sqlite")
+        let all = helper.ids(0..<2100)
+        func open() throws -> RepositoryIndex {
+            try RepositoryIndex(path: path, repositoryID: "r", idTableMinimum: 1000)
+        }
+        do {
+            let index = try open()
+            try helper.addPack(index, 1, Array(all[0..<500]))
+            #expect(try index.missing(Array(all[0..<600])) == Set(all[500..<600]))
+            #expect(index.idTableCount == nil)  // 500 ids: below the minimum
+            try helper.addPack(index, 2, Array(all[500..<1500]))
+        }
+        do {
+            let index = try open()
+            #expect(try index.missing(Array(all[0..<1600])) == Set(all[1500..<1600]))
+            #expect(index.idTableCount == 1500)
+            try helper.addPack(index, 3, Array(all[1500..<1800]))  // 300: less than a quarter
+        }
+        do {
+            let index = try open()
+            #expect(try index.missing(all) == Set(all[1800...]))
+            #expect(index.idTableCount == 1500)
+            try helper.addPack(index, 4, Array(all[1800...]))
+        }
+        let index = try open()
+        #expect(try index.missing(all + helper.ids(0..<10, salt: 4)) == Set(helper.ids(0..<10, salt: 4)))
+        #expect(index.idTableCount == 2100)
+    }
+
+    @Test("removed packs: their ids are reported missing, by a connection holding the table and by a new one")
+    func removedPacks() throws {
+        let dir = TemporaryDirectory()
+        let path = dir.file("index.sqlite")
+        let a = helper.ids(0..<600)
+        let b = helper.ids(600..<1200)
+        let held = try RepositoryIndex(path: path, repositoryID: "r", idTableMinimum: 1000)
+        try helper.addPack(held, 1, a)
+        try helper.addPack(held, 2, b)
+        #expect(try held.missing(a + b).isEmpty)
+        #expect(held.idTableCount == 1200)
+        do {
+            let other = try RepositoryIndex(path: path, repositoryID: "r", idTableMinimum: 1_000_000)
+            try other.removePacks([helper.pack(2)])
+        }
+        #expect(try held.missing(a + b) == Set(b))
+        #expect(try !held.contains(b[0]))
+        do {
+            let fresh = try RepositoryIndex(path: path, repositoryID: "r", idTableMinimum: 1_000_000)
+            #expect(try fresh.missing(a + b) == Set(b))
+            #expect(fresh.idTableCount == nil)
+        }
+        // Everything removed and one pack indexed again: the old table (still on disk,
+        // listing both packs) must not match the new rows.
+        do {
+            let other = try RepositoryIndex(path: path, repositoryID: "r", idTableMinimum: 1_000_000)
+            try other.removePacks([helper.pack(1)])
+            try helper.addPack(other, 1, a)
+        }
+        let fresh = try RepositoryIndex(path: path, repositoryID: "r", idTableMinimum: 1_000_000)
+        #expect(try fresh.missing(a + b) == Set(b))
+    }
+}

@@ -201,8 +201,9 @@ let benchmarks: @Sendable () -> Void = {
                     i += batch.count
                 }
             }
-            // The first question builds the absent-id filter from the rows (when no saved
-            // one matches) and saves it, as the first snapshot after an upgrade would.
+            // The first question builds the absent-id filter and the sorted id table from
+            // the rows (when no saved ones match) and saves them, as the first snapshot
+            // after an upgrade would.
             _ = try index.contains(blobID(0))
         }
         // Even k: a stored id (spread over the whole range); odd k: never stored.

@@ -138,18 +138,9 @@ final class IDFilter {
         defer { close(fd) }
         var st = stat()
         guard fstat(fd, &st) == 0 else { return nil }
-        var header = [UInt8](repeating: 0, count: headerSize)
-        guard
-            (try? header.withUnsafeMutableBytes({
-                try preadFully(fd, into: $0.baseAddress!, count: headerSize, offset: 0, path: path)
-            })) != nil,
-            Array(header[0..<8]) == magic, Array(header[8..<40]) == instance.bytes
+        guard let header = readDerivedHeader(fd, count: headerSize, magic: magic, instance: instance, path: path)
         else { return nil }
-        func field(_ i: Int) -> UInt64 {
-            header.withUnsafeBytes {
-                UInt64(littleEndian: $0.loadUnaligned(fromByteOffset: 40 + 8 * i, as: UInt64.self))
-            }
-        }
+        func field(_ i: Int) -> UInt64 { littleEndianWord(header, at: 40 + 8 * i) }
         let (gen, capacity, inserted, blocks) = (
             Int64(bitPattern: field(0)), Int(field(1)), Int(field(2)), Int(field(3))
         )

@@ -69,10 +69,21 @@ final class RepositoryIndex: @unchecked Sendable {
     /// What ``IDFilter/touch(_:)`` returned, kept so its loads are not optimized away.
     private var touched: UInt64 = 0
     private enum FilterState { case unloaded, clean, dirty, disabled }
+    /// The sorted id table (see ``trustedTable()``), loaded or built with the filter.
+    private var table: IDTable?
+    private let tablePath: String
+    /// Below this many indexed ids no table is kept (SQLite's cache holds such an index).
+    private let tableMinimum: Int
+    /// The read transaction in which the table was last found still valid.
+    private var tableTrustedIn: UInt64?
+    /// Counts read transactions begun, to tell them apart.
+    private var readTransaction: UInt64 = 0
 
     /// Opens (creating if needed) the index at `path` for the repository `repositoryID`.
     /// An index of another schema or repository is discarded and recreated empty.
-    init(path: String, repositoryID: String) throws {
+    /// `idTableMinimum`: how many ids the index must hold before a sorted id table
+    /// (``IDTable``) is kept beside it.
+    init(path: String, repositoryID: String, idTableMinimum: Int = 262_144) throws {
         var ok = false
         do {
             let probe = try SQLiteDatabase(path: path)
@@ -80,10 +91,12 @@ final class RepositoryIndex: @unchecked Sendable {
         }  // The probe connection is closed here, before any file is removed.
         if !ok {
             // Another schema or another repository's index: it is derived data, start over.
-            for suffix in ["", "-wal", "-shm", "-filter"] { unlink(path + suffix) }
+            for suffix in ["", "-wal", "-shm", "-filter", "-ids"] { unlink(path + suffix) }
         }
         db = try SQLiteDatabase(path: path)
         filterPath = path + "-filter"
+        tablePath = path + "-ids"
+        tableMinimum = idTableMinimum
         chmod(path, 0o600)
         try db.execute(
             """
@@ -138,6 +151,7 @@ final class RepositoryIndex: @unchecked Sendable {
         endRead()
         try db.execute("BEGIN")
         readSince = now
+        readTransaction &+= 1
     }
 
     /// Ends the read transaction unless lookups are being batched. Called with `lock` held.
@@ -209,6 +223,7 @@ final class RepositoryIndex: @unchecked Sendable {
         if let filter = try dedupFilter(), !filter.mayContain(id) { return false }
         try beginRead()
         defer { finishRead() }
+        if let table = try trustedTable(), table.contains(id) { return true }
         return try containsStmt.hasRow(binding: id)
     }
 
@@ -232,6 +247,7 @@ final class RepositoryIndex: @unchecked Sendable {
                     try beginRead()
                     reading = true
                 }
+                if let table = try trustedTable(), table.contains(id) { continue }
                 if !(try containsStmt.hasRow(binding: id)) { out.insert(id) }
             }
             return out
@@ -380,15 +396,76 @@ final class RepositoryIndex: @unchecked Sendable {
         try beginRead()
         defer { finishRead() }
         let (instance, generation) = try filterVersion()
-        if let saved = adoptSavedFilter(instance: instance, generation: generation) { return saved }
-        let count = try queryInt("SELECT coalesce(sum(blob_count), 0) FROM packs")
-        let built = IDFilter(capacity: Int(count) + Int(count) / 2, instance: instance, generation: generation)
-        let s = try db.prepare("SELECT id FROM blobs")
-        while try s.step() { if let id = s.id(0) { built.insert(id) } }
+        let saved = adoptSavedFilter(instance: instance, generation: generation)
+        let buildTable = try loadTable(instance: instance)
+        if let saved, !buildTable { return saved }
+        // One scan (in id order: the table's key order, no sort) feeds whichever is built.
+        var built: IDFilter?
+        if saved == nil {
+            let count = try queryInt("SELECT coalesce(sum(blob_count), 0) FROM packs")
+            built = IDFilter(capacity: Int(count) + Int(count) / 2, instance: instance, generation: generation)
+        }
+        // Derived data: when the table cannot be written (a full disk), lookups use SQLite.
+        var writer =
+            buildTable ? try? IDTable.Writer(path: tablePath, instance: instance, state: currentPackState()) : nil
+        let s = try db.prepare("SELECT id FROM blobs ORDER BY id")
+        while try s.step() {
+            guard let id = s.id(0) else { continue }
+            built?.insert(id)
+            if let w = writer, (try? w.append(id)) == nil { writer = nil }
+        }
+        if let writer, let written = try? writer.finish() {
+            table = written
+            tableTrustedIn = readTransaction
+        }
+        guard let built else { return saved }
         filter = built
         filterState = .dirty
         saveFilter()
         return built
+    }
+
+    // MARK: The sorted id table
+
+    // An IDTable lists the ids of the packs indexed at the state in its header. Pack
+    // numbers are never given twice, so while `stillHolds` that state, every one of those
+    // packs is indexed and every id listed is stored; ids indexed later are not listed and
+    // go to SQLite. It is rebuilt (with the filter's scan when both are due) when a
+    // connection first asks and it is missing, invalid, or lists less than four fifths of
+    // the ids: a rebuild reads every row, so its cost is spread over many new ids.
+
+    /// Loads the saved table if needed and tells whether a new one should be built now.
+    /// Called with `lock` held, inside a read transaction.
+    private func loadTable(instance: ObjectID) throws -> Bool {
+        if table == nil { table = IDTable.load(path: tablePath, instance: instance) }
+        guard let table, try stillHolds(table.state) else {
+            table = nil
+            return try queryInt("SELECT coalesce(sum(blob_count), 0) FROM packs") >= tableMinimum
+        }
+        tableTrustedIn = readTransaction
+        let s = try db.prepare("SELECT coalesce(sum(blob_count), 0) FROM packs WHERE n > ?1")
+        s.bind(1, table.state.upTo)
+        _ = try s.step()
+        let unlisted = s.int(0)
+        return unlisted > 0 && unlisted >= Int64(table.count / 4) && Int64(table.count) + unlisted >= tableMinimum
+    }
+
+    /// How many ids the loaded id table lists (`nil`: none loaded), for tests.
+    var idTableCount: Int? { lock.locked { table?.count } }
+
+    /// The id table, when it may answer "stored" in the current read transaction: none of
+    /// the packs it lists has been removed (checked once per transaction; once not, the
+    /// table is dropped for good, since pack numbers never come back). Called with `lock`
+    /// held, inside a read transaction.
+    private func trustedTable() throws -> IDTable? {
+        guard let table else { return nil }
+        if tableTrustedIn == readTransaction { return table }
+        guard try stillHolds(table.state) else {
+            self.table = nil
+            return nil
+        }
+        tableTrustedIn = readTransaction
+        return table
     }
 
     /// Loads the saved filter if it matches the database; never builds one. Called with
