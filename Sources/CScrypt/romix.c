@@ -119,33 +119,73 @@ static inline void store_le32(uint8_t *p, uint32_t w) {
     p[3] = (uint8_t)(w >> 24);
 }
 
+// Natural little-endian words of a lane into diagonal order, and back.
+static void load_lane(vec *x, const uint8_t *block, size_t r) {
+    for (size_t k = 0; k < 2 * r; k++) {
+        uint32_t *dst = (uint32_t *)(x + k * 4);
+        for (int i = 0; i < 16; i++) dst[i] = load_le32(block + k * 64 + ((i * 5) & 15) * 4);
+    }
+}
+
+static void store_lane(uint8_t *block, const vec *x, size_t r) {
+    for (size_t k = 0; k < 2 * r; k++) {
+        const uint32_t *src = (const uint32_t *)(x + k * 4);
+        for (int i = 0; i < 16; i++) store_le32(block + k * 64 + ((i * 5) & 15) * 4, src[i]);
+    }
+}
+
+// Integerify(X) mod n for n < 2^32: word 0 of the last block, which the diagonal order
+// leaves at position 0.
+static inline uint32_t integerify(const vec *x, size_t vecs, uint32_t mask) {
+    return ((const uint32_t *)(x + vecs - 4))[0] & mask;
+}
+
 void cabackup_romix(uint8_t *block, size_t r, uint64_t n, void *v_memory, void *xy) {
     const size_t vecs = 8 * r;  // vectors per 128*r bytes
     vec *v = (vec *)v_memory;
     vec *x = (vec *)xy;
     vec *y = x + vecs;
 
-    // Natural little-endian words into diagonal order.
-    for (size_t k = 0; k < 2 * r; k++) {
-        uint32_t *dst = (uint32_t *)(x + k * 4);
-        for (int i = 0; i < 16; i++) dst[i] = load_le32(block + k * 64 + ((i * 5) & 15) * 4);
-    }
+    load_lane(x, block, r);
     // V[i] = X; X = BlockMix(X), each result written straight into the next V slot.
     memcpy(v, x, vecs * sizeof(vec));
     for (uint64_t i = 0; i + 1 < n; i++) block_mix(v + i * vecs, NULL, v + (i + 1) * vecs, r);
     block_mix(v + (n - 1) * vecs, NULL, x, r);
-    // X = BlockMix(X XOR V[Integerify(X) mod N]), alternating between x and y. n < 2^32,
-    // so only the low word of Integerify matters: word 0 of the last block, which the
-    // diagonal order leaves at position 0.
+    // X = BlockMix(X XOR V[Integerify(X) mod N]), alternating between x and y.
     const uint32_t mask = (uint32_t)(n - 1);
     for (uint64_t i = 0; i < n; i += 2) {
-        uint32_t j = ((const uint32_t *)(x + vecs - 4))[0] & mask;
-        block_mix(x, v + (size_t)j * vecs, y, r);
-        j = ((const uint32_t *)(y + vecs - 4))[0] & mask;
-        block_mix(y, v + (size_t)j * vecs, x, r);
+        block_mix(x, v + (size_t)integerify(x, vecs, mask) * vecs, y, r);
+        block_mix(y, v + (size_t)integerify(y, vecs, mask) * vecs, x, r);
     }
-    for (size_t k = 0; k < 2 * r; k++) {
-        const uint32_t *src = (const uint32_t *)(x + k * 4);
-        for (int i = 0; i < 16; i++) store_le32(block + k * 64 + ((i * 5) & 15) * 4, src[i]);
+    store_lane(block, x, r);
+}
+
+// V[j] for the half table: kept when j is even, else BlockMix of the V before it, into t.
+static inline const vec *half_v(const vec *v, uint32_t j, vec *t, size_t vecs, size_t r) {
+    const vec *kept = v + (size_t)(j >> 1) * vecs;
+    if ((j & 1) == 0) return kept;
+    block_mix(kept, NULL, t, r);
+    return t;
+}
+
+void cabackup_romix_half(uint8_t *block, size_t r, uint64_t n, void *v_memory, void *xyt) {
+    const size_t vecs = 8 * r;
+    vec *v = (vec *)v_memory;
+    vec *x = (vec *)xyt;
+    vec *y = x + vecs;
+    vec *t = y + vecs;
+
+    load_lane(v, block, r);  // V[0] = X
+    // V[2k+1] = BlockMix(V[2k]) passes through t; V[2k+2] = BlockMix(V[2k+1]) is kept,
+    // and the last one is X after n BlockMixes.
+    for (uint64_t k = 0; k < n / 2; k++) {
+        block_mix(v + k * vecs, NULL, t, r);
+        block_mix(t, NULL, k + 1 < n / 2 ? v + (k + 1) * vecs : x, r);
     }
+    const uint32_t mask = (uint32_t)(n - 1);
+    for (uint64_t i = 0; i < n; i += 2) {
+        block_mix(x, half_v(v, integerify(x, vecs, mask), t, vecs, r), y, r);
+        block_mix(y, half_v(v, integerify(y, vecs, mask), t, vecs, r), x, r);
+    }
+    store_lane(block, x, r);
 }

@@ -82,7 +82,7 @@ struct EncryptionTests {
         #expect(g.seal(plain, aad: aad) != g.seal(plain, aad: aad))
     }
 
-    @Test("scrypt: RFC 7914 test vectors 1 and 2")
+    @Test("scrypt: RFC 7914 test vectors 1, 2 and 3 (3 in full and half memory)")
     func scryptVectors() throws {
         #expect(
             hexString(try scrypt(password: [], salt: [], n: 16, r: 1, p: 1, length: 64))
@@ -94,9 +94,18 @@ struct EncryptionTests {
             )
                 == "fdbabe1c9d3472007856e7190d01e9fe7c6ad7cbc8237830e77376634b373162"
                 + "2eaf30d92e22a3886ff109279d9830dac727afb94a83ee6d8360cbdfa2cc0640")
+        for half in [false, true] {
+            #expect(
+                hexString(
+                    try scrypt(
+                        password: Array("pleaseletmein".utf8), salt: Array("SodiumChloride".utf8), n: 16384, r: 8,
+                        p: 1, length: 64, halfMemory: half))
+                    == "7023bdcb3afd7348461c06cd81fd38ebfda8fbba904f8e3ea9b543f6545da1f2"
+                    + "d5432955613f0fcf62d49705242a9af9e61e85dc0d651e40dfcf017b45575887")
+        }
     }
 
-    @Test("scrypt: the same bytes as libcrypto's for many parameters, on one thread or several")
+    @Test("scrypt: the same bytes as libcrypto's for many parameters, on one thread or several, in full or half memory")
     func scryptMatchesLibcrypto() throws {
         var rng = SplitMix64(seed: 7914)
         for round in 0..<24 {
@@ -108,8 +117,10 @@ struct EncryptionTests {
             let salt = (0..<Int(rng.next() % 40)).map { _ in UInt8(truncatingIfNeeded: rng.next()) }
             let expected = try scryptOpenSSL(password: password, salt: salt, n: n, r: r, p: p, length: length)
             let threads = 1 + round % 3
-            let got = try scrypt(password: password, salt: salt, n: n, r: r, p: p, length: length, threads: threads)
-            #expect(got == expected, "N=\(n) r=\(r) p=\(p) length=\(length) threads=\(threads)")
+            let half = round % 2 == 1
+            let got = try scrypt(
+                password: password, salt: salt, n: n, r: r, p: p, length: length, threads: threads, halfMemory: half)
+            #expect(got == expected, "N=\(n) r=\(r) p=\(p) length=\(length) threads=\(threads) half=\(half)")
         }
         #expect(throws: CABackupError.self) { try scrypt(password: [], salt: [], n: 3, r: 8, p: 1, length: 32) }
         #expect(throws: CABackupError.self) { try scrypt(password: [], salt: [], n: 1 << 24, r: 8, p: 1, length: 32) }

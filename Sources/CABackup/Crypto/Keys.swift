@@ -6,7 +6,7 @@ public struct KDFParameters: Codable, Sendable, Equatable {
     public var n: UInt64
     /// Block size.
     public var r: UInt64
-    /// Parallelism (run one after another here).
+    /// Parallelism: independent lanes (two at a time here when there are two cores).
     public var p: UInt64
 
     public init(n: UInt64, r: UInt64, p: UInt64) {
@@ -74,11 +74,22 @@ package struct KeySlot: Codable {
 
     var parameters: KDFParameters { KDFParameters(n: n, r: r, p: p) }
 
+    /// The key that wraps the master keys. Every command that opens an encrypted
+    /// repository waits for it (0.2 s on one core at the defaults), so with two cores the
+    /// lanes run two at once, each in half its memory: the peak memory of one lane, and
+    /// 2.5 lane-times instead of 4 for the default p = 4.
+    static func derive(password: String, salt: [UInt8], _ kdf: KDFParameters) throws -> [UInt8] {
+        let twoAtOnce = kdf.p >= 2 && sysconf(Int32(_SC_NPROCESSORS_ONLN)) >= 2
+        return try scrypt(
+            password: Array(password.utf8), salt: salt, n: kdf.n, r: kdf.r, p: kdf.p, length: 32,
+            threads: twoAtOnce ? 2 : 1, halfMemory: twoAtOnce)
+    }
+
     /// A new slot wrapping `keys` under `password`.
     static func make(keys: RepositoryKeys, password: String, kdf: KDFParameters) throws -> KeySlot {
         try kdf.validate()
         let salt = secureRandomBytes(32)
-        let wrap = try scrypt(password: Array(password.utf8), salt: salt, n: kdf.n, r: kdf.r, p: kdf.p, length: 32)
+        let wrap = try KeySlot.derive(password: password, salt: salt, kdf)
         let sealed = AESGCM(key: wrap).seal(keys.bytes, aad: SealedKind.keySlot)
         return KeySlot(
             created: formatRFC3339(ns: wallClockNs()), hostname: currentHostname(), username: currentUsername(),
@@ -92,7 +103,7 @@ package struct KeySlot: Codable {
         guard kdf == "scrypt", let salt = Data(base64Encoded: salt), let sealed = Data(base64Encoded: masterKey) else {
             return nil
         }
-        let wrap = try scrypt(password: Array(password.utf8), salt: Array(salt), n: n, r: r, p: p, length: 32)
+        let wrap = try KeySlot.derive(password: password, salt: Array(salt), parameters)
         guard let plain = AESGCM(key: wrap).open(Array(sealed), aad: SealedKind.keySlot), plain.count == 64 else {
             return nil
         }

@@ -9,4 +9,9 @@
 /// n is a power of two, at least 2, below 2^32.
 void cabackup_romix(uint8_t *block, size_t r, uint64_t n, void *v, void *xy);
 
+/// The same result in half the memory: only the even entries of V are kept, an odd one
+/// is recomputed from the entry before it when it is read (1.25 times the work).
+/// `v` must hold n*64*r bytes and `xyt` 384*r bytes.
+void cabackup_romix_half(uint8_t *block, size_t r, uint64_t n, void *v, void *xyt);
+
 #endif
