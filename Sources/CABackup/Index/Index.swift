@@ -402,7 +402,7 @@ final class RepositoryIndex: @unchecked Sendable {
         // One scan (in id order: the table's key order, no sort) feeds whichever is built.
         var built: IDFilter?
         if saved == nil {
-            let count = try queryInt("SELECT coalesce(sum(blob_count), 0) FROM packs")
+            let count = try idCount(after: 0)
             built = IDFilter(capacity: Int(count) + Int(count) / 2, instance: instance, generation: generation)
         }
         // Derived data: when the table cannot be written (a full disk), lookups use SQLite.
@@ -438,16 +438,18 @@ final class RepositoryIndex: @unchecked Sendable {
     /// Called with `lock` held, inside a read transaction.
     private func loadTable(instance: ObjectID) throws -> Bool {
         if table == nil { table = IDTable.load(path: tablePath, instance: instance) }
-        guard let table, try stillHolds(table.state) else {
-            table = nil
-            return try queryInt("SELECT coalesce(sum(blob_count), 0) FROM packs") >= tableMinimum
-        }
-        tableTrustedIn = readTransaction
-        let s = try db.prepare("SELECT coalesce(sum(blob_count), 0) FROM packs WHERE n > ?1")
-        s.bind(1, table.state.upTo)
-        _ = try s.step()
-        let unlisted = s.int(0)
+        guard let table = try trustedTable() else { return try idCount(after: 0) >= tableMinimum }
+        let unlisted = try idCount(after: table.state.upTo)
         return unlisted > 0 && unlisted >= Int64(table.count / 4) && Int64(table.count) + unlisted >= tableMinimum
+    }
+
+    /// The blobs of the packs numbered above `n` (all of them for 0), from the per-pack
+    /// counts: a blob held by two packs counts twice.
+    private func idCount(after n: Int64) throws -> Int64 {
+        let s = try db.prepare("SELECT coalesce(sum(blob_count), 0) FROM packs WHERE n > ?1")
+        s.bind(1, n)
+        _ = try s.step()
+        return s.int(0)
     }
 
     /// How many ids the loaded id table lists (`nil`: none loaded), for tests.

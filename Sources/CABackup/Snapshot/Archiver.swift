@@ -140,13 +140,13 @@ enum WorkItem: Sendable {
     case smallFile(SmallFileJob)
 }
 
-/// A directory whose entries are known but whose files may still be in the pipeline.
 /// A directory as the parent snapshot has it: its entries and the tree blobs holding them.
 struct ParentDirectory {
     var entries: [Node]
     var trees: [BlobID]
 }
 
+/// A directory whose entries are known but whose files may still be in the pipeline.
 final class PendingDirectory {
     enum Entry {
         case done(Node)
