@@ -82,19 +82,23 @@ struct EncryptionTests {
         #expect(g.seal(plain, aad: aad) != g.seal(plain, aad: aad))
     }
 
-    @Test("scrypt: RFC 7914 test vectors 1, 2 and 3 (3 in full and half memory)")
+    @Test("scrypt: RFC 7914 test vectors 1, 2 and 3 (2 and 3 in full and half memory, lanes paired or not)")
     func scryptVectors() throws {
         #expect(
             hexString(try scrypt(password: [], salt: [], n: 16, r: 1, p: 1, length: 64))
                 == "77d6576238657b203b19ca42c18a0497f16b4844e3074ae8dfdffa3fede21442"
                 + "fcd0069ded0948f8326a753a0fc81f17e8d3e0fb2e0d3628cf35e20c38d18906")
-        #expect(
-            hexString(
-                try scrypt(password: Array("password".utf8), salt: Array("NaCl".utf8), n: 1024, r: 8, p: 16, length: 64)
-            )
-                == "fdbabe1c9d3472007856e7190d01e9fe7c6ad7cbc8237830e77376634b373162"
-                + "2eaf30d92e22a3886ff109279d9830dac727afb94a83ee6d8360cbdfa2cc0640")
         for half in [false, true] {
+            for pairs in Set([false, scryptPairsSupported]) {
+                #expect(
+                    hexString(
+                        try scrypt(
+                            password: Array("password".utf8), salt: Array("NaCl".utf8), n: 1024, r: 8, p: 16,
+                            length: 64, threads: 2, halfMemory: half, pairs: pairs))
+                        == "fdbabe1c9d3472007856e7190d01e9fe7c6ad7cbc8237830e77376634b373162"
+                        + "2eaf30d92e22a3886ff109279d9830dac727afb94a83ee6d8360cbdfa2cc0640",
+                    "half=\(half) pairs=\(pairs)")
+            }
             #expect(
                 hexString(
                     try scrypt(
@@ -105,10 +109,12 @@ struct EncryptionTests {
         }
     }
 
-    @Test("scrypt: the same bytes as libcrypto's for many parameters, on one thread or several, in full or half memory")
+    @Test(
+        "scrypt: the same bytes as libcrypto's for many parameters, on one thread or several, in full or half memory, lanes paired or not"
+    )
     func scryptMatchesLibcrypto() throws {
         var rng = SplitMix64(seed: 7914)
-        for round in 0..<24 {
+        for round in 0..<48 {
             let n = UInt64(1) << UInt64(1 + rng.next() % 10)
             let r = 1 + rng.next() % 9
             let p = 1 + rng.next() % 5
@@ -118,9 +124,13 @@ struct EncryptionTests {
             let expected = try scryptOpenSSL(password: password, salt: salt, n: n, r: r, p: p, length: length)
             let threads = 1 + round % 3
             let half = round % 2 == 1
+            let pairs = round % 4 >= 2
             let got = try scrypt(
-                password: password, salt: salt, n: n, r: r, p: p, length: length, threads: threads, halfMemory: half)
-            #expect(got == expected, "N=\(n) r=\(r) p=\(p) length=\(length) threads=\(threads) half=\(half)")
+                password: password, salt: salt, n: n, r: r, p: p, length: length, threads: threads, halfMemory: half,
+                pairs: pairs)
+            #expect(
+                got == expected,
+                "N=\(n) r=\(r) p=\(p) length=\(length) threads=\(threads) half=\(half) pairs=\(pairs)")
         }
         #expect(throws: CABackupError.self) { try scrypt(password: [], salt: [], n: 3, r: 8, p: 1, length: 32) }
         #expect(throws: CABackupError.self) { try scrypt(password: [], salt: [], n: 1 << 24, r: 8, p: 1, length: 32) }

@@ -120,7 +120,7 @@ enum SealedKind {
 }
 
 /// scrypt (RFC 7914) through libcrypto's `EVP_PBE_scrypt`: one lane after another; the tests
-/// and benchmarks hold ``scrypt(password:salt:n:r:p:length:threads:)`` against it.
+/// and benchmarks hold ``scrypt(password:salt:n:r:p:length:threads:halfMemory:pairs:)`` against it.
 ///
 /// - Throws: ``CABackupError/invalidArgument(_:)`` when the parameters are out of range
 ///   or need more memory than 1 GiB.

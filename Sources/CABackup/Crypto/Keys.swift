@@ -75,9 +75,10 @@ package struct KeySlot: Codable {
     var parameters: KDFParameters { KDFParameters(n: n, r: r, p: p) }
 
     /// The key that wraps the master keys. Every command that opens an encrypted
-    /// repository waits for it (0.2 s on one core at the defaults), so with two cores the
-    /// lanes run two at once, each in half its memory: the peak memory of one lane, and
-    /// 2.5 lane-times instead of 4 for the default p = 4.
+    /// repository waits for it (0.2 s on one core at the defaults, one lane at a time), so
+    /// with two cores two threads share the lanes in half memory each: the peak memory
+    /// of one lane, and about 2.1 lane-times instead of 4 for the default p = 4 (2.5
+    /// without AVX2; see ``scrypt(password:salt:n:r:p:length:threads:halfMemory:pairs:)``).
     static func derive(password: String, salt: [UInt8], _ kdf: KDFParameters) throws -> [UInt8] {
         let twoAtOnce = kdf.p >= 2 && sysconf(Int32(_SC_NPROCESSORS_ONLN)) >= 2
         return try scrypt(
