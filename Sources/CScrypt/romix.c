@@ -268,12 +268,16 @@ PAIR_TARGET static inline __attribute__((always_inline)) void mix_with_table(
     const wvec *va = v + (size_t)(ja >> shift) * vecs, *vb = v + (size_t)(jb >> shift) * vecs;
     uint32_t step_mask = (1u << shift) - 1, a = ja & step_mask, b = jb & step_mask;
     uint32_t n_steps = a > b ? a : b;
-    const wvec *from_a = va, *from_b = vb;
     const wvec *got_a = va, *got_b = vb;
+    // The first step takes each lane from its own kept entry; later ones take the pair
+    // the step before wrote, whole.
     for (uint32_t k = 1; k <= n_steps; k++) {
         wvec *dst = steps + (k - 1) * vecs;
-        block_mix_pair(from_a, from_b, 1, NULL, NULL, dst, r);
-        from_a = from_b = dst;
+        if (k == 1) {
+            block_mix_pair(va, vb, 1, NULL, NULL, dst, r);
+        } else {
+            block_mix_pair(dst - vecs, dst - vecs, 0, NULL, NULL, dst, r);
+        }
         if (k == a) got_a = dst;
         if (k == b) got_b = dst;
     }

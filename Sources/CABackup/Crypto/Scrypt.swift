@@ -26,8 +26,8 @@ import CScrypt
 /// parameters, in 2.5 lane-times on one lane at a time and about 2.1 with pairs.
 ///
 /// - Parameters:
-///   - threads: lanes (or pairs) mixed at once; memory is `threads` × N·128·r bytes, or
-///     half that with `halfMemory`.
+///   - threads: lanes (or pairs) mixed at once; memory is one N·128·r-byte table per
+///     running thread (at most one per lane or pair), or half that with `halfMemory`.
 ///   - halfMemory: keep half a table per thread (see above).
 ///   - pairs: mix two lanes at once when the CPU can (``scryptPairsSupported``).
 /// - Throws: ``CABackupError/invalidArgument(_:)`` when the parameters are out of range.
@@ -68,6 +68,7 @@ func scrypt(
         let address = Int(bitPattern: all.baseAddress!)
         let mix: @Sendable (Int, Int) -> Void = { first, table in
             let v = UnsafeMutableRawPointer(bitPattern: table)!
+            // The largest working set: a pair with quarter tables, (3 + 4) × 256·r bytes.
             let work = UnsafeMutableRawPointer.allocate(byteCount: 8 * 2 * laneBytes, alignment: 64)
             defer { work.deallocate() }
             func block(_ lane: Int) -> UnsafeMutablePointer<UInt8> {
