@@ -49,6 +49,9 @@ public final class Repository: @unchecked Sendable {
     let keys: RepositoryKeys?
     /// The key slot the repository was opened with.
     private(set) var currentKeyID: String?
+    /// What the open noticed that the user should hear about without failing (key slots
+    /// skipped as unreadable or too costly), one line each.
+    public private(set) var warnings: [String] = []
     /// Idle buffers and codecs for loading trees (see ``loadTree(_:)``), only touched
     /// with `treeLoaderLock` held.
     private var treeLoaders: [(BlobBuffers, BlobCodec)] = []
@@ -90,9 +93,10 @@ public final class Repository: @unchecked Sendable {
         let (backend, indexPath) = try storage(path, durable: durable)
         if let chunker { try chunker.validate() }
         if let password { try checkNewPassword(password) }
-        if backend is HTTPBackend && password == nil {
+        if !backend.isLocalAndTrusted && password == nil {
             throw CABackupError.invalidArgument(
-                "a repository on a server is always encrypted: drop --no-encryption (give a password)")
+                "a repository on \(backend.location) is always encrypted (only a local directory may hold a plaintext one): drop --no-encryption (give a password)"
+            )
         }
         try kdf.validate()
         let config = RepositoryConfig.makeNew(chunker: chunker, encrypted: password != nil)
@@ -103,11 +107,20 @@ public final class Repository: @unchecked Sendable {
             keyID = try writeKeySlot(try KeySlot.make(keys: keys, password: password, kdf: kdf), to: backend)
         }
         // The config is written last: until it exists, there is no repository.
-        try config.encoded(keys: keys).withUnsafeBytes { (raw) throws in
+        let configBytes = config.encoded(keys: keys)
+        try configBytes.withUnsafeBytes { (raw) throws in
             try backend.write(.config, "config", raw)
         }
-        return try Repository(
+        let warning = KnownRepositories.rememberOrWarn(
+            backend.location,
+            .init(
+                config: sha256(configBytes).hex, formatVersion: config.formatVersion, keySlot: keyID,
+                seenNs: wallClockNs()),
+            durable: durable)
+        let repo = try Repository(
             backend: backend, config: config, keys: keys, keyID: keyID, indexPath: try indexPath(config.id))
+        repo.warnings = warning.map { [$0] } ?? []
+        return repo
     }
 
     /// The backend for a `--repo` value (a directory, or `http(s)://NAME@HOST:PORT[/PREFIX]`)
@@ -179,6 +192,22 @@ public final class Repository: @unchecked Sendable {
     public static func open(
         path: String, passwordProvider: () throws -> String, durable: Bool = true
     ) throws -> Repository {
+        try open(path: path, passwordProvider: passwordProvider, durable: durable, trustNewConfig: false)
+    }
+
+    /// Opens a repository whose config changed since this device first saw it (it was
+    /// re-created on purpose at the same location) and remembers the new config: the
+    /// password must open it, and everything the config says is checked as at any open.
+    /// What `cabackup trust` does.
+    public static func trustNewConfig(
+        path: String, passwordProvider: () throws -> String, durable: Bool = true
+    ) throws -> Repository {
+        try open(path: path, passwordProvider: passwordProvider, durable: durable, trustNewConfig: true)
+    }
+
+    private static func open(
+        path: String, passwordProvider: () throws -> String, durable: Bool, trustNewConfig: Bool
+    ) throws -> Repository {
         let (backend, indexPath) = try storage(path, durable: durable)
         let path = backend.location
         guard try backend.exists() else {
@@ -187,15 +216,49 @@ public final class Repository: @unchecked Sendable {
             }
             throw CABackupError.repositoryNotFound(path)
         }
-        let file = try ConfigFile.decode(try backend.read(.config, "config"), path: path + "/config")
+        let bytes = try backend.read(.config, "config")
+        guard bytes.count <= FileKind.config.maxWholeFileSize else {
+            throw CABackupError.badConfig(path: path + "/config", reason: "\(bytes.count) bytes is not a config")
+        }
+        let file = try ConfigFile.decode(bytes, path: path + "/config")
+        let digest = sha256(bytes).hex
+        if !file.isEncrypted && !backend.isLocalAndTrusted {
+            throw CABackupError.untrusted(
+                "the repository config at \(path) says it is not encrypted, but only a local directory may hold a plaintext repository: the storage may be hostile; nothing was read or written"
+            )
+        }
+        let known = KnownRepositories.entry(path)
+        if let known, !trustNewConfig, digest != known.config || file.formatVersion < known.formatVersion {
+            let lower =
+                file.formatVersion < known.formatVersion
+                ? " (down to format version \(file.formatVersion) from the \(known.formatVersion) seen there)" : ""
+            throw CABackupError.untrusted(
+                "the repository config at \(path) changed since this device first opened it\(lower): the storage may be hostile; nothing was read or written. If you re-created the repository there yourself, run 'cabackup trust --repo \(path)'"
+            )
+        }
         var keys: RepositoryKeys?
         var keyID: String?
+        var warnings: [String] = []
         if file.isEncrypted {
-            (keys, keyID) = try unlock(backend, password: try passwordProvider())
+            let opened = try unlock(backend, password: try passwordProvider(), preferred: known?.keySlot)
+            (keys, keyID) = (opened.keys, opened.slot)
+            warnings += opened.skipped.map {
+                "key slot \($0.prefix(8)) was skipped: it is unreadable or its scrypt parameters are outside the allowed bounds (remove it with 'cabackup key remove \($0.prefix(8))')"
+            }
         }
         let config = try file.resolve(keys: keys, path: path + "/config")
+        if let warning = KnownRepositories.rememberOrWarn(
+            path,
+            .init(
+                config: digest, formatVersion: max(file.formatVersion, trustNewConfig ? 0 : known?.formatVersion ?? 0),
+                keySlot: keyID, seenNs: known == nil || known?.keySlot != keyID ? wallClockNs() : known!.seenNs),
+            durable: durable)
+        {
+            warnings.append(warning)
+        }
         let repo = try Repository(
             backend: backend, config: config, keys: keys, keyID: keyID, indexPath: try indexPath(config.id))
+        repo.warnings = warnings
         try repo.synchronizeIndex()
         return repo
     }

@@ -98,6 +98,7 @@ final class Space: @unchecked Sendable {
     private func unindex(pack name: String) throws {
         guard let pack = ObjectID(hex: name) else { return }
         for sql in ["DELETE FROM blobs WHERE pack = ?", "DELETE FROM packs WHERE id = ?"] {
+            // SQL-safe: sql is one of the two literals above.
             let s = try db.prepare(sql)
             s.bind(1, pack)
             try s.run()

@@ -32,7 +32,7 @@ struct CABackupCommand: AsyncParsableCommand {
             InitCommand.self, SnapshotCommand.self, SnapshotsCommand.self, LsCommand.self, RestoreCommand.self,
             StatusCommand.self, DiffCommand.self, WatchCommand.self, CheckCommand.self, ForgetCommand.self,
             PruneCommand.self, RepairCommand.self, KeyCommand.self, ServerCommand.self, RegisterCommand.self,
-            LoginCommand.self, LogoutCommand.self, DevicesCommand.self,
+            LoginCommand.self, LogoutCommand.self, DevicesCommand.self, TrustCommand.self,
         ]
     )
 
@@ -94,7 +94,9 @@ struct RepositoryOptions: ParsableArguments {
     func open() throws -> Repository {
         let path = try path()
         let location = RemoteLocation.isRemote(path) ? path : absolutePath(path)
-        return try Repository.open(path: path, passwordProvider: { try password.read(for: location) })
+        let repo = try Repository.open(path: path, passwordProvider: { try password.read(for: location) })
+        for warning in repo.warnings { printError("cabackup: warning: \(warning)") }
+        return repo
     }
 }
 

@@ -53,6 +53,7 @@ struct InitCommand: ParsableCommand {
             chunker = from.config.chunker
         }
         let repo = try Repository.initialize(path: path, password: password, chunker: chunker, kdf: kdfForNewKeys)
+        for warning in repo.warnings { printError("cabackup: warning: \(warning)") }
         let kind = repo.config.isEncrypted ? "encrypted" : "unencrypted"
         print("created \(kind) repository \(repo.config.id.prefix(8)) at \(location)")
         if password != nil {
@@ -77,5 +78,28 @@ struct RepairIndexCommand: ParsableCommand {
         try repo.rebuildIndex()
         let c = try repo.indexCounts()
         print("index rebuilt: \(c.packs) packs, \(c.blobs) blobs, \(c.snapshots) snapshots")
+    }
+}
+
+struct TrustCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "trust",
+        abstract: "Accept a repository's new config after re-creating the repository at the same location.",
+        discussion: """
+            Each device remembers the config of every repository it opens and refuses one that \
+            changed (a storage that serves another config may be hostile). When you re-created \
+            the repository yourself, this opens it with its password, checks the new config as any \
+            open does, and remembers it.
+            """)
+
+    @OptionGroup var repository: RepositoryOptions
+
+    func run() throws {
+        let path = try repository.path()
+        let location = RemoteLocation.isRemote(path) ? path : absolutePath(path)
+        let repo = try Repository.trustNewConfig(
+            path: path, passwordProvider: { try repository.password.read(for: location) })
+        let kind = repo.config.isEncrypted ? "encrypted" : "unencrypted"
+        print("trusting the config of \(kind) repository \(repo.config.id.prefix(8)) at \(location)")
     }
 }

@@ -83,9 +83,12 @@ func promptNoEcho(_ prompt: String) -> String? {
     return String(decoding: bytes, as: UTF8.self)
 }
 
-/// scrypt cost for new key slots. `CABACKUP_TEST_INSECURE_KDF=1` is a test hook that makes
-/// key slots cheap to open, for test suites only.
+/// scrypt cost for new key slots. In builds with the test hooks compiled in (debug builds,
+/// see `Package.swift`), `CABACKUP_TEST_INSECURE_KDF=1` makes key slots cheap to open for
+/// test suites; a release build has no such switch.
 var kdfForNewKeys: KDFParameters {
-    if let s = getenv("CABACKUP_TEST_INSECURE_KDF"), String(cString: s) == "1" { return .insecureFastForTesting }
+    #if CABACKUP_TEST_HOOKS
+        if let s = getenv("CABACKUP_TEST_INSECURE_KDF"), String(cString: s) == "1" { return .insecureFastForTesting }
+    #endif
     return .default
 }

@@ -262,20 +262,27 @@ struct EncryptionTests {
         let dir = TemporaryDirectory()
         let path = dir.file("repo")
         let repo = try Repository.initialize(
-            path: path, password: "first", chunker: smallParameters, kdf: .insecureFastForTesting, durable: false)
+            path: path, password: "first password", chunker: smallParameters, kdf: .insecureFastForTesting,
+            durable: false)
         let first = try #require(try repo.keySlots().first)
-        let second = try repo.addKey(password: "second", kdf: .insecureFastForTesting)
+        let second = try repo.addKey(password: "second password", kdf: .insecureFastForTesting)
         #expect(try repo.keySlots().count == 2)
-        let viaSecond = try Repository.open(path: path, password: "second")
+        let viaSecond = try Repository.open(path: path, password: "second password")
         #expect(try viaSecond.keySlots().first { $0.isCurrent }?.id == second)
         #expect(throws: CABackupError.self) { try viaSecond.removeKey(second) }
         try viaSecond.removeKey(String(first.id.prefix(8)))
-        #expect(throws: CABackupError.self) { try Repository.open(path: path, password: "first") }
-        let third = try viaSecond.changePassword(to: "third", kdf: .insecureFastForTesting)
+        #expect(throws: CABackupError.self) { try Repository.open(path: path, password: "first password") }
+        let third = try viaSecond.changePassword(to: "third password", kdf: .insecureFastForTesting)
         #expect(try viaSecond.keySlots().map(\.id) == [third])
-        #expect(throws: CABackupError.self) { try Repository.open(path: path, password: "second") }
-        #expect(try Repository.open(path: path, password: "third").config.chunker == smallParameters)
+        #expect(throws: CABackupError.self) { try Repository.open(path: path, password: "second password") }
+        #expect(try Repository.open(path: path, password: "third password").config.chunker == smallParameters)
         #expect(throws: CABackupError.self) { try repo.addKey(password: "") }
+        #expect {
+            try repo.addKey(password: "short")
+        } throws: { e in
+            "\(e)".contains("shorter than 8 characters")
+        }
+        #expect(try repo.keySlots().count == 1, "a refused password adds no slot")
     }
 }
 

@@ -361,8 +361,10 @@ struct ReliabilityTests {
         try FileManager.default.removeItem(atPath: repo + "/data/ab/" + fake)
         // A newer format version: refuse, and say to upgrade.
         let config = try String(contentsOfFile: repo + "/config", encoding: .utf8)
-        try config.replacingOccurrences(of: "\"format_version\" : 2", with: "\"format_version\" : 7")
-            .write(toFile: repo + "/config", atomically: true, encoding: .utf8)
+        try config.replacingOccurrences(
+            of: "\"format_version\" : [0-9]+", with: "\"format_version\" : 7", options: .regularExpression
+        )
+        .write(toFile: repo + "/config", atomically: true, encoding: .utf8)
         let newer = try cabackup("snapshots", "--repo", repo)
         #expect(newer.status == 1)
         #expect(newer.stderr.contains("upgrade cabackup"))

@@ -3,6 +3,27 @@ import Testing
 
 let httptool = packageRoot + "/Tests/CLITests/httptool.py"
 
+/// Starts `process` (a server) and returns the URL from the "listening on URL" line it
+/// prints first; stderr is discarded.
+func startListening(_ process: Process, what: String) throws -> String {
+    let out = Pipe()
+    process.standardOutput = out
+    process.standardError = FileHandle(forWritingAtPath: "/dev/null")
+    try process.run()
+    var text = ""
+    let deadline = Date().addingTimeInterval(30)
+    while !text.contains("\n") && Date() < deadline {
+        let chunk = out.fileHandleForReading.availableData
+        if chunk.isEmpty { break }
+        text += String(decoding: chunk, as: UTF8.self)
+    }
+    guard let r = text.range(of: "listening on ") else {
+        process.terminate()
+        throw CocoaError(.fileReadUnknown, userInfo: [NSLocalizedDescriptionKey: "\(what) did not start: \(text)"])
+    }
+    return String(text[r.upperBound...].prefix { !$0.isNewline })
+}
+
 /// A `cabackup server` started from the test on 127.0.0.1 (a free port unless given).
 final class TestServer {
     let process: Process
@@ -16,22 +37,7 @@ final class TestServer {
         process.executableURL = URL(fileURLWithPath: productsDirectory + "/cabackup")
         process.arguments = ["server", "--listen", "127.0.0.1:\(port)", "--data", data] + extra
         process.environment = childEnvironment([:])
-        let out = Pipe()
-        process.standardOutput = out
-        process.standardError = FileHandle(forWritingAtPath: "/dev/null")
-        try process.run()
-        var text = ""
-        let deadline = Date().addingTimeInterval(30)
-        while !text.contains("\n") && Date() < deadline {
-            let chunk = out.fileHandleForReading.availableData
-            if chunk.isEmpty { break }
-            text += String(decoding: chunk, as: UTF8.self)
-        }
-        guard let r = text.range(of: "listening on ") else {
-            process.terminate()
-            throw CocoaError(.fileReadUnknown, userInfo: [NSLocalizedDescriptionKey: "server did not start: \(text)"])
-        }
-        url = String(text[r.upperBound...].prefix { !$0.isNewline })
+        url = try startListening(process, what: "server")
     }
 
     /// A repository URL for `user` on this server.

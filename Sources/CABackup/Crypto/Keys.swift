@@ -27,9 +27,22 @@ public struct KDFParameters: Codable, Sendable, Equatable {
     /// Never use them for data that matters.
     public static let insecureFastForTesting = KDFParameters(n: 1 << 10, r: 8, p: 1)
 
+    /// The most memory one lane may take: 64 MiB, twice the default's. A key slot comes
+    /// from the storage, so its parameters are an attacker's choice: without a bound, one
+    /// slot could make every open take a gigabyte and many seconds.
+    static let maxMemory: UInt64 = 64 << 20
+    /// The most work a slot may cost, in N·r·p: twice the default's (about 0.4 s here), so
+    /// trying every slot an open may try (``Repository/maxKeySlotTries``) stays bounded.
+    static let maxWork: UInt64 = 2 << 20
+
+    /// Throws unless the parameters are within the bounds above: N a power of two from
+    /// 2¹⁰ to 2¹⁷, r from 1 to 32, p from 1 to 16, 128·N·r ≤ 64 MiB, N·r·p ≤ 2²¹.
     func validate() throws {
-        guard n >= 2, n.nonzeroBitCount == 1, n <= 1 << 22, r >= 1, r <= 32, p >= 1, p <= 16 else {
-            throw CABackupError.invalidArgument("scrypt parameters N=\(n) r=\(r) p=\(p) are out of range")
+        guard n >= 1 << 10, n.nonzeroBitCount == 1, n <= 1 << 17, r >= 1, r <= 32, p >= 1, p <= 16,
+            128 * n * r <= Self.maxMemory, n * r * p <= Self.maxWork
+        else {
+            throw CABackupError.invalidArgument(
+                "scrypt parameters N=\(n) r=\(r) p=\(p) are out of range (at most 64 MiB and twice the default work)")
         }
     }
 }
@@ -139,17 +152,44 @@ extension Repository {
         return name
     }
 
-    /// Tries `password` on every key slot; returns the keys and the slot that opened.
+    /// The most key slots one open tries (each costs a scrypt derivation): enough for
+    /// every password a household shares one repository with, few enough that a storage
+    /// that adds slots cannot make an open take minutes.
+    public static let maxKeySlotTries = 10
+
+    /// Tries `password` on the key slots: `preferred` (the slot that opened this
+    /// repository last time) first, then the others in name order, at most
+    /// ``maxKeySlotTries`` of them. Slots that do not parse or whose scrypt parameters are
+    /// outside ``KDFParameters/validate()`` are skipped and named in `skipped`.
     ///
     /// - Throws: ``CABackupError/wrongPassword(_:)`` when no slot opens.
-    static func unlock(_ backend: any Backend, password: String) throws -> (RepositoryKeys, String) {
-        let names = try backend.list(.key).sorted()
+    static func unlock(
+        _ backend: any Backend, password: String, preferred: String? = nil
+    ) throws -> (
+        keys: RepositoryKeys, slot: String, skipped: [String]
+    ) {
+        var names = try backend.list(.key).filter(isObjectName).sorted()
         guard !names.isEmpty else {
             throw CABackupError.corrupt(what: "repository \(backend.location)", reason: "it has no key slots in keys/")
         }
+        if let preferred, let i = names.firstIndex(of: preferred) { names.insert(names.remove(at: i), at: 0) }
+        var skipped: [String] = []
+        var tried = 0
         for name in names {
-            guard let bytes = try? backend.read(.key, name), let slot = KeySlot.decode(bytes) else { continue }
-            if let keys = try slot.unwrap(password: password) { return (keys, name) }
+            guard tried < maxKeySlotTries else { break }
+            guard let bytes = try? backend.read(.key, name), let slot = KeySlot.decode(bytes), slot.kdf == "scrypt",
+                (try? slot.parameters.validate()) != nil
+            else {
+                skipped.append(name)
+                continue
+            }
+            tried += 1
+            if let keys = try slot.unwrap(password: password) { return (keys, name, skipped) }
+        }
+        if tried == maxKeySlotTries && names.count - skipped.count > tried {
+            throw CABackupError.wrongPassword(
+                "\(backend.location) (tried \(tried) of its \(names.count - skipped.count) key slots, the most one open tries)"
+            )
         }
         throw CABackupError.wrongPassword(backend.location)
     }
@@ -206,9 +246,17 @@ extension Repository {
     }
 }
 
+/// The shortest password a new key slot or account accepts (existing ones still open).
+public let minimumPasswordLength = 8
+
 /// Refuses passwords no one should use for a backup.
 func checkNewPassword(_ password: String) throws {
     guard !password.isEmpty else { throw CABackupError.invalidArgument("the password is empty: choose a password") }
+    guard password.count >= minimumPasswordLength else {
+        throw CABackupError.invalidArgument(
+            "the password is shorter than \(minimumPasswordLength) characters: choose a longer one (nothing was changed)"
+        )
+    }
     guard password.utf8.count <= 4096 else {
         throw CABackupError.invalidArgument("the password is longer than 4096 bytes: choose a shorter one")
     }

@@ -112,13 +112,22 @@ final class RepositoryIndex: @unchecked Sendable {
                 record BLOB NOT NULL);
             CREATE TABLE IF NOT EXISTS complete(snapshot BLOB PRIMARY KEY, packs_upto INTEGER NOT NULL,
                 pack_count INTEGER NOT NULL, last_pack BLOB);
-            INSERT OR IGNORE INTO meta VALUES('schema', '\(RepositoryIndex.schemaVersion)');
-            INSERT OR IGNORE INTO meta VALUES('repository', '\(repositoryID)');
-            INSERT OR IGNORE INTO meta VALUES('instance', '\(ObjectID(bytes: secureRandomBytes(32))!.hex)');
             INSERT OR IGNORE INTO meta VALUES('generation', '0');
             UPDATE meta SET value = (SELECT max(n) FROM packs)
                 WHERE key = 'generation' AND CAST(value AS INTEGER) < (SELECT coalesce(max(n), 0) FROM packs);
             """)
+        // Values go in as bound parameters only: the repository id comes from the config,
+        // which the storage serves.
+        let meta = try db.prepare("INSERT OR IGNORE INTO meta VALUES(?1, ?2)")
+        for (key, value) in [
+            ("schema", String(RepositoryIndex.schemaVersion)), ("repository", repositoryID),
+            ("instance", ObjectID(bytes: secureRandomBytes(32))!.hex),
+        ] {
+            meta.bind(1, key)
+            meta.bind(2, value)
+            try meta.run()
+            meta.reset()
+        }
         lookupStmt = try db.prepare(
             """
             SELECT p.id, b.type, b.compression, b.offset, b.length, b.raw_length
@@ -292,6 +301,7 @@ final class RepositoryIndex: @unchecked Sendable {
                     try insertBlobStmt.run()
                     insertBlobStmt.reset()
                 }
+                // SQL-safe: n is an Int the index computed.
                 try db.execute("UPDATE meta SET value = '\(n)' WHERE key = 'generation'")
                 try db.execute("COMMIT")
                 filterAdded(entries, before: generation)
@@ -539,6 +549,7 @@ final class RepositoryIndex: @unchecked Sendable {
     }
 
     private func queryInt(_ sql: String) throws -> Int64 {
+        // SQL-safe: callers pass literals of this file.
         let s = try db.prepare(sql)
         _ = try s.step()
         return s.int(0)
@@ -564,6 +575,7 @@ final class RepositoryIndex: @unchecked Sendable {
                     try db.execute("DELETE FROM blobs; DELETE FROM packs")
                 } else if !numbers.isEmpty {
                     let list = numbers.map { String($0) }.joined(separator: ",")
+                    // SQL-safe: list is pack numbers (Int64) read from the index itself.
                     try db.execute("DELETE FROM blobs WHERE pack IN (\(list)); DELETE FROM packs WHERE n IN (\(list))")
                 }
                 try db.execute("COMMIT")
@@ -609,6 +621,7 @@ final class RepositoryIndex: @unchecked Sendable {
     func removeSnapshot(_ id: SnapshotID) throws {
         try exclusive { () throws in
             for table in ["snapshots WHERE id", "complete WHERE snapshot"] {
+                // SQL-safe: table is one of the two literals above.
                 let s = try db.prepare("DELETE FROM \(table) = ?1")
                 s.bind(1, id)
                 try s.run()
@@ -649,6 +662,7 @@ final class RepositoryIndex: @unchecked Sendable {
     func counts() throws -> (packs: Int, blobs: Int, snapshots: Int) {
         try exclusive { () throws in
             func count(_ table: String) throws -> Int {
+                // SQL-safe: table is a literal name passed by the caller below.
                 let s = try db.prepare("SELECT count(*) FROM \(table)")
                 _ = try s.step()
                 return Int(s.int(0))

@@ -47,7 +47,8 @@ public final class HTTPBackend: Backend, @unchecked Sendable {
 
     public func exists() throws -> Bool {
         // GET, not HEAD: an error answer then carries its message.
-        try client.call(.GET, Self.path(.config), accept: [200, 404]).status == 200
+        try client.call(.GET, Self.path(.config), accept: [200, 404], limit: FileKind.config.maxWholeFileSize).status
+            == 200
     }
 
     /// The space is made by `register`; creating a repository in it only needs it empty.
@@ -57,7 +58,8 @@ public final class HTTPBackend: Backend, @unchecked Sendable {
 
     public func list(_ kind: FileKind) throws -> [String] {
         if kind == .config { return try exists() ? ["config"] : [] }
-        let reply = try client.call(.GET, Self.path(kind))
+        // 64 hex digits, quotes and a comma a name: a listing of 2²² packs (64 TiB) fits.
+        let reply = try client.call(.GET, Self.path(kind), limit: 300 << 20)
         guard let names = try? JSONDecoder().decode([String].self, from: Data(reply.body)) else {
             throw CABackupError.remote(status: reply.status, message: "the server's listing is malformed")
         }
@@ -65,7 +67,7 @@ public final class HTTPBackend: Backend, @unchecked Sendable {
     }
 
     public func read(_ kind: FileKind, _ name: String) throws -> [UInt8] {
-        try client.call(.GET, Self.path(kind, kind == .config ? nil : name)).body
+        try client.call(.GET, Self.path(kind, kind == .config ? nil : name), limit: kind.maxWholeFileSize).body
     }
 
     public func read(
@@ -74,7 +76,7 @@ public final class HTTPBackend: Backend, @unchecked Sendable {
         guard length > 0 else { return }
         let reply = try client.call(
             .GET, Self.path(kind, name), headers: [("Range", "bytes=\(offset)-\(offset + Int64(length) - 1)")],
-            accept: [206])
+            accept: [206], limit: max(length, 64 << 10))
         let received = reply.buffer.readableBytes
         guard received == length else {
             throw CABackupError.corrupt(
@@ -137,7 +139,8 @@ public final class HTTPBackend: Backend, @unchecked Sendable {
     public func missing(_ ids: [BlobID]) throws -> [BlobID] {
         let body = try JSONSerialization.data(withJSONObject: ["ids": ids.map(\.hex)])
         let reply = try client.call(
-            .POST, "/v1/space/blobs/missing", headers: [("Content-Type", "application/json")], body: Array(body))
+            .POST, "/v1/space/blobs/missing", headers: [("Content-Type", "application/json")], body: Array(body),
+            limit: 64 << 10 + 70 * ids.count)
         struct Missing: Decodable { let missing: [String] }
         guard let m = try? JSONDecoder().decode(Missing.self, from: Data(reply.body)) else {
             throw CABackupError.remote(status: reply.status, message: "the server's answer is malformed")

@@ -53,12 +53,18 @@ final class RemoteClient: Sendable {
         var body: [UInt8] { Array(buffer.readableBytesView) }
     }
 
+    /// The default cap on an answer's body: JSON replies (tokens, device lists, lock ids).
+    static let smallReply = 1 << 20
+
     /// Sends one request; statuses in `accept` are returned, every other status and every
-    /// transport error becomes a one-line ``CABackupError``.
+    /// transport error becomes a one-line ``CABackupError``. An answer whose body is longer
+    /// than `limit` (what the call can legitimately get back) is refused as soon as its
+    /// length is announced or reached, so a hostile server cannot make the client buffer
+    /// more than that.
     func call(
         _ method: HTTPMethod, _ path: String, headers extra: [(String, String)] = [], body: [UInt8]? = nil,
         buffer: ByteBuffer? = nil,
-        accept: Set<Int> = [200]
+        accept: Set<Int> = [200], limit: Int = smallReply
     ) throws -> Reply {
         let url = server + path
         var headers = HTTPHeaders()
@@ -74,7 +80,13 @@ final class RemoteClient: Sendable {
         }
         let response: HTTPClient.Response
         do {
-            response = try client.execute(request: request, deadline: .now() + .seconds(600)).wait()
+            let accumulator = ResponseAccumulator(request: request, maxBodySize: limit)
+            response = try client.execute(request: request, delegate: accumulator, deadline: .now() + .seconds(600))
+                .wait()
+        } catch is ResponseAccumulator.ResponseTooBigError {
+            throw CABackupError.untrusted(
+                "the server at \(server) answered \(method) \(path) with a body larger than \(limit) bytes, more than that call can legitimately return: the server may be hostile; nothing was changed"
+            )
         } catch {
             throw CABackupError.network(
                 "cannot reach the server at \(server) (\(describe(error))): check the address, and that 'cabackup server' is running; nothing was lost, run the command again"
@@ -152,9 +164,6 @@ public enum RemoteAccount {
                 "'\(user)' is not a valid account name: use 1-64 characters a-z 0-9 . _ -")
         }
         try checkNewPassword(password)
-        guard password.count >= 8 else {
-            throw CABackupError.invalidArgument("the password is shorter than 8 characters: choose a longer one")
-        }
         let body = try JSONSerialization.data(withJSONObject: [
             "user": user, "email": email, "secret": try loginSecret(password: password, user: user),
         ])

@@ -265,9 +265,14 @@ final class Archiver: @unchecked Sendable {
 
     /// Test-only: `CABACKUP_TEST_MODIFY_DURING_READ=NAME` appends a byte to a file whose
     /// path ends in NAME after its first read window, to prove the change is caught.
+    /// Compiled only into builds with the test hooks (debug builds, see `Package.swift`).
     static let modifyDuringReadForTests: [UInt8]? = {
-        guard let s = getenv("CABACKUP_TEST_MODIFY_DURING_READ") else { return nil }
-        return Array(String(cString: s).utf8)
+        #if CABACKUP_TEST_HOOKS
+            guard let s = getenv("CABACKUP_TEST_MODIFY_DURING_READ") else { return nil }
+            return Array(String(cString: s).utf8)
+        #else
+            return nil
+        #endif
     }()
 
     /// The size of a read window: the smallest that always makes progress with the

@@ -8,6 +8,17 @@ public enum FileKind: String, Sendable, CaseIterable {
     case snapshot
     /// Key slots of an encrypted repository, named by the hex SHA-256 of their bytes.
     case key
+
+    /// The largest file of this kind a whole-file read accepts: configs and key slots are
+    /// a few hundred bytes, a snapshot record a few KiB (its paths and tags). Packs are
+    /// read in ranges.
+    public var maxWholeFileSize: Int {
+        switch self {
+        case .config, .key: return 64 << 10
+        case .snapshot: return 16 << 20
+        case .pack: return 128 << 20
+        }
+    }
 }
 
 /// A held repository lock; released on deinit.
@@ -23,6 +34,11 @@ public final class RepositoryLock: Sendable {
 public protocol Backend: Sendable {
     /// A human-readable location for messages.
     var location: String { get }
+    /// Whether the files live on a disk the user controls (a local directory), so a
+    /// plaintext repository may live there. Every other storage (a server, object storage,
+    /// any storage a library user supplies) must hold an encrypted repository, and the
+    /// client refuses a config there that says otherwise.
+    var isLocalAndTrusted: Bool { get }
     /// Whether a config exists.
     func exists() throws -> Bool
     /// Creates the storage layout; fails if the location is not empty.
@@ -63,6 +79,8 @@ public protocol Backend: Sendable {
 }
 
 extension Backend {
+    public var isLocalAndTrusted: Bool { false }
+
     public var checksSnapshotReferences: Bool { false }
 
     public func writeSnapshot(_ name: String, _ bytes: UnsafeRawBufferPointer, references: [BlobID]) throws {

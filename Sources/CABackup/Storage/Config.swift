@@ -7,10 +7,16 @@ import Foundation
 /// encrypted repository the chunker parameters (with the Gear seed) are sealed under the
 /// master key, so the storage side cannot learn where chunk boundaries fall; everything
 /// else in the file is needed before the key is known.
+///
+/// Version 3 binds every clear field that changes how data is read or written
+/// (`format_version`, `id`, `id_scheme`, `encryption`, `pack_size`) to the master key: they
+/// are the additional authenticated data of the sealed part, so a storage that changes any
+/// of them makes the config fail to open. Version 2 configs (which sealed the chunker
+/// only) are still read, but only with their one valid set of values.
 public struct RepositoryConfig: Sendable, Equatable {
     /// The format version this build writes for encrypted repositories and the highest it
     /// reads. Plaintext repositories are still written as version 1, the same format.
-    public static let currentFormatVersion = 2
+    public static let currentFormatVersion = 3
 
     /// The repository format version.
     public var formatVersion: Int
@@ -35,12 +41,16 @@ public struct RepositoryConfig: Sendable, Equatable {
     /// without long stalls.
     public static let defaultPackSize = 16 << 20
 
+    /// The pack sizes a config may name: a client buffers one pack per upload, so a
+    /// storage must not be able to make that buffer arbitrarily large.
+    public static let packSizeRange = (1 << 16)...(128 << 20)
+
     /// A new config with fresh random ids and default parameters.
     public static func makeNew(
         chunker: ChunkerParameters? = nil, encrypted: Bool = false, packSize: Int = defaultPackSize
     ) -> RepositoryConfig {
         RepositoryConfig(
-            formatVersion: encrypted ? 2 : 1,
+            formatVersion: encrypted ? currentFormatVersion : 1,
             id: hexString(secureRandomBytes(32)),
             chunker: chunker ?? .defaults(seed: secureRandomBytes(32)),
             idScheme: encrypted ? "hmac-sha256" : "sha256",
@@ -60,7 +70,7 @@ public struct RepositoryConfig: Sendable, Equatable {
             enc.outputFormatting = [.sortedKeys]
             let plain = Array(try! enc.encode(chunker))
             file.chunker = nil
-            file.sealedChunker = Data(AESGCM(key: keys.encryption).seal(plain, aad: SealedKind.config))
+            file.sealedChunker = Data(AESGCM(key: keys.encryption).seal(plain, aad: file.sealedAAD))
                 .base64EncodedString()
         }
         return jsonFile(file)
@@ -114,21 +124,45 @@ package struct ConfigFile: Codable {
         } catch {
             throw CABackupError.badConfig(path: path, reason: "missing or malformed field")
         }
+        // The id names a cache directory and an index row: nothing but 64 lowercase hex
+        // digits may reach either.
+        guard isObjectName(file.id) else {
+            throw CABackupError.badConfig(path: path, reason: "the repository id is not 64 lowercase hex digits")
+        }
+        guard file.formatVersion >= 1 else {
+            throw CABackupError.badConfig(path: path, reason: "format_version \(file.formatVersion) is not valid")
+        }
         switch (file.encryption, file.idScheme) {
         case ("none", "sha256"):
-            guard file.chunker != nil else { throw CABackupError.badConfig(path: path, reason: "missing chunker") }
+            guard file.chunker != nil, file.sealedChunker == nil else {
+                throw CABackupError.badConfig(path: path, reason: "a plaintext config holds its chunker in the clear")
+            }
         case (RepositoryConfig.aesGCM, "hmac-sha256"):
-            guard file.formatVersion >= 2, file.sealedChunker != nil else {
+            guard file.formatVersion >= 2, file.sealedChunker != nil, file.chunker == nil else {
                 throw CABackupError.badConfig(path: path, reason: "encrypted config without sealed_chunker")
             }
         default:
             throw CABackupError.badConfig(
-                path: path, reason: "unsupported id scheme '\(file.idScheme)' or encryption '\(file.encryption)'")
+                path: path,
+                reason:
+                    "unsupported id scheme '\(file.idScheme.prefix(40))' or encryption '\(file.encryption.prefix(40))'")
         }
-        guard file.packSize >= 1 << 16, file.packSize <= 1 << 30 else {
-            throw CABackupError.badConfig(path: path, reason: "pack_size out of range")
+        guard RepositoryConfig.packSizeRange.contains(file.packSize) else {
+            throw CABackupError.badConfig(path: path, reason: "pack_size \(file.packSize) is out of range")
         }
         return file
+    }
+
+    /// What the sealed part is bound to. From version 3 on, every clear field that changes
+    /// how data is read or written; version 2 sealed the chunker parameters alone (its
+    /// clear fields have one valid value each, checked by ``decode(_:path:)``).
+    ///
+    /// Layout (v3): `cabackup config v1 ‖ 0x00 ‖ "v3" ‖ 0x00 ‖ id ‖ 0x00 ‖ id_scheme ‖ 0x00 ‖
+    /// encryption ‖ 0x00 ‖ pack_size (decimal)`.
+    var sealedAAD: [UInt8] {
+        guard formatVersion >= 3 else { return SealedKind.config }
+        let fields = ["v\(formatVersion)", id, idScheme, encryption, String(packSize)]
+        return SealedKind.config + fields.flatMap { [0] + Array($0.utf8) }
     }
 
     /// The full config, opening the sealed chunker parameters with `keys`.
@@ -137,9 +171,13 @@ package struct ConfigFile: Codable {
         if isEncrypted {
             guard let keys else { throw CABackupError.passwordRequired(path) }
             guard let sealed = sealedChunker.flatMap({ Data(base64Encoded: $0) }),
-                let plain = AESGCM(key: keys.encryption).open(Array(sealed), aad: SealedKind.config)
+                let plain = AESGCM(key: keys.encryption).open(Array(sealed), aad: sealedAAD)
             else {
-                throw CABackupError.corrupt(what: "config \(path)", reason: "sealed chunker parameters do not open")
+                throw CABackupError.corrupt(
+                    what: "config \(path)",
+                    reason:
+                        "its sealed part does not open with the key: a field of the config was changed after init, or the file is damaged"
+                )
             }
             guard let p = try? JSONDecoder().decode(ChunkerParameters.self, from: Data(plain)) else {
                 throw CABackupError.badConfig(path: path, reason: "malformed sealed chunker parameters")
@@ -157,6 +195,11 @@ package struct ConfigFile: Codable {
             formatVersion: formatVersion, id: id, chunker: params, idScheme: idScheme, encryption: encryption,
             packSize: packSize)
     }
+}
+
+/// Whether `s` is a stored object's name: 64 lowercase hex digits (a SHA-256).
+package func isObjectName(_ s: String) -> Bool {
+    s.utf8.count == 64 && s.utf8.allSatisfy { ($0 >= 0x30 && $0 <= 0x39) || ($0 >= 0x61 && $0 <= 0x66) }
 }
 
 /// The stored form of a small JSON file (config, key slot, credentials): pretty-printed,

@@ -95,8 +95,10 @@ public final class LocalBackend: Backend, @unchecked Sendable {
         return ObjectID(hex: s) != nil ? s : nil
     }
 
+    public var isLocalAndTrusted: Bool { true }
+
     public func read(_ kind: FileKind, _ name: String) throws -> [UInt8] {
-        try readSmallFile(path(kind, name))
+        try readSmallFile(path(kind, name), limit: kind.maxWholeFileSize)
     }
 
     public func size(_ kind: FileKind, _ name: String) throws -> Int64 {

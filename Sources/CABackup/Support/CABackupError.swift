@@ -55,6 +55,10 @@ public enum CABackupError: Error, Sendable, CustomStringConvertible {
     case notLoggedIn(String)
     /// The server refused a request; the message says why and what to do.
     case remote(status: Int, message: String)
+    /// The storage serves something this device must not trust (a changed or downgraded
+    /// config, a plaintext repository on a storage that is not a local disk); the
+    /// message says what and what to do.
+    case untrusted(String)
 
     public var description: String {
         switch self {
@@ -108,7 +112,7 @@ public enum CABackupError: Error, Sendable, CustomStringConvertible {
             return "no key slot matches '\(k)': list them with 'cabackup key list' and give 8 or more hex digits"
         case .notEncrypted(let p):
             return "repository \(p) is not encrypted: it has no keys to manage"
-        case .network(let m), .notLoggedIn(let m):
+        case .network(let m), .notLoggedIn(let m), .untrusted(let m):
             return m
         case .remote(let status, let m):
             return "server refused the request (HTTP \(status)): \(m)"
