@@ -49,6 +49,7 @@ let package = Package(
                 .product(name: "HTTPTypes", package: "swift-http-types"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOSSL", package: "swift-nio-ssl"),
             ]
         ),
@@ -74,7 +75,7 @@ let package = Package(
         .testTarget(
             name: "CLITests",
             dependencies: ["cabackup", "library-example", "CABackup", "CABackupServer"],
-            exclude: ["treetool.py", "httptool.py", "hostileproxy.py"]
+            exclude: ["treetool.py", "httptool.py", "hostileproxy.py", "abusetool.py"]
         ),
     ],
     swiftLanguageModes: [.v6]

@@ -1,6 +1,11 @@
 import CABackup
 import Foundation
+import NIOPosix
 import Synchronization
+
+#if canImport(Glibc)
+    import Glibc
+#endif
 
 /// An error answered to the client: an HTTP status and a one-line message that says what
 /// is wrong and what to do. Never contains a password, secret or token.
@@ -21,20 +26,33 @@ struct Caller: Sendable {
     let canDelete: Bool
 }
 
-/// Accounts and device tokens, in `DIR/accounts.sqlite`.
+/// Accounts and device tokens, in `DIR/accounts.sqlite` (mode 0600, with its WAL).
 ///
 /// The server never sees a password: clients send a login secret derived from it
 /// (scrypt, in a context of its own), which is stored only as a salted PBKDF2-HMAC-SHA-256
-/// hash. Tokens are 32 random bytes, stored as their SHA-256. Failed logins back off per
-/// account (not per address: many devices share a NAT).
+/// hash. Tokens are 32 random bytes, stored as their SHA-256.
+///
+/// Hashing runs on a thread of its own, outside the database lock, so a flood of logins
+/// queues there while every other request goes on. An unknown name costs the same hash
+/// as a known one and gets the same answer, and failed logins back off per client
+/// address and name (``LoginBackoff``), so neither the answer, its time nor the back-off
+/// tells whether an account exists, and nobody elsewhere can lock the owner out.
 final class AccountStore: Sendable {
     private let db: Mutex<SQLiteDatabase>
     let tokenLifetimeNs: Int64
+    let maxTokensPerAccount: Int
     static let iterations = 100_000
-    /// Failures allowed before the account backs off: 1 s, then doubling up to 15 minutes.
-    static let freeFailures = 5
+    private let hashing: NIOThreadPool
+    private let backoff = LoginBackoff()
+    /// The salt and hash an unknown name is checked against, so it costs what a known one does.
+    private let decoy: (salt: [UInt8], hash: [UInt8])
 
-    init(path: String, tokenLifetimeSeconds: Int64) throws {
+    init(path: String, tokenLifetimeSeconds: Int64, maxTokensPerAccount: Int = 100) throws {
+        // Created 0600 before SQLite opens it: its WAL and shared-memory files take the
+        // same mode.
+        let fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
+        if fd >= 0 { close(fd) }
+        chmod(path, 0o600)
         let d = try SQLiteDatabase(path: path)
         try d.execute(
             """
@@ -47,8 +65,21 @@ final class AccountStore: Sendable {
                 can_delete INTEGER NOT NULL DEFAULT 1);
             CREATE INDEX IF NOT EXISTS tokens_by_user ON tokens(user);
             """)
+        for suffix in ["-wal", "-shm"] { chmod(path + suffix, 0o600) }
         db = Mutex(d)
         tokenLifetimeNs = tokenLifetimeSeconds * 1_000_000_000
+        self.maxTokensPerAccount = maxTokensPerAccount
+        hashing = NIOThreadPool(numberOfThreads: 1)
+        hashing.start()
+        let salt = secureRandomBytes(16)
+        decoy = (salt, pbkdf2SHA256(secureRandomBytes(32), salt: salt, iterations: Self.iterations))
+    }
+
+    deinit { try? hashing.syncShutdownGracefully() }
+
+    /// PBKDF2 of a login secret, on the hashing thread.
+    private func hash(_ secret: [UInt8], salt: [UInt8], iterations: Int) async throws -> [UInt8] {
+        try await hashing.runIfActive { pbkdf2SHA256(secret, salt: salt, iterations: iterations) }
     }
 
     static func nowNs() -> Int64 { Int64(Date().timeIntervalSince1970 * 1e9) }
@@ -71,14 +102,14 @@ final class AccountStore: Sendable {
     }
 
     /// Creates an account. - Throws: 400 for invalid fields, 409 for a taken name.
-    func register(user: String, email: String, secret: String) throws {
+    func register(user: String, email: String, secret: String) async throws {
         guard isValidUserName(user) else {
             throw APIError(400, "user name must be 1-64 characters of a-z 0-9 . _ - (and not . or ..)")
         }
         try Self.checkEmail(email)
         let s = try Self.decodeSecret(secret)
         let salt = secureRandomBytes(16)
-        let hash = pbkdf2SHA256(s, salt: salt, iterations: Self.iterations)
+        let hash = try await hash(s, salt: salt, iterations: Self.iterations)
         try db.withLock { db in
             let q = try db.prepare("SELECT 1 FROM users WHERE name = ?")
             q.bind(1, user)
@@ -96,41 +127,42 @@ final class AccountStore: Sendable {
     }
 
     /// Checks a login and issues a device token. - Throws: 401 (wrong name or secret, one
-    /// message for both), 429 while the account backs off.
-    func login(user: String, secret: String, device: String) throws -> String {
+    /// message for both), 429 while this address backs off for this name, 409 when the
+    /// account holds its most tokens.
+    func login(user: String, secret: String, device: String, client: String) async throws -> String {
         guard device.utf8.count <= 128 else { throw APIError(400, "device name is longer than 128 characters") }
         let s = try Self.decodeSecret(secret)
-        return try db.withLock { db in
-            let q = try db.prepare("SELECT salt, hash, iterations, failed, locked_until_ns FROM users WHERE name = ?")
+        let key = client + "\u{0}" + user
+        if let wait = backoff.wait(key) {
+            throw APIError(429, "too many failed logins from this address for this name: try again in \(wait) s")
+        }
+        let stored: (salt: [UInt8], hash: [UInt8], iterations: Int)? = try db.withLock { db in
+            let q = try db.prepare("SELECT salt, hash, iterations FROM users WHERE name = ?")
             q.bind(1, user)
-            guard try q.step() else { throw APIError(401, "wrong user name or password") }
-            let salt = q.bytes(0)
-            let hash = q.bytes(1)
-            let iterations = Int(q.int(2))
-            let failed = q.int(3)
-            let lockedUntil = q.int(4)
-            q.reset()
+            defer { q.reset() }
+            guard try q.step() else { return nil }
+            return (q.bytes(0), q.bytes(1), Int(q.int(2)))
+        }
+        let check = stored ?? (decoy.salt, decoy.hash, Self.iterations)
+        let computed = try await hash(s, salt: check.salt, iterations: check.iterations)
+        guard stored != nil, constantTimeEqual(computed, check.hash) else {
+            backoff.failed(key)
+            throw APIError(401, "wrong user name or password")
+        }
+        backoff.succeeded(key)
+        return try db.withLock { db in
+            let count = try db.prepare("SELECT count(*) FROM tokens WHERE user = ?")
+            count.bind(1, user)
+            _ = try count.step()
+            let held = count.int(0)
+            count.reset()
+            guard held < Int64(maxTokensPerAccount) else {
+                throw APIError(
+                    409,
+                    "the account holds \(held) device tokens, the most it may: revoke unused ones ('cabackup devices', then 'cabackup devices --revoke ID') and log in again"
+                )
+            }
             let now = Self.nowNs()
-            if now < lockedUntil {
-                let wait = (lockedUntil - now + 999_999_999) / 1_000_000_000
-                throw APIError(429, "too many failed logins for '\(user)': try again in \(wait) s")
-            }
-            guard constantTimeEqual(pbkdf2SHA256(s, salt: salt, iterations: iterations), hash) else {
-                let f = failed + 1
-                var until: Int64 = 0
-                if f >= Int64(Self.freeFailures) {
-                    until = now + min(900, 1 << min(f - Int64(Self.freeFailures), 10)) * 1_000_000_000
-                }
-                let u = try db.prepare("UPDATE users SET failed = ?, locked_until_ns = ? WHERE name = ?")
-                u.bind(1, f)
-                u.bind(2, until)
-                u.bind(3, user)
-                try u.run()
-                throw APIError(401, "wrong user name or password")
-            }
-            let reset = try db.prepare("UPDATE users SET failed = 0, locked_until_ns = 0 WHERE name = ?")
-            reset.bind(1, user)
-            try reset.run()
             let token = hexString(secureRandomBytes(32))
             let ins = try db.prepare(
                 "INSERT INTO tokens(hash, user, device, created_ns, expires_ns, last_used_ns) VALUES (?, ?, ?, ?, ?, ?)"
@@ -217,6 +249,77 @@ final class AccountStore: Sendable {
             let d = try db.prepare("DELETE FROM tokens WHERE hash = ?")
             d.bind(1, bytes: target)
             try d.run()
+        }
+    }
+}
+
+/// Failed logins per client address and account name: 5 free, then a wait of 1 s that
+/// doubles with each further failure up to 15 minutes. A failure an hour after the last
+/// starts the count again, and a success clears it. Keyed by address too, so a guesser
+/// elsewhere never delays the owner; unknown names back off exactly like known ones.
+/// At most 100,000 keys are kept (expired ones go first).
+final class LoginBackoff: Sendable {
+    private struct State {
+        var failures: Int
+        var lastNs: Int64
+        var untilNs: Int64
+    }
+    private let states = Mutex<[String: State]>([:])
+    static let freeFailures = 5
+    static let capacity = 100_000
+
+    /// Seconds to wait before the next try, or nil when one may be made now.
+    func wait(_ key: String) -> Int64? {
+        let now = AccountStore.nowNs()
+        guard let s = states.withLock({ $0[key] }), s.untilNs > now else { return nil }
+        return (s.untilNs - now + 999_999_999) / 1_000_000_000
+    }
+
+    func failed(_ key: String) {
+        let now = AccountStore.nowNs()
+        states.withLock { all in
+            var s = all[key] ?? State(failures: 0, lastNs: now, untilNs: 0)
+            if now - s.lastNs > 3600 * 1_000_000_000 { s.failures = 0 }
+            s.failures += 1
+            s.lastNs = now
+            if s.failures >= Self.freeFailures {
+                s.untilNs = now + min(900, 1 << min(s.failures - Self.freeFailures, 10)) * 1_000_000_000
+            }
+            all[key] = s
+            if all.count > Self.capacity {
+                all = all.filter { $0.value.untilNs > now || now - $0.value.lastNs < 3600 * 1_000_000_000 }
+                if all.count > Self.capacity { all.removeAll() }
+            }
+        }
+    }
+
+    func succeeded(_ key: String) { states.withLock { _ = $0.removeValue(forKey: key) } }
+}
+
+/// At most `limit` events per key (a client address) in each window of `windowSeconds`.
+/// At most 100,000 keys are kept; past that, windows that ended are dropped.
+final class RateLimiter: Sendable {
+    private let counts = Mutex<[String: (startNs: Int64, count: Int)]>([:])
+    let limit: Int
+    let windowNs: Int64
+
+    init(limit: Int, windowSeconds: Int64) {
+        self.limit = limit
+        windowNs = windowSeconds * 1_000_000_000
+    }
+
+    /// Counts one event; false when the key is over its limit in this window.
+    func allow(_ key: String) -> Bool {
+        let now = AccountStore.nowNs()
+        return counts.withLock { all in
+            var entry = all[key] ?? (now, 0)
+            if now - entry.startNs >= windowNs { entry = (now, 0) }
+            entry.count += 1
+            all[key] = entry
+            if all.count > 100_000 {
+                all = all.filter { now - $0.value.startNs < windowNs }
+            }
+            return entry.count <= limit
         }
     }
 }

@@ -2,6 +2,7 @@ import CABackup
 import Foundation
 import HTTPTypes
 import Hummingbird
+import HummingbirdCore
 import HummingbirdTLS
 import Logging
 import NIOCore
@@ -27,8 +28,31 @@ public struct ServerOptions: Sendable {
     public var quotaBytes: Int64?
     /// How long a device token stays valid without a new login.
     public var tokenLifetimeSeconds: Int64 = 365 * 24 * 3600
-    /// The largest pack accepted (one pack is the most a request may carry).
-    public var maxPackBytes: Int64 = 1 << 30
+    /// The largest pack accepted (one pack is the most a request may carry): a client
+    /// closes packs at its config's pack size, at most 128 MiB.
+    public var maxPackBytes: Int64 = 128 << 20
+    /// Seconds a connection may go without a byte received or sent (a stalled upload, a
+    /// client that stops reading, an idle keep-alive) before the server closes it, freeing
+    /// its descriptor and any temporary file.
+    public var idleTimeoutSeconds: Int64 = 30
+    /// Connections served at once; more wait to be accepted. Also kept below the
+    /// process's descriptor limit.
+    public var maxConnections = 1000
+    /// Uploads one space may have in progress; more get 503 with Retry-After, which the
+    /// client honours. A client keeps one upload in flight; eight leave room for several
+    /// devices of one account.
+    public var maxUploadsPerSpace = 8
+    /// Login attempts per client address per minute (on top of the back-off after failures).
+    public var loginsPerMinute = 30
+    /// Registrations per client address per hour.
+    public var registrationsPerHour = 10
+    /// Addresses of reverse proxies whose `X-Forwarded-For` is believed for the client's
+    /// address; from anyone else the header is ignored.
+    public var trustedProxies: Set<String> = []
+    /// Device tokens one account may hold.
+    public var maxTokensPerAccount = 100
+    /// Key slots one space may hold (each costs every device's open a derivation).
+    public var maxKeySlotsPerSpace = 10
 
     public init(host: String, port: Int, dataDirectory: String) {
         self.host = host
@@ -43,7 +67,7 @@ public func runServer(_ options: ServerOptions, onListening: @escaping @Sendable
     var logger = Logger(label: "cabackup.server")
     logger.logLevel = .info
     let api = try ServerAPI(options: options, logger: logger)
-    let router = Router(context: BasicRequestContext.self)
+    let router = Router(context: ServerContext.self)
     api.install(on: router)
     let scheme = options.tlsCertificate == nil ? "http" : "https"
     let host = options.host
@@ -51,11 +75,17 @@ public func runServer(_ options: ServerOptions, onListening: @escaping @Sendable
         let port = channel.localAddress?.port ?? options.port
         onListening("\(scheme)://\(host.contains(":") ? "[\(host)]" : host):\(port)")
     }
-    let configuration = ApplicationConfiguration(address: .hostname(options.host, port: options.port))
+    let configuration = ApplicationConfiguration(
+        address: .hostname(options.host, port: options.port),
+        availableConnectionsDelegate: .maximum(connectionLimit(options.maxConnections), logger: logger))
     var quiet = logger
     quiet.logLevel = .warning
+    let idle = TimeAmount.seconds(options.idleTimeoutSeconds)
+    let http1 = HTTPServerBuilder.http1(
+        configuration: .init(
+            additionalChannelHandlers: [IdleStateHandler(allTimeout: idle), CloseWhenIdle()], idleTimeout: idle))
     if let cert = options.tlsCertificate, let key = options.tlsKey {
-        let tls: TLSConfiguration
+        var tls: TLSConfiguration
         do {
             let chain = try NIOSSLCertificate.fromPEMFile(cert)
             let privateKey = try NIOSSLPrivateKey(file: key, format: .pem)
@@ -64,14 +94,72 @@ public func runServer(_ options: ServerOptions, onListening: @escaping @Sendable
         } catch {
             throw CABackupError.invalidArgument("cannot load the TLS certificate or key (\(error)): give PEM files")
         }
+        // TLS 1.2 and 1.3 only, and for 1.2 only forward-secret AEAD suites: no CBC, no SHA-1.
+        tls.minimumTLSVersion = .tlsv12
+        tls.cipherSuites = [
+            "ECDHE-ECDSA-AES128-GCM-SHA256", "ECDHE-RSA-AES128-GCM-SHA256", "ECDHE-ECDSA-AES256-GCM-SHA384",
+            "ECDHE-RSA-AES256-GCM-SHA384", "ECDHE-ECDSA-CHACHA20-POLY1305", "ECDHE-RSA-CHACHA20-POLY1305",
+        ].joined(separator: ":")
         let app = Application(
-            router: router, server: try .tls(.http1(), tlsConfiguration: tls), configuration: configuration,
+            router: router, server: try .tls(http1, tlsConfiguration: tls), configuration: configuration,
             onServerRunning: onRunning, logger: quiet)
         try await app.runService()
     } else {
         let app = Application(
-            router: router, configuration: configuration, onServerRunning: onRunning, logger: quiet)
+            router: router, server: http1, configuration: configuration, onServerRunning: onRunning, logger: quiet)
         try await app.runService()
+    }
+}
+
+/// Raises the soft descriptor limit to the hard one and returns how many connections can
+/// be served at once: `wanted`, or fewer when the descriptors would not suffice (each
+/// connection holds one, an upload a second; 64 stay for files and the databases).
+func connectionLimit(_ wanted: Int) -> Int {
+    var limit = rlimit()
+    guard getrlimit(Int32(RLIMIT_NOFILE.rawValue), &limit) == 0 else { return min(wanted, 400) }
+    if limit.rlim_cur < limit.rlim_max {
+        limit.rlim_cur = limit.rlim_max
+        _ = setrlimit(Int32(RLIMIT_NOFILE.rawValue), &limit)
+        _ = getrlimit(Int32(RLIMIT_NOFILE.rawValue), &limit)
+    }
+    let available = Int(min(limit.rlim_cur, 1 << 20))
+    return max(1, min(wanted, (available - 64) / 2))
+}
+
+/// Closes a connection on which nothing was received or sent for the idle timeout
+/// (``IdleStateHandler`` raises the event): a stalled header, a stalled upload, a client
+/// that stopped reading a download. It also bounds what a connection may have queued for
+/// sending: 256 KiB in the kernel and 256 KiB in the server. Measured with 40 clients
+/// that never read a 16 MiB pack, the server's own memory for such a connection grows
+/// with the kernel buffer: 1.2 MB each at 256 KiB, 4.8 MB at 1 MiB.
+final class CloseWhenIdle: ChannelInboundHandler, RemovableChannelHandler, Sendable {
+    typealias InboundIn = NIOAny
+
+    func handlerAdded(context: ChannelHandlerContext) {
+        guard let options = context.channel.syncOptions else { return }
+        try? options.setOption(ChannelOptions.socketOption(.so_sndbuf), value: 256 << 10)
+        try? options.setOption(
+            ChannelOptions.writeBufferWaterMark, value: .init(low: 64 << 10, high: 256 << 10))
+    }
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if event is IdleStateHandler.IdleStateEvent {
+            context.close(promise: nil)
+            return
+        }
+        context.fireUserInboundEventTriggered(event)
+    }
+}
+
+/// The request context: Hummingbird's core storage plus the peer's address, for the
+/// per-address limits on logins and registrations.
+struct ServerContext: RequestContext {
+    var coreContext: CoreRequestContextStorage
+    let peer: String
+
+    init(source: ApplicationRequestContextSource) {
+        coreContext = .init(source: source)
+        peer = source.channel.remoteAddress?.ipAddress ?? "unknown"
     }
 }
 
@@ -81,15 +169,33 @@ final class ServerAPI: Sendable {
     let accounts: AccountStore
     let logger: Logger
     private let spaces = Mutex<[String: Space]>([:])
+    let logins: RateLimiter
+    let registrations: RateLimiter
     static let sizeHeader = HTTPField.Name("X-Cabackup-Size")!
+    static let forwardedFor = HTTPField.Name("X-Forwarded-For")!
     static let smallBodyLimit = 64 << 20
 
     init(options: ServerOptions, logger: Logger) throws {
         self.options = options
         self.logger = logger
+        // Accounts and spaces are the server's alone: 0700 directories, 0600 files.
+        umask(0o077)
         try makeDirectories(options.dataDirectory + "/spaces")
+        chmod(options.dataDirectory, 0o700)
         accounts = try AccountStore(
-            path: options.dataDirectory + "/accounts.sqlite", tokenLifetimeSeconds: options.tokenLifetimeSeconds)
+            path: options.dataDirectory + "/accounts.sqlite", tokenLifetimeSeconds: options.tokenLifetimeSeconds,
+            maxTokensPerAccount: options.maxTokensPerAccount)
+        logins = RateLimiter(limit: options.loginsPerMinute, windowSeconds: 60)
+        registrations = RateLimiter(limit: options.registrationsPerHour, windowSeconds: 3600)
+    }
+
+    /// The client's address: the peer's, or, when the peer is a trusted reverse proxy, the
+    /// last address it appended to `X-Forwarded-For`.
+    func clientAddress(_ req: Request, _ ctx: ServerContext) -> String {
+        guard options.trustedProxies.contains(ctx.peer), let header = req.headers[Self.forwardedFor],
+            let last = header.split(separator: ",").last?.trimmingCharacters(in: .whitespaces), !last.isEmpty
+        else { return ctx.peer }
+        return String(last.prefix(64))
     }
 
     /// The caller's own space. No request can name another: the path has no user in it.
@@ -106,9 +212,13 @@ final class ServerAPI: Sendable {
         }
     }
 
-    func install(on router: Router<BasicRequestContext>) {
-        router.post("/v1/register") { req, _ in await self.handle(req) { try await self.register(req) } }
-        router.post("/v1/login") { req, _ in await self.handle(req) { try await self.login(req) } }
+    func install(on router: Router<ServerContext>) {
+        router.post("/v1/register") { req, ctx in
+            await self.handle(req) { try await self.register(req, client: self.clientAddress(req, ctx)) }
+        }
+        router.post("/v1/login") { req, ctx in
+            await self.handle(req) { try await self.login(req, client: self.clientAddress(req, ctx)) }
+        }
         router.delete("/v1/session") { req, _ in
             await self.handle(req) {
                 let caller = try self.accounts.authenticate(req.headers[.authorization])
@@ -176,19 +286,24 @@ final class ServerAPI: Sendable {
             response = try await body()
         } catch let e as APIError {
             response = Self.error(e.status, e.message)
-        } catch let e as CABackupError {
-            response = Self.error(500, "\(e)")
         } catch let e as any HTTPResponseError {
             response = Self.error(Int(e.status.code), "request refused (\(e.status.reasonPhrase))")
         } catch {
-            response = Self.error(500, "internal error")
+            // The detail (paths, errno) goes to the operator's log only; the client gets a
+            // reference to quote.
+            let reference = hexString(secureRandomBytes(4))
+            logger.error("\(req.method) \(req.uri.path) failed [\(reference)]: \(error)")
+            response = Self.error(
+                500, "the server failed to do that (reference \(reference) in its log): try again later")
         }
         logger.info("\(req.method) \(req.uri.path) \(response.status.code)")
         return response
     }
 
     static func error(_ status: Int, _ message: String) -> Response {
-        (try? json(status, ["error": message])) ?? empty(500)
+        var response = (try? json(status, ["error": message])) ?? empty(500)
+        if status == 503 { response.headers[.retryAfter] = "1" }
+        return response
     }
 
     static func empty(_ status: Int, headers: HTTPFields = [:]) -> Response {
@@ -206,7 +321,7 @@ final class ServerAPI: Sendable {
         return bytes(status, Array(data), headers: [.contentType: "application/json"])
     }
 
-    static func name(_ ctx: BasicRequestContext) throws -> String {
+    static func name(_ ctx: ServerContext) throws -> String {
         guard let n = ctx.parameters.get("name"), n.utf8.count == 64, ObjectID(hex: n) != nil,
             n == n.lowercased()
         else {
@@ -236,10 +351,13 @@ final class ServerAPI: Sendable {
         let secret: String
     }
 
-    func register(_ request: Request) async throws -> Response {
+    func register(_ request: Request, client: String) async throws -> Response {
+        guard registrations.allow(client) else {
+            throw APIError(429, "too many registrations from this address: try again in an hour")
+        }
         var req = request
         let r = try await Self.decode(Registration.self, &req)
-        try accounts.register(user: r.user, email: r.email, secret: r.secret)
+        try await accounts.register(user: r.user, email: r.email, secret: r.secret)
         let root = options.dataDirectory + "/spaces/" + r.user
         try LocalBackend(path: root).create()
         logger.info("registered account \(r.user)")
@@ -252,10 +370,14 @@ final class ServerAPI: Sendable {
         let device: String?
     }
 
-    func login(_ request: Request) async throws -> Response {
+    func login(_ request: Request, client: String) async throws -> Response {
+        guard logins.allow(client) else {
+            throw APIError(429, "too many logins from this address: try again in a minute")
+        }
         var req = request
         let l = try await Self.decode(Login.self, &req)
-        let token = try accounts.login(user: l.user, secret: l.secret, device: l.device ?? "device")
+        let token = try await accounts.login(
+            user: l.user, secret: l.secret, device: l.device ?? "device", client: client)
         return try Self.json(200, ["token": token])
     }
 
@@ -287,20 +409,28 @@ final class ServerAPI: Sendable {
             }
             (from, to, status) = (r.0, r.1, 206)
             headers[.contentRange] = "bytes \(from)-\(to)/\(size)"
-        } else if size > options.maxPackBytes + (16 << 20) {
-            throw APIError(400, "file too large: read it in ranges")
         }
-        // Read straight into the buffer the response sends from.
+        // Streamed in pieces of at most 64 KiB, each written only when the connection
+        // takes it: a client that does not read holds one piece, whatever it asked for.
         let length = Int(to - from + 1)
-        var buffer = ByteBufferAllocator().buffer(capacity: length)
-        if length > 0 {
-            try buffer.writeWithUnsafeMutableBytes(minimumWritableBytes: length) { (raw) throws in
-                try s.backend.read(kind, name, offset: from, length: length, into: raw.baseAddress!)
-                return length
+        let start = from
+        let body = ResponseBody(contentLength: length) { writer in
+            var offset = start
+            var left = length
+            while left > 0 {
+                let n = min(left, 64 << 10)
+                var piece = ByteBufferAllocator().buffer(capacity: n)
+                try piece.writeWithUnsafeMutableBytes(minimumWritableBytes: n) { (raw) throws in
+                    try s.backend.read(kind, name, offset: offset, length: n, into: raw.baseAddress!)
+                    return n
+                }
+                try await writer.write(piece)
+                offset += Int64(n)
+                left -= n
             }
+            try await writer.finish(nil)
         }
-        return Response(
-            status: HTTPResponse.Status(code: status), headers: headers, body: ResponseBody(byteBuffer: buffer))
+        return Response(status: HTTPResponse.Status(code: status), headers: headers, body: body)
     }
 
     /// `bytes=A-B` with 0 <= A <= B < size.
@@ -317,9 +447,30 @@ final class ServerAPI: Sendable {
         var req = request
         let caller = try accounts.authenticate(req.headers[.authorization])
         let s = try space(caller)
+        // Every upload says its length first, so it can be refused (too large, over quota)
+        // before its body is stored; each space takes a bounded number at once.
+        guard let declared = req.headers[.contentLength].flatMap({ Int64($0) }), declared >= 0 else {
+            throw APIError(411, "an upload needs a Content-Length header")
+        }
+        let limit = kind == .pack ? options.maxPackBytes : Int64(kind == .snapshot ? Self.smallBodyLimit : 1 << 20)
+        guard declared <= limit else {
+            throw APIError(413, "a \(kind) upload is at most \(limit) bytes; this one says \(declared)")
+        }
+        guard s.beginUpload(limit: options.maxUploadsPerSpace) else {
+            throw APIError(503, "the space has \(options.maxUploadsPerSpace) uploads in progress: try again shortly")
+        }
+        defer { s.endUpload() }
         switch kind {
         case .pack:
-            try await receivePack(req, space: s, name: name)
+            let reservation: Space.Reservation
+            do { reservation = try s.reserve(declared, quota: options.quotaBytes) } catch {
+                // Read and drop the body, so the client sees this answer rather than a
+                // connection closed under its upload.
+                for try await _ in req.body {}
+                throw error
+            }
+            defer { s.release(reservation) }
+            try await receivePack(req, space: s, name: name, declared: declared, reservation: reservation)
         case .snapshot:
             try await receiveSnapshot(&req, space: s, name: name)
         case .key, .config:
@@ -341,7 +492,7 @@ final class ServerAPI: Sendable {
                     throw APIError(400, "a space holds an encrypted repository only: init without --no-encryption")
                 }
             }
-            try s.storeFile(kind, name, bytes, quota: options.quotaBytes)
+            try s.storeFile(kind, name, bytes, quota: options.quotaBytes, maxKeySlots: options.maxKeySlotsPerSpace)
         }
         logger.info("\(caller.user) stored \(kind) \(name.prefix(12))")
         return Self.empty(201)
@@ -349,7 +500,9 @@ final class ServerAPI: Sendable {
 
     /// Streams a pack body to a temporary file, hashing on the way, then verifies and
     /// stores it. Nothing is kept in memory beyond the body's current buffer.
-    func receivePack(_ req: Request, space s: Space, name: String) async throws {
+    func receivePack(
+        _ req: Request, space s: Space, name: String, declared: Int64, reservation: Space.Reservation
+    ) async throws {
         let temporary = s.root + "/tmp/upload-\(hexString(secureRandomBytes(8)))"
         let fd = open(temporary, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0o600)
         if fd < 0 { throw APIError(500, "cannot create an upload file") }
@@ -362,16 +515,19 @@ final class ServerAPI: Sendable {
         var size: Int64 = 0
         for try await buffer in req.body {
             size += Int64(buffer.readableBytes)
-            if size > options.maxPackBytes {
-                throw APIError(413, "pack is larger than the server's limit of \(options.maxPackBytes) bytes")
+            if size > declared {
+                throw APIError(400, "the pack is longer than its Content-Length of \(declared) bytes")
             }
             try buffer.readableBytesView.withUnsafeBytes { raw in
                 hasher.update(raw)
                 try writeAll(fd, raw, path: temporary)
             }
         }
+        guard size == declared else {
+            throw APIError(400, "the pack ended after \(size) of its \(declared) bytes: upload it again")
+        }
         try s.storePack(
-            name: name, temporary: temporary, fd: fd, size: size, digest: hasher.finish(), quota: options.quotaBytes)
+            name: name, temporary: temporary, fd: fd, size: size, digest: hasher.finish(), reservation: reservation)
         stored = true
     }
 
@@ -406,7 +562,7 @@ final class ServerAPI: Sendable {
                 "the snapshot references \(missing.count) blobs this space does not hold (first \(missing[0].hex.prefix(12))): run the snapshot again"
             )
         }
-        try s.storeFile(.snapshot, name, record, quota: options.quotaBytes)
+        try s.storeFile(.snapshot, name, record, quota: options.quotaBytes, maxKeySlots: options.maxKeySlotsPerSpace)
     }
 
     func delete(_ req: Request, _ kind: FileKind, _ name: String) throws -> Response {

@@ -12,13 +12,19 @@ import Synchronization
 /// the repository lock. The server never holds a key: it reads only the clear part of
 /// pack headers (ids and stored lengths).
 final class Space: @unchecked Sendable {
-    // Safe: `db`, `usedBytes` and `leases` are only touched with `lock` held.
+    // Safe: `db`, `usedBytes`, `reservedBytes`, `uploads` and `leases` are only touched
+    // with `lock` held.
     let user: String
     let root: String
     let backend: LocalBackend
     private let lock = NSLock()
     private let db: SQLiteDatabase
     private var usedBytes: Int64 = 0
+    /// Bytes promised to uploads in progress: counted against the quota with the bytes
+    /// stored, so parallel uploads cannot pass it together.
+    private var reservedBytes: Int64 = 0
+    /// Uploads in progress.
+    private var uploads = 0
     private var leases: [String: (exclusive: Bool, expiresNs: Int64)] = [:]
     static let leaseNs: Int64 = 60_000_000_000
 
@@ -128,19 +134,62 @@ final class Space: @unchecked Sendable {
         }
     }
 
-    /// Refuses a write of `bytes` more when it would pass the quota.
-    func reserve(_ bytes: Int64, quota: Int64?) throws {
-        guard let quota else { return }
-        let used = withLock { usedBytes }
-        if used + bytes > quota {
-            throw APIError(
-                413, "quota exceeded: the space holds \(used) of \(quota) bytes and this upload needs \(bytes) more")
+    /// Bytes set aside for one upload: committed when the upload is stored, and given back
+    /// by ``release(_:)`` (a no-op after the commit), which every caller defers.
+    final class Reservation: @unchecked Sendable {
+        // Safe: `bytes` is only touched with the space's lock held.
+        fileprivate var bytes: Int64
+        fileprivate init(_ bytes: Int64) { self.bytes = bytes }
+    }
+
+    func release(_ reservation: Reservation) {
+        withLock {
+            reservedBytes -= reservation.bytes
+            reservation.bytes = 0
         }
     }
 
+    /// Sets `bytes` aside for an upload, atomically with every other upload of the space,
+    /// or refuses with 413 when the bytes stored and promised would pass the quota.
+    func reserve(_ bytes: Int64, quota: Int64?) throws -> Reservation {
+        try withLock {
+            if let quota, usedBytes + reservedBytes + bytes > quota {
+                throw APIError(
+                    413,
+                    "quota exceeded: the space holds \(usedBytes) of \(quota) bytes (\(reservedBytes) more promised to uploads in progress) and this upload needs \(bytes) more"
+                )
+            }
+            reservedBytes += bytes
+            return Reservation(bytes)
+        }
+    }
+
+    /// Moves a reservation's bytes to the bytes stored (with `lock` held).
+    private func commit(_ reservation: Reservation, size: Int64) {
+        reservedBytes -= reservation.bytes
+        reservation.bytes = 0
+        usedBytes += size
+    }
+
+    /// Takes one of `limit` upload slots, or nil when all are taken (the caller answers
+    /// 503 with Retry-After). Give it back with ``endUpload()``.
+    func beginUpload(limit: Int) -> Bool {
+        withLock {
+            guard uploads < limit else { return false }
+            uploads += 1
+            return true
+        }
+    }
+
+    func endUpload() { withLock { uploads -= 1 } }
+
     /// Verifies an uploaded pack in `temporary` (already hashed to `digest`) and stores it
     /// durably under `name`, then indexes it. Consumes the temporary file unless it throws.
-    func storePack(name: String, temporary: String, fd: Int32, size: Int64, digest: ObjectID, quota: Int64?) throws {
+    func storePack(
+        name: String, temporary: String, fd: Int32, size: Int64, digest: ObjectID, reservation: Reservation
+    )
+        throws
+    {
         guard digest.hex == name else {
             throw APIError(400, "pack content does not match its name (SHA-256 \(digest.hex)): upload it again")
         }
@@ -163,24 +212,35 @@ final class Space: @unchecked Sendable {
             unlink(temporary)
             return
         }
-        try reserve(size, quota: quota)
         try backend.store(.pack, name, fd: fd, temporaryPath: temporary)
         try withLock {
             try index(pack: name, size: size, ids: ids)
-            usedBytes += size
+            commit(reservation, size: size)
         }
     }
 
     /// Stores a small file (config, key slot, snapshot record) atomically and durably.
-    func storeFile(_ kind: FileKind, _ name: String, _ bytes: [UInt8], quota: Int64?) throws {
-        let existing = try? backend.size(kind, kind == .config ? "config" : name)
-        if kind == .config && existing != nil {
-            throw APIError(409, "the space already holds a repository: it is initialized once")
+    /// The config is written once: the check and the write happen under the space's lock,
+    /// so of two concurrent first uploads exactly one is stored. At most `maxKeySlots` key
+    /// slots are kept.
+    func storeFile(_ kind: FileKind, _ name: String, _ bytes: [UInt8], quota: Int64?, maxKeySlots: Int) throws {
+        let reservation = try reserve(Int64(bytes.count), quota: quota)
+        defer { release(reservation) }
+        try withLock {
+            let existing = try? backend.size(kind, kind == .config ? "config" : name)
+            if kind == .config && existing != nil {
+                throw APIError(409, "the space already holds a repository: it is initialized once")
+            }
+            if existing != nil { return }
+            if kind == .key, try backend.list(.key).count >= maxKeySlots {
+                throw APIError(
+                    409,
+                    "the space holds \(maxKeySlots) key slots, the most it keeps: remove one with 'cabackup key remove' first"
+                )
+            }
+            try bytes.withUnsafeBytes { try backend.write(kind, name, $0) }
+            commit(reservation, size: Int64(bytes.count))
         }
-        if existing != nil { return }
-        try reserve(Int64(bytes.count), quota: quota)
-        try bytes.withUnsafeBytes { try backend.write(kind, name, $0) }
-        withLock { usedBytes += Int64(bytes.count) }
     }
 
     func remove(_ kind: FileKind, _ name: String) throws -> Bool {

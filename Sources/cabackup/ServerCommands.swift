@@ -28,6 +28,22 @@ struct ServerCommand: AsyncParsableCommand {
     var quotaBytes: Int64?
     @Option(name: .long, help: ArgumentHelp("Seconds a device token stays valid.", visibility: .hidden))
     var tokenLifetime: Int64 = 365 * 24 * 3600
+    @Option(name: .long, help: "Seconds a connection may send and receive nothing before it is closed.")
+    var idleTimeout: Int64 = 30
+    @Option(name: .long, help: "Connections served at once (more wait to be accepted).")
+    var maxConnections = 1000
+    @Option(name: .long, help: "Uploads one space may have in progress (more get 503 and retry).")
+    var maxUploadsPerSpace = 8
+    @Option(name: .long, help: "Login attempts per client address per minute.")
+    var loginsPerMinute = 30
+    @Option(name: .long, help: "Registrations per client address per hour.")
+    var registrationsPerHour = 10
+    @Option(
+        name: .long,
+        help: "Address of a reverse proxy whose X-Forwarded-For names the client (repeatable; others are ignored).")
+    var trustedProxy: [String] = []
+    @Option(name: .long, help: "Device tokens one account may hold.")
+    var maxTokensPerAccount = 100
 
     func validate() throws {
         if (tlsCert == nil) != (tlsKey == nil) { throw ValidationError("give --tls-cert and --tls-key together") }
@@ -35,6 +51,13 @@ struct ServerCommand: AsyncParsableCommand {
             throw ValidationError("--listen takes HOST:PORT, for example 127.0.0.1:8443")
         }
         if let q = quotaBytes, q <= 0 { throw ValidationError("--quota-bytes must be positive") }
+        for (name, value) in [
+            ("--idle-timeout", Int(idleTimeout)), ("--max-connections", maxConnections),
+            ("--max-uploads-per-space", maxUploadsPerSpace), ("--logins-per-minute", loginsPerMinute),
+            ("--registrations-per-hour", registrationsPerHour), ("--max-tokens-per-account", maxTokensPerAccount),
+        ] where value <= 0 {
+            throw ValidationError("\(name) must be positive")
+        }
     }
 
     func run() async throws {
@@ -47,6 +70,13 @@ struct ServerCommand: AsyncParsableCommand {
         options.tlsKey = tlsKey
         options.quotaBytes = quotaBytes
         options.tokenLifetimeSeconds = tokenLifetime
+        options.idleTimeoutSeconds = idleTimeout
+        options.maxConnections = maxConnections
+        options.maxUploadsPerSpace = maxUploadsPerSpace
+        options.loginsPerMinute = loginsPerMinute
+        options.registrationsPerHour = registrationsPerHour
+        options.trustedProxies = Set(trustedProxy)
+        options.maxTokensPerAccount = maxTokensPerAccount
         try await runServer(options) { url in
             // Written with write(2), unbuffered: a script waiting for this line sees it at once.
             let line = "cabackup server listening on \(url)\n"

@@ -413,6 +413,18 @@ struct ServerTests {
         let server = try TestServer(
             data: s.file("server"), ["--tls-cert", s.file("cert.pem"), "--tls-key", s.file("key.pem")])
         #expect(server.url.hasPrefix("https://"))
+        // TLS 1.2 with a forward-secret AEAD suite, or 1.3; never 1.0/1.1 or CBC with SHA-1.
+        func handshake(_ options: [String]) throws -> Int32 {
+            try run(
+                "/usr/bin/openssl",
+                ["s_client", "-connect", "127.0.0.1:\(server.port)", "-CAfile", s.file("cert.pem")] + options
+            ).status
+        }
+        #expect(try handshake(["-tls1_2"]) == 0)
+        #expect(try handshake(["-tls1_3"]) == 0)
+        #expect(try handshake(["-tls1_1", "-cipher", "DEFAULT@SECLEVEL=0"]) != 0)
+        #expect(try handshake(["-tls1", "-cipher", "DEFAULT@SECLEVEL=0"]) != 0)
+        #expect(try handshake(["-tls1_2", "-cipher", "ECDHE-ECDSA-AES128-SHA:@SECLEVEL=0"]) != 0)
         let untrusted = device(s, "alice", password: "alice password")
         let refused = try cabackup(
             "register", "--server", server.url, "--user", "alice", "--email", "a@example.org", env: untrusted)

@@ -27,6 +27,7 @@ final class RemoteClient: Sendable {
         client = try Self.clients.withLock { (all) throws in
             if let c = all[ca] { return c }
             var tls = TLSConfiguration.makeClientConfiguration()
+            tls.minimumTLSVersion = .tlsv12
             if !ca.isEmpty {
                 do {
                     tls.additionalTrustRoots = [.certificates(try NIOSSLCertificate.fromPEMFile(ca))]
@@ -64,7 +65,7 @@ final class RemoteClient: Sendable {
     func call(
         _ method: HTTPMethod, _ path: String, headers extra: [(String, String)] = [], body: [UInt8]? = nil,
         buffer: ByteBuffer? = nil,
-        accept: Set<Int> = [200], limit: Int = smallReply
+        accept: Set<Int> = [200], limit: Int = smallReply, attempt: Int = 0
     ) throws -> Reply {
         let url = server + path
         var headers = HTTPHeaders()
@@ -92,10 +93,19 @@ final class RemoteClient: Sendable {
                 "cannot reach the server at \(server) (\(describe(error))): check the address, and that 'cabackup server' is running; nothing was lost, run the command again"
             )
         }
-        let buffer = response.body ?? ByteBuffer()
+        let received = response.body ?? ByteBuffer()
         let status = Int(response.status.code)
-        if accept.contains(status) { return Reply(status: status, headers: response.headers, buffer: buffer) }
-        throw Self.error(status: status, body: Array(buffer.readableBytesView), server: server, user: user)
+        if accept.contains(status) { return Reply(status: status, headers: response.headers, buffer: received) }
+        // Busy (too many uploads to the space at once): wait as long as the server asks,
+        // at most 30 s a time, and try again, up to 20 times.
+        if status == 503, attempt < 20 {
+            let seconds = response.headers.first(name: "Retry-After").flatMap { UInt32($0) } ?? 1
+            sleep(min(max(seconds, 1), 30))
+            return try call(
+                method, path, headers: extra, body: body, buffer: buffer, accept: accept, limit: limit,
+                attempt: attempt + 1)
+        }
+        throw Self.error(status: status, body: Array(received.readableBytesView), server: server, user: user)
     }
 
     /// The one-line error for a status the caller did not expect.
