@@ -247,20 +247,34 @@ public final class Repository: @unchecked Sendable {
             }
         }
         let config = try file.resolve(keys: keys, path: path + "/config")
-        if let warning = KnownRepositories.rememberOrWarn(
-            path,
-            .init(
-                config: digest, formatVersion: max(file.formatVersion, trustNewConfig ? 0 : known?.formatVersion ?? 0),
-                keySlot: keyID, seenNs: known == nil || known?.keySlot != keyID ? wallClockNs() : known!.seenNs),
-            durable: durable)
-        {
-            warnings.append(warning)
-        }
         let repo = try Repository(
             backend: backend, config: config, keys: keys, keyID: keyID, indexPath: try indexPath(config.id))
-        repo.warnings = warnings
         try repo.synchronizeIndex()
+        // The newest snapshot this device saw here must still be here, unless a forget
+        // record (sealed with the key) says it was removed on purpose.
+        let newest = try repo.index.newestSnapshot()
+        if let seen = known?.newestSnapshot.flatMap({ ObjectID(hex: $0) }), !trustNewConfig,
+            try !repo.index.hasSnapshot(seen), try !repo.index.wasForgotten(seen)
+        {
+            warnings.append(
+                "snapshot \(seen.shortHex), the newest this device saw in \(path), is gone and no forget made with the key removed it: the storage may have deleted it or rolled the repository back; check what is missing with 'cabackup snapshots'"
+            )
+        }
+        var entry = KnownRepositories.Entry(
+            config: digest, formatVersion: max(file.formatVersion, trustNewConfig ? 0 : known?.formatVersion ?? 0),
+            keySlot: keyID, seenNs: known?.seenNs ?? 0, newestSnapshot: newest?.id.hex ?? known?.newestSnapshot)
+        if entry != known { entry.seenNs = wallClockNs() }
+        if let warning = KnownRepositories.rememberOrWarn(path, entry, durable: durable) { warnings.append(warning) }
+        repo.warnings = warnings
         return repo
+    }
+
+    /// Tells the device's memory of this repository about a snapshot it just saved, so a
+    /// storage that drops it is noticed even before the next listing.
+    func rememberNewest(_ id: SnapshotID) {
+        guard var entry = KnownRepositories.entry(backend.location) else { return }
+        entry.newestSnapshot = id.hex
+        _ = KnownRepositories.rememberOrWarn(backend.location, entry, durable: false)
     }
 
     /// A per-thread blob codec for this repository's id scheme and encryption.
@@ -295,6 +309,27 @@ public final class Repository: @unchecked Sendable {
         return try Snapshot.decode(id: id, json: plain)
     }
 
+    /// The snapshot ids a stored forget record names, or nil when the bytes are not one
+    /// (or do not match their name, or do not open with the key).
+    func decodeForget(id: SnapshotID, stored: [UInt8]) -> [SnapshotID]? {
+        guard sha256(stored) == id else { return nil }
+        var plain = stored
+        if let aead = makeAEAD() {
+            guard let p = aead.open(stored, aad: SealedKind.forget) else { return nil }
+            plain = p
+        }
+        return ForgetRecord.decode(plain)
+    }
+
+    /// Stores a forget record naming `ids` (before they are removed) and indexes it.
+    func writeForgetRecord(_ ids: [SnapshotID]) throws {
+        let plain = ForgetRecord.encode(ids)
+        let bytes = makeAEAD().map { $0.seal(plain, aad: SealedKind.forget) } ?? plain
+        let id = sha256(bytes)
+        try bytes.withUnsafeBytes { (raw) throws in try backend.writeSnapshot(id.hex, raw, references: []) }
+        try index.addForget(id, forgotten: ids)
+    }
+
     // MARK: Index
 
     /// Adds packs and snapshots present in storage but missing from the index, and
@@ -318,13 +353,17 @@ public final class Repository: @unchecked Sendable {
 
         let storedSnaps = Set(try backend.list(.snapshot).compactMap { ObjectID(hex: $0) })
         let indexedSnaps = Set(try index.snapshotRecords().map(\.id))
-        for id in storedSnaps.subtracting(indexedSnaps) {
-            guard let bytes = try? backend.read(.snapshot, id.hex),
-                let snap = try? decodeRecord(id: id, stored: bytes)
-            else { continue }
-            try index.addSnapshot(id, timeNs: snap.timeNs, record: bytes)
+        let indexedForgets = try index.forgetIDs()
+        for id in storedSnaps.subtracting(indexedSnaps).subtracting(indexedForgets) {
+            guard let bytes = try? backend.read(.snapshot, id.hex) else { continue }
+            if let snap = try? decodeRecord(id: id, stored: bytes) {
+                try index.addSnapshot(id, timeNs: snap.timeNs, record: bytes)
+            } else if let forgotten = decodeForget(id: id, stored: bytes) {
+                try index.addForget(id, forgotten: forgotten)
+            }
         }
         for id in indexedSnaps.subtracting(storedSnaps) { try index.removeSnapshot(id) }
+        for id in indexedForgets.subtracting(storedSnaps) { try index.removeForget(id) }
     }
 
     /// Deletes the index and rebuilds it from the pack headers and snapshot records.
@@ -487,6 +526,7 @@ public final class Repository: @unchecked Sendable {
             try backend.writeSnapshot(id.hex, raw, references: references)
         }
         try index.addSnapshot(id, timeNs: snap.timeNs, record: bytes)
+        rememberNewest(id)
         return snap
     }
 }

@@ -23,7 +23,19 @@ struct APIError: Error {
 struct Caller: Sendable {
     let user: String
     let tokenHash: [UInt8]
+    /// False for an append-only token: it may read, add and lock, never delete or change
+    /// the account.
     let canDelete: Bool
+
+    /// Refuses an append-only token with 403.
+    func requireFullRights(_ what: String) throws {
+        guard canDelete else {
+            throw APIError(
+                403,
+                "this device's token is append-only: it may add data but not \(what); do that from a device logged in without --append-only"
+            )
+        }
+    }
 }
 
 /// Accounts and device tokens, in `DIR/accounts.sqlite` (mode 0600, with its WAL).
@@ -47,7 +59,22 @@ final class AccountStore: Sendable {
     /// The salt and hash an unknown name is checked against, so it costs what a known one does.
     private let decoy: (salt: [UInt8], hash: [UInt8])
 
+    /// The key of the per-account login salts (``loginSalt(for:)``), 32 random bytes made
+    /// at the first start and kept in `DATA/login-salt-key` (0600).
+    private let saltKey: [UInt8]
+
     init(path: String, tokenLifetimeSeconds: Int64, maxTokensPerAccount: Int = 100) throws {
+        let keyPath = (path as NSString).deletingLastPathComponent + "/login-salt-key"
+        if let key = FileManager.default.contents(atPath: keyPath), key.count == 32 {
+            saltKey = Array(key)
+        } else {
+            let key = secureRandomBytes(32)
+            guard
+                FileManager.default.createFile(
+                    atPath: keyPath, contents: Data(key), attributes: [.posixPermissions: 0o600])
+            else { throw CABackupError.io(operation: "create", path: keyPath, errno: errno) }
+            saltKey = key
+        }
         // Created 0600 before SQLite opens it: its WAL and shared-memory files take the
         // same mode.
         let fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
@@ -65,6 +92,19 @@ final class AccountStore: Sendable {
                 can_delete INTEGER NOT NULL DEFAULT 1);
             CREATE INDEX IF NOT EXISTS tokens_by_user ON tokens(user);
             """)
+        // Accounts made before login secrets were bound to the server's origin have
+        // scheme 1 and no origin (see ``LoginScheme``).
+        var columns = Set<String>()
+        let info = try d.prepare("PRAGMA table_info(users)")
+        while try info.step() { columns.insert(info.text(1)) }
+        info.reset()
+        if !columns.contains("scheme") {
+            try d.execute(
+                """
+                ALTER TABLE users ADD COLUMN scheme INTEGER NOT NULL DEFAULT 1;
+                ALTER TABLE users ADD COLUMN origin TEXT NOT NULL DEFAULT '';
+                """)
+        }
         for suffix in ["-wal", "-shm"] { chmod(path + suffix, 0o600) }
         db = Mutex(d)
         tokenLifetimeNs = tokenLifetimeSeconds * 1_000_000_000
@@ -101,8 +141,19 @@ final class AccountStore: Sendable {
         return id.withUnsafeBytes { Array($0) }
     }
 
+    /// The salt a client mixes into the login secret of `user` on this server: a keyed
+    /// hash of the name (PBKDF2-HMAC-SHA-256 with one iteration under ``saltKey``), the
+    /// same for every name whether or not it has an account, so handing it out reveals
+    /// nothing.
+    func loginSalt(for user: String) -> [UInt8] {
+        pbkdf2SHA256(saltKey, salt: Array("cabackup login salt\u{0}".utf8) + Array(user.utf8), iterations: 1)
+    }
+
     /// Creates an account. - Throws: 400 for invalid fields, 409 for a taken name.
-    func register(user: String, email: String, secret: String) async throws {
+    func register(user: String, email: String, secret: String, scheme: Int, origin: String) async throws {
+        guard scheme == 1 || scheme == 2, origin.utf8.count <= 300 else {
+            throw APIError(400, "unknown login scheme or origin: upgrade cabackup")
+        }
         guard isValidUserName(user) else {
             throw APIError(400, "user name must be 1-64 characters of a-z 0-9 . _ - (and not . or ..)")
         }
@@ -115,13 +166,16 @@ final class AccountStore: Sendable {
             q.bind(1, user)
             if try q.step() { throw APIError(409, "user name '\(user)' is taken: choose another") }
             let ins = try db.prepare(
-                "INSERT INTO users(name, email, salt, hash, iterations, created_ns) VALUES (?, ?, ?, ?, ?, ?)")
+                "INSERT INTO users(name, email, salt, hash, iterations, created_ns, scheme, origin) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+            )
             ins.bind(1, user)
             ins.bind(2, email)
             ins.bind(3, bytes: salt)
             ins.bind(4, bytes: hash)
             ins.bind(5, Self.iterations)
             ins.bind(6, Self.nowNs())
+            ins.bind(7, scheme)
+            ins.bind(8, origin)
             try ins.run()
         }
     }
@@ -129,23 +183,46 @@ final class AccountStore: Sendable {
     /// Checks a login and issues a device token. - Throws: 401 (wrong name or secret, one
     /// message for both), 429 while this address backs off for this name, 409 when the
     /// account holds its most tokens.
-    func login(user: String, secret: String, device: String, client: String) async throws -> String {
+    /// What is stored for an account's login secret.
+    private struct StoredSecret {
+        let salt: [UInt8]
+        let hash: [UInt8]
+        let iterations: Int
+        let scheme: Int
+        let origin: String
+    }
+
+    private func storedSecret(_ user: String) throws -> StoredSecret? {
+        try db.withLock { db in
+            let q = try db.prepare("SELECT salt, hash, iterations, scheme, origin FROM users WHERE name = ?")
+            q.bind(1, user)
+            defer { q.reset() }
+            guard try q.step() else { return nil }
+            return StoredSecret(
+                salt: q.bytes(0), hash: q.bytes(1), iterations: Int(q.int(2)), scheme: Int(q.int(3)),
+                origin: q.text(4))
+        }
+    }
+
+    /// Whether `secret`, sent under `scheme`, is the account's; an unknown account, or a
+    /// secret of another scheme, costs the same hash and fails the same way.
+    private func verify(_ stored: StoredSecret?, secret: [UInt8], scheme: Int) async throws -> Bool {
+        let salt = stored?.salt ?? decoy.salt
+        let computed = try await hash(secret, salt: salt, iterations: stored?.iterations ?? Self.iterations)
+        guard let stored, stored.scheme == scheme else { return false }
+        return constantTimeEqual(computed, stored.hash)
+    }
+
+    func login(
+        user: String, secret: String, scheme: Int, device: String, appendOnly: Bool, client: String
+    ) async throws -> String {
         guard device.utf8.count <= 128 else { throw APIError(400, "device name is longer than 128 characters") }
         let s = try Self.decodeSecret(secret)
         let key = client + "\u{0}" + user
         if let wait = backoff.wait(key) {
             throw APIError(429, "too many failed logins from this address for this name: try again in \(wait) s")
         }
-        let stored: (salt: [UInt8], hash: [UInt8], iterations: Int)? = try db.withLock { db in
-            let q = try db.prepare("SELECT salt, hash, iterations FROM users WHERE name = ?")
-            q.bind(1, user)
-            defer { q.reset() }
-            guard try q.step() else { return nil }
-            return (q.bytes(0), q.bytes(1), Int(q.int(2)))
-        }
-        let check = stored ?? (decoy.salt, decoy.hash, Self.iterations)
-        let computed = try await hash(s, salt: check.salt, iterations: check.iterations)
-        guard stored != nil, constantTimeEqual(computed, check.hash) else {
+        guard try await verify(try storedSecret(user), secret: s, scheme: scheme) else {
             backoff.failed(key)
             throw APIError(401, "wrong user name or password")
         }
@@ -165,7 +242,7 @@ final class AccountStore: Sendable {
             let now = Self.nowNs()
             let token = hexString(secureRandomBytes(32))
             let ins = try db.prepare(
-                "INSERT INTO tokens(hash, user, device, created_ns, expires_ns, last_used_ns) VALUES (?, ?, ?, ?, ?, ?)"
+                "INSERT INTO tokens(hash, user, device, created_ns, expires_ns, last_used_ns, can_delete) VALUES (?, ?, ?, ?, ?, ?, ?)"
             )
             ins.bind(1, bytes: Self.tokenHash(token))
             ins.bind(2, user)
@@ -173,8 +250,41 @@ final class AccountStore: Sendable {
             ins.bind(4, now)
             ins.bind(5, now + tokenLifetimeNs)
             ins.bind(6, now)
+            ins.bind(7, appendOnly ? 0 : 1)
             try ins.run()
             return token
+        }
+    }
+
+    /// The login scheme and origin an account's secret is bound to, for its own devices.
+    func account(of caller: Caller) throws -> (scheme: Int, origin: String) {
+        guard let s = try storedSecret(caller.user) else { throw APIError(401, "the account is gone: log in again") }
+        return (s.scheme, s.origin)
+    }
+
+    /// Replaces the account's login secret (scheme 2, bound to `origin`) when `proof` is the
+    /// secret stored now: how a logged-in device moves an account to the current scheme or
+    /// to a new server address. Needs a full token. - Throws: 403, 401 for a wrong proof.
+    func rebind(_ caller: Caller, proof: String, secret: String, origin: String) async throws {
+        try caller.requireFullRights("change the account's login")
+        guard origin.utf8.count <= 300 else { throw APIError(400, "the origin is longer than 300 bytes") }
+        let p = try Self.decodeSecret(proof)
+        let n = try Self.decodeSecret(secret)
+        let stored = try storedSecret(caller.user)
+        guard try await verify(stored, secret: p, scheme: stored?.scheme ?? 0) else {
+            throw APIError(401, "the current password is wrong: nothing was changed")
+        }
+        let salt = secureRandomBytes(16)
+        let hash = try await hash(n, salt: salt, iterations: Self.iterations)
+        try db.withLock { db in
+            let u = try db.prepare(
+                "UPDATE users SET salt = ?, hash = ?, iterations = ?, scheme = 2, origin = ? WHERE name = ?")
+            u.bind(1, bytes: salt)
+            u.bind(2, bytes: hash)
+            u.bind(3, Self.iterations)
+            u.bind(4, origin)
+            u.bind(5, caller.user)
+            try u.run()
         }
     }
 
@@ -213,12 +323,15 @@ final class AccountStore: Sendable {
         let created: String
         let last_used: String
         let current: Bool
+        /// `full` or `append-only`.
+        let rights: String
     }
 
     func devices(of caller: Caller) throws -> [Device] {
         try db.withLock { db in
             let q = try db.prepare(
-                "SELECT hash, device, created_ns, last_used_ns FROM tokens WHERE user = ? ORDER BY created_ns")
+                "SELECT hash, device, created_ns, last_used_ns, can_delete FROM tokens WHERE user = ? ORDER BY created_ns"
+            )
             q.bind(1, caller.user)
             var out: [Device] = []
             while try q.step() {
@@ -226,14 +339,17 @@ final class AccountStore: Sendable {
                 out.append(
                     Device(
                         id: String(hexString(h).prefix(12)), device: q.text(1), created: formatRFC3339(ns: q.int(2)),
-                        last_used: formatRFC3339(ns: q.int(3)), current: h == caller.tokenHash))
+                        last_used: formatRFC3339(ns: q.int(3)), current: h == caller.tokenHash,
+                        rights: q.int(4) != 0 ? "full" : "append-only"))
             }
             return out
         }
     }
 
-    /// Revokes the caller's token whose public id is `id` (nil: the caller's own).
+    /// Revokes the caller's token whose public id is `id` (nil: the caller's own; another
+    /// device's needs a full token).
     func revoke(_ caller: Caller, id: String?) throws {
+        if id != nil { try caller.requireFullRights("revoke other devices") }
         try db.withLock { db in
             var target: [UInt8]? = id == nil ? caller.tokenHash : nil
             if let id, id.count >= 8 {

@@ -219,6 +219,34 @@ final class ServerAPI: Sendable {
         router.post("/v1/login") { req, ctx in
             await self.handle(req) { try await self.login(req, client: self.clientAddress(req, ctx)) }
         }
+        router.get("/v1/login/salt") { req, _ in
+            await self.handle(req) {
+                let user = req.uri.queryParameters.get("user").map { String($0) } ?? ""
+                guard isValidUserName(user) else { throw APIError(400, "give ?user=NAME, a valid account name") }
+                return try Self.json(
+                    200, LoginSaltAnswer(salt: hexString(self.accounts.loginSalt(for: user)), scheme: 2))
+            }
+        }
+        router.get("/v1/account") { req, _ in
+            await self.handle(req) {
+                let caller = try self.accounts.authenticate(req.headers[.authorization])
+                let a = try self.accounts.account(of: caller)
+                return try Self.json(
+                    200,
+                    AccountAnswer(
+                        user: caller.user, scheme: a.scheme, origin: a.origin,
+                        rights: caller.canDelete ? "full" : "append-only"))
+            }
+        }
+        router.post("/v1/account/secret") { req, _ in
+            await self.handle(req) {
+                let caller = try self.accounts.authenticate(req.headers[.authorization])
+                var request = req
+                let r = try await Self.decode(Rebind.self, &request)
+                try await self.accounts.rebind(caller, proof: r.proof, secret: r.secret, origin: r.origin)
+                return Self.empty(204)
+            }
+        }
         router.delete("/v1/session") { req, _ in
             await self.handle(req) {
                 let caller = try self.accounts.authenticate(req.headers[.authorization])
@@ -349,6 +377,28 @@ final class ServerAPI: Sendable {
         let user: String
         let email: String
         let secret: String
+        /// 2: the secret is bound to the server's origin and salt; absent (1) from clients
+        /// that predate it.
+        let scheme: Int?
+        let origin: String?
+    }
+
+    struct LoginSaltAnswer: Encodable {
+        let salt: String
+        let scheme: Int
+    }
+
+    struct AccountAnswer: Encodable {
+        let user: String
+        let scheme: Int
+        let origin: String
+        let rights: String
+    }
+
+    struct Rebind: Decodable {
+        let proof: String
+        let secret: String
+        let origin: String
     }
 
     func register(_ request: Request, client: String) async throws -> Response {
@@ -357,7 +407,8 @@ final class ServerAPI: Sendable {
         }
         var req = request
         let r = try await Self.decode(Registration.self, &req)
-        try await accounts.register(user: r.user, email: r.email, secret: r.secret)
+        try await accounts.register(
+            user: r.user, email: r.email, secret: r.secret, scheme: r.scheme ?? 1, origin: r.origin ?? "")
         let root = options.dataDirectory + "/spaces/" + r.user
         try LocalBackend(path: root).create()
         logger.info("registered account \(r.user)")
@@ -368,6 +419,13 @@ final class ServerAPI: Sendable {
         let user: String
         let secret: String
         let device: String?
+        let scheme: Int?
+        let appendOnly: Bool?
+
+        enum CodingKeys: String, CodingKey {
+            case user, secret, device, scheme
+            case appendOnly = "append_only"
+        }
     }
 
     func login(_ request: Request, client: String) async throws -> Response {
@@ -377,7 +435,8 @@ final class ServerAPI: Sendable {
         var req = request
         let l = try await Self.decode(Login.self, &req)
         let token = try await accounts.login(
-            user: l.user, secret: l.secret, device: l.device ?? "device", client: client)
+            user: l.user, secret: l.secret, scheme: l.scheme ?? 1, device: l.device ?? "device",
+            appendOnly: l.appendOnly ?? false, client: client)
         return try Self.json(200, ["token": token])
     }
 
@@ -567,7 +626,7 @@ final class ServerAPI: Sendable {
 
     func delete(_ req: Request, _ kind: FileKind, _ name: String) throws -> Response {
         let caller = try accounts.authenticate(req.headers[.authorization])
-        guard caller.canDelete else { throw APIError(403, "this device's token may add data but not delete it") }
+        try caller.requireFullRights("delete it")
         let s = try space(caller)
         guard try s.remove(kind, name) else { throw APIError(404, "no such \(kind) in this space") }
         logger.info("\(caller.user) deleted \(kind) \(name.prefix(12))")

@@ -85,6 +85,20 @@ struct ServerCommand: AsyncParsableCommand {
     }
 }
 
+/// `--password-file` of the account commands.
+struct AccountPasswordOptions: ParsableArguments {
+    @Option(
+        name: .long,
+        help: "Read the password from the first line of this file (default: $CABACKUP_PASSWORD, else a prompt).")
+    var passwordFile: String?
+
+    func source(for user: String) -> PasswordSource {
+        var source = PasswordSource(file: passwordFile)
+        source.prompt = "password for \(user): "
+        return source
+    }
+}
+
 /// `--server URL --user NAME` of the account commands.
 struct AccountOptions: ParsableArguments {
     @Option(name: .long, help: "The server, e.g. http://127.0.0.1:8443 (https with TLS).")
@@ -103,13 +117,11 @@ struct RegisterCommand: ParsableCommand {
     @OptionGroup var account: AccountOptions
     @Option(name: .long, help: "The account's e-mail address.")
     var email: String
-    @Option(
-        name: .long,
-        help: "Read the password from the first line of this file (default: $CABACKUP_PASSWORD, else a prompt).")
-    var passwordFile: String?
+    @OptionGroup var password: AccountPasswordOptions
 
     func run() throws {
-        let password = try PasswordSource(file: passwordFile).readNew(for: account.server)
+        try warnIfClear(account.server)
+        let password = try self.password.source(for: account.user).readNew(for: account.server)
         try RemoteAccount.register(
             server: account.server, user: account.user, email: email, password: password,
             caCertificate: account.cacert)
@@ -129,21 +141,71 @@ struct LoginCommand: ParsableCommand {
         discussion: exitCodeTable)
 
     @OptionGroup var account: AccountOptions
-    @Option(
-        name: .long,
-        help: "Read the password from the first line of this file (default: $CABACKUP_PASSWORD, else a prompt).")
-    var passwordFile: String?
+    @OptionGroup var password: AccountPasswordOptions
     @Option(name: .long, help: "A name for this device in 'cabackup devices' (default: the host name).")
     var device: String?
+    @Flag(
+        name: .long,
+        help:
+            "Issue a token that may read, add snapshots and lock, but never forget, prune or remove keys (for unattended devices)."
+    )
+    var appendOnly = false
+    @Option(
+        name: .long,
+        help:
+            "With --append-only: the repository password file this device will use; warns when it holds the account password."
+    )
+    var repoPasswordFile: String?
 
     func run() throws {
-        var source = PasswordSource(file: passwordFile)
-        source.prompt = "password for \(account.user): "
-        let password = try source.read(for: account.server)
+        try warnIfClear(account.server)
+        let password = try self.password.source(for: account.user).read(for: account.server)
+        if appendOnly {
+            let fromEnvironment = self.password.passwordFile == nil && getenv("CABACKUP_PASSWORD") != nil
+            let repoPassword = try repoPasswordFile.map(readPasswordFile)
+            if fromEnvironment || repoPassword == password {
+                printError(
+                    "cabackup: warning: the account password \(fromEnvironment ? "came from CABACKUP_PASSWORD, which repository commands read too" : "is the repository password in \(repoPasswordFile ?? "")"): whoever can read this device's repository password can log in with full rights and delete backups; give the account its own password"
+                )
+            }
+        }
         try RemoteAccount.login(
             server: account.server, user: account.user, password: password, device: device ?? currentHostname(),
-            caCertificate: account.cacert)
-        print("logged in to \(account.server) as '\(account.user)'")
+            appendOnly: appendOnly, caCertificate: account.cacert)
+        print("logged in to \(account.server) as '\(account.user)'\(appendOnly ? " (append-only token)" : "")")
+    }
+}
+
+struct RebindCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "rebind",
+        abstract: "Bind the account's login to this server address (after a server upgrade or an address change).",
+        discussion: """
+            Login secrets are bound to the server's address as the user gives it \
+            (scheme://host:port). Accounts made before that, and accounts whose server moved to \
+            a new address, log in from new devices only after this runs once on a device still \
+            logged in, with the account password and a token without --append-only.
+
+            """ + exitCodeTable)
+
+    @OptionGroup var account: AccountOptions
+    @OptionGroup var password: AccountPasswordOptions
+
+    func run() throws {
+        try warnIfClear(account.server)
+        let password = try self.password.source(for: account.user).read(for: account.server)
+        try RemoteAccount.rebind(
+            server: account.server, user: account.user, password: password, caCertificate: account.cacert)
+        print("the login of '\(account.user)' is now bound to \(account.server)")
+    }
+}
+
+/// Warns before a login secret goes over plain http:// to another machine.
+func warnIfClear(_ server: String) throws {
+    if try RemoteLocation(parsing: server, requireUser: false).sendsSecretsInClear {
+        printError(
+            "cabackup: warning: \(server) is plain http:// to another machine: anyone on the way can read the login secret and the token; use https:// (--tls-cert on the server)"
+        )
     }
 }
 
@@ -175,11 +237,11 @@ struct DevicesCommand: ParsableCommand {
             print("revoked device \(revoke)")
             return
         }
-        print("   ID            DEVICE            CREATED                              LAST USED")
+        print("   ID            DEVICE            RIGHTS       CREATED                              LAST USED")
         for d in try RemoteAccount.devices(server: account.server, user: account.user, caCertificate: account.cacert) {
-            print(
-                "\(d.current ? "*" : " ")  \(d.id)  \(d.device.padding(toLength: 16, withPad: " ", startingAt: 0))  \(d.created)  \(d.lastUsed)"
-            )
+            let device = d.device.padding(toLength: 16, withPad: " ", startingAt: 0)
+            let rights = d.rights.padding(toLength: 11, withPad: " ", startingAt: 0)
+            print("\(d.current ? "*" : " ")  \(d.id)  \(device)  \(rights)  \(d.created)  \(d.lastUsed)")
         }
     }
 }

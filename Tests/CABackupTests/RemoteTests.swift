@@ -27,13 +27,34 @@ struct RemoteTests {
         }
     }
 
-    @Test("the login secret depends on password and account, and is not a key-slot derivation")
+    @Test(
+        "the login secret depends on password, account, server origin and server salt, and is not a key-slot derivation"
+    )
     func secrets() throws {
-        let a = try loginSecret(password: "same string", user: "alice")
+        let salt = [UInt8](repeating: 7, count: 32)
+        func secret(
+            _ p: String, _ u: String, _ o: String = "https://backup.example:8443", _ s: [UInt8]? = nil
+        ) throws
+            -> String
+        {
+            try loginSecret(password: p, user: u, origin: o, serverSalt: s ?? salt)
+        }
+        let a = try secret("same string", "alice")
         #expect(a.count == 64)
-        #expect(a == (try loginSecret(password: "same string", user: "alice")))
-        #expect(a != (try loginSecret(password: "same string", user: "bob")))
-        #expect(a != (try loginSecret(password: "other string", user: "alice")))
+        #expect(a == (try secret("same string", "alice")))
+        #expect(a != (try secret("same string", "bob")))
+        #expect(a != (try secret("other string", "alice")))
+        #expect(a != (try secret("same string", "alice", "https://evil.example:8443")))
+        #expect(a != (try secret("same string", "alice", "http://backup.example:8443")))
+        #expect(
+            a != (try secret("same string", "alice", "https://backup.example:8443", [UInt8](repeating: 8, count: 32))))
+        #expect(a != (try legacyLoginSecret(password: "same string", user: "alice")))
+        let origins = try ["http://127.0.0.1:8443", "http://[::1]:80", "https://Backup.LAN"].map {
+            try RemoteLocation(parsing: $0, requireUser: false)
+        }
+        #expect(origins.map(\.origin) == ["http://127.0.0.1:8443", "http://[::1]:80", "https://backup.lan:443"])
+        #expect(origins.map(\.sendsSecretsInClear) == [false, false, false])
+        #expect(try RemoteLocation(parsing: "http://backup.lan:8443", requireUser: false).sendsSecretsInClear)
         // A key slot for the same password wraps with a different key (random salt, other
         // parameters): the secret the server sees opens nothing.
         let keys = RepositoryKeys.random()

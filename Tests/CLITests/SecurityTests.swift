@@ -1,3 +1,4 @@
+import CABackup
 import Foundation
 import Testing
 
@@ -219,5 +220,164 @@ struct HostileServerTests {
         #expect(r.status == 1, "\(r.stderr)")
         #expect(r.stderr.contains("larger than"), "\(r.stderr)")
         #expect(peakKiB > 0 && peakKiB < 200 << 10, "peak RSS \(peakKiB) KiB for a 600 MiB config")
+    }
+}
+
+@Suite("logins: secrets bound to the server, append-only tokens", .serialized)
+struct LoginSecurityTests {
+    @Test("a login secret captured by one server logs in to no other where the same name and password are used")
+    func secretReplay() throws {
+        let s = Scratch()
+        let honest = try TestServer(data: s.file("honest"))
+        let other = try TestServer(data: s.file("other"))
+        let capturing = try HostileProxy(upstream: other.url, scratch: s)
+        let alice = device(s, "alice", password: "alice password")
+        for url in [honest.url, capturing.url] {
+            let r = try cabackup(
+                "register", "--server", url, "--user", "alice", "--email", "alice@example.org", env: alice)
+            #expect(r.status == 0, "\(r.stderr)")
+        }
+        let captured = try #require(capturing.takeLog().first { $0.hasPrefix("POST /v1/login ") })
+        let body = String(captured.dropFirst("POST /v1/login ".count))
+        let (status, answer) = try http("POST", honest.url + "/v1/login", data: body)
+        #expect(status == 401, "the secret captured by one server logged in to another: \(answer)")
+    }
+
+    @Test("a device that has seen the current login scheme never sends the old one")
+    func noDowngrade() throws {
+        let (s, server, proxy, _, _) = try aliceBehindProxy()
+        defer { withExtendedLifetime(server) {} }
+        let phone = device(s, "phone", password: "alice password")
+        #expect(try cabackup("login", "--server", proxy.url, "--user", "alice", env: phone).status == 0)
+        try proxy.set(["GET /v1/login/salt": ["status": 404, "body": "{\"error\":\"not found\"}"]])
+        _ = proxy.takeLog()
+        let again = try cabackup("login", "--server", proxy.url, "--user", "alice", env: phone)
+        #expect(again.status == 1, "\(again.stderr)")
+        #expect(again.stderr.contains("no longer offers the login scheme"), "\(again.stderr)")
+        #expect(!proxy.takeLog().contains { $0.hasPrefix("POST /v1/login") })
+    }
+
+    @Test("an account made before secrets were bound to the server is re-bound from a logged-in device")
+    func legacyRebind() throws {
+        let s = Scratch()
+        let server = try TestServer(data: s.file("server"))
+        // What a client of the previous scheme sends: a secret salted with the name only.
+        let legacy = try legacyLoginSecret(password: "alice password", user: "alice")
+        let reg = try http(
+            "POST", server.url + "/v1/register",
+            data: #"{"user":"alice","email":"a@example.org","secret":"\#(legacy)"}"#)
+        #expect(reg.0 == 201, "\(reg.1)")
+        let login = try http("POST", server.url + "/v1/login", data: #"{"user":"alice","secret":"\#(legacy)"}"#)
+        #expect(login.0 == 200, "\(login.1)")
+        let token = try #require((jsonObject(login.1)?["token"]) as? String)
+        let laptop = device(s, "laptop", password: "alice password")
+        try FileManager.default.createDirectory(
+            atPath: laptop["XDG_CONFIG_HOME"]! + "/cabackup", withIntermediateDirectories: true)
+        try JSONSerialization.data(withJSONObject: [server.url: ["alice": ["token": token, "device": "laptop"]]])
+            .write(to: URL(fileURLWithPath: laptop["XDG_CONFIG_HOME"]! + "/cabackup/credentials.json"))
+        // A new device cannot log in yet, and is told what to do.
+        let phone = device(s, "phone", password: "alice password")
+        let refused = try cabackup("login", "--server", server.url, "--user", "alice", env: phone)
+        #expect(refused.status == 13)
+        #expect(refused.stderr.contains("cabackup rebind"), "\(refused.stderr)")
+        // The logged-in laptop re-binds; a wrong password changes nothing.
+        var wrong = laptop
+        wrong["CABACKUP_PASSWORD"] = "not the password"
+        #expect(try cabackup("rebind", "--server", server.url, "--user", "alice", env: wrong).status != 0)
+        let rebind = try cabackup("rebind", "--server", server.url, "--user", "alice", env: laptop)
+        #expect(rebind.status == 0, "\(rebind.stderr)")
+        #expect(try cabackup("login", "--server", server.url, "--user", "alice", env: phone).status == 0)
+        // The old secret no longer logs in anywhere.
+        let old = try http("POST", server.url + "/v1/login", data: #"{"user":"alice","secret":"\#(legacy)"}"#)
+        #expect(old.0 == 401)
+    }
+
+    @Test("an append-only token adds snapshots but cannot forget, prune or remove keys; devices shows it")
+    func appendOnly() throws {
+        let (s, server, alice) = try aliceOnServer()
+        try writeRandom(s.file("src/a.bin"), megabytes: 1)
+        #expect(try cabackup("snapshot", "--repo", server.repo("alice"), s.file("src"), env: alice).status == 0)
+        let kiosk = device(s, "kiosk", password: "alice password")
+        let login = try cabackup(
+            "login", "--server", server.url, "--user", "alice", "--append-only", "--device", "kiosk", env: kiosk)
+        #expect(login.status == 0, "\(login.stderr)")
+        #expect(login.stderr.contains("warning: the account password came from CABACKUP_PASSWORD"), "\(login.stderr)")
+        let devices = try cabackup("devices", "--server", server.url, "--user", "alice", env: kiosk)
+        #expect(devices.stdout.split(separator: "\n").contains { $0.contains("kiosk") && $0.contains("append-only") })
+        // It backs up.
+        try writeRandom(s.file("src/b.bin"), megabytes: 1)
+        let snap = try cabackup("snapshot", "--repo", server.repo("alice"), s.file("src"), env: kiosk)
+        #expect(snap.status == 0, "\(snap.stderr)")
+        let before = try FileManager.default.subpathsOfDirectory(atPath: server.data + "/spaces/alice")
+            .filter { !$0.hasPrefix("index") && !$0.hasPrefix("tmp") }.sorted()
+        // It destroys nothing.
+        for args in [
+            ["forget", "--keep-last", "1"], ["prune"], ["key", "passwd"],
+            ["forget", "--keep-last", "1", "--prune"],
+        ] {
+            var env = kiosk
+            env["CABACKUP_NEW_PASSWORD"] = "another long password"
+            let r = try run(productsDirectory + "/cabackup", args + ["--repo", server.repo("alice")], env: env)
+            #expect(r.status == 1, "\(args): \(r.stdout) \(r.stderr)")
+            #expect(r.stderr.contains("append-only"), "\(args): \(r.stderr)")
+        }
+        let token = try storedToken(kiosk)
+        let snapshot = try #require(before.first { $0.hasPrefix("snapshots/") && $0.count > 70 })
+        #expect(try http("DELETE", server.url + "/v1/space/" + snapshot, token: token).0 == 403)
+        let after = try FileManager.default.subpathsOfDirectory(atPath: server.data + "/spaces/alice")
+            .filter { !$0.hasPrefix("index") && !$0.hasPrefix("tmp") }.sorted()
+        #expect(after == before, "an append-only token changed the space")
+        // The full token still can.
+        #expect(try cabackup("forget", "--repo", server.repo("alice"), "--keep-last", "1", env: alice).status == 0)
+    }
+}
+
+@Suite("rollback notice: a snapshot removed without the key is noticed", .serialized)
+struct RollbackTests {
+    @Test("a snapshot the storage deleted is named on the next command; one removed by forget is not")
+    func deletedBehindTheOwnersBack() throws {
+        let (s, server, alice) = try aliceOnServer()
+        let repo = server.repo("alice")
+        for i in 0..<3 {
+            try writeRandom(s.file("src/f\(i).bin"), megabytes: 1)
+            #expect(try cabackup("snapshot", "--repo", repo, s.file("src"), env: alice).status == 0)
+        }
+        let listed = try cabackup("snapshots", "--repo", repo, "--json", env: alice)
+        let snaps = try #require(
+            try JSONSerialization.jsonObject(with: Data(listed.stdout.utf8)) as? [[String: Any]])
+        let newest = try #require(snaps.last?["id"] as? String)
+        let oldest = try #require(snaps.first?["id"] as? String)
+        // Removed with the key: no warning.
+        let forget = try cabackup("forget", "--repo", repo, newest, env: alice)
+        #expect(forget.status == 0, "\(forget.stderr)")
+        let quiet = try cabackup("snapshots", "--repo", repo, env: alice)
+        #expect(quiet.status == 0)
+        #expect(!quiet.stderr.contains("is gone"), "\(quiet.stderr)")
+        #expect(try cabackup("check", "--repo", repo, env: alice).status == 0, "a forget record is no damage")
+        // The server deletes the (now) newest record behind the owner's back.
+        let second = try #require(snaps.dropLast().last?["id"] as? String)
+        try FileManager.default.removeItem(atPath: server.data + "/spaces/alice/snapshots/" + second)
+        let noticed = try cabackup("snapshots", "--repo", repo, env: alice)
+        #expect(noticed.stderr.contains("snapshot \(second.prefix(8))"), "\(noticed.stderr)")
+        #expect(noticed.stderr.contains("no forget made with the key removed it"), "\(noticed.stderr)")
+        #expect(noticed.stdout.contains(oldest.prefix(8)))
+    }
+
+    @Test("a local repository rolled back to an older copy is noticed")
+    func localRollback() throws {
+        let s = Scratch()
+        let repo = s.file("repo")
+        #expect(try cabackup("init", "--repo", repo).status == 0)
+        try writeRandom(s.file("src/a.bin"), megabytes: 1)
+        #expect(try cabackup("snapshot", "--repo", repo, s.file("src")).status == 0)
+        #expect(try run("/bin/cp", ["-a", repo, s.file("old-copy")]).status == 0)
+        try writeRandom(s.file("src/b.bin"), megabytes: 1)
+        #expect(try cabackup("snapshot", "--repo", repo, s.file("src")).status == 0)
+        // The copy from before the second snapshot is put back in its place.
+        try FileManager.default.removeItem(atPath: repo)
+        try FileManager.default.moveItem(atPath: s.file("old-copy"), toPath: repo)
+        let r = try cabackup("snapshots", "--repo", repo)
+        #expect(r.status == 0)
+        #expect(r.stderr.contains("is gone and no forget made with the key removed it"), "\(r.stderr)")
     }
 }

@@ -129,7 +129,10 @@ struct ServerAbuseTests {
             usleep(100_000)
         }
         reader.waitUntilExit()
-        #expect(peak - before < 100 << 10, "server RSS grew from \(before) to \(peak) KiB")
+        // Buffering what was asked for would take 40 × 15 MiB = 600 MiB; a connection that
+        // does not read holds about a megabyte (docs/http-api.md). The bound leaves room
+        // for a loaded machine, and is still a quarter of what was asked for.
+        #expect(peak - before < 150 << 10, "server RSS grew from \(before) to \(peak) KiB")
         // The pack still downloads whole for a client that reads.
         let restore = try cabackup(
             "restore", "--repo", server.repo("alice"), "latest", "--target", s.file("out"), env: alice)

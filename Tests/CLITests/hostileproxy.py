@@ -12,7 +12,9 @@ where RULE is one of
   {"body": TEXT}                 answer 200 with TEXT
   {"junk": N}                    answer 200 with N bytes of junk, streamed, with its length
   {"status": CODE, "body": TEXT} answer CODE with TEXT
-Every request line is appended to RULES_FILE + ".log", so a test can see what reached it.
+Every request line is appended to RULES_FILE + ".log", so a test can see what reached it;
+for POST /v1/login and /v1/register the JSON body follows on the same line, as a hostile
+server would capture it.
 """
 import http.client
 import json
@@ -43,10 +45,13 @@ class Handler(BaseHTTPRequestHandler):
     def handle_any(self):
         path = self.path.split("?", 1)[0]
         key = "%s %s" % (self.command, path)
-        with log_lock, open(rules_path + ".log", "a") as log:
-            log.write(key + "\n")
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else None
+        line = key
+        if path in ("/v1/login", "/v1/register") and body:
+            line += " " + body.decode("utf-8", "replace").replace("\n", " ")
+        with log_lock, open(rules_path + ".log", "a") as log:
+            log.write(line + "\n")
         rule = rules().get(key)
         if rule is not None:
             return self.answer(rule)

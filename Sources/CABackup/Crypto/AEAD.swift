@@ -117,6 +117,7 @@ enum SealedKind {
     static let snapshot = Array("cabackup snapshot v1".utf8)
     static let config = Array("cabackup config v1".utf8)
     static let keySlot = Array("cabackup key slot v1".utf8)
+    static let forget = Array("cabackup forget v1".utf8)
 }
 
 /// scrypt (RFC 7914) through libcrypto's `EVP_PBE_scrypt`: one lane after another; the tests

@@ -223,6 +223,7 @@ extension Repository {
     ///   for the current slot.
     public func removeKey(_ prefix: String) throws {
         guard config.isEncrypted else { throw CABackupError.notEncrypted(backend.location) }
+        try backend.checkCanDelete()
         let p = prefix.lowercased()
         let matches = try backend.list(.key).filter { p.count >= 8 && $0.hasPrefix(p) }
         guard matches.count == 1, let name = matches.first else { throw CABackupError.keyNotFound(prefix) }
@@ -239,6 +240,7 @@ extension Repository {
     @discardableResult
     public func changePassword(to newPassword: String, kdf: KDFParameters = .default) throws -> String {
         guard keys != nil, let old = currentKeyID else { throw CABackupError.notEncrypted(backend.location) }
+        try backend.checkCanDelete()
         let name = try addKey(password: newPassword, kdf: kdf)
         try backend.remove(.key, old)
         setCurrentKeyID(name)

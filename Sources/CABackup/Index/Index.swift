@@ -110,6 +110,7 @@ final class RepositoryIndex: @unchecked Sendable {
             DROP INDEX IF EXISTS blobs_by_pack;
             CREATE TABLE IF NOT EXISTS snapshots(id BLOB PRIMARY KEY, time_ns INTEGER NOT NULL,
                 record BLOB NOT NULL);
+            CREATE TABLE IF NOT EXISTS forgets(id BLOB PRIMARY KEY, forgotten BLOB NOT NULL);
             CREATE TABLE IF NOT EXISTS complete(snapshot BLOB PRIMARY KEY, packs_upto INTEGER NOT NULL,
                 pack_count INTEGER NOT NULL, last_pack BLOB);
             INSERT OR IGNORE INTO meta VALUES('generation', '0');
@@ -626,6 +627,67 @@ final class RepositoryIndex: @unchecked Sendable {
                 s.bind(1, id)
                 try s.run()
             }
+        }
+    }
+
+    /// Records a forget record: the snapshot ids it says were removed with the key.
+    func addForget(_ id: SnapshotID, forgotten: [SnapshotID]) throws {
+        try exclusive { () throws in
+            let s = try db.prepare("INSERT OR REPLACE INTO forgets VALUES(?1, ?2)")
+            s.bind(1, id)
+            s.bind(2, bytes: forgotten.flatMap { $0.withUnsafeBytes { Array($0) } })
+            try s.run()
+        }
+    }
+
+    func removeForget(_ id: SnapshotID) throws {
+        try exclusive { () throws in
+            let s = try db.prepare("DELETE FROM forgets WHERE id = ?1")
+            s.bind(1, id)
+            try s.run()
+        }
+    }
+
+    /// The ids of the forget records indexed.
+    func forgetIDs() throws -> Set<SnapshotID> {
+        try exclusive { () throws in
+            let s = try db.prepare("SELECT id FROM forgets")
+            var out = Set<SnapshotID>()
+            while try s.step() { if let id = s.id(0) { out.insert(id) } }
+            return out
+        }
+    }
+
+    /// Whether an indexed forget record names `id`.
+    func wasForgotten(_ id: SnapshotID) throws -> Bool {
+        try exclusive { () throws in
+            let s = try db.prepare("SELECT forgotten FROM forgets")
+            while try s.step() {
+                let found = s.bytes(0).withUnsafeBytes { raw in
+                    stride(from: 0, to: raw.count - 31, by: 32).contains {
+                        ObjectID(UnsafeRawBufferPointer(rebasing: raw[$0..<($0 + 32)])) == id
+                    }
+                }
+                if found { return true }
+            }
+            return false
+        }
+    }
+
+    /// The newest snapshot indexed, with its time.
+    func newestSnapshot() throws -> (id: SnapshotID, timeNs: Int64)? {
+        try exclusive { () throws in
+            let s = try db.prepare("SELECT id, time_ns FROM snapshots ORDER BY time_ns DESC, id DESC LIMIT 1")
+            guard try s.step(), let id = s.id(0) else { return nil }
+            return (id, s.int(1))
+        }
+    }
+
+    /// Whether a snapshot is indexed.
+    func hasSnapshot(_ id: SnapshotID) throws -> Bool {
+        try exclusive { () throws in
+            let s = try db.prepare("SELECT 1 FROM snapshots WHERE id = ?1")
+            return try s.hasRow(binding: id)
         }
     }
 

@@ -181,6 +181,21 @@ public final class HTTPBackend: Backend, @unchecked Sendable {
         }
     }
 
+    public func checkCanDelete() throws {
+        // A server without this call predates append-only tokens: its tokens are all full.
+        let reply = try client.call(.GET, "/v1/account", accept: [200, 404], limit: 64 << 10)
+        struct Account: Decodable { let rights: String }
+        let rights =
+            reply.status == 404 ? "full" : try? JSONDecoder().decode(Account.self, from: Data(reply.body)).rights
+        guard rights == "full" else {
+            throw CABackupError.remote(
+                status: 403,
+                message:
+                    "this device's token for \(location) is append-only: it may add snapshots but not forget, prune or remove keys; do that from a device logged in without --append-only (nothing was changed)"
+            )
+        }
+    }
+
     public func remove(_ kind: FileKind, _ name: String) throws {
         _ = try client.call(.DELETE, Self.path(kind, name), accept: [204, 404])
     }

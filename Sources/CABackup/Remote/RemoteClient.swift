@@ -153,53 +153,157 @@ public struct DeviceInfo: Sendable, Codable, Equatable {
     public let lastUsed: String
     /// Whether this is the token the request was made with.
     public let current: Bool
+    /// `full`, or `append-only` for a token that may read, add and lock but never delete.
+    public let rights: String
 
     enum CodingKeys: String, CodingKey {
-        case id, device, created, current
+        case id, device, created, current, rights
         case lastUsed = "last_used"
+    }
+
+    public init(from decoder: any Decoder) throws {
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        id = try c.decode(String.self, forKey: .id)
+        device = try c.decode(String.self, forKey: .device)
+        created = try c.decode(String.self, forKey: .created)
+        lastUsed = try c.decode(String.self, forKey: .lastUsed)
+        current = try c.decode(Bool.self, forKey: .current)
+        rights = try c.decodeIfPresent(String.self, forKey: .rights) ?? "full"
     }
 }
 
 /// Accounts on a `cabackup server`: register, log in and out, list and revoke devices.
-/// Only a login secret derived from the password (``loginSecret(password:user:)``) is
-/// ever sent.
+/// Only a login secret derived from the password
+/// (``loginSecret(password:user:origin:serverSalt:)``) is ever sent.
 public enum RemoteAccount {
+    /// The secret to send to `location`'s server for `user`, and the scheme it is of: scheme
+    /// 2 when the server hands out a login salt (and then always, for that origin), scheme 1
+    /// only for a server that never has.
+    static func secret(
+        _ location: RemoteLocation, user: String, password: String, client: RemoteClient
+    ) throws -> (secret: String, scheme: Int) {
+        let path = "/v1/login/salt?user=" + user
+        let reply = try client.call(.GET, path, accept: [200, 404], limit: 64 << 10)
+        struct Salt: Decodable {
+            let salt: String
+            let scheme: Int
+        }
+        if reply.status == 200 {
+            guard let s = try? JSONDecoder().decode(Salt.self, from: Data(reply.body)), s.scheme == 2,
+                let salt = bytesFromHex(s.salt), salt.count == 32
+            else {
+                throw CABackupError.remote(status: reply.status, message: "the server's login salt is malformed")
+            }
+            try LoginSchemes.remember(location.origin)
+            return (try loginSecret(password: password, user: user, origin: location.origin, serverSalt: salt), 2)
+        }
+        guard !LoginSchemes.knowsScheme2(location.origin) else {
+            throw CABackupError.untrusted(
+                "the server at \(location.serverURL) no longer offers the login scheme it used before: it may not be the server you registered with; no secret was sent"
+            )
+        }
+        return (try legacyLoginSecret(password: password, user: user), 1)
+    }
+
     /// Creates an account and its empty private data space.
     public static func register(
         server: String, user: String, email: String, password: String, caCertificate: String? = nil
     ) throws {
-        let s = try RemoteLocation(parsing: server, requireUser: false).serverURL
+        let location = try RemoteLocation(parsing: server, requireUser: false)
         guard isValidUserName(user) else {
             throw CABackupError.invalidArgument(
                 "'\(user)' is not a valid account name: use 1-64 characters a-z 0-9 . _ -")
         }
         try checkNewPassword(password)
+        let client = try RemoteClient(
+            server: location.serverURL, user: user, token: nil, caCertificate: caCertificate)
+        let (secret, scheme) = try Self.secret(location, user: user, password: password, client: client)
         let body = try JSONSerialization.data(withJSONObject: [
-            "user": user, "email": email, "secret": try loginSecret(password: password, user: user),
+            "user": user, "email": email, "secret": secret, "scheme": scheme, "origin": location.origin,
         ])
-        _ = try RemoteClient(server: s, user: user, token: nil, caCertificate: caCertificate).call(
+        _ = try client.call(
             .POST, "/v1/register", headers: [("Content-Type", "application/json")], body: Array(body),
             accept: [201])
     }
 
-    /// Logs in as a new device and stores the token in ``CredentialStore``.
+    /// Logs in as a new device and stores the token in ``CredentialStore``. An
+    /// `appendOnly` token may read, add data and take the lock, but never delete or
+    /// overwrite data, snapshots or key slots (`forget`, `prune`, `key remove` and `key
+    /// passwd` need a full one).
     @discardableResult
     public static func login(
         server: String, user: String, password: String, device: String = currentHostname(),
-        caCertificate: String? = nil
+        appendOnly: Bool = false, caCertificate: String? = nil
     ) throws -> String {
-        let s = try RemoteLocation(parsing: server, requireUser: false).serverURL
-        let body = try JSONSerialization.data(withJSONObject: [
-            "user": user, "secret": try loginSecret(password: password, user: user), "device": device,
-        ])
-        let reply = try RemoteClient(server: s, user: user, token: nil, caCertificate: caCertificate).call(
-            .POST, "/v1/login", headers: [("Content-Type", "application/json")], body: Array(body))
+        let location = try RemoteLocation(parsing: server, requireUser: false)
+        let client = try RemoteClient(
+            server: location.serverURL, user: user, token: nil, caCertificate: caCertificate)
+        let (secret, scheme) = try Self.secret(location, user: user, password: password, client: client)
+        var fields: [String: Any] = ["user": user, "secret": secret, "device": device, "scheme": scheme]
+        if appendOnly { fields["append_only"] = true }
+        let reply: RemoteClient.Reply
+        do {
+            reply = try client.call(
+                .POST, "/v1/login", headers: [("Content-Type", "application/json")],
+                body: Array(try JSONSerialization.data(withJSONObject: fields)))
+        } catch CABackupError.notLoggedIn(let m) where scheme == 2 {
+            throw CABackupError.notLoggedIn(
+                m
+                    + ". An account made before logins were bound to the server's address (cabackup before format 3) logs in only after 'cabackup rebind --server \(location.serverURL) --user \(user)' on a device still logged in to it"
+            )
+        }
         struct Token: Decodable { let token: String }
         guard let t = try? JSONDecoder().decode(Token.self, from: Data(reply.body)) else {
             throw CABackupError.remote(status: reply.status, message: "the server's login answer is malformed")
         }
-        try CredentialStore.store(server: s, user: user, token: t.token, device: device)
+        try CredentialStore.store(server: location.serverURL, user: user, token: t.token, device: device)
         return t.token
+    }
+
+    /// Binds the account's login secret to the current scheme and to this server address,
+    /// from a device still logged in: after a server upgrade (accounts made before scheme
+    /// 2) or a change of the server's address. The password proves itself with the secret
+    /// the account has now. Needs a full token.
+    public static func rebind(server: String, user: String, password: String, caCertificate: String? = nil) throws {
+        let location = try RemoteLocation(parsing: server, requireUser: false)
+        let c = try client(server, user, caCertificate)
+        let reply = try c.call(.GET, "/v1/account", limit: 64 << 10)
+        struct Account: Decodable {
+            let scheme: Int
+            let origin: String
+        }
+        guard let account = try? JSONDecoder().decode(Account.self, from: Data(reply.body)) else {
+            throw CABackupError.remote(status: reply.status, message: "the server's account answer is malformed")
+        }
+        let saltReply = try c.call(.GET, "/v1/login/salt?user=" + user, limit: 64 << 10)
+        struct Salt: Decodable { let salt: String }
+        guard let s = try? JSONDecoder().decode(Salt.self, from: Data(saltReply.body)),
+            let salt = bytesFromHex(s.salt), salt.count == 32
+        else {
+            throw CABackupError.remote(status: saltReply.status, message: "the server's login salt is malformed")
+        }
+        let proof =
+            account.scheme >= 2
+            ? try loginSecret(password: password, user: user, origin: account.origin, serverSalt: salt)
+            : try legacyLoginSecret(password: password, user: user)
+        let secret = try loginSecret(password: password, user: user, origin: location.origin, serverSalt: salt)
+        let body = try JSONSerialization.data(withJSONObject: [
+            "proof": proof, "secret": secret, "origin": location.origin,
+        ])
+        _ = try c.call(
+            .POST, "/v1/account/secret", headers: [("Content-Type", "application/json")], body: Array(body),
+            accept: [204])
+        try LoginSchemes.remember(location.origin)
+    }
+
+    /// The rights of this device's token: `full` or `append-only`.
+    public static func rights(server: String, user: String, caCertificate: String? = nil) throws -> String {
+        let reply = try client(server, user, caCertificate).call(.GET, "/v1/account", limit: 64 << 10)
+        struct Account: Decodable { let rights: String }
+        guard let a = try? JSONDecoder().decode(Account.self, from: Data(reply.body)) else {
+            throw CABackupError.remote(status: reply.status, message: "the server's account answer is malformed")
+        }
+        return a.rights
     }
 
     /// Revokes this device's token on the server and forgets it locally.

@@ -21,6 +21,18 @@ public struct RemoteLocation: Sendable, Equatable, CustomStringConvertible {
 
     public var description: String { "\(scheme)://\(user)@\(hostPort)\(prefix)" }
 
+    /// `scheme://host:port` as the user gave it (the port always written): what a login
+    /// secret is bound to, so one captured by another server is useless here.
+    public var origin: String { "\(scheme)://\(hostPort.lowercased())" }
+
+    /// Whether a secret sent here could be read on the way: plain `http://` to anything
+    /// but this machine (`127.0.0.0/8`, `::1`, `localhost`).
+    public var sendsSecretsInClear: Bool {
+        guard scheme == "http" else { return false }
+        let h = host.lowercased()
+        return !(h == "localhost" || h == "::1" || h.hasPrefix("127."))
+    }
+
     /// Whether `s` is meant as a server location (starts with `http://` or `https://`).
     public static func isRemote(_ s: String) -> Bool { s.hasPrefix("http://") || s.hasPrefix("https://") }
 
@@ -49,7 +61,8 @@ public struct RemoteLocation: Sendable, Equatable, CustomStringConvertible {
         while prefix.hasSuffix("/") { prefix.removeLast() }
         self.scheme = scheme
         self.user = user
-        self.host = host
+        // An IPv6 literal without its brackets (``hostPort`` adds them back).
+        self.host = host.hasPrefix("[") && host.hasSuffix("]") ? String(host.dropFirst().dropLast()) : host
         self.port = url.port ?? (scheme == "https" ? 443 : 80)
         self.prefix = prefix
     }
@@ -64,13 +77,52 @@ public func isValidUserName(_ s: String) -> Bool {
     return ok && !s.isEmpty && s.utf8.count <= 64 && s != "." && s != ".."
 }
 
-/// The secret a client sends to log in: scrypt of the password with a salt made of a fixed
-/// context string and the account name. Repository key slots use random salts and another
-/// context, so the server never receives anything a repository key can be derived from,
-/// even when the account and repository passwords are the same string.
-public func loginSecret(password: String, user: String) throws -> String {
+/// The login secret of scheme 1, for servers and accounts that predate scheme 2: scrypt
+/// of the password salted with the account name only, so it is the same on every server
+/// where the name and password are. A client that has seen scheme 2 at a server never
+/// sends it there again.
+public func legacyLoginSecret(password: String, user: String) throws -> String {
     let salt = Array("cabackup login secret v1\u{0}".utf8) + Array(user.utf8)
     return hexString(try scrypt(password: Array(password.utf8), salt: salt, n: 1 << 15, r: 8, p: 1, length: 32))
+}
+
+/// The secret a client sends to log in (scheme 2): scrypt of the password with a salt made
+/// of a fixed context string, the server's origin as the user gave it (`scheme://host:port`),
+/// the account name and the server's per-account salt. A secret captured by one server, or
+/// on a plain `http://` path, logs in nowhere else. Repository key slots use random salts and
+/// another context, so the server never receives anything a repository key can be derived
+/// from, even when the account and repository passwords are the same string.
+public func loginSecret(password: String, user: String, origin: String, serverSalt: [UInt8]) throws -> String {
+    let salt =
+        Array("cabackup login secret v2\u{0}".utf8) + Array(origin.utf8) + [0] + Array(user.utf8) + [0] + serverSalt
+    return hexString(try scrypt(password: Array(password.utf8), salt: salt, n: 1 << 15, r: 8, p: 1, length: 32))
+}
+
+/// The origins this device has seen speak login scheme 2, in `login-schemes.json` beside
+/// the credentials: to them it never sends a scheme-1 secret, even if one later says it
+/// does not know scheme 2.
+enum LoginSchemes {
+    static var path: String { CredentialStore.directory + "/login-schemes.json" }
+
+    static func knowsScheme2(_ origin: String) -> Bool {
+        guard let bytes = try? readSmallFile(path, limit: 1 << 20),
+            let all = try? JSONDecoder().decode([String: Int].self, from: Data(bytes))
+        else { return false }
+        return (all[origin] ?? 1) >= 2
+    }
+
+    static func remember(_ origin: String) throws {
+        var all: [String: Int] = [:]
+        if let bytes = try? readSmallFile(path, limit: 1 << 20),
+            let stored = try? JSONDecoder().decode([String: Int].self, from: Data(bytes))
+        {
+            all = stored
+        }
+        guard all[origin] != 2 else { return }
+        all[origin] = 2
+        try makeDirectories(CredentialStore.directory)
+        try writeFileAtomically(path, jsonFile(all), mode: 0o600, durable: true)
+    }
 }
 
 /// Tokens of the accounts this user logged in to, in `$XDG_CONFIG_HOME/cabackup/credentials.json`

@@ -89,11 +89,22 @@ extension Repository {
         var cleanTrees = Set<BlobID>()
         var affected: [BlobID: (snapshots: Set<String>, paths: [String])] = [:]
         let snapshotNames = try backend.list(.snapshot).compactMap { ObjectID(hex: $0) }
-        for id in snapshotNames {
+        let forgets = try index.forgetIDs()
+        for id in snapshotNames where !forgets.contains(id) {
             report.snapshotsChecked += 1
             let snap: Snapshot
             do {
-                snap = try decodeRecord(id: id, stored: try backend.read(.snapshot, id.hex))
+                let stored = try backend.read(.snapshot, id.hex)
+                do {
+                    snap = try decodeRecord(id: id, stored: stored)
+                } catch {
+                    // A forget record lives among the snapshot records: intact, it is no problem.
+                    if decodeForget(id: id, stored: stored) != nil {
+                        report.snapshotsChecked -= 1
+                        continue
+                    }
+                    throw error
+                }
             } catch {
                 report.problems.append(CheckProblem(message: "snapshot \(id.hex): \(error)", snapshots: [], paths: []))
                 continue

@@ -76,6 +76,11 @@ extension Repository {
 
     /// Removes snapshot records (their data stays until ``prune(dryRun:repackBelow:)``).
     public func forget(_ snapshots: [Snapshot]) throws {
+        guard !snapshots.isEmpty else { return }
+        try backend.checkCanDelete()
+        // First the authenticated record of what is removed on purpose, so no device takes
+        // these removals for a storage rolling the repository back.
+        try writeForgetRecord(snapshots.map(\.id))
         for s in snapshots {
             try backend.remove(.snapshot, s.id.hex)
             try index.removeSnapshot(s.id)
@@ -100,6 +105,7 @@ extension Repository {
     /// ``prune(dryRun:repackBelow:)`` keeping at most `idsInMemory` used blob ids in memory
     /// (about 70 bytes each) before the set moves to a temporary SQLite file.
     func prune(dryRun: Bool, repackBelow usedFraction: Double, idsInMemory: Int) throws -> PruneReport {
+        if !dryRun { try backend.checkCanDelete() }
         let lock = try backend.lock(exclusive: true)
         defer { withExtendedLifetime(lock) {} }
         try synchronizeIndex()

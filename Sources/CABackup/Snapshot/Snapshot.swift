@@ -204,3 +204,34 @@ public func parseRFC3339(_ s: String) -> Int64? {
     guard !overflow, ns <= Int64.max - frac else { return nil }
     return ns + frac
 }
+
+/// A forget record: written (sealed, like a snapshot record, under its own AAD) by
+/// `forget` before it removes snapshot records, among the snapshot records and named the
+/// same way (the SHA-256 of its stored bytes). It says, authenticated by the key, which
+/// snapshots were removed on purpose, so a device that finds a snapshot it saw gone can
+/// tell a forget from a storage that deleted or rolled back records behind its owner's back.
+///
+/// Layout (JSON): `{"version": 1, "forgotten": ["64 hex", …], "time": RFC 3339, "hostname"}`.
+struct ForgetRecord: Codable {
+    var version: Int
+    var forgotten: [String]
+    var time: String
+    var hostname: String
+
+    /// The plaintext of a forget record naming `ids`, made now on this host.
+    static func encode(_ ids: [SnapshotID]) -> [UInt8] {
+        let record = ForgetRecord(
+            version: 1, forgotten: ids.map(\.hex), time: formatRFC3339(ns: wallClockNs()), hostname: currentHostname())
+        let enc = JSONEncoder()
+        enc.outputFormatting = [.sortedKeys]
+        return Array(try! enc.encode(record))
+    }
+
+    static func decode(_ plain: [UInt8]) -> [SnapshotID]? {
+        guard let r = try? JSONDecoder().decode(ForgetRecord.self, from: Data(plain)), r.version == 1 else {
+            return nil
+        }
+        let ids = r.forgotten.compactMap { isObjectName($0) ? ObjectID(hex: $0) : nil }
+        return ids.count == r.forgotten.count ? ids : nil
+    }
+}

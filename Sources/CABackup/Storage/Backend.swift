@@ -76,10 +76,15 @@ public protocol Backend: Sendable {
     /// Whether ``writeSnapshot(_:_:references:)`` uses `references` (a server checks them;
     /// a directory does not, so a local snapshot does not collect them).
     var checksSnapshotReferences: Bool { get }
+    /// Throws when the credentials used may add but not delete (an append-only device
+    /// token), so an operation that deletes refuses before it changes anything.
+    func checkCanDelete() throws
 }
 
 extension Backend {
     public var isLocalAndTrusted: Bool { false }
+
+    public func checkCanDelete() throws {}
 
     public var checksSnapshotReferences: Bool { false }
 

@@ -63,10 +63,15 @@ final class BlobSaver: @unchecked Sendable {
     /// Packs stored.
     let packsAdded = Atomic<Int>(0)
     /// Test-only fault injection: `CABACKUP_FAIL_AFTER_WRITES=N` kills the process
-    /// (as a crash would) before it stores its pack number N+1.
+    /// (as a crash would) before it stores its pack number N+1. Compiled only into builds
+    /// with the test hooks (debug builds, see `Package.swift`).
     private static let failAfterWrites: Int? = {
-        guard let s = getenv("CABACKUP_FAIL_AFTER_WRITES") else { return nil }
-        return Int(String(cString: s))
+        #if CABACKUP_TEST_HOOKS
+            guard let s = getenv("CABACKUP_FAIL_AFTER_WRITES") else { return nil }
+            return Int(String(cString: s))
+        #else
+            return nil
+        #endif
     }()
 
     init(repository: Repository) {

@@ -9,7 +9,8 @@ import Foundation
 /// What this device remembers about each repository it has opened, keyed by where the
 /// repository is (a directory's absolute path, or `http(s)://NAME@HOST:PORT[/PREFIX]`),
 /// never by anything the repository itself says: the SHA-256 of the config it first saw,
-/// the highest format version seen there, and the key slot that opened it last.
+/// the highest format version seen there, the key slot that opened it last, and the newest
+/// snapshot seen there.
 ///
 /// A storage that later serves another config (say `encryption: none`, or a lower
 /// format version) is refused before anything is read or written. The file is
@@ -24,14 +25,18 @@ package enum KnownRepositories {
         var formatVersion: Int
         /// The key slot that opened the repository last (tried first next time).
         var keySlot: String?
-        /// When the entry was last used (nanoseconds since 1970), for evicting old ones.
+        /// When the entry was last changed (nanoseconds since 1970), for evicting old ones.
         var seenNs: Int64
+        /// The newest snapshot this device has seen there (hex id): when it is gone and no
+        /// forget record names it, the storage removed it behind the owner's back.
+        var newestSnapshot: String? = nil
 
         enum CodingKeys: String, CodingKey {
             case config
             case formatVersion = "format_version"
             case keySlot = "key_slot"
             case seenNs = "seen_ns"
+            case newestSnapshot = "newest_snapshot"
         }
     }
 
