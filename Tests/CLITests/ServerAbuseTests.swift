@@ -108,6 +108,25 @@ struct ServerAbuseTests {
         #expect(eventually(within: 30) { descriptorCount(pid) <= baseline + 4 }, "\(descriptorCount(pid))")
     }
 
+    @Test("a stalled upload is cut at the idle timeout and leaves no temporary file or descriptor behind")
+    func stalledUpload() throws {
+        let (s, server, alice) = try aliceOnServer(["--idle-timeout", "2"])
+        defer { withExtendedLifetime(s) {} }
+        let pid = server.process.processIdentifier
+        let baseline = descriptorCount(pid)
+        let tmp = server.data + "/spaces/alice/tmp"
+        let (uploader, out) = try startAbuse(
+            "stallupload", server.host, server.portString, try storedToken(alice),
+            "/v1/space/packs/" + String(repeating: "ab", count: 32), "30")
+        #expect(eventually(within: 10) { !((try? FileManager.default.contentsOfDirectory(atPath: tmp)) ?? []).isEmpty })
+        uploader.waitUntilExit()
+        let verdict = String(decoding: out.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        #expect(verdict.contains("closed"), "\(verdict)")
+        #expect(
+            eventually(within: 10) { ((try? FileManager.default.contentsOfDirectory(atPath: tmp)) ?? [""]).isEmpty })
+        #expect(eventually(within: 10) { descriptorCount(pid) <= baseline }, "\(descriptorCount(pid)) > \(baseline)")
+    }
+
     @Test("forty clients that never read a 16 MiB pack do not grow the server's memory")
     func nonReadingClients() throws {
         let (s, server, alice) = try aliceOnServer()

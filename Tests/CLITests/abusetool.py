@@ -6,6 +6,10 @@ count and time and stops by itself; every socket goes to 127.0.0.0/8 only.
       opens COUNT connections that send half a request header and then nothing; prints
       "stalled COUNT" once they are open, holds them SECONDS, then prints "closed N": how
       many the server had closed by then.
+  abusetool.py stallupload HOST PORT TOKEN PATH SECONDS
+      PUTs PATH saying Content-Length 1 MiB, sends 64 KiB of it and then nothing; prints
+      "sent" once it has, then "closed" or "open" after at most SECONDS: whether the
+      server closed the connection.
   abusetool.py noread HOST PORT TOKEN PATH COUNT SECONDS
       COUNT connections each GET PATH and never read the answer; prints "sent COUNT",
       holds them SECONDS.
@@ -62,6 +66,25 @@ def stall(host, port, count, seconds):
     print("closed %d" % len(closed), flush=True)
     for s in socks:
         s.close()
+
+
+def stallupload(host, port, token, path, seconds):
+    s = socket.socket()
+    s.connect((host, port))
+    s.sendall(("PUT %s HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\nContent-Length: %d\r\n\r\n"
+               % (path, token, 1 << 20)).encode())
+    s.sendall(b"\0" * (64 << 10))
+    print("sent", flush=True)
+    s.settimeout(seconds)
+    try:
+        while s.recv(4096):
+            pass
+        print("closed", flush=True)
+    except socket.timeout:
+        print("open", flush=True)
+    except OSError:
+        print("closed", flush=True)
+    s.close()
 
 
 def noread(host, port, token, path, count, seconds):
@@ -133,6 +156,8 @@ def main():
     a = sys.argv[4:]
     if cmd == "stall":
         stall(host, port, int(a[0]), float(a[1]))
+    elif cmd == "stallupload":
+        stallupload(host, port, a[0], a[1], float(a[2]))
     elif cmd == "noread":
         noread(host, port, a[0], a[1], int(a[2]), float(a[3]))
     elif cmd == "chunked":
