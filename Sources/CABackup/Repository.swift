@@ -261,10 +261,17 @@ public final class Repository: @unchecked Sendable {
             )
         }
         var entry = KnownRepositories.Entry(
-            config: digest, formatVersion: max(file.formatVersion, trustNewConfig ? 0 : known?.formatVersion ?? 0),
-            keySlot: keyID, seenNs: known?.seenNs ?? 0, newestSnapshot: newest?.id.hex ?? known?.newestSnapshot)
-        if entry != known { entry.seenNs = wallClockNs() }
-        if let warning = KnownRepositories.rememberOrWarn(path, entry, durable: durable) { warnings.append(warning) }
+            location: path, config: digest,
+            formatVersion: max(file.formatVersion, trustNewConfig ? 0 : known?.formatVersion ?? 0), keySlot: keyID,
+            seenNs: known?.seenNs ?? 0, newestSnapshot: newest?.id.hex ?? known?.newestSnapshot)
+        if entry != known {
+            // Written only when something changed; fsynced only when the pin itself did.
+            let pinChanged = known?.config != entry.config || known?.formatVersion != entry.formatVersion
+            entry.seenNs = wallClockNs()
+            if let warning = KnownRepositories.rememberOrWarn(path, entry, durable: durable && pinChanged) {
+                warnings.append(warning)
+            }
+        }
         repo.warnings = warnings
         return repo
     }

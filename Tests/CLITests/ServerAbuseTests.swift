@@ -189,6 +189,28 @@ struct ServerAbuseTests {
         #expect(chunked.first?.hasPrefix("411") == true, "\(chunked)")
     }
 
+    @Test("uploads past the space's limit are told to retry, and every device's snapshot completes")
+    func uploadLimit() throws {
+        let (s, server, _) = try aliceOnServer(["--max-uploads-per-space", "1"])
+        var jobs: [([String], [String: String])] = []
+        for i in 0..<3 {
+            let env = device(s, "dev\(i)", password: "alice password")
+            #expect(try cabackup("login", "--server", server.url, "--user", "alice", env: env).status == 0)
+            try writeRandom(s.file("src\(i)/data.bin"), megabytes: 12)
+            jobs.append((["snapshot", "--repo", server.repo("alice"), s.file("src\(i)")], env))
+        }
+        for r in runAtOnce(jobs) {
+            #expect(r?.status == 0, "\(r?.stderr ?? "did not run")")
+        }
+        let restore = try cabackup(
+            "restore", "--repo", server.repo("alice"), "latest", "--path", s.file("src1"), "--target", s.file("out"),
+            env: device(s, "dev1", password: "alice password"))
+        #expect(restore.status == 0, "\(restore.stderr)")
+        #expect(
+            FileManager.default.contentsEqual(
+                atPath: s.file("src1/data.bin"), andPath: s.file("out") + s.file("src1/data.bin")))
+    }
+
     @Test("two first config uploads at once: exactly one is stored")
     func configRace() throws {
         let (s, server, _) = try aliceOnServer()

@@ -13,26 +13,29 @@ import Foundation
 /// snapshot seen there.
 ///
 /// A storage that later serves another config (say `encryption: none`, or a lower
-/// format version) is refused before anything is read or written. The file is
-/// `known-repositories.json` beside the server credentials (`$XDG_CONFIG_HOME/cabackup/`,
-/// else `~/.config/cabackup/`), mode 0600; updates hold an `flock` on a lock file beside
-/// it, so processes opening repositories at once do not lose each other's entries.
+/// format version) is refused before anything is read or written. Each location has a
+/// small file of its own, `known-repositories/<SHA-256 of the location>.json`, beside the
+/// server credentials (`$XDG_CONFIG_HOME/cabackup/`, else `~/.config/cabackup/`), mode
+/// 0600, replaced atomically: an open reads one file of a few hundred bytes, whatever the
+/// number of repositories the device knows.
 package enum KnownRepositories {
     package struct Entry: Codable, Equatable {
+        /// The location, as a check that the file is the one for it.
+        var location: String = ""
         /// SHA-256 (hex) of the config file's bytes.
         var config: String
         /// The highest `format_version` seen at this location.
         var formatVersion: Int
         /// The key slot that opened the repository last (tried first next time).
         var keySlot: String?
-        /// When the entry was last changed (nanoseconds since 1970), for evicting old ones.
+        /// When the entry was last changed (nanoseconds since 1970).
         var seenNs: Int64
         /// The newest snapshot this device has seen there (hex id): when it is gone and no
         /// forget record names it, the storage removed it behind the owner's back.
         var newestSnapshot: String? = nil
 
         enum CodingKeys: String, CodingKey {
-            case config
+            case location, config
             case formatVersion = "format_version"
             case keySlot = "key_slot"
             case seenNs = "seen_ns"
@@ -40,27 +43,25 @@ package enum KnownRepositories {
         }
     }
 
-    /// The most locations remembered; the least recently used go first. A device with
-    /// more repositories than this re-learns the oldest on its next open.
-    static let capacity = 1000
+    static var directory: String { CredentialStore.directory + "/known-repositories" }
 
-    static var path: String { CredentialStore.directory + "/known-repositories.json" }
+    static func path(_ location: String) -> String { directory + "/" + sha256(Array(location.utf8)).hex + ".json" }
 
     /// The entry for `location`, if this device has opened it before.
-    package static func entry(_ location: String) -> Entry? { load()[location] }
+    package static func entry(_ location: String) -> Entry? {
+        guard let bytes = try? readSmallFile(path(location), limit: 64 << 10),
+            let entry = try? JSONDecoder().decode(Entry.self, from: Data(bytes)), entry.location == location
+        else { return nil }
+        return entry
+    }
 
-    /// Remembers `entry` for `location` (replacing what was there).
+    /// Remembers `entry` for `location` (replacing what was there). `durable` fsyncs the
+    /// file: wanted when the config pin changes, not for the newest snapshot.
     static func remember(_ location: String, _ entry: Entry, durable: Bool) throws {
-        try update(durable: durable) { all in
-            if all[location] == entry { return false }
-            all[location] = entry
-            if all.count > capacity {
-                for (key, _) in all.sorted(by: { $0.value.seenNs < $1.value.seenNs }).prefix(all.count - capacity) {
-                    all[key] = nil
-                }
-            }
-            return true
-        }
+        var entry = entry
+        entry.location = location
+        try makeDirectories(directory)
+        try writeFileAtomically(path(location), jsonFile(entry), mode: 0o600, durable: durable)
     }
 
     /// ``remember(_:_:durable:)``, turning a failure (a read-only or missing home, say)
@@ -72,28 +73,7 @@ package enum KnownRepositories {
             return nil
         } catch {
             return
-                "cannot remember the config of \(location) in \(path) (\(CABackupError(error))): this device will not notice if it is changed; make \(CredentialStore.directory) writable or set XDG_CONFIG_HOME"
+                "cannot remember the config of \(location) in \(directory) (\(CABackupError(error))): this device will not notice if it is changed; make \(CredentialStore.directory) writable or set XDG_CONFIG_HOME"
         }
-    }
-
-    static func load() -> [String: Entry] {
-        guard let bytes = try? readSmallFile(path, limit: 16 << 20) else { return [:] }
-        return (try? JSONDecoder().decode([String: Entry].self, from: Data(bytes))) ?? [:]
-    }
-
-    /// Runs `change` on the stored entries with the lock file held; writes them back when
-    /// it returns true.
-    private static func update(durable: Bool, _ change: (inout [String: Entry]) -> Bool) throws {
-        try makeDirectories(CredentialStore.directory)
-        let lockPath = CredentialStore.directory + "/known-repositories.lock"
-        let fd = open(lockPath, O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
-        if fd < 0 { throw ioError("open", lockPath) }
-        defer { close(fd) }
-        while flock(fd, LOCK_EX) != 0 {
-            if errno != EINTR { throw ioError("lock", lockPath) }
-        }
-        var all = load()
-        guard change(&all) else { return }
-        try writeFileAtomically(path, jsonFile(all), mode: 0o600, durable: durable)
     }
 }
