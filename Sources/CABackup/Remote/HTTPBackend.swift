@@ -63,7 +63,8 @@ public final class HTTPBackend: Backend, @unchecked Sendable {
         guard let names = try? JSONDecoder().decode([String].self, from: Data(reply.body)) else {
             throw CABackupError.remote(status: reply.status, message: "the server's listing is malformed")
         }
-        return names.filter { ObjectID(hex: $0) != nil }
+        // Only names that can be object names reach paths, SQL or messages: 64 lowercase hex.
+        return names.filter(isObjectName)
     }
 
     public func read(_ kind: FileKind, _ name: String) throws -> [UInt8] {
