@@ -184,11 +184,7 @@ public final class HTTPBackend: Backend, @unchecked Sendable {
 
     public func checkCanDelete() throws {
         // A server without this call predates append-only tokens: its tokens are all full.
-        let reply = try client.call(.GET, "/v1/account", accept: [200, 404], limit: 64 << 10)
-        struct Account: Decodable { let rights: String }
-        let rights =
-            reply.status == 404 ? "full" : try? JSONDecoder().decode(Account.self, from: Data(reply.body)).rights
-        guard rights == "full" else {
+        guard try RemoteAccount.Account.fetch(client)?.rights ?? "full" == "full" else {
             throw CABackupError.remote(
                 status: 403,
                 message:

@@ -182,18 +182,7 @@ public enum RemoteAccount {
     static func secret(
         _ location: RemoteLocation, user: String, password: String, client: RemoteClient
     ) throws -> (secret: String, scheme: Int) {
-        let path = "/v1/login/salt?user=" + user
-        let reply = try client.call(.GET, path, accept: [200, 404], limit: 64 << 10)
-        struct Salt: Decodable {
-            let salt: String
-            let scheme: Int
-        }
-        if reply.status == 200 {
-            guard let s = try? JSONDecoder().decode(Salt.self, from: Data(reply.body)), s.scheme == 2,
-                let salt = bytesFromHex(s.salt), salt.count == 32
-            else {
-                throw CABackupError.remote(status: reply.status, message: "the server's login salt is malformed")
-            }
+        if let salt = try loginSalt(client, user: user) {
             try LoginSchemes.remember(location.origin)
             return (try loginSecret(password: password, user: user, origin: location.origin, serverSalt: salt), 2)
         }
@@ -203,6 +192,41 @@ public enum RemoteAccount {
             )
         }
         return (try legacyLoginSecret(password: password, user: user), 1)
+    }
+
+    /// The server's login salt for `user` (scheme 2), or nil from a server that has none
+    /// (it predates scheme 2).
+    static func loginSalt(_ client: RemoteClient, user: String) throws -> [UInt8]? {
+        let reply = try client.call(.GET, "/v1/login/salt?user=" + user, accept: [200, 404], limit: 64 << 10)
+        guard reply.status == 200 else { return nil }
+        struct Salt: Decodable {
+            let salt: String
+            let scheme: Int
+        }
+        guard let s = try? JSONDecoder().decode(Salt.self, from: Data(reply.body)), s.scheme == 2,
+            let salt = bytesFromHex(s.salt), salt.count == 32
+        else {
+            throw CABackupError.remote(status: reply.status, message: "the server's login salt is malformed")
+        }
+        return salt
+    }
+
+    /// What `GET /v1/account` says of the token's account, or nil from a server without
+    /// that call (it predates append-only tokens and login scheme 2).
+    struct Account: Decodable {
+        let scheme: Int
+        let origin: String
+        /// `full` or `append-only`.
+        let rights: String
+
+        static func fetch(_ client: RemoteClient) throws -> Account? {
+            let reply = try client.call(.GET, "/v1/account", accept: [200, 404], limit: 64 << 10)
+            guard reply.status == 200 else { return nil }
+            guard let a = try? JSONDecoder().decode(Account.self, from: Data(reply.body)) else {
+                throw CABackupError.remote(status: reply.status, message: "the server's account answer is malformed")
+            }
+            return a
+        }
     }
 
     /// Creates an account and its empty private data space.
@@ -267,20 +291,9 @@ public enum RemoteAccount {
     public static func rebind(server: String, user: String, password: String, caCertificate: String? = nil) throws {
         let location = try RemoteLocation(parsing: server, requireUser: false)
         let c = try client(server, user, caCertificate)
-        let reply = try c.call(.GET, "/v1/account", limit: 64 << 10)
-        struct Account: Decodable {
-            let scheme: Int
-            let origin: String
-        }
-        guard let account = try? JSONDecoder().decode(Account.self, from: Data(reply.body)) else {
-            throw CABackupError.remote(status: reply.status, message: "the server's account answer is malformed")
-        }
-        let saltReply = try c.call(.GET, "/v1/login/salt?user=" + user, limit: 64 << 10)
-        struct Salt: Decodable { let salt: String }
-        guard let s = try? JSONDecoder().decode(Salt.self, from: Data(saltReply.body)),
-            let salt = bytesFromHex(s.salt), salt.count == 32
-        else {
-            throw CABackupError.remote(status: saltReply.status, message: "the server's login salt is malformed")
+        guard let account = try Account.fetch(c), let salt = try loginSalt(c, user: user) else {
+            throw CABackupError.remote(
+                status: 404, message: "the server at \(location.serverURL) predates login scheme 2: upgrade it first")
         }
         let proof =
             account.scheme >= 2
@@ -298,12 +311,7 @@ public enum RemoteAccount {
 
     /// The rights of this device's token: `full` or `append-only`.
     public static func rights(server: String, user: String, caCertificate: String? = nil) throws -> String {
-        let reply = try client(server, user, caCertificate).call(.GET, "/v1/account", limit: 64 << 10)
-        struct Account: Decodable { let rights: String }
-        guard let a = try? JSONDecoder().decode(Account.self, from: Data(reply.body)) else {
-            throw CABackupError.remote(status: reply.status, message: "the server's account answer is malformed")
-        }
-        return a.rights
+        try Account.fetch(client(server, user, caCertificate))?.rights ?? "full"
     }
 
     /// Revokes this device's token on the server and forgets it locally.
