@@ -7,8 +7,8 @@ import Testing
 struct IndexFilterTests {
     func ids(_ range: Range<Int>, salt: UInt64 = 0) -> [BlobID] {
         range.map { i in
-            var v = (UInt64(i) ^ salt << 40).littleEndian
-            return withUnsafeBytes(of: &v) { sha256($0) }
+            let v = (UInt64(i) ^ salt << 40).littleEndian
+            return withUnsafeBytes(of: v) { sha256($0) }
         }
     }
 
@@ -19,8 +19,8 @@ struct IndexFilterTests {
     }
 
     func pack(_ n: UInt64) -> PackID {
-        var v = n.littleEndian
-        return withUnsafeBytes(of: &v) { sha256(Array("pack".utf8) + Array($0)) }
+        let v = n.littleEndian
+        return withUnsafeBytes(of: v) { sha256(Array("pack".utf8) + Array($0)) }
     }
 
     func addPack(_ index: RepositoryIndex, _ n: UInt64, _ ids: [BlobID]) throws {

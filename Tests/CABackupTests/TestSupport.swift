@@ -9,9 +9,9 @@ func pseudoRandomBytes(count: Int, seed: UInt64) -> [UInt8] {
     out.withUnsafeMutableBytes { raw in
         var i = 0
         while i < count {
-            var word = rng.next().littleEndian
+            let word = rng.next().littleEndian
             let n = min(8, count - i)
-            withUnsafeBytes(of: &word) { w in
+            withUnsafeBytes(of: word) { w in
                 raw.baseAddress!.advanced(by: i).copyMemory(from: w.baseAddress!, byteCount: n)
             }
             i += n

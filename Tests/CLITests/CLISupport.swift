@@ -12,6 +12,21 @@ let productsDirectory: String = {
     return dir
 }()
 
+/// The `cabackup` binary under test: `CABACKUP_TEST_BINARY` when set (CI runs the
+/// end-to-end suite a second time against the release binary users run), else the
+/// debug build beside the test runner.
+let cabackupBinary: String = {
+    if let path = ProcessInfo.processInfo.environment["CABACKUP_TEST_BINARY"], !path.isEmpty { return path }
+    return productsDirectory + "/cabackup"
+}()
+
+/// Whether the binary under test has the fault-injection hooks (debug builds only, see
+/// `Package.swift`); tests that need them run in the debug pass.
+let binaryHasTestHooks: Bool = {
+    guard let data = FileManager.default.contents(atPath: cabackupBinary) else { return false }
+    return data.range(of: Data("CABACKUP_FAIL_AFTER_WRITES".utf8)) != nil
+}()
+
 let packageRoot = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
     .deletingLastPathComponent().path
 
@@ -68,13 +83,13 @@ func run(_ executable: String, _ args: [String], env: [String: String] = [:], cw
 /// Runs the built `cabackup`.
 @discardableResult
 func cabackup(_ args: String..., env: [String: String] = [:], cwd: String? = nil) throws -> RunResult {
-    try run(productsDirectory + "/cabackup", args, env: env, cwd: cwd)
+    try run(cabackupBinary, args, env: env, cwd: cwd)
 }
 
 /// Starts the built `cabackup` in the background, output discarded.
 func startCabackup(_ args: String...) throws -> Process {
     let p = Process()
-    p.executableURL = URL(fileURLWithPath: productsDirectory + "/cabackup")
+    p.executableURL = URL(fileURLWithPath: cabackupBinary)
     p.arguments = args
     p.environment = childEnvironment([:])
     p.standardOutput = FileHandle.nullDevice

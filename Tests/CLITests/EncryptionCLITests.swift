@@ -27,7 +27,7 @@ struct EncryptionCLITests {
         #expect(wrong.stderr.contains("wrong password"))
         // No password at all and no terminal (a new session has none): exit 12, no waiting.
         let missing = try run(
-            "/usr/bin/setsid", ["-w", productsDirectory + "/cabackup", "snapshots", "--repo", repo],
+            "/usr/bin/setsid", ["-w", cabackupBinary, "snapshots", "--repo", repo],
             env: ["CABACKUP_PASSWORD": ""])
         #expect(missing.status == 12)
         #expect(missing.stderr.contains("CABACKUP_PASSWORD"))

@@ -161,7 +161,7 @@ struct EndToEndTests {
             chmod(src, 0o777)
             prefix = ["/usr/bin/setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--"]
         }
-        let bin = productsDirectory + "/cabackup"
+        let bin = cabackupBinary
         func cab(_ args: [String]) throws -> RunResult {
             prefix.isEmpty ? try run(bin, args) : try run(prefix[0], Array(prefix.dropFirst()) + [bin] + args)
         }

@@ -56,9 +56,33 @@ struct ReliabilityTests {
         _ = try cabackup("init", "--repo", s.file("repo"))
         _ = try cabackup("snapshot", "--repo", s.file("repo"), src)
         for args in [[], ["--read-data"], ["--read-data-subset", "50%"]] {
-            let r = try run(productsDirectory + "/cabackup", ["check", "--repo", s.file("repo")] + args)
+            let r = try run(cabackupBinary, ["check", "--repo", s.file("repo")] + args)
             #expect(r.status == 0, "\(r.stdout)\(r.stderr)")
             #expect(r.lastLine == "no errors were found")
+        }
+    }
+
+    @Test("check --read-data-subset reads exactly the packs whose first id byte falls under the share")
+    func readDataSubset() throws {
+        let s = Scratch()
+        _ = try cabackup("init", "--repo", s.file("repo"))
+        // Several packs: 40 MiB of random data at the default 16 MiB pack size, plus trees.
+        try FileManager.default.createDirectory(atPath: s.file("src"), withIntermediateDirectories: true)
+        for i in 0..<5 {
+            let bytes = try #require(FileHandle(forReadingAtPath: "/dev/urandom")?.readData(ofLength: 8 << 20))
+            try bytes.write(to: URL(fileURLWithPath: s.file("src/\(i).bin")))
+        }
+        #expect(try cabackup("snapshot", "--repo", s.file("repo"), s.file("src")).status == 0)
+        let firstBytes = try FileManager.default.subpathsOfDirectory(atPath: s.file("repo/data"))
+            .compactMap { $0.split(separator: "/").last }.filter { $0.count == 64 }
+            .compactMap { Int($0.prefix(2), radix: 16) }
+        #expect(firstBytes.count >= 3)
+        for percent in [1, 10, 50, 100] {
+            let expected = firstBytes.filter { Double($0) / 256 < Double(percent) / 100 }.count
+            let r = try cabackup("check", "--repo", s.file("repo"), "--read-data-subset", "\(percent)%")
+            #expect(r.status == 0, "\(r.stdout)\(r.stderr)")
+            let read = expected == 0 ? "trees\n" : "read \(expected) packs"
+            #expect(r.stdout.contains(read), "\(percent)%: expected \(expected) of \(firstBytes.count): \(r.stdout)")
         }
     }
 
@@ -108,6 +132,7 @@ struct ReliabilityTests {
 
     @Test("killed after every pack write: check passes, earlier snapshots restore, the rerun completes")
     func interruptedAtEveryWrite() throws {
+        try #require(binaryHasTestHooks, "needs a debug build of cabackup (CABACKUP_FAIL_AFTER_WRITES)")
         let s = Scratch()
         let src = try makeSource(s, megabytes: 4)
         _ = try cabackup("init", "--repo", s.file("repo"))

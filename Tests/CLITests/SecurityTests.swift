@@ -47,7 +47,7 @@ func cabackupWithPeakMemory(_ args: [String], env: [String: String]) throws -> (
     let script =
         "import os,subprocess,sys\n" + "p = subprocess.Popen(sys.argv[1:])\n" + "_, st, ru = os.wait4(p.pid, 0)\n"
         + "print(ru.ru_maxrss)\n" + "sys.exit(os.waitstatus_to_exitcode(st))\n"
-    let r = try run("/usr/bin/env", ["python3", "-c", script, productsDirectory + "/cabackup"] + args, env: env)
+    let r = try run("/usr/bin/env", ["python3", "-c", script, cabackupBinary] + args, env: env)
     return (r, Int(r.lastLine) ?? -1)
 }
 
@@ -317,7 +317,7 @@ struct LoginSecurityTests {
         ] {
             var env = kiosk
             env["CABACKUP_NEW_PASSWORD"] = "another long password"
-            let r = try run(productsDirectory + "/cabackup", args + ["--repo", server.repo("alice")], env: env)
+            let r = try run(cabackupBinary, args + ["--repo", server.repo("alice")], env: env)
             #expect(r.status == 1, "\(args): \(r.stdout) \(r.stderr)")
             #expect(r.stderr.contains("append-only"), "\(args): \(r.stderr)")
         }

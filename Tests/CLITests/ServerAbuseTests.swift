@@ -41,7 +41,7 @@ func runAtOnce(_ jobs: [([String], [String: String])]) -> [RunResult?] {
     let results = Results(jobs.count)
     let threads = jobs.enumerated().map { (i, job) in
         Thread {
-            let r = try? run(productsDirectory + "/cabackup", job.0, env: job.1)
+            let r = try? run(cabackupBinary, job.0, env: job.1)
             results.lock.withLock { results.values[i] = r }
         }
     }

@@ -34,7 +34,7 @@ final class TestServer {
     init(data: String, port: Int = 0, _ extra: [String] = []) throws {
         self.data = data
         process = Process()
-        process.executableURL = URL(fileURLWithPath: productsDirectory + "/cabackup")
+        process.executableURL = URL(fileURLWithPath: cabackupBinary)
         process.arguments = ["server", "--listen", "127.0.0.1:\(port)", "--data", data] + extra
         process.environment = childEnvironment([:])
         url = try startListening(process, what: "server")
@@ -371,7 +371,7 @@ struct ServerTests {
         let port = server.port
         try writeRandom(s.file("src/big.bin"), megabytes: 64)
         let p = Process()
-        p.executableURL = URL(fileURLWithPath: productsDirectory + "/cabackup")
+        p.executableURL = URL(fileURLWithPath: cabackupBinary)
         p.arguments = ["snapshot", "--repo", server.repo("alice"), s.file("src")]
         p.environment = childEnvironment(alice)
         p.standardOutput = FileHandle.nullDevice

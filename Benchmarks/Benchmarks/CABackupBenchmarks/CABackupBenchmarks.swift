@@ -181,8 +181,8 @@ let benchmarks: @Sendable () -> Void = {
     // and looks up 1M ids, half of them absent, as a backup of new data would.
     let indexCount = Int(ProcessInfo.processInfo.environment["CABACKUP_BENCH_INDEX_IDS"] ?? "") ?? 10_000_000
     func blobID(_ i: Int) -> BlobID {
-        var v = UInt64(bitPattern: Int64(i)).littleEndian
-        return withUnsafeBytes(of: &v) { sha256($0) }
+        let v = UInt64(bitPattern: Int64(i)).littleEndian
+        return withUnsafeBytes(of: v) { sha256($0) }
     }
 
     Benchmark(

@@ -62,8 +62,8 @@ package final class SHA256Hasher {
 
     /// Finishes the digest in progress and starts a new one.
     package func finish() -> ObjectID {
-        var out = (UInt64(0), UInt64(0), UInt64(0), UInt64(0))
-        withUnsafeMutableBytes(of: &out) { raw in
+        // A temporary allocation rather than a tuple passed inout: see docs/toolchain.md.
+        let id = withUnsafeTemporaryAllocation(byteCount: 32, alignment: 8) { raw in
             let p = raw.baseAddress!.assumingMemoryBound(to: UInt8.self)
             var len: UInt32 = 0
             EVP_DigestFinal_ex(ctx, p, &len)
@@ -72,9 +72,10 @@ package final class SHA256Hasher {
                 EVP_DigestUpdate(ctx, p, 32)
                 EVP_DigestFinal_ex(ctx, p, &len)
             }
+            return ObjectID(UnsafeRawBufferPointer(raw))
         }
         reset()
-        return withUnsafeBytes(of: &out) { ObjectID($0) }
+        return id
     }
 
     /// The digest of one buffer.
@@ -91,13 +92,12 @@ public func sha256(_ bytes: [UInt8]) -> ObjectID {
 
 /// SHA-256 of a buffer in one call.
 public func sha256(_ buf: UnsafeRawBufferPointer) -> ObjectID {
-    var out = (UInt64(0), UInt64(0), UInt64(0), UInt64(0))
-    withUnsafeMutableBytes(of: &out) { raw in
+    withUnsafeTemporaryAllocation(byteCount: 32, alignment: 8) { raw in
         var len: UInt32 = 0
         EVP_Digest(
             buf.baseAddress, buf.count, raw.baseAddress!.assumingMemoryBound(to: UInt8.self), &len, EVP_sha256(), nil)
+        return ObjectID(UnsafeRawBufferPointer(raw))
     }
-    return withUnsafeBytes(of: &out) { ObjectID($0) }
 }
 
 /// HMAC-SHA-256 of a byte array in one call.

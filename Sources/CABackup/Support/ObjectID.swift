@@ -52,10 +52,19 @@ public struct ObjectID: Hashable, Comparable, Sendable, CustomStringConvertible 
     }
 
     /// Calls `body` with the 32 bytes of the id.
+    ///
+    /// The bytes live in a temporary allocation, not in a tuple passed `inout`: Swift 6.3.1
+    /// at `-O` miscompiles `withUnsafeBytes(of: &tuple)` here (the closure read zeros), see
+    /// `docs/toolchain.md`.
     @inlinable
     public func withUnsafeBytes<R>(_ body: (UnsafeRawBufferPointer) throws -> R) rethrows -> R {
-        var words = (w0.bigEndian, w1.bigEndian, w2.bigEndian, w3.bigEndian)
-        return try Swift.withUnsafeBytes(of: &words, body)
+        try withUnsafeTemporaryAllocation(byteCount: 32, alignment: 8) { raw in
+            raw.storeBytes(of: w0.bigEndian, toByteOffset: 0, as: UInt64.self)
+            raw.storeBytes(of: w1.bigEndian, toByteOffset: 8, as: UInt64.self)
+            raw.storeBytes(of: w2.bigEndian, toByteOffset: 16, as: UInt64.self)
+            raw.storeBytes(of: w3.bigEndian, toByteOffset: 24, as: UInt64.self)
+            return try body(UnsafeRawBufferPointer(raw))
+        }
     }
 
     /// The 32 bytes of the id.
