@@ -1,17 +1,32 @@
 import ArgumentParser
 import CABackup
+import Foundation
 
 struct ForgetCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "forget",
         abstract: "Remove snapshots, by id or by a keep policy; --prune also frees their data.",
         discussion: """
-            Either name SNAPSHOTs, or give a policy: --keep-last N keeps the newest N;
-            --keep-daily/--keep-weekly/--keep-monthly N keep the newest snapshot of each of the
-            last N days/ISO weeks/months that have snapshots. Policies apply per host and path
-            set; a snapshot any rule keeps is kept. Forgetting removes only the snapshot record;
-            --prune (or `cabackup prune`) then removes the data nothing else uses.
-            --dry-run shows what would happen and changes nothing.
+            Either name SNAPSHOTs, or give a policy (restic's). Snapshots are first
+            grouped by --group-by (host and path set unless told otherwise); the policy
+            applies to each group on its own, and a snapshot any rule keeps is kept.
+              --keep-last N       the newest N
+              --keep-hourly N     the newest of each of the last N hours that have
+                                  snapshots (local time); likewise --keep-daily,
+                                  --keep-weekly (ISO weeks), --keep-monthly and
+                                  --keep-yearly. 'unlimited': every bucket. A rule
+                                  with buckets left over also keeps the oldest.
+              --keep-within D     all made less than D (e.g. 1y5m7d2h: years,
+                                  months, days, hours) before the group's newest
+                                  snapshot; snapshots dated in the future are kept
+                                  and never count as the newest
+              --keep-tag a,b      all that have both tags a and b (repeatable: any
+                                  of the lists); '' keeps untagged snapshots
+            Each kept snapshot is listed with the rules that keep it, under its group
+            when there are several. If a group would lose all its snapshots, forget
+            fails and removes nothing: forget those by id. Forgetting removes only the
+            snapshot record; --prune (or `cabackup prune`) then removes the data nothing
+            else uses. --dry-run shows what would happen and changes nothing.
 
             \(exitCodeTable)
             """)
@@ -19,10 +34,39 @@ struct ForgetCommand: ParsableCommand {
     @OptionGroup var repository: RepositoryOptions
     @OptionGroup var filters: FilterOptions
 
-    @Option(name: .customLong("keep-last")) var keepLast: Int?
-    @Option(name: .customLong("keep-daily")) var keepDaily: Int?
-    @Option(name: .customLong("keep-weekly")) var keepWeekly: Int?
-    @Option(name: .customLong("keep-monthly")) var keepMonthly: Int?
+    @Option(name: .customLong("keep-last"), help: keepHelp("the newest N snapshots"))
+    var keepLast: String?
+    @Option(name: .customLong("keep-hourly"), help: keepHelp("the newest snapshot of each of the last N hours"))
+    var keepHourly: String?
+    @Option(name: .customLong("keep-daily"), help: keepHelp("the newest snapshot of each of the last N days"))
+    var keepDaily: String?
+    @Option(name: .customLong("keep-weekly"), help: keepHelp("the newest snapshot of each of the last N ISO weeks"))
+    var keepWeekly: String?
+    @Option(name: .customLong("keep-monthly"), help: keepHelp("the newest snapshot of each of the last N months"))
+    var keepMonthly: String?
+    @Option(name: .customLong("keep-yearly"), help: keepHelp("the newest snapshot of each of the last N years"))
+    var keepYearly: String?
+
+    @Option(
+        name: .customLong("keep-within"),
+        help: ArgumentHelp(
+            "Keep every snapshot made within DURATION (e.g. 1y5m7d2h) of the group's newest.",
+            valueName: "duration"))
+    var keepWithin: String?
+
+    @Option(
+        name: .customLong("keep-tag"),
+        help: ArgumentHelp(
+            "Keep every snapshot that has all these comma-separated tags (repeatable: any list).",
+            valueName: "tags"))
+    var keepTag: [String] = []
+
+    @Option(
+        name: .customLong("group-by"),
+        help: ArgumentHelp(
+            "Apply the policy per group of snapshots sharing these (any of host,paths,tags; '' for one group).",
+            valueName: "fields"))
+    var groupBy = SnapshotGrouping.default.description
 
     @Flag(name: .long, help: "Also remove data no remaining snapshot uses.")
     var prune = false
@@ -33,19 +77,60 @@ struct ForgetCommand: ParsableCommand {
     @Argument(help: "Snapshots to forget (ids or prefixes).")
     var snapshots: [String] = []
 
-    var policy: ForgetPolicy {
-        ForgetPolicy(last: keepLast, daily: keepDaily, weekly: keepWeekly, monthly: keepMonthly)
+    static func keepHelp(_ what: String) -> ArgumentHelp {
+        ArgumentHelp("Keep \(what) ('unlimited': no limit).", valueName: "n")
+    }
+
+    /// The policy the options give; a ValidationError names a malformed value.
+    func policy() throws -> ForgetPolicy {
+        func count(_ value: String?, _ option: String) throws -> Int? {
+            guard let value else { return nil }
+            if value == "unlimited" { return ForgetPolicy.unlimited }
+            guard let n = Int(value), n >= 0 else {
+                throw ValidationError("\(option) '\(value)' is not a count: use 0 or more, or 'unlimited' (e.g. 7)")
+            }
+            return n
+        }
+        var within: KeepDuration?
+        if let keepWithin {
+            guard let d = KeepDuration(keepWithin) else {
+                throw ValidationError(
+                    "--keep-within '\(keepWithin)' is not a duration: use numbers with units y, m, d, h (e.g. 1y5m7d2h)"
+                )
+            }
+            within = d
+        }
+        return ForgetPolicy(
+            last: try count(keepLast, "--keep-last"), hourly: try count(keepHourly, "--keep-hourly"),
+            daily: try count(keepDaily, "--keep-daily"), weekly: try count(keepWeekly, "--keep-weekly"),
+            monthly: try count(keepMonthly, "--keep-monthly"), yearly: try count(keepYearly, "--keep-yearly"),
+            within: within, tags: keepTag.map(Self.tagList))
+    }
+
+    /// `a, b` → `["a", "b"]` (restic's tag list); `''` → `[]`, which matches untagged snapshots.
+    static func tagList(_ value: String) -> [String] {
+        value.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) }.filter { !$0.isEmpty }
+    }
+
+    func grouping() throws -> SnapshotGrouping {
+        guard let g = SnapshotGrouping(parsing: groupBy) else {
+            throw ValidationError(
+                "--group-by '\(groupBy)' is not a grouping: use any of host,paths,tags (e.g. host,tags)")
+        }
+        return g
     }
 
     func validate() throws {
+        let policy = try policy()
+        _ = try grouping()
+        let hasKeep =
+            [keepLast, keepHourly, keepDaily, keepWeekly, keepMonthly, keepYearly, keepWithin]
+            .contains { $0 != nil } || !keepTag.isEmpty
         if snapshots.isEmpty && policy.isEmpty {
             throw ValidationError("name SNAPSHOTs to forget or give a policy such as --keep-last 7")
         }
-        if !snapshots.isEmpty && !policy.isEmpty {
+        if !snapshots.isEmpty && hasKeep {
             throw ValidationError("give either SNAPSHOTs or a --keep-* policy, not both")
-        }
-        for n in [keepLast, keepDaily, keepWeekly, keepMonthly].compactMap({ $0 }) where n < 0 {
-            throw ValidationError("--keep-* values must be 0 or more")
         }
     }
 
@@ -53,15 +138,24 @@ struct ForgetCommand: ParsableCommand {
         let repo = try repository.open()
         let remove: [Snapshot]
         if snapshots.isEmpty {
-            let plan = try repo.forgetPlan(policy, matching: filters.filter)
-            for s in plan.keep {
-                print("keep   \(s.id.shortHex)  \(s.time.prefix(19))  \(s.paths.joined(separator: ", "))")
+            let plan = try repo.forgetPlan(policy(), matching: filters.filter, groupBy: grouping())
+            if let emptied = plan.groups.first(where: { $0.kept.isEmpty }) {
+                throw CABackupError.invalidArgument(
+                    "refusing to remove every snapshot of \(emptied): no --keep-* rule keeps any of them; "
+                        + "forget them by id to remove them all")
+            }
+            for group in plan.groups {
+                if plan.groups.count > 1 { print("snapshots for \(group):") }
+                for k in group.kept {
+                    print(line("keep  ", k.snapshot) + "  (\(k.reasons.map(\.description).joined(separator: ", ")))")
+                }
+                for s in group.remove { print(line("remove", s)) }
             }
             remove = plan.remove
         } else {
             remove = try snapshots.map { try repo.findSnapshot($0, matching: filters.filter) }
+            for s in remove { print(line("remove", s)) }
         }
-        for s in remove { print("remove \(s.id.shortHex)  \(s.time.prefix(19))  \(s.paths.joined(separator: ", "))") }
         if dryRun {
             print("dry run: \(remove.count) snapshots would be removed")
         } else {
@@ -69,6 +163,10 @@ struct ForgetCommand: ParsableCommand {
             print("\(remove.count) snapshots removed")
         }
         if prune { try runPrune(repo, dryRun: dryRun) }
+    }
+
+    private func line(_ verb: String, _ s: Snapshot) -> String {
+        "\(verb) \(s.id.shortHex)  \(s.time.prefix(19))  \(s.paths.joined(separator: ", "))"
     }
 }
 

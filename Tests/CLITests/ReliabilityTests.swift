@@ -271,6 +271,51 @@ struct ReliabilityTests {
         #expect(FileManager.default.contents(atPath: s.file("out") + src + "/r2.bin") == last)
     }
 
+    @Test("forget --keep-tag and --group-by keep the right snapshots and say why; a policy emptying a group fails")
+    func forgetPolicyOptions() throws {
+        let s = Scratch()
+        let src = s.file("src")
+        try FileManager.default.createDirectory(atPath: src, withIntermediateDirectories: true)
+        try Data("x".utf8).write(to: URL(fileURLWithPath: src + "/x"))
+        _ = try cabackup("init", "--repo", s.file("repo"))
+        for (host, tag) in [("a", "keep"), ("a", ""), ("a", "other"), ("b", "")] {
+            let tags = tag.isEmpty ? [] : ["--tag", tag]
+            let r = try run(
+                productsDirectory + "/cabackup", ["snapshot", "--repo", s.file("repo"), "--host", host] + tags + [src])
+            #expect(r.status == 0, "\(r.stderr)")
+        }
+        let ids = try snapshotIDs(s)
+        #expect(ids.count == 4)
+
+        // Host b's group has no snapshot tagged keep: refused, nothing removed.
+        let refused = try cabackup("forget", "--repo", s.file("repo"), "--keep-tag", "keep")
+        #expect(refused.status == 1)
+        #expect(
+            refused.stderr.contains("refusing to remove every snapshot of host b, paths [\(src)]"), "\(refused.stderr)")
+        #expect(try snapshotIDs(s) == ids)
+
+        let badWithin = try cabackup("forget", "--repo", s.file("repo"), "--keep-within", "1w")
+        #expect(badWithin.status == 64)
+        #expect(badWithin.stderr.contains("--keep-within '1w' is not a duration"), "\(badWithin.stderr)")
+        #expect(badWithin.stderr.contains("1y5m7d2h"))
+
+        let byHost = try cabackup(
+            "forget", "--repo", s.file("repo"), "--keep-tag", "keep", "--keep-last", "1", "--group-by", "host")
+        #expect(byHost.status == 0, "\(byHost.stderr)")
+        #expect(byHost.stdout.contains("snapshots for host a:\n"), "\(byHost.stdout)")
+        #expect(byHost.stdout.contains("snapshots for host b:\n"))
+        #expect(byHost.stdout.contains("keep   \(ids[0].prefix(8))  "))
+        #expect(byHost.stdout.contains("  (tags keep)\n"))
+        #expect(byHost.stdout.contains("remove \(ids[1].prefix(8))  "))
+        #expect(try snapshotIDs(s) == [ids[0], ids[2], ids[3]])
+
+        let oneGroup = try cabackup("forget", "--repo", s.file("repo"), "--keep-last", "1", "--group-by", "")
+        #expect(oneGroup.status == 0, "\(oneGroup.stderr)")
+        #expect(!oneGroup.stdout.contains("snapshots for"))
+        #expect(oneGroup.stdout.contains("keep   \(ids[3].prefix(8))  ") && oneGroup.stdout.contains("  (last)\n"))
+        #expect(try snapshotIDs(s) == [ids[3]])
+    }
+
     @Test("prune repacks a half-used pack, keeping exactly the used blobs")
     func pruneRepacks() throws {
         let s = Scratch()

@@ -6,28 +6,6 @@ import CSQLite
     import Darwin
 #endif
 
-/// Which snapshots `forget` keeps (restic's policies). Snapshots are grouped by host and
-/// paths; within each group a snapshot is kept when any rule keeps it.
-public struct ForgetPolicy: Sendable {
-    /// Keep the newest N snapshots.
-    public var last: Int?
-    /// Keep the newest snapshot of each of the last N days that have snapshots.
-    public var daily: Int?
-    /// … of each of the last N ISO weeks that have snapshots.
-    public var weekly: Int?
-    /// … of each of the last N months that have snapshots.
-    public var monthly: Int?
-
-    public init(last: Int? = nil, daily: Int? = nil, weekly: Int? = nil, monthly: Int? = nil) {
-        self.last = last
-        self.daily = daily
-        self.weekly = weekly
-        self.monthly = monthly
-    }
-
-    public var isEmpty: Bool { last == nil && daily == nil && weekly == nil && monthly == nil }
-}
-
 /// What prune did (or, with `dryRun`, would do).
 public struct PruneReport: Sendable {
     public var packsDeleted = 0
@@ -39,39 +17,13 @@ public struct PruneReport: Sendable {
 }
 
 extension Repository {
-    /// Splits snapshots (matching `filter`) into those `policy` keeps and those it removes.
+    /// Splits snapshots (matching `filter`) into those `policy` keeps and those it removes,
+    /// per group of snapshots that share what `groupBy` names (host and paths by default).
     public func forgetPlan(
-        _ policy: ForgetPolicy, matching filter: SnapshotFilter = SnapshotFilter()
-    ) throws
-        -> (keep: [Snapshot], remove: [Snapshot])
-    {
-        var groups: [String: [Snapshot]] = [:]
-        for s in try snapshots(matching: filter) {
-            groups[s.hostname + "\u{0}" + s.paths.joined(separator: "\u{0}"), default: []].append(s)
-        }
-        var keep: [Snapshot] = []
-        var remove: [Snapshot] = []
-        for (_, group) in groups {
-            let newest = group.sorted { $0.timeNs > $1.timeNs }
-            var kept = Set<SnapshotID>()
-            if let n = policy.last { for s in newest.prefix(n) { kept.insert(s.id) } }
-            func bucketRule(_ n: Int?, _ key: (Int64) -> String) {
-                guard let n else { return }
-                var seen = Set<String>()
-                for s in newest {
-                    let k = key(s.timeNs)
-                    if seen.contains(k) { continue }
-                    if seen.count == n { break }
-                    seen.insert(k)
-                    kept.insert(s.id)
-                }
-            }
-            bucketRule(policy.daily) { calendarKey($0, "%Y-%m-%d") }
-            bucketRule(policy.weekly) { calendarKey($0, "%G-%V") }
-            bucketRule(policy.monthly) { calendarKey($0, "%Y-%m") }
-            for s in newest { if kept.contains(s.id) { keep.append(s) } else { remove.append(s) } }
-        }
-        return (keep.sorted { $0.timeNs < $1.timeNs }, remove.sorted { $0.timeNs < $1.timeNs })
+        _ policy: ForgetPolicy, matching filter: SnapshotFilter = SnapshotFilter(),
+        groupBy: SnapshotGrouping = .default
+    ) throws -> ForgetPlan {
+        ForgetPlan(try snapshots(matching: filter), policy: policy, groupBy: groupBy, now: wallClockNs())
     }
 
     /// Removes snapshot records (their data stays until ``prune(dryRun:repackBelow:)``).
@@ -193,16 +145,6 @@ extension Repository {
         }
         return report
     }
-}
-
-/// A local-time calendar key (strftime format) for a time in nanoseconds.
-func calendarKey(_ ns: Int64, _ format: String) -> String {
-    var t = time_t(ns / 1_000_000_000)
-    var tm = tm()
-    localtime_r(&t, &tm)
-    var buf = [CChar](repeating: 0, count: 32)
-    let n = strftime(&buf, buf.count, format, &tm)
-    return String(decoding: buf[0..<n].map { UInt8(bitPattern: $0) }, as: UTF8.self)
 }
 
 /// A set of blob ids kept in memory up to a limit, then moved to a private temporary
