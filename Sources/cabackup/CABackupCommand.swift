@@ -100,6 +100,24 @@ struct RepositoryOptions: ParsableArguments {
     }
 }
 
+/// `--exclude` and `--iexclude`, with restic's pattern rules (docs/excludes.md).
+struct ExcludeOptions: ParsableArguments {
+    @Option(
+        name: [.short, .long],
+        help: "Exclude paths matching a pattern such as *.log, docs/*.txt or /home/*/.cache (repeatable).")
+    var exclude: [String] = []
+    @Option(name: .long, help: "Like --exclude, ignoring case (repeatable).")
+    var iexclude: [String] = []
+
+    func validate() throws {
+        do {
+            _ = try ExcludeRules(excludes: exclude, caseInsensitiveExcludes: iexclude)
+        } catch let error as CABackupError {
+            throw ValidationError("\(error)")
+        }
+    }
+}
+
 /// `--host`, `--tag`, `--path` snapshot filters.
 struct FilterOptions: ParsableArguments {
     @Option(name: .long, help: "Only snapshots from this host (repeatable).")

@@ -76,8 +76,7 @@ struct StatusCommand: ParsableCommand {
 
     @OptionGroup var repository: RepositoryOptions
 
-    @Option(name: [.short, .long], help: "Exclude entries matching a glob (repeatable).")
-    var exclude: [String] = []
+    @OptionGroup var excludes: ExcludeOptions
 
     @Option(name: .long, help: "Compare with snapshots of this host (default: this machine).")
     var host: String?
@@ -97,7 +96,10 @@ struct StatusCommand: ParsableCommand {
 
     func run() throws {
         let repo = try repository.open()
-        let changes = try repo.status(paths: paths, options: StatusOptions(excludes: exclude, hostname: host))
+        let changes = try repo.status(
+            paths: paths,
+            options: StatusOptions(
+                excludes: excludes.exclude, caseInsensitiveExcludes: excludes.iexclude, hostname: host))
         printChanges(changes, json: json)
         if exitCode && !changes.isEmpty { throw ExitCode(4) }
     }
@@ -160,8 +162,7 @@ struct WatchCommand: ParsableCommand {
     @Flag(name: [.short, .long], help: "Sync without asking.")
     var yes = false
 
-    @Option(name: [.short, .long], help: "Exclude entries matching a glob (repeatable).")
-    var exclude: [String] = []
+    @OptionGroup var excludes: ExcludeOptions
 
     @Option(name: .long, help: "Tag new snapshots (repeatable).")
     var tag: [String] = []
@@ -182,7 +183,10 @@ struct WatchCommand: ParsableCommand {
         var warned = false
         while true {
             try repo.synchronizeIndex()
-            let changes = try repo.status(paths: paths, options: StatusOptions(excludes: exclude))
+            let changes = try repo.status(
+                paths: paths,
+                options: StatusOptions(
+                    excludes: excludes.exclude, caseInsensitiveExcludes: excludes.iexclude))
             let stamp = formatRFC3339(ns: Int64(Date().timeIntervalSince1970 * 1e9)).prefix(19)
             if changes.isEmpty {
                 print("\(stamp) no changes since snapshot \(changes.base?.shortHex ?? "-")")
@@ -202,7 +206,10 @@ struct WatchCommand: ParsableCommand {
                     }
                 }
                 if sync {
-                    let result = try repo.snapshot(paths: paths, options: SnapshotOptions(tags: tag, excludes: exclude))
+                    let result = try repo.snapshot(
+                        paths: paths,
+                        options: SnapshotOptions(
+                            tags: tag, excludes: excludes.exclude, caseInsensitiveExcludes: excludes.iexclude))
                     for w in result.warnings { printError("warning: cannot read \(w)") }
                     let s = result.snapshot.summary
                     print(

@@ -24,8 +24,7 @@ struct SnapshotCommand: ParsableCommand {
     @Option(name: .long, help: "Tag the snapshot (repeatable).")
     var tag: [String] = []
 
-    @Option(name: [.short, .long], help: "Exclude entries matching a glob (repeatable).")
-    var exclude: [String] = []
+    @OptionGroup var excludes: ExcludeOptions
 
     @Option(name: .long, help: "Host name to record (default: this machine's).")
     var host: String?
@@ -58,10 +57,13 @@ struct SnapshotCommand: ParsableCommand {
 
     func run() throws {
         // The tree is listed on another core while the repository opens (key derivation).
-        let prefetch = TreePrefetch(paths: paths, excludes: exclude)
+        let prefetch = TreePrefetch(
+            paths: paths, excludes: excludes.exclude, caseInsensitiveExcludes: excludes.iexclude)
         let repo = try repository.open()
         let line = ProgressLine()
-        var options = SnapshotOptions(tags: tag, excludes: exclude, hostname: host, force: force)
+        var options = SnapshotOptions(
+            tags: tag, excludes: excludes.exclude, caseInsensitiveExcludes: excludes.iexclude, hostname: host,
+            force: force)
         options.prefetch = prefetch
         // Progress (and the size scan behind its ETA) only when someone watches.
         let progress: ((SnapshotProgress) -> Void)? =

@@ -195,6 +195,45 @@ struct EndToEndTests {
         #expect(!ls.stdout.contains("cache"))
     }
 
+    @Test("--exclude follows restic's pattern rules; --iexclude ignores case; a bad pattern changes nothing")
+    func resticExcludePatterns() throws {
+        let s = Scratch()
+        let files = [
+            "src/docs/a.txt", "src/docs/b.md", "src/docs/deep/c.txt", "src/sub/x", "src/sub/inner/y", "src/keep.log",
+            "src/drop.log", "src/Photos/IMG.JPG", "src/Photos/img.png", "src/node_modules/m/index.js",
+        ]
+        for f in files {
+            try FileManager.default.createDirectory(
+                atPath: (s.file(f) as NSString).deletingLastPathComponent, withIntermediateDirectories: true)
+            _ = FileManager.default.createFile(atPath: s.file(f), contents: Data(f.utf8))
+        }
+        _ = try cabackup("init", "--repo", s.file("repo"))
+        // A malformed pattern: a usage error before anything is written.
+        let bad = try cabackup("snapshot", "--repo", s.file("repo"), "--exclude", "docs/[a-", s.file("src"))
+        #expect(bad.status == 64, "\(bad.stderr)")
+        #expect(bad.stderr.contains("docs/[a-"))
+        #expect(try cabackup("snapshots", "--repo", s.file("repo"), "--json").stdout.contains("[]"))
+        let r = try cabackup(
+            "snapshot", "--repo", s.file("repo"), "--exclude", "docs/*.txt", "--exclude", "sub/*", "--exclude",
+            "*.log", "--exclude", "!keep.log", "--exclude", "**/node_modules", "--iexclude", "*.jpg", s.file("src"))
+        #expect(r.status == 0, "\(r.stderr)")
+        let ls = try cabackup("ls", "--repo", s.file("repo"), "latest").stdout
+        let stored = Set(ls.split(separator: "\n").map(String.init))
+        for kept in ["src/docs/b.md", "src/docs/deep/c.txt", "src/sub", "src/keep.log", "src/Photos/img.png"] {
+            #expect(stored.contains(s.file(kept)), "\(kept) should be stored: \(ls)")
+        }
+        for gone in ["src/docs/a.txt", "src/sub/x", "src/sub/inner", "src/drop.log", "src/Photos/IMG.JPG"] {
+            #expect(!stored.contains(s.file(gone)), "\(gone) should be excluded")
+        }
+        #expect(!ls.contains("node_modules"))
+        // status uses the same rules: nothing left to sync.
+        let status = try cabackup(
+            "status", "--repo", s.file("repo"), "--exclude", "docs/*.txt", "--exclude", "sub/*", "--exclude", "*.log",
+            "--exclude", "!keep.log", "--exclude", "**/node_modules", "--iexclude", "*.jpg", "--exit-code",
+            s.file("src"))
+        #expect(status.status == 0, "\(status.stdout)")
+    }
+
     @Test("a file larger than 4 GiB round-trips (data past the 2^32 offset)")
     func largeFile() throws {
         let s = Scratch()

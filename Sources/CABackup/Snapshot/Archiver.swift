@@ -10,9 +10,11 @@ import Synchronization
 public struct SnapshotOptions: Sendable {
     /// Tags recorded with the snapshot.
     public var tags: [String]
-    /// Glob patterns (fnmatch): a pattern with a `/` is matched against the whole
-    /// path, one without against the entry's name.
+    /// Exclude patterns, restic's rules (see `docs/excludes.md`): `*.log`, `docs/*.txt`,
+    /// `/home/*/.cache`, `**/node_modules`, `!keep.log`.
     public var excludes: [String]
+    /// Exclude patterns matched without regard to case (`--iexclude`).
+    public var caseInsensitiveExcludes: [String]
     /// The host name recorded; the machine's by default.
     public var hostname: String?
     /// Worker threads that hash and compress; by default one per core.
@@ -24,11 +26,12 @@ public struct SnapshotOptions: Sendable {
     public var prefetch: TreePrefetch?
 
     public init(
-        tags: [String] = [], excludes: [String] = [], hostname: String? = nil, force: Bool = false,
-        workers: Int? = nil
+        tags: [String] = [], excludes: [String] = [], caseInsensitiveExcludes: [String] = [],
+        hostname: String? = nil, force: Bool = false, workers: Int? = nil
     ) {
         self.tags = tags
         self.excludes = excludes
+        self.caseInsensitiveExcludes = caseInsensitiveExcludes
         self.hostname = hostname
         self.force = force
         self.workers = workers ?? max(1, Int(sysconf(Int32(_SC_NPROCESSORS_ONLN))))
@@ -97,9 +100,11 @@ extension Repository {
         }
         // Shared: snapshots only add, so they run side by side; prune (which deletes)
         // takes the lock exclusively and cannot run beside one.
+        let rules = try ExcludeRules(
+            excludes: options.excludes, caseInsensitiveExcludes: options.caseInsensitiveExcludes)
         let lock = try backend.lock(exclusive: false)
         defer { withExtendedLifetime(lock) {} }
-        let archiver = Archiver(repository: self, options: options, progress: progress)
+        let archiver = Archiver(repository: self, options: options, excludes: rules, progress: progress)
         return try index.sharingReads { try archiver.run(paths: paths) }
     }
 }
@@ -228,6 +233,7 @@ final class PathTrie {
 final class Archiver: @unchecked Sendable {
     private let repo: Repository
     private let options: SnapshotOptions
+    private let excludes: ExcludeRules
     private let progress: ((SnapshotProgress) -> Void)?
     private let cond = Condition()
     private let chunkQueue: BlockingQueue<WorkItem>
@@ -285,7 +291,11 @@ final class Archiver: @unchecked Sendable {
     /// Files up to this size are read whole by a worker (see ``SmallFileJob``).
     static let smallFileLimit = 1 << 20
 
-    init(repository: Repository, options: SnapshotOptions, progress: ((SnapshotProgress) -> Void)?) {
+    init(
+        repository: Repository, options: SnapshotOptions, excludes: ExcludeRules,
+        progress: ((SnapshotProgress) -> Void)?
+    ) {
+        self.excludes = excludes
         self.repo = repository
         self.options = options
         self.progress = progress
@@ -349,7 +359,7 @@ final class Archiver: @unchecked Sendable {
             } else {
                 let scanner = scanner
                 let paths = absolute.map { Array($0.utf8) }
-                let excludes = options.excludes
+                let excludes = excludes
                 scanThread = startThread { scanner.scan(paths, excludes: excludes) }
             }
         }
@@ -872,7 +882,7 @@ final class Archiver: @unchecked Sendable {
     }
 
     private func isExcluded(path: [UInt8], name: [UInt8]) -> Bool {
-        matchesExclude(options.excludes, path: path, name: name)
+        excludes.isExcluded(path: path)
     }
 
     private func warn(_ path: [UInt8], _ message: String) {
@@ -972,16 +982,6 @@ func openAt<R>(
     withCPath(relative) { fd == AT_FDCWD ? byPath($0) : at(fd, $0) }
 }
 
-/// Whether an entry matches one of the exclude globs: a pattern with a `/` is matched
-/// against the whole path, one without against the name.
-func matchesExclude(_ patterns: [String], path: [UInt8], name: [UInt8]) -> Bool {
-    for pattern in patterns {
-        let subject = pattern.contains("/") ? path : name
-        if withCPath(subject, { s in fnmatch(pattern, s, 0) == 0 }) { return true }
-    }
-    return false
-}
-
 /// Counts the files and bytes a snapshot will read, on its own thread, so progress can
 /// show an ETA. Only `lstat` and directory reads: cheap beside the backup itself.
 final class SizeScanner: Sendable {
@@ -990,13 +990,13 @@ final class SizeScanner: Sendable {
     let finished = Atomic<Bool>(false)
     let stop = Atomic<Bool>(false)
 
-    func scan(_ paths: [[UInt8]], excludes: [String]) {
-        for p in paths { visit(p, name: Array(p.split(separator: 0x2F).last ?? []), excludes: excludes) }
+    func scan(_ paths: [[UInt8]], excludes: ExcludeRules) {
+        for p in paths { visit(p, excludes: excludes) }
         finished.store(true, ordering: .relaxed)
     }
 
-    private func visit(_ path: [UInt8], name: [UInt8], excludes: [String]) {
-        if stop.load(ordering: .relaxed) || matchesExclude(excludes, path: path, name: name) { return }
+    private func visit(_ path: [UInt8], excludes: ExcludeRules) {
+        if stop.load(ordering: .relaxed) || excludes.isExcluded(path: path) { return }
         var st = stat()
         guard withCPath(path, { lstat($0, &st) }) == 0 else { return }
         switch st.st_mode & S_IFMT {
@@ -1005,7 +1005,7 @@ final class SizeScanner: Sendable {
             bytes.add(Int64(st.st_size), ordering: .relaxed)
         case S_IFDIR:
             for child in (try? readDirectory(path)) ?? [] {
-                visit(joinPath(path, child), name: child, excludes: excludes)
+                visit(joinPath(path, child), excludes: excludes)
             }
         default:
             break

@@ -121,13 +121,16 @@ extension Repository {
 
 /// Options for ``Repository/status(paths:options:)``.
 public struct StatusOptions: Sendable {
-    /// Exclude globs, as for snapshots.
+    /// Exclude patterns, as for snapshots.
     public var excludes: [String]
+    /// Exclude patterns matched without regard to case, as for snapshots.
+    public var caseInsensitiveExcludes: [String]
     /// The host whose snapshots are compared against; this machine's by default.
     public var hostname: String?
 
-    public init(excludes: [String] = [], hostname: String? = nil) {
+    public init(excludes: [String] = [], caseInsensitiveExcludes: [String] = [], hostname: String? = nil) {
         self.excludes = excludes
+        self.caseInsensitiveExcludes = caseInsensitiveExcludes
         self.hostname = hostname
     }
 }
@@ -145,6 +148,8 @@ extension Repository {
     /// - Throws: ``CABackupError/unreadableSource(path:reason:)`` for a missing top-level path.
     public func status(paths: [String], options: StatusOptions = StatusOptions()) throws -> ChangeSet {
         guard !paths.isEmpty else { throw CABackupError.invalidArgument("name at least one PATH") }
+        let rules = try ExcludeRules(
+            excludes: options.excludes, caseInsensitiveExcludes: options.caseInsensitiveExcludes)
         var absolute: [String] = []
         for p in paths {
             let abs = absolutePath(p)
@@ -157,7 +162,7 @@ extension Repository {
         var changes = ChangeSet()
         changes.base = parent?.id
         let trie = PathTrie(paths: absolute)
-        let walker = StatusWalker(repository: self, excludes: options.excludes)
+        let walker = StatusWalker(repository: self, excludes: rules)
         let rootEntries = try parent.map { try loadTree($0.tree) } ?? []
         try walker.walk(trie: trie, path: [], parent: rootEntries, into: &changes)
         return changes
@@ -167,10 +172,10 @@ extension Repository {
 /// Compares the file system with a snapshot's trees (for ``Repository/status(paths:options:)``).
 struct StatusWalker {
     let repo: Repository
-    let excludes: [String]
+    let excludes: ExcludeRules
     let codec: BlobCodec
 
-    init(repository: Repository, excludes: [String]) {
+    init(repository: Repository, excludes: ExcludeRules) {
         self.repo = repository
         self.codec = repository.makeCodec()
         self.excludes = excludes
@@ -200,7 +205,7 @@ struct StatusWalker {
     }
 
     private func compareEntry(name: [UInt8], path: [UInt8], old: Node?, into c: inout ChangeSet) throws {
-        if matchesExclude(excludes, path: path, name: name) { return }
+        if excludes.isExcluded(path: path) { return }
         guard let now = lstatNode(path, name: name) else {
             if let old { try reportOld(old, path: path, into: &c) }
             return
@@ -242,7 +247,7 @@ struct StatusWalker {
         while i < old.count || j < names.count {
             if j == names.count || (i < old.count && old[i].name.lexicographicallyPrecedes(names[j])) {
                 let p = path + [0x2F] + old[i].name
-                if !matchesExclude(excludes, path: p, name: old[i].name) { try reportOld(old[i], path: p, into: &c) }
+                if !excludes.isExcluded(path: p) { try reportOld(old[i], path: p, into: &c) }
                 i += 1
             } else if i == old.count || names[j].lexicographicallyPrecedes(old[i].name) {
                 try compareEntry(name: names[j], path: path + [0x2F] + names[j], old: nil, into: &c)
@@ -267,7 +272,7 @@ struct StatusWalker {
         if n.type == .directory {
             for name in (try? readDirectory(path)) ?? [] {
                 let p = path + [0x2F] + name
-                if matchesExclude(excludes, path: p, name: name) { continue }
+                if excludes.isExcluded(path: p) { continue }
                 if let child = lstatNode(p, name: name) { try reportNew(child, path: p, into: &c) }
             }
         }

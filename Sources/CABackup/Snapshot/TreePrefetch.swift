@@ -30,11 +30,15 @@ public final class TreePrefetch: Sendable {
     let startedNs = wallClockNs()
 
     /// Starts listing `paths` (as a snapshot of them would walk them), skipping what
-    /// `excludes` would exclude.
-    public init(paths: [String], excludes: [String] = [], budget: Int = 16_384) {
+    /// `excludes` and `caseInsensitiveExcludes` would exclude (malformed patterns exclude
+    /// nothing here: the snapshot reports them).
+    public init(
+        paths: [String], excludes: [String] = [], caseInsensitiveExcludes: [String] = [], budget: Int = 16_384
+    ) {
         let state = PrefetchState(budget: budget)
         self.state = state
         let roots = paths.map { Array(absolutePath($0).utf8) }
+        let excludes = try? ExcludeRules(excludes: excludes, caseInsensitiveExcludes: caseInsensitiveExcludes)
         thread = Mutex(startThread { state.run(roots: roots, excludes: excludes) })
     }
 
@@ -259,7 +263,7 @@ final class PrefetchState: @unchecked Sendable {
     }
 
     /// Lists `roots` in walk order (a root inside another is listed with it).
-    func run(roots: [[UInt8]], excludes: [String]) {
+    func run(roots: [[UInt8]], excludes: ExcludeRules?) {
         defer {
             cond.locked { done = true }
             cond.broadcast()
@@ -276,7 +280,7 @@ final class PrefetchState: @unchecked Sendable {
 
     /// Lists the directory open as `fd` (closed here), then its subdirectories in order.
     /// `false`: stopped.
-    private func visit(_ fd: Int32, path: [UInt8], excludes: [String]) -> Bool {
+    private func visit(_ fd: Int32, path: [UInt8], excludes: ExcludeRules?) -> Bool {
         defer { close(fd) }
         if isStopped { return false }
         var dst = stat()
@@ -288,7 +292,7 @@ final class PrefetchState: @unchecked Sendable {
         entries.reserveCapacity(names.count)
         var subdirectories: [Int] = []
         for (i, name) in names.enumerated() {
-            if !excludes.isEmpty && matchesExclude(excludes, path: joinPath(path, name), name: name) {
+            if let excludes, !excludes.isEmpty, excludes.isExcluded(path: joinPath(path, name)) {
                 entries.append(PrefetchedEntry(error: -1))
                 continue
             }
