@@ -162,7 +162,8 @@ struct ForgetCommand: ParsableCommand {
             try repo.forget(remove)
             print("\(remove.count) snapshots removed")
         }
-        if prune { try runPrune(repo, dryRun: dryRun) }
+        // A dry run removed nothing: prune is told which snapshots to treat as gone.
+        if prune { try runPrune(repo, dryRun: dryRun, assumingForgotten: dryRun ? Set(remove.map(\.id)) : []) }
     }
 
     private func line(_ verb: String, _ s: Snapshot) -> String {
@@ -193,11 +194,16 @@ struct PruneCommand: ParsableCommand {
     }
 }
 
-func runPrune(_ repo: Repository, dryRun: Bool) throws {
-    let r = try repo.prune(dryRun: dryRun)
-    let verb = dryRun ? "would delete" : "deleted"
-    print(
-        "prune: \(verb) \(r.packsDeleted) unused packs, repacked \(r.packsRepacked) (\(r.packsWritten) new), "
-            + "\(r.blobsRemoved) unused blobs, \(formatBytes(r.bytesFreed)) freed")
+func runPrune(_ repo: Repository, dryRun: Bool, assumingForgotten: Set<SnapshotID> = []) throws {
+    let r = try repo.prune(dryRun: dryRun, assumingForgotten: assumingForgotten)
+    let (delete, repack, free) =
+        dryRun ? ("would delete", "would repack", "would be freed") : ("deleted", "repacked", "freed")
+    var line =
+        "prune: \(delete) \(r.packsDeleted) unused packs, \(repack) \(r.packsRepacked) (\(r.packsWritten) new), "
+        + "\(r.blobsRemoved) unused blobs, \(formatBytes(r.bytesFreed)) \(free)"
+    if r.packsPartlyUsed > 0 {
+        line += "; \(formatBytes(r.bytesUnusedKept)) unused left in \(r.packsPartlyUsed) partly used packs"
+    }
+    print(line)
     if r.temporaryFilesRemoved > 0 { print("removed \(r.temporaryFilesRemoved) leftover temporary files") }
 }

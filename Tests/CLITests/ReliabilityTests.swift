@@ -271,6 +271,41 @@ struct ReliabilityTests {
         #expect(FileManager.default.contents(atPath: s.file("out") + src + "/r2.bin") == last)
     }
 
+    @Test("forget --prune --dry-run predicts the real run's figures: deleted, repacked, written, freed, left unused")
+    func pruneDryRunPredicts() throws {
+        /// The numbers in the `prune:` line, in order.
+        func figures(_ r: RunResult) -> [String] {
+            let line = r.stdout.split(separator: "\n").first { $0.hasPrefix("prune:") } ?? ""
+            return line.split(whereSeparator: { !"0123456789.".contains($0) }).map(String.init)
+        }
+        // liveFirst: the small file is the one deleted, so its pack stays (partly used);
+        // otherwise the big one goes and the pack is repacked.
+        for bigGoes in [true, false] {
+            let s = Scratch()
+            let src = s.file("src")
+            try FileManager.default.createDirectory(atPath: src, withIntermediateDirectories: true)
+            for (name, mib) in [("big.bin", 10), ("small.bin", 1)] {
+                let bytes = try #require(FileHandle(forReadingAtPath: "/dev/urandom")?.readData(ofLength: mib << 20))
+                try bytes.write(to: URL(fileURLWithPath: src + "/" + name))
+            }
+            _ = try cabackup("init", "--repo", s.file("repo"))
+            #expect(try cabackup("snapshot", "--repo", s.file("repo"), src).status == 0)
+            try FileManager.default.removeItem(atPath: src + (bigGoes ? "/big.bin" : "/small.bin"))
+            #expect(try cabackup("snapshot", "--repo", s.file("repo"), src).status == 0)
+            let dry = try cabackup("forget", "--repo", s.file("repo"), "--keep-last", "1", "--prune", "--dry-run")
+            #expect(dry.status == 0, "\(dry.stderr)")
+            let real = try cabackup("forget", "--repo", s.file("repo"), "--keep-last", "1", "--prune")
+            #expect(real.status == 0, "\(real.stderr)")
+            #expect(!figures(real).isEmpty && figures(dry) == figures(real), "\(dry.stdout)\n\(real.stdout)")
+            if bigGoes {
+                #expect(real.stdout.contains("repacked 1 (1 new)"), "\(real.stdout)")
+            } else {
+                #expect(real.stdout.contains("unused left in 1 partly used packs"), "\(real.stdout)")
+            }
+            #expect(try cabackup("check", "--repo", s.file("repo"), "--read-data").status == 0)
+        }
+    }
+
     @Test("forget --keep-tag and --group-by keep the right snapshots and say why; a policy emptying a group fails")
     func forgetPolicyOptions() throws {
         let s = Scratch()
@@ -281,7 +316,7 @@ struct ReliabilityTests {
         for (host, tag) in [("a", "keep"), ("a", ""), ("a", "other"), ("b", "")] {
             let tags = tag.isEmpty ? [] : ["--tag", tag]
             let r = try run(
-                productsDirectory + "/cabackup", ["snapshot", "--repo", s.file("repo"), "--host", host] + tags + [src])
+                cabackupBinary, ["snapshot", "--repo", s.file("repo"), "--host", host] + tags + [src])
             #expect(r.status == 0, "\(r.stderr)")
         }
         let ids = try snapshotIDs(s)

@@ -7,12 +7,22 @@ import CSQLite
 #endif
 
 /// What prune did (or, with `dryRun`, would do).
-public struct PruneReport: Sendable {
+public struct PruneReport: Sendable, Equatable {
+    /// Packs deleted because nothing uses them.
     public var packsDeleted = 0
+    /// Packs whose used blobs were copied into new packs before they were deleted.
     public var packsRepacked = 0
+    /// New packs the repacking wrote.
     public var packsWritten = 0
+    /// Bytes freed: deleted and repacked packs, less the new packs.
     public var bytesFreed: Int64 = 0
+    /// Blobs no snapshot uses that are gone afterwards.
     public var blobsRemoved = 0
+    /// Packs kept though some of their blobs are unused (used above the repack threshold).
+    public var packsPartlyUsed = 0
+    /// The stored bytes of unused blobs left inside those packs.
+    public var bytesUnusedKept: Int64 = 0
+    /// Leftover temporary files of crashed writers that were removed.
     public var temporaryFilesRemoved = 0
 }
 
@@ -50,13 +60,23 @@ extension Repository {
     ///
     /// - Throws: ``CABackupError/locked(_:)`` while a snapshot runs; a damaged tree aborts
     ///   prune before anything is deleted (run `check`).
-    public func prune(dryRun: Bool = false, repackBelow usedFraction: Double = 0.8) throws -> PruneReport {
-        try prune(dryRun: dryRun, repackBelow: usedFraction, idsInMemory: 1_000_000)
+    ///
+    /// A dry run changes nothing and reports exactly what the run would do, figures
+    /// included; `assumingForgotten` names snapshots it treats as already removed, so
+    /// `forget --dry-run --prune` predicts what `forget --prune` frees.
+    public func prune(
+        dryRun: Bool = false, repackBelow usedFraction: Double = 0.8, assumingForgotten: Set<SnapshotID> = []
+    ) throws -> PruneReport {
+        try prune(
+            dryRun: dryRun, repackBelow: usedFraction, assumingForgotten: assumingForgotten, idsInMemory: 1_000_000)
     }
 
-    /// ``prune(dryRun:repackBelow:)`` keeping at most `idsInMemory` used blob ids in memory
-    /// (about 70 bytes each) before the set moves to a temporary SQLite file.
-    func prune(dryRun: Bool, repackBelow usedFraction: Double, idsInMemory: Int) throws -> PruneReport {
+    /// ``prune(dryRun:repackBelow:assumingForgotten:)`` keeping at most `idsInMemory` used
+    /// blob ids in memory (about 70 bytes each) before the set moves to a temporary SQLite file.
+    func prune(
+        dryRun: Bool, repackBelow usedFraction: Double, assumingForgotten: Set<SnapshotID> = [], idsInMemory: Int
+    ) throws -> PruneReport {
+        precondition(dryRun || assumingForgotten.isEmpty, "only a dry run may assume snapshots are gone")
         if !dryRun { try backend.checkCanDelete() }
         let lock = try backend.lock(exclusive: true)
         defer { withExtendedLifetime(lock) {} }
@@ -77,7 +97,7 @@ extension Repository {
                 }
             }
         }
-        for s in try snapshots() { try mark([s.tree]) }
+        for s in try snapshots() where !assumingForgotten.contains(s.id) { try mark([s.tree]) }
 
         var deletions: [(PackID, Int64)] = []
         var repacks: [(PackID, [PackEntry])] = []
@@ -97,12 +117,19 @@ extension Repository {
             } else if Double(liveBytes) / Double(total) < usedFraction {
                 repacks.append((pack, live))
                 deletions.append((pack, size))
+            } else if live.count < entries.count {
+                report.packsPartlyUsed += 1
+                report.bytesUnusedKept += Int64(entries.reduce(0) { $0 + $1.length } - liveBytes)
             }
         }
         report.packsDeleted = deletions.count - repacks.count
         report.packsRepacked = repacks.count
         if dryRun {
-            report.bytesFreed = deletions.reduce(0) { $0 + $1.1 }
+            // The new packs the repacking would write, packed the way BlobSaver packs one
+            // writer's blobs: per type, a pack is sealed once it reaches the pack size.
+            let (packs, bytes) = repackedSizes(repacks.flatMap(\.1))
+            report.packsWritten = packs
+            report.bytesFreed = deletions.reduce(0) { $0 + $1.1 } - bytes
             return report
         }
 
@@ -144,6 +171,34 @@ extension Repository {
             }
         }
         return report
+    }
+}
+
+extension Repository {
+    /// The number and total size of the packs one writer makes from `entries`, added in
+    /// order (what ``BlobSaver`` does for prune's repacking).
+    func repackedSizes(_ entries: [PackEntry]) -> (packs: Int, bytes: Int64) {
+        var open: [BlobType: (bytes: Int, count: Int)] = [:]
+        var packs = 0
+        var bytes: Int64 = 0
+        let sealed = makeAEAD() != nil
+        func close(_ p: (bytes: Int, count: Int)) {
+            packs += 1
+            bytes += Int64(p.bytes + PackFormat.encodedHeaderSize(count: p.count, sealed: sealed))
+        }
+        for e in entries {
+            var p = open[e.type] ?? (0, 0)
+            p.bytes += e.length
+            p.count += 1
+            if p.bytes >= config.packSize {
+                close(p)
+                open[e.type] = nil
+            } else {
+                open[e.type] = p
+            }
+        }
+        for (_, p) in open { close(p) }
+        return (packs, bytes)
     }
 }
 

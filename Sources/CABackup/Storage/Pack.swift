@@ -74,6 +74,11 @@ public enum PackFormat {
     /// needs about 1.4 KiB; this leaves room for packs of tiny tree blobs).
     static let maxHeaderSize = 16 << 20
 
+    /// The size of what ``encodeHeader(_:aead:)`` returns for `count` entries.
+    static func encodedHeaderSize(count: Int, sealed: Bool) -> Int {
+        headerFixedSize + count * entrySize + (sealed ? AESGCM.overhead : 0) + trailerSize
+    }
+
     /// The header and trailer for blobs stored back to back in `entries` order; sealed
     /// when `aead` is given.
     static func encodeHeader(_ entries: [PackEntry], aead: AESGCM? = nil) -> [UInt8] {
