@@ -111,8 +111,30 @@ struct SnapshotCommand: ParsableCommand {
             print("snapshot \(result.snapshot.id.hex) saved")
         }
         if !result.warnings.isEmpty {
-            printError("cabackup: \(result.warnings.count) entries could not be read and are not in the snapshot")
+            printError("cabackup: " + describeWarnings(result.warnings))
             throw ExitCode(3)
         }
     }
+}
+
+/// One line saying what became of the entries a snapshot could not read: "2 entries could
+/// not be read and are not in the snapshot; 1 directory could not be listed and is stored
+/// empty".
+func describeWarnings(_ warnings: [SnapshotWarning]) -> String {
+    let empty = warnings.filter { $0.outcome == .storedEmpty }.count
+    let skipped = warnings.count - empty
+    var parts: [String] = []
+    if skipped > 0 {
+        parts.append(
+            skipped == 1
+                ? "1 entry could not be read and is not in the snapshot"
+                : "\(skipped) entries could not be read and are not in the snapshot")
+    }
+    if empty > 0 {
+        parts.append(
+            empty == 1
+                ? "1 directory could not be listed and is stored empty"
+                : "\(empty) directories could not be listed and are stored empty")
+    }
+    return parts.joined(separator: "; ")
 }

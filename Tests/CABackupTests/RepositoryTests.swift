@@ -343,6 +343,13 @@ struct RepositoryTests {
         let one = try repo.snapshot(paths: [src], progress: { first.reports.append($0) })
         #expect(!first.reports.isEmpty)
         #expect(first.reports.allSatisfy { !$0.totalsFromParent && $0.filesUnchanged == 0 })
+        // However short the run, the last report has the final figures (the README's
+        // example used to get one report: 0 files, 0 bytes read).
+        let final = try #require(first.reports.last)
+        #expect(final.filesDone == one.snapshot.summary.filesTotal && final.filesDone > 0)
+        #expect(final.bytesRead == one.snapshot.summary.bytesTotal && final.bytesRead > 0)
+        #expect(final.scanFinished && final.totalFiles == final.filesDone && final.totalBytes == final.bytesRead)
+        #expect(zip(first.reports, first.reports.dropFirst()).allSatisfy { $0.filesDone <= $1.filesDone })
 
         // Twice: the second run's parent read nothing, its bytes all count as unchanged.
         for _ in 0..<2 {

@@ -169,11 +169,17 @@ struct EndToEndTests {
         let r = try cab(["snapshot", "--repo", s.file("repo"), "--json", src])
         #expect(r.status == 3, "\(r.stderr)")
         #expect(r.stderr.contains("secret.txt"))
-        #expect(r.stderr.contains("locked"))
+        #expect(r.stderr.contains("locked: open directory: Permission denied (stored as an empty directory)"))
+        // The summary says what was stored: the file is left out, the directory kept empty.
+        #expect(
+            r.stderr.contains(
+                "1 entry could not be read and is not in the snapshot; "
+                    + "1 directory could not be listed and is stored empty"), "\(r.stderr)")
         let summary = try #require(jsonObject(r.lastLine))
         #expect(summary["files_total"] as? Int == 1)
         let ls = try cab(["ls", "--repo", s.file("repo"), "latest"])
         #expect(ls.stdout.contains("/ok.txt"))
+        #expect(ls.stdout.contains(src + "/locked\n"))
         #expect(!ls.stdout.contains("secret.txt"))
     }
 
@@ -322,5 +328,7 @@ struct ReadmeTests {
         let r = try run(productsDirectory + "/library-example", [])
         #expect(r.status == 0, "\(r.stderr)")
         #expect(r.stdout.hasSuffix("hello.txt says: Hello from cabackup\n"))
+        // Its progress callback ends with the whole run: one file of 20 bytes.
+        #expect(r.stdout.contains("1 files, 20 bytes read\nsnapshot "), "\(r.stdout)")
     }
 }

@@ -60,11 +60,22 @@ public struct SnapshotProgress: Sendable {
     public var totalsFromParent: Bool = false
 }
 
-/// An entry that could not be read and was left out of the snapshot.
+/// An entry that could not be read, and what the snapshot holds for it instead.
 public struct SnapshotWarning: Sendable, CustomStringConvertible {
+    /// What the snapshot holds for an entry that could not be read.
+    public enum Outcome: Sendable, Equatable {
+        /// The entry is not in the snapshot.
+        case skipped
+        /// A directory that could not be listed: stored with its metadata and no entries.
+        case storedEmpty
+    }
+
     public var path: String
     public var message: String
-    public var description: String { "\(path): \(message)" }
+    public var outcome: Outcome = .skipped
+    public var description: String {
+        "\(path): \(message)" + (outcome == .storedEmpty ? " (stored as an empty directory)" : "")
+    }
 }
 
 /// The outcome of a snapshot.
@@ -383,6 +394,8 @@ final class Archiver: @unchecked Sendable {
         shutdownWorkers()
         if let e = workerFailure.withLock({ $0 }) { throw e }
         try saver.finish()
+        // The last report has the final figures, however short the run was.
+        reportProgress([], final: true)
         warnings += workerWarnings.withLock { $0 }
         bytesRead += smallBytesRead.load(ordering: .relaxed)
         filesRead += smallFilesRead.load(ordering: .relaxed)
@@ -499,7 +512,7 @@ final class Archiver: @unchecked Sendable {
                     guard dirFD >= 0 else { throw ioError("open directory", path) }
                     names = try readDirectory(fd: dirFD, path: path)
                 } catch {
-                    warn(path, "cannot read directory: \(errnoText(CABackupError(error)))")
+                    warn(path, errnoText(CABackupError(error)), outcome: .storedEmpty)
                 }
             }
             // Both lists are sorted bytewise: walk them side by side.
@@ -885,28 +898,34 @@ final class Archiver: @unchecked Sendable {
         excludes.isExcluded(path: path)
     }
 
-    private func warn(_ path: [UInt8], _ message: String) {
-        warnings.append(SnapshotWarning(path: displayPath(path), message: message))
+    private func warn(_ path: [UInt8], _ message: String, outcome: SnapshotWarning.Outcome = .skipped) {
+        warnings.append(SnapshotWarning(path: displayPath(path), message: message, outcome: outcome))
     }
 
     /// Calls the progress callback at most five times a second; `pending` counts bytes
-    /// of the current file read so far.
-    private func reportProgress(_ path: [UInt8], pending: Int64 = 0) {
+    /// of the current file read so far. The `final` report (always made) has the whole
+    /// run's figures as its totals.
+    private func reportProgress(_ path: [UInt8], pending: Int64 = 0, final: Bool = false) {
         guard let progress else { return }
         let now = monotonicSeconds()
-        if now - lastProgress < 0.2 { return }
+        if now - lastProgress < 0.2 && !final { return }
         lastProgress = now
-        progress(
-            SnapshotProgress(
-                filesDone: filesRead + smallFilesRead.load(ordering: .relaxed),
-                bytesRead: bytesRead + smallBytesRead.load(ordering: .relaxed) + pending,
-                filesUnchanged: summary.filesUnchanged, bytesUnchanged: summary.bytesUnchanged,
-                bytesAdded: saver.bytesAdded.load(ordering: .relaxed),
-                elapsedSeconds: now - start, currentPath: displayPath(path),
-                totalFiles: parentTotals?.files ?? scanner.files.load(ordering: .relaxed),
-                totalBytes: parentTotals?.bytes ?? scanner.bytes.load(ordering: .relaxed),
-                scanFinished: parentTotals != nil || scanner.finished.load(ordering: .relaxed),
-                totalsFromParent: parentTotals != nil))
+        let files = filesRead + smallFilesRead.load(ordering: .relaxed)
+        let bytes = bytesRead + smallBytesRead.load(ordering: .relaxed) + pending
+        var p = SnapshotProgress(
+            filesDone: files, bytesRead: bytes, filesUnchanged: summary.filesUnchanged,
+            bytesUnchanged: summary.bytesUnchanged, bytesAdded: saver.bytesAdded.load(ordering: .relaxed),
+            elapsedSeconds: now - start, currentPath: displayPath(path),
+            totalFiles: parentTotals?.files ?? scanner.files.load(ordering: .relaxed),
+            totalBytes: parentTotals?.bytes ?? scanner.bytes.load(ordering: .relaxed),
+            scanFinished: parentTotals != nil || scanner.finished.load(ordering: .relaxed),
+            totalsFromParent: parentTotals != nil)
+        if final {
+            p.totalFiles = files + summary.filesUnchanged
+            p.totalBytes = bytes + summary.bytesUnchanged
+            p.scanFinished = true
+        }
+        progress(p)
     }
 }
 
