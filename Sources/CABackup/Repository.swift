@@ -126,7 +126,12 @@ public final class Repository: @unchecked Sendable {
     /// The backend for a `--repo` value (a directory, or `http(s)://NAME@HOST:PORT[/PREFIX]`)
     /// and where its index lives: inside a local repository, in the user's cache directory
     /// for a remote one (named by the repository id).
+    /// - Throws: ``CABackupError/unsupportedLocation(_:)`` for any other scheme (`s3:…`),
+    ///   before anything is created.
     static func storage(_ path: String, durable: Bool) throws -> (any Backend, (String) throws -> String) {
+        if !RemoteLocation.isRemote(path) && RemoteLocation.scheme(of: path) != nil {
+            throw CABackupError.unsupportedLocation(path)
+        }
         if RemoteLocation.isRemote(path) {
             let backend = try HTTPBackend(try RemoteLocation(parsing: path))
             return (
@@ -153,10 +158,11 @@ public final class Repository: @unchecked Sendable {
     /// Throws ``CABackupError/repositoryExists(_:)`` unless `path` is missing or an empty
     /// directory (so a tool can refuse before asking for a new password).
     public static func checkCanInitialize(path: String) throws {
-        if RemoteLocation.isRemote(path) {
-            try storage(path, durable: true).0.create()
+        let backend = try storage(path, durable: true).0
+        if let local = backend as? LocalBackend {
+            try local.checkEmpty()
         } else {
-            try LocalBackend(path: absolutePath(path)).checkEmpty()
+            try backend.create()
         }
     }
 
@@ -169,6 +175,7 @@ public final class Repository: @unchecked Sendable {
     ///   - password: needed when the repository is encrypted; ignored otherwise.
     ///   - durable: fsync every write (leave on except in throwaway tests).
     /// - Throws: ``CABackupError/repositoryNotFound(_:)`` when there is no config,
+    ///   ``CABackupError/notARepository(_:)`` when there is none in a directory holding other files,
     ///   ``CABackupError/unsupportedVersion(found:supported:)`` for a newer format,
     ///   ``CABackupError/passwordRequired(_:)`` or ``CABackupError/wrongPassword(_:)``.
     public static func open(path: String, password: String? = nil, durable: Bool = true) throws -> Repository {
@@ -213,6 +220,9 @@ public final class Repository: @unchecked Sendable {
         guard try backend.exists() else {
             if fileExists(path) && !isDirectory(path) {
                 throw CABackupError.badConfig(path: path, reason: "not a directory")
+            }
+            if backend is LocalBackend, isDirectory(path), (try? readDirectory(Array(path.utf8)))?.isEmpty == false {
+                throw CABackupError.notARepository(path)
             }
             throw CABackupError.repositoryNotFound(path)
         }

@@ -5,21 +5,31 @@ import CABackup
     import Glibc
 #endif
 
-/// The exit codes, one table for `--help`, the docs and ``exitCode(for:)``.
+/// The exit codes, one table for the main `--help` (README.md lists the same codes) and
+/// ``exitCode(for:)``. Each line fits 80 columns, so it is never wrapped.
 let exitCodeTable = """
     EXIT CODES:
       0    success
       1    fatal error (nothing was saved, or a restore had failures)
       3    snapshot saved, but some entries were unreadable and skipped
       4    status --exit-code: there are changes
-      10   repository does not exist
-      11   repository is locked (prune beside a snapshot, or a snapshot beside prune)
+      10   repository does not exist, or --repo is not a repository
+      11   repository is locked (prune and snapshot cannot run at once)
       12   wrong or missing password (encrypted repository)
       13   not logged in to the server, or the server refused this device's token
       14   the server cannot be reached
       64   usage error
       130  interrupted
     """
+
+/// What every subcommand's `--help` says of exit codes instead of repeating the table.
+let exitCodesNote = "Exit codes: see cabackup --help."
+
+/// A subcommand's discussion: its paragraphs, each one line (ArgumentParser wraps them to
+/// the terminal), then ``exitCodesNote``.
+func discussion(_ paragraphs: String...) -> String {
+    (paragraphs + [exitCodesNote]).joined(separator: "\n\n")
+}
 
 @main
 struct CABackupCommand: AsyncParsableCommand {
@@ -52,13 +62,14 @@ struct CABackupCommand: AsyncParsableCommand {
             printError("cabackup: \(error)")
             Glibc.exit(exitCode(for: error))
         } catch {
-            exit(withError: error)
+            exitForUsage(error)
         }
     }
 
     static func exitCode(for error: CABackupError) -> Int32 {
         switch error {
-        case .repositoryNotFound: return 10
+        case .repositoryNotFound, .notARepository: return 10
+        case .unsupportedLocation: return 64
         case .locked: return 11
         case .passwordRequired, .wrongPassword: return 12
         case .notLoggedIn: return 13
@@ -67,6 +78,89 @@ struct CABackupCommand: AsyncParsableCommand {
         default: return 1
         }
     }
+
+    /// Exits 64 for an unknown command, and shows a usage error thrown by a subcommand's
+    /// `run()` with that subcommand's usage (ArgumentParser would show the root's); other
+    /// errors go to `exit(withError:)`.
+    static func exitForUsage(_ error: any Error) -> Never {
+        let arguments = Array(CommandLine.arguments.dropFirst())
+        if let message = unknownCommandMessage(arguments) {
+            printError(message)
+            Glibc.exit(64)
+        }
+        if let validation = error as? ValidationError, let command = try? parseAsRoot(arguments),
+            type(of: command) != Self.self
+        {
+            let type = type(of: command)
+            printError(
+                "Error: \(validation.message)\nUsage: \(usageString(for: type))\n"
+                    + "  See '\(commandPath(to: type).joined(separator: " ")) --help' for more information.")
+            Glibc.exit(64)
+        }
+        exit(withError: error)
+    }
+
+    /// The names from the root to `command`: `["cabackup", "key", "add"]`.
+    static func commandPath(to command: any ParsableCommand.Type) -> [String] {
+        func search(_ node: any ParsableCommand.Type, _ path: [String]) -> [String]? {
+            let here = path + [node.configuration.commandName ?? ""]
+            if node == command { return here }
+            return node.configuration.subcommands.lazy.compactMap { search($0, here) }.first
+        }
+        return search(Self.self, []) ?? ["cabackup"]
+    }
+
+    /// The message for a word where a command is expected that names none (`cabackup
+    /// snapshott`, `cabackup key lst`), with the nearest command when one is close; nil
+    /// when the arguments name commands all the way down.
+    static func unknownCommandMessage(_ arguments: [String]) -> String? {
+        var command: any ParsableCommand.Type = Self.self
+        var path = ["cabackup"]
+        for word in arguments {
+            let subcommands = command.configuration.subcommands
+            guard !subcommands.isEmpty, !word.hasPrefix("-"), word != "help" else { return nil }
+            if let next = subcommands.first(where: { commandNames($0).contains(word) }) {
+                command = next
+                path.append(next.configuration.commandName ?? word)
+                continue
+            }
+            let candidates = subcommands.compactMap { $0.configuration.commandName }
+            let see = "(see \(path.joined(separator: " ")) --help)"
+            if let near = nearest(word, among: candidates) {
+                return "\(path.joined(separator: " ")): unknown command '\(word)': did you mean '\(near)'? \(see)"
+            }
+            return "\(path.joined(separator: " ")): unknown command '\(word)' \(see)"
+        }
+        return nil
+    }
+
+    private static func commandNames(_ command: any ParsableCommand.Type) -> [String] {
+        [command.configuration.commandName].compactMap { $0 } + command.configuration.aliases
+    }
+}
+
+/// The candidate closest to `word`: at most two edits away (fewer than `word` has
+/// characters), or starting with it; the first of equally close ones.
+func nearest(_ word: String, among candidates: [String]) -> String? {
+    func distance(_ a: [Character], _ b: [Character]) -> Int {
+        var row = Array(0...b.count)
+        for (i, x) in a.enumerated() {
+            var diagonal = row[0]
+            row[0] = i + 1
+            for (j, y) in b.enumerated() {
+                let next = min(diagonal + (x == y ? 0 : 1), row[j + 1] + 1, row[j] + 1)
+                diagonal = row[j + 1]
+                row[j + 1] = next
+            }
+        }
+        return row[b.count]
+    }
+    let scored = candidates.map { c -> (String, Int) in
+        let d = distance(Array(word), Array(c))
+        return (c, word.count >= 3 && c.hasPrefix(word) ? min(d, 2) : d)
+    }
+    guard let best = scored.min(by: { $0.1 < $1.1 }), best.1 <= 2, best.1 < word.count else { return nil }
+    return best.0
 }
 
 /// `--repo` or `CABACKUP_REPO`, and the password of an encrypted repository.

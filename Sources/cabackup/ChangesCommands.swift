@@ -2,8 +2,9 @@ import ArgumentParser
 import CABackup
 import Foundation
 
-/// Prints a change set as text (`+`, `-`, `M`, `U` lines and a summary) or as one JSON object.
-func printChanges(_ c: ChangeSet, json: Bool) {
+/// Prints a change set as text (`+`, `-`, `M`, `U` lines, `note` if any, and a summary
+/// line, of two snapshots when `betweenSnapshots`) or as one JSON object.
+func printChanges(_ c: ChangeSet, json: Bool, betweenSnapshots: Bool = false, note: String? = nil) {
     if json {
         struct Item: Encodable {
             let path: String
@@ -51,28 +52,28 @@ func printChanges(_ c: ChangeSet, json: Bool) {
     for e in c.removed { print("- \(e.displayPath)") }
     for e in c.modified { print("M \(e.displayPath)") }
     for e in c.metadataOnly { print("U \(e.displayPath)") }
-    print(summaryLine(c))
+    if let note { print(note) }
+    print(summaryLine(c, betweenSnapshots: betweenSnapshots))
 }
 
-func summaryLine(_ c: ChangeSet) -> String {
-    "\(c.added.count) added, \(c.removed.count) removed, \(c.modified.count) modified, "
-        + "\(c.metadataOnly.count) metadata-only; \(c.filesToSync) files (\(formatBytes(Int64(c.bytesToSync)))) to sync"
+/// `2 added, …; 3 files (1.20 KiB) to sync` for status and watch; between two snapshots,
+/// where nothing is synced, `3 files new or changed (1.20 KiB)`.
+func summaryLine(_ c: ChangeSet, betweenSnapshots: Bool = false) -> String {
+    let size = formatBytes(Int64(c.bytesToSync))
+    return "\(c.added.count) added, \(c.removed.count) removed, \(c.modified.count) modified, "
+        + "\(c.metadataOnly.count) metadata-only; "
+        + (betweenSnapshots
+            ? "\(c.filesToSync) files new or changed (\(size))" : "\(c.filesToSync) files (\(size)) to sync")
 }
 
 struct StatusCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "status",
         abstract: "Show what changed since the last snapshot of PATHs.",
-        discussion: """
-            Compares PATHs with their latest snapshot from this host: + added, - removed,
-            M modified (content), U metadata only (mode, owner, times). --json prints one
-            object with the arrays added, removed, modified, metadata_only (each entry
-            {path, size, type}, plus path_b64 for names that are not UTF-8) and the totals
-            files_to_sync and bytes_to_sync. Exit code 0; with --exit-code, 4 when something
-            changed.
-
-            \(exitCodeTable)
-            """)
+        discussion: discussion(
+            "Compares PATHs with their latest snapshot from this host: + added, - removed, M modified (content), U metadata only (mode, owner, times). Without such a snapshot everything shows as added, and a line says so.",
+            "--json prints one object with the arrays added, removed, modified, metadata_only (each entry {path, size, type}, plus path_b64 for names that are not UTF-8) and the totals files_to_sync and bytes_to_sync. Exit code 0; with --exit-code, 4 when something changed."
+        ))
 
     @OptionGroup var repository: RepositoryOptions
 
@@ -100,7 +101,11 @@ struct StatusCommand: ParsableCommand {
             paths: paths,
             options: StatusOptions(
                 excludes: excludes.exclude, caseInsensitiveExcludes: excludes.iexclude, hostname: host))
-        printChanges(changes, json: json)
+        // Without a parent everything shows as added: say why.
+        let from = host.map { "host \($0)" } ?? "this host"
+        let note =
+            changes.base == nil ? "no earlier snapshot of these paths from \(from); everything would be stored" : nil
+        printChanges(changes, json: json, note: note)
         if exitCode && !changes.isEmpty { throw ExitCode(4) }
     }
 }
@@ -109,13 +114,9 @@ struct DiffCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "diff",
         abstract: "Show the differences between two snapshots.",
-        discussion: """
-            Lists entries added (+), removed (-), modified (M: content or type) and changed in
-            metadata only (U) from SNAPSHOT1 to SNAPSHOT2. --json prints one object as
-            `status --json` does.
-
-            \(exitCodeTable)
-            """)
+        discussion: discussion(
+            "Lists entries added (+), removed (-), modified (M: content or type) and changed in metadata only (U) from SNAPSHOT1 to SNAPSHOT2, then how many files SNAPSHOT2 has new or changed and their size. --json prints one object as `status --json` does."
+        ))
 
     @OptionGroup var repository: RepositoryOptions
 
@@ -132,7 +133,7 @@ struct DiffCommand: ParsableCommand {
         let repo = try repository.open()
         let a = try repo.findSnapshot(snapshot1)
         let b = try repo.findSnapshot(snapshot2)
-        printChanges(try repo.diff(a, b), json: json)
+        printChanges(try repo.diff(a, b), json: json, betweenSnapshots: true)
     }
 }
 
@@ -140,20 +141,13 @@ struct WatchCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "watch",
         abstract: "Check PATHs for changes periodically and offer to sync them.",
-        discussion: """
-            Every DURATION (default 24h) compares PATHs with their last snapshot. When
-            something changed it prints a summary and, on a terminal, asks
-            "Sync N changed files (SIZE) now? [y/N]". On y, or with --yes, it takes a new
-            snapshot in which only changed files are read (unchanged ones are reused from the
-            previous snapshot, so the new snapshot is complete). Without a terminal and without
-            --yes it only reports. Nothing changed: no snapshot. --once checks once and exits.
-
-            \(exitCodeTable)
-            """)
+        discussion: discussion(
+            "Every DURATION (--every, 24h by default) it compares PATHs with their last snapshot. When something changed it prints a summary and, on a terminal, asks \"Sync N changed files (SIZE) now? [y/N]\". On y, or with --yes, it takes a new snapshot in which only changed files are read (unchanged ones are reused from the previous snapshot, so the new snapshot is complete). Without a terminal and without --yes it only reports. Nothing changed: no snapshot. --once checks once and exits."
+        ))
 
     @OptionGroup var repository: RepositoryOptions
 
-    @Option(name: .long, help: "Time between checks: 90s, 15m, 24h, 7d (default 24h).")
+    @Option(name: .long, help: ArgumentHelp("Time between checks: 90s, 15m, 24h or 7d.", valueName: "duration"))
     var every: String = "24h"
 
     @Flag(name: .long, help: "Check once, then exit.")

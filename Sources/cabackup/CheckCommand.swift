@@ -5,15 +5,9 @@ struct CheckCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "check",
         abstract: "Check the repository for damage.",
-        discussion: """
-            Checks that every pack header parses and is indexed, every snapshot record is intact,
-            and every tree of every snapshot loads and names only stored blobs. --read-data also
-            reads every pack: its SHA-256 must match its name and every blob must decompress to
-            its id; --read-data-subset N% reads that share of the packs. Each problem names the
-            snapshots and paths it affects. Exit code 1 when anything is wrong.
-
-            \(exitCodeTable)
-            """)
+        discussion: discussion(
+            "Checks that every pack header parses and is indexed, every snapshot record is intact, and every tree of every snapshot loads and names only stored blobs. --read-data also reads every pack: its SHA-256 must match its name and every blob must decompress to its id; --read-data-subset N% reads that share of the packs. Each problem names the snapshots and paths it affects. Exit code 1 when anything is wrong."
+        ))
 
     @OptionGroup var repository: RepositoryOptions
 

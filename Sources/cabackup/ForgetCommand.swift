@@ -6,30 +6,12 @@ struct ForgetCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "forget",
         abstract: "Remove snapshots, by id or by a keep policy; --prune also frees their data.",
-        discussion: """
-            Either name SNAPSHOTs, or give a policy (restic's). Snapshots are first
-            grouped by --group-by (host and path set unless told otherwise); the policy
-            applies to each group on its own, and a snapshot any rule keeps is kept.
-              --keep-last N       the newest N
-              --keep-hourly N     the newest of each of the last N hours that have
-                                  snapshots (local time); likewise --keep-daily,
-                                  --keep-weekly (ISO weeks), --keep-monthly and
-                                  --keep-yearly. 'unlimited': every bucket. A rule
-                                  with buckets left over also keeps the oldest.
-              --keep-within D     all made less than D (e.g. 1y5m7d2h: years,
-                                  months, days, hours) before the group's newest
-                                  snapshot; snapshots dated in the future are kept
-                                  and never count as the newest
-              --keep-tag a,b      all that have both tags a and b (repeatable: any
-                                  of the lists); '' keeps untagged snapshots
-            Each kept snapshot is listed with the rules that keep it, under its group
-            when there are several. If a group would lose all its snapshots, forget
-            fails and removes nothing: forget those by id. Forgetting removes only the
-            snapshot record; --prune (or `cabackup prune`) then removes the data nothing
-            else uses. --dry-run shows what would happen and changes nothing.
-
-            \(exitCodeTable)
-            """)
+        discussion: discussion(
+            "Either name SNAPSHOTs, or give a policy (restic's). Snapshots are first grouped by --group-by (host and path set unless told otherwise); the policy applies to each group on its own, and a snapshot any rule keeps is kept.",
+            "--keep-hourly N keeps the newest snapshot of each of the last N hours that have snapshots (local time); likewise --keep-daily, --keep-weekly (ISO weeks), --keep-monthly and --keep-yearly. 'unlimited' keeps one of every bucket. A rule with buckets left over also keeps the oldest snapshot.",
+            "--keep-within D keeps all made less than D (e.g. 1y5m7d2h: years, months, days, hours) before the group's newest snapshot; snapshots dated in the future are kept and never count as the newest. --keep-tag a,b keeps all that have both tags a and b (repeatable: any of the lists); '' keeps untagged snapshots.",
+            "Each kept snapshot is listed with the rules that keep it, under its group when there are several. If a group would lose all its snapshots, forget fails and removes nothing: forget those by id. Forgetting removes only the snapshot record; --prune (or `cabackup prune`) then removes the data nothing else uses. --dry-run shows what would happen and changes nothing."
+        ))
 
     @OptionGroup var repository: RepositoryOptions
     @OptionGroup var filters: FilterOptions
@@ -175,14 +157,9 @@ struct PruneCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "prune",
         abstract: "Remove data no snapshot uses, repacking mostly-empty packs.",
-        discussion: """
-            Walks every snapshot, deletes packs nothing uses, and copies the used blobs out of
-            packs that are mostly unused (verifying each) before deleting them. New packs are
-            durable before old ones go, so an interruption loses nothing. Prune cannot run
-            while a snapshot runs (exit code 11), and a snapshot cannot start while prune runs.
-
-            \(exitCodeTable)
-            """)
+        discussion: discussion(
+            "Walks every snapshot, deletes packs nothing uses, and copies the used blobs out of packs that are mostly unused (verifying each) before deleting them. New packs are durable before old ones go, so an interruption loses nothing. Prune cannot run while a snapshot runs (exit code 11), and a snapshot cannot start while prune runs."
+        ))
 
     @OptionGroup var repository: RepositoryOptions
 

@@ -7,7 +7,10 @@ import CABackup
 
 struct InitCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
-        commandName: "init", abstract: "Create a new repository.", discussion: exitCodeTable)
+        commandName: "init", abstract: "Create a new repository.",
+        discussion: discussion(
+            "--repo is a new or empty local directory, or http(s)://NAME@HOST[:PORT][/PREFIX] for the space of an account on a cabackup server (see register). A local path with a colon in its first component is written ./name:x or absolute: a name like s3:… is taken for a storage cabackup does not have."
+        ))
 
     @OptionGroup var repository: RepositoryOptions
 
@@ -36,7 +39,7 @@ struct InitCommand: ParsableCommand {
     func run() throws {
         let path = try repository.path()
         let location = RemoteLocation.isRemote(path) ? path : absolutePath(path)
-        try Repository.checkCanInitialize(path: location)
+        try Repository.checkCanInitialize(path: path)
         let password = noEncryption ? nil : try repository.password.readNew(for: location)
         var chunker: ChunkerParameters?
         if let fromRepo {
@@ -69,7 +72,8 @@ struct RepairCommand: ParsableCommand {
 
 struct RepairIndexCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
-        commandName: "index", abstract: "Rebuild the SQLite index from the pack headers and snapshot records.")
+        commandName: "index", abstract: "Rebuild the SQLite index from the pack headers and snapshot records.",
+        discussion: discussion())
 
     @OptionGroup var repository: RepositoryOptions
 
@@ -85,12 +89,9 @@ struct TrustCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "trust",
         abstract: "Accept a repository's new config after re-creating the repository at the same location.",
-        discussion: """
-            Each device remembers the config of every repository it opens and refuses one that \
-            changed (a storage that serves another config may be hostile). When you re-created \
-            the repository yourself, this opens it with its password, checks the new config as any \
-            open does, and remembers it.
-            """)
+        discussion: discussion(
+            "Each device remembers the config of every repository it opens and refuses one that changed (a storage that serves another config may be hostile). When you re-created the repository yourself, this opens it with its password, checks the new config as any open does, and remembers it."
+        ))
 
     @OptionGroup var repository: RepositoryOptions
 

@@ -27,7 +27,7 @@ struct NewPasswordOptions: ParsableArguments {
 struct KeyListCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "list", abstract: "List the key slots; * marks the one the password opened.",
-        discussion: exitCodeTable)
+        discussion: discussion())
 
     @OptionGroup var repository: RepositoryOptions
 
@@ -47,7 +47,7 @@ struct KeyListCommand: ParsableCommand {
 
 struct KeyAddCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
-        commandName: "add", abstract: "Add a key slot with a new password.", discussion: exitCodeTable)
+        commandName: "add", abstract: "Add a key slot with a new password.", discussion: discussion())
 
     @OptionGroup var repository: RepositoryOptions
     @OptionGroup var newPassword: NewPasswordOptions
@@ -62,7 +62,7 @@ struct KeyAddCommand: ParsableCommand {
 struct KeyRemoveCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "remove", abstract: "Remove a key slot (not the one the password opened).",
-        discussion: exitCodeTable)
+        discussion: discussion())
 
     @OptionGroup var repository: RepositoryOptions
     @Argument(help: "The key slot's id (8 or more hex digits, see 'key list').")
@@ -78,7 +78,7 @@ struct KeyRemoveCommand: ParsableCommand {
 struct KeyPasswdCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "passwd", abstract: "Change the password: replace the key slot the password opened.",
-        discussion: exitCodeTable)
+        discussion: discussion())
 
     @OptionGroup var repository: RepositoryOptions
     @OptionGroup var newPassword: NewPasswordOptions

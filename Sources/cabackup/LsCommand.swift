@@ -5,12 +5,9 @@ struct LsCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "ls",
         abstract: "List the entries of a snapshot.",
-        discussion: """
-            SNAPSHOT is a full id, a unique prefix of at least 8 hex digits, or `latest`.
-            Names that are not UTF-8 are printed with \\xNN escapes; --json adds path_b64.
-
-            \(exitCodeTable)
-            """)
+        discussion: discussion(
+            "SNAPSHOT is a full id, a unique prefix of at least 8 hex digits, or `latest`. Names that are not UTF-8 are printed with \\xNN escapes; --json adds path_b64."
+        ))
 
     @OptionGroup var repository: RepositoryOptions
     @OptionGroup var filters: FilterOptions
@@ -55,9 +52,10 @@ struct LsCommand: ParsableCommand {
             } else if long {
                 let target = n.type == .symlink ? " -> " + displayPath(n.linkTarget) : ""
                 let time = formatRFC3339(ns: n.mtimeNs).replacingOccurrences(of: "T", with: " ").prefix(19)
-                print(
-                    "\(modeString(n)) \(n.uid)/\(n.gid) \(String(n.size).leftPad(12)) \(time) \(e.displayPath)\(target)"
-                )
+                // 11 columns hold uid/gid up to 5 digits each (65534/65534 is nobody), so the
+                // columns after it line up.
+                let owner = "\(n.uid)/\(n.gid)".rightPad(11)
+                print("\(modeString(n)) \(owner) \(String(n.size).leftPad(12)) \(time) \(e.displayPath)\(target)")
             } else {
                 print(e.displayPath)
             }
@@ -88,5 +86,9 @@ func modeString(_ n: Node) -> String {
 extension String {
     func leftPad(_ width: Int) -> String {
         count >= width ? self : String(repeating: " ", count: width - count) + self
+    }
+
+    func rightPad(_ width: Int) -> String {
+        count >= width ? self : self + String(repeating: " ", count: width - count)
     }
 }

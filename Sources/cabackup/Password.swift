@@ -27,13 +27,17 @@ struct PasswordSource {
         return p
     }
 
-    /// A new password: asked twice on a terminal.
+    /// A new password: asked twice on a terminal, and refused at once when too short.
     func readNew(for location: String) throws -> String {
-        if let p = try given() { return p }
+        if let p = try given() {
+            try checkNewPassword(p)
+            return p
+        }
         guard let first = promptNoEcho("enter new password: ") else {
             throw ValidationError(
                 "a new password is needed: set \(environmentVariable), pass a password file, or run on a terminal")
         }
+        try checkNewPassword(first)
         guard let second = promptNoEcho("enter the new password again: "), second == first else {
             throw ValidationError("the passwords do not match: nothing was changed")
         }

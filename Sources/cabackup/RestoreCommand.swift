@@ -5,13 +5,9 @@ struct RestoreCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "restore",
         abstract: "Restore a snapshot below a target directory.",
-        discussion: """
-            The snapshot's absolute paths are recreated below DIR: /home/a/docs becomes
-            DIR/home/a/docs. Every chunk is verified against its hash; a file that cannot be
-            restored intact is removed and reported, and the exit code is 1.
-
-            \(exitCodeTable)
-            """)
+        discussion: discussion(
+            "The snapshot's absolute paths are recreated below the target: /home/a/docs becomes TARGET/home/a/docs. Every chunk is verified against its hash; a file that cannot be restored intact is removed and reported, and the exit code is 1."
+        ))
 
     @OptionGroup var repository: RepositoryOptions
     @OptionGroup var filters: FilterOptions
@@ -47,8 +43,9 @@ struct RestoreCommand: ParsableCommand {
         }
         line.clear()
         for f in result.failures { printError("error: \(f)") }
+        let links = result.hardLinksRestored > 0 ? " (\(result.hardLinksRestored) as hard links)" : ""
         print(
-            "restored \(result.filesRestored) files, \(result.directoriesRestored) directories, "
+            "restored \(result.filesRestored) files\(links), \(result.directoriesRestored) directories, "
                 + "\(formatBytes(result.bytesWritten)) from snapshot \(snap.id.shortHex) to \(absolutePath(target))")
         if !result.failures.isEmpty {
             printError("cabackup: \(result.failures.count) entries could not be restored")

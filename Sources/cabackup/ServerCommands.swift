@@ -10,11 +10,9 @@ import Foundation
 struct ServerCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "server", abstract: "Run the private-data-space server.",
-        discussion: """
-            Hosts one encrypted repository (a private data space) per registered user in DIR.
-            Devices register and log in with 'cabackup register' and 'cabackup login', then use
-            --repo http://NAME@HOST:PORT. The API is documented in docs/http-api.md.
-            """)
+        discussion: discussion(
+            "Hosts one encrypted repository (a private data space) per registered user in the --data directory. Devices register and log in with 'cabackup register' and 'cabackup login', then use --repo http://NAME@HOST:PORT. The API is documented in docs/http-api.md."
+        ))
 
     @Option(name: .long, help: "Address and port to listen on (port 0: any free port).")
     var listen = "127.0.0.1:8443"
@@ -112,12 +110,22 @@ struct AccountOptions: ParsableArguments {
 struct RegisterCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "register", abstract: "Create an account (and its empty private data space) on a server.",
-        discussion: exitCodeTable)
+        discussion: discussion())
 
     @OptionGroup var account: AccountOptions
     @Option(name: .long, help: "The account's e-mail address.")
     var email: String
     @OptionGroup var password: AccountPasswordOptions
+
+    /// The name's form before the password is asked for; whether it is taken only the
+    /// registration itself can tell (see `RemoteAccount.register`).
+    func validate() throws {
+        do {
+            try RemoteAccount.checkUserName(account.user)
+        } catch let error as CABackupError {
+            throw ValidationError("\(error)")
+        }
+    }
 
     func run() throws {
         try warnIfClear(account.server)
@@ -138,7 +146,7 @@ struct RegisterCommand: ParsableCommand {
 struct LoginCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "login", abstract: "Log this device in to an account; the token is kept in ~/.config/cabackup.",
-        discussion: exitCodeTable)
+        discussion: discussion())
 
     @OptionGroup var account: AccountOptions
     @OptionGroup var password: AccountPasswordOptions
@@ -180,13 +188,9 @@ struct RebindCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "rebind",
         abstract: "Bind the account's login to this server address (after a server upgrade or an address change).",
-        discussion: """
-            Login secrets are bound to the server's address as the user gives it \
-            (scheme://host:port). Accounts made before that, and accounts whose server moved to \
-            a new address, log in from new devices only after this runs once on a device still \
-            logged in, with the account password and a token without --append-only.
-
-            """ + exitCodeTable)
+        discussion: discussion(
+            "Login secrets are bound to the server's address as the user gives it (scheme://host:port). Accounts made before that, and accounts whose server moved to a new address, log in from new devices only after this runs once on a device still logged in, with the account password and a token without --append-only."
+        ))
 
     @OptionGroup var account: AccountOptions
     @OptionGroup var password: AccountPasswordOptions
@@ -211,7 +215,7 @@ func warnIfClear(_ server: String) throws {
 
 struct LogoutCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
-        commandName: "logout", abstract: "Revoke this device's token and forget it.", discussion: exitCodeTable)
+        commandName: "logout", abstract: "Revoke this device's token and forget it.", discussion: discussion())
 
     @OptionGroup var account: AccountOptions
 
@@ -224,7 +228,7 @@ struct LogoutCommand: ParsableCommand {
 struct DevicesCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "devices", abstract: "List the devices logged in to an account, or revoke one.",
-        discussion: exitCodeTable)
+        discussion: discussion())
 
     @OptionGroup var account: AccountOptions
     @Option(name: .long, help: "Revoke the device with this id (see the list).")

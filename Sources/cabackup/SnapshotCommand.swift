@@ -5,18 +5,10 @@ struct SnapshotCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "snapshot",
         abstract: "Back up files and directories into a new snapshot.",
-        discussion: """
-            Prints the snapshot id; the last line of output is `snapshot <id> saved`, or with
-            --json one JSON object with snapshot_id, files_total, bytes_total, bytes_added,
-            chunks_added, files_unchanged, bytes_unchanged and duration_s. Unreadable entries
-            below PATH are reported on stderr, skipped, and the snapshot is saved with exit code 3.
-
-            The latest snapshot of the same paths from the same host is the parent: files whose
-            size, mtime, ctime and inode are unchanged since then are not read again (--force
-            reads everything).
-
-            \(exitCodeTable)
-            """,
+        discussion: discussion(
+            "Prints the snapshot id; the last line of output is `snapshot <id> saved`, or with --json one JSON object with snapshot_id, files_total, bytes_total, bytes_added, chunks_added, files_unchanged, bytes_unchanged and duration_s. Unreadable entries below PATH are reported on stderr, skipped, and the snapshot is saved with exit code 3.",
+            "The latest snapshot of the same paths from the same host is the parent: files whose size, mtime, ctime and inode are unchanged since then are not read again (--force reads everything)."
+        ),
         aliases: ["backup"])
 
     @OptionGroup var repository: RepositoryOptions

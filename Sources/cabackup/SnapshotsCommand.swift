@@ -3,7 +3,7 @@ import CABackup
 
 struct SnapshotsCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
-        commandName: "snapshots", abstract: "List snapshots, oldest first.", discussion: exitCodeTable)
+        commandName: "snapshots", abstract: "List snapshots, oldest first.", discussion: discussion())
 
     @OptionGroup var repository: RepositoryOptions
     @OptionGroup var filters: FilterOptions

@@ -86,6 +86,30 @@ struct ChangeDetectionTests {
         #expect(paths(c, "metadata_only") == [src + "/chmod.txt"])
         let same = try cabackup("diff", "--repo", s.file("repo"), ids[1], "latest")
         #expect(same.lastLine.hasPrefix("0 added, 0 removed, 0 modified, 0 metadata-only"))
+        // Between two snapshots nothing is synced: the summary says what differs.
+        let text = try cabackup("diff", "--repo", s.file("repo"), ids[0], ids[1])
+        #expect(text.lastLine == "2 added, 1 removed, 1 modified, 1 metadata-only; 2 files new or changed (15 B)")
+        #expect(!text.stdout.contains("to sync"))
+    }
+
+    @Test("status without an earlier snapshot of the paths says why everything is added")
+    func statusWithoutParent() throws {
+        let s = Scratch()
+        _ = try setUp(s)
+        let other = s.file("other")
+        try FileManager.default.createDirectory(atPath: other, withIntermediateDirectories: true)
+        try Data("new\n".utf8).write(to: URL(fileURLWithPath: other + "/a.txt"))
+        let note = "no earlier snapshot of these paths from this host; everything would be stored"
+        let r = try cabackup("status", "--repo", s.file("repo"), other)
+        #expect(r.status == 0)
+        #expect(r.stdout.contains("+ \(other)/a.txt\n\(note)\n"), "\(r.stdout)")
+        #expect(r.lastLine.hasPrefix("2 added, 0 removed"))
+        let host = try cabackup("status", "--repo", s.file("repo"), "--host", "elsewhere", other)
+        #expect(host.stdout.contains("from host elsewhere; everything would be stored"))
+        // JSON stays one object (its null base says the same); a path with a parent has no note.
+        let json = try cabackup("status", "--repo", s.file("repo"), "--json", other)
+        #expect(jsonObject(json.stdout.trimmingCharacters(in: .newlines))?["base"] is NSNull)
+        #expect(!(try cabackup("status", "--repo", s.file("repo"), s.file("src")).stdout.contains(note)))
     }
 
     func snapshotCount(_ s: Scratch) throws -> Int {

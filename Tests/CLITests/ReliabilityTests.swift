@@ -477,7 +477,7 @@ struct ReliabilityTests {
         try FileManager.default.removeItem(atPath: repo + "/config")
         let missing = try cabackup("snapshot", "--repo", repo, src)
         #expect(missing.status == 10)
-        #expect(missing.stderr.contains("no repository"))
+        #expect(missing.stderr.contains("is not a cabackup repository"))
         #expect(!FileManager.default.fileExists(atPath: repo + "/config"))
     }
 }

@@ -252,7 +252,7 @@ extension Repository {
 public let minimumPasswordLength = 8
 
 /// Refuses passwords no one should use for a backup.
-func checkNewPassword(_ password: String) throws {
+public func checkNewPassword(_ password: String) throws {
     guard !password.isEmpty else { throw CABackupError.invalidArgument("the password is empty: choose a password") }
     guard password.count >= minimumPasswordLength else {
         throw CABackupError.invalidArgument(

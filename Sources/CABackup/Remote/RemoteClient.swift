@@ -108,10 +108,15 @@ final class RemoteClient: Sendable {
         throw Self.error(status: status, body: Array(received.readableBytesView), server: server, user: user)
     }
 
+    /// The server's reason in an error answer (`{"error": "…"}`), else `HTTP <status>`.
+    static func message(status: Int, body: [UInt8]) -> String {
+        struct Message: Decodable { let error: String }
+        return (try? JSONDecoder().decode(Message.self, from: Data(body)))?.error ?? "HTTP \(status)"
+    }
+
     /// The one-line error for a status the caller did not expect.
     static func error(status: Int, body: [UInt8], server: String, user: String) -> CABackupError {
-        struct Message: Decodable { let error: String }
-        let message = (try? JSONDecoder().decode(Message.self, from: Data(body)))?.error ?? "HTTP \(status)"
+        let message = Self.message(status: status, body: body)
         switch status {
         case 401:
             return .notLoggedIn(
@@ -135,13 +140,36 @@ final class RemoteClient: Sendable {
     }
 }
 
+/// A transport error in a few words, to stand in parentheses: a system error by its
+/// errno text alone (NIO's own description has an unmatched parenthesis), anything else
+/// cut to 120 characters with unbalanced parentheses removed.
 private func describe(_ error: any Error) -> String {
+    if let io = error as? IOError { return errnoDescription(io.errnoCode) }
     let s = "\(error)"
     if s.contains("CERTIFICATE_VERIFY_FAILED") || s.contains("handshakeFailed") {
         return
             "TLS handshake failed: the server's certificate is not trusted; for a self-signed one pass --cacert FILE or set CABACKUP_CACERT"
     }
-    return s.count > 120 ? String(s.prefix(120)) + "…" : s
+    if let e = error as? HTTPClientError {
+        switch e {
+        case .connectTimeout: return "connecting timed out"
+        case .readTimeout: return "the server stopped answering"
+        case .remoteConnectionClosed: return "the server closed the connection"
+        default: break
+        }
+    }
+    var text = s.count > 120 ? String(s.prefix(120)) + "…" : s
+    // Drop each ')' that closes nothing, then each '(' left open.
+    var open: [String.Index] = []
+    var unmatched: [String.Index] = []
+    for i in text.indices {
+        if text[i] == "(" { open.append(i) }
+        if text[i] == ")" {
+            if open.popLast() == nil { unmatched.append(i) }
+        }
+    }
+    for i in (unmatched + open).sorted(by: >) { text.remove(at: i) }
+    return text
 }
 
 /// What `cabackup devices` shows about one login.
@@ -229,15 +257,22 @@ public enum RemoteAccount {
         }
     }
 
-    /// Creates an account and its empty private data space.
-    public static func register(
-        server: String, user: String, email: String, password: String, caCertificate: String? = nil
-    ) throws {
-        let location = try RemoteLocation(parsing: server, requireUser: false)
+    /// Refuses a name no account can have, so a tool can say so before asking for a password.
+    public static func checkUserName(_ user: String) throws {
         guard isValidUserName(user) else {
             throw CABackupError.invalidArgument(
                 "'\(user)' is not a valid account name: use 1-64 characters a-z 0-9 . _ -")
         }
+    }
+
+    /// Creates an account and its empty private data space. The server says whether the
+    /// name is taken only to a registration, which carries the login secret derived from
+    /// the password; so the name's form and the password are checked here first.
+    public static func register(
+        server: String, user: String, email: String, password: String, caCertificate: String? = nil
+    ) throws {
+        let location = try RemoteLocation(parsing: server, requireUser: false)
+        try checkUserName(user)
         try checkNewPassword(password)
         let client = try RemoteClient(
             server: location.serverURL, user: user, token: nil, caCertificate: caCertificate)
@@ -265,15 +300,17 @@ public enum RemoteAccount {
         let (secret, scheme) = try Self.secret(location, user: user, password: password, client: client)
         var fields: [String: Any] = ["user": user, "secret": secret, "device": device, "scheme": scheme]
         if appendOnly { fields["append_only"] = true }
-        let reply: RemoteClient.Reply
-        do {
-            reply = try client.call(
-                .POST, "/v1/login", headers: [("Content-Type", "application/json")],
-                body: Array(try JSONSerialization.data(withJSONObject: fields)))
-        } catch CABackupError.notLoggedIn(let m) where scheme == 2 {
+        let reply = try client.call(
+            .POST, "/v1/login", headers: [("Content-Type", "application/json")],
+            body: Array(try JSONSerialization.data(withJSONObject: fields)), accept: [200, 401])
+        if reply.status == 401 {
+            // Refused: this is the login, so the advice is not to log in again.
+            let rebind =
+                scheme == 2
+                ? "; an account made before logins were bound to the server's address (cabackup before format 3) logs in only after 'cabackup rebind --server \(location.serverURL) --user \(user)' on a device still logged in to it"
+                : ""
             throw CABackupError.notLoggedIn(
-                m
-                    + ". An account made before logins were bound to the server's address (cabackup before format 3) logs in only after 'cabackup rebind --server \(location.serverURL) --user \(user)' on a device still logged in to it"
+                "the server at \(location.serverURL) did not accept the login of '\(user)' (\(RemoteClient.message(status: 401, body: reply.body))): check the user name and the password\(rebind)"
             )
         }
         struct Token: Decodable { let token: String }

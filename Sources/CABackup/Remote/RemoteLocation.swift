@@ -33,8 +33,19 @@ public struct RemoteLocation: Sendable, Equatable, CustomStringConvertible {
         return !(h == "localhost" || h == "::1" || h.hasPrefix("127."))
     }
 
-    /// Whether `s` is meant as a server location (starts with `http://` or `https://`).
-    public static func isRemote(_ s: String) -> Bool { s.hasPrefix("http://") || s.hasPrefix("https://") }
+    /// Whether `s` is meant as a server location (its scheme is `http` or `https`).
+    public static func isRemote(_ s: String) -> Bool { scheme(of: s).map { $0 == "http" || $0 == "https" } ?? false }
+
+    /// The scheme `s` starts with, by restic's rule: `[a-z0-9]+:` followed by more
+    /// (`http://…`, `s3:…`, `sftp:host:/x`, `b2:bucket`); nil for a local path. A local
+    /// path with a colon in its first component is written `./name:x` or absolute.
+    public static func scheme(of s: String) -> Substring? {
+        guard let colon = s.firstIndex(of: ":"), colon > s.startIndex, s.index(after: colon) < s.endIndex else {
+            return nil
+        }
+        let scheme = s[..<colon]
+        return scheme.utf8.allSatisfy { ($0 >= 0x61 && $0 <= 0x7A) || ($0 >= 0x30 && $0 <= 0x39) } ? scheme : nil
+    }
 
     /// Parses `http(s)://NAME@HOST[:PORT][/PREFIX]`; `requireUser` is false for the
     /// `--server URL` of `register` and `login`, which name the user separately.

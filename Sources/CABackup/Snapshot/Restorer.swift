@@ -40,7 +40,11 @@ public struct RestoreFailure: Sendable, CustomStringConvertible {
 
 /// The outcome of a restore.
 public struct RestoreResult: Sendable {
+    /// Regular files restored, each name of a hard-linked file counted (as a snapshot's
+    /// `filesTotal` counts them).
     public var filesRestored: Int
+    /// Of those, names created as hard links to a file restored before.
+    public var hardLinksRestored: Int
     public var directoriesRestored: Int
     public var bytesWritten: Int64
     /// Entries that failed; a damaged file is removed rather than left with wrong bytes.
@@ -243,12 +247,17 @@ final class Restorer: @unchecked Sendable {
         queue.close()
         for t in threads { joinThread(t) }
 
+        var links = 0
         for link in deferredLinks {
             let rel = relative(link.path)
             let first = relative(link.first)
             if options.overwrite { _ = withCPath(rel) { unlinkat(targetFD.fd, $0, 0) } }
             let rc = withCPath(first) { f in withCPath(rel) { linkat(targetFD.fd, f, targetFD.fd, $0, 0) } }
-            if rc != 0 { fail(link.path, "cannot create hard link: \(errnoDescription(errno))") }
+            if rc != 0 {
+                fail(link.path, "cannot create hard link: \(errnoDescription(errno))")
+            } else {
+                links += 1
+            }
         }
         // Directory metadata last, deepest first, so writing into them was never blocked
         // by their final modes and their mtimes are not disturbed by their contents.
@@ -257,7 +266,8 @@ final class Restorer: @unchecked Sendable {
         }
         let s = shared.withLock { $0 }
         return RestoreResult(
-            filesRestored: s.files, directoriesRestored: directories.count, bytesWritten: s.bytes, failures: s.failures)
+            filesRestored: s.files + links, hardLinksRestored: links, directoriesRestored: directories.count,
+            bytesWritten: s.bytes, failures: s.failures)
     }
 
     private func relative(_ path: [UInt8]) -> [UInt8] { Array(path.dropFirst()) }

@@ -7,8 +7,12 @@
 /// Errors the engine reports to its callers. Each message is one line that says what is
 /// wrong and what to do about it; none contains a password or token.
 public enum CABackupError: Error, Sendable, CustomStringConvertible {
-    /// No repository at the given location.
+    /// No repository at the given location, and nothing else there either.
     case repositoryNotFound(String)
+    /// The location is a directory holding other files, but no repository config.
+    case notARepository(String)
+    /// A location of a form no storage of cabackup takes: `s3:…`, `sftp:…`, `rest:…`.
+    case unsupportedLocation(String)
     /// The location already holds a repository or other files.
     case repositoryExists(String)
     /// The repository config was written by a newer cabackup.
@@ -64,6 +68,12 @@ public enum CABackupError: Error, Sendable, CustomStringConvertible {
         switch self {
         case .repositoryNotFound(let p):
             return "no repository at \(p): create one with 'cabackup init --repo \(p)' or check --repo"
+        case .notARepository(let p):
+            return
+                "\(p) is not a cabackup repository (it holds other files but no repository config): check --repo, or give 'cabackup init' an empty or new directory"
+        case .unsupportedLocation(let s):
+            return
+                "'\(s)' is not a repository location cabackup can use (it has no '\(s.prefix { $0 != ":" }):' storage): give a local directory or http(s)://NAME@HOST[:PORT][/PREFIX]; write a local path with a colon as ./\(s) or absolute"
         case .repositoryExists(let p) where RemoteLocation.isRemote(p):
             return "the space at \(p) already holds a repository: use it as it is (it needs no init)"
         case .repositoryExists(let p):
