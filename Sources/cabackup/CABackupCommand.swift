@@ -48,8 +48,7 @@ struct CABackupCommand: AsyncParsableCommand {
 
     /// Parses, runs, and maps every error to its exit code in this one place.
     static func main() async {
-        signal(SIGINT) { _ in _exit(130) }
-        signal(SIGTERM) { _ in _exit(130) }
+        Interrupt.install()
         signal(SIGPIPE, SIG_IGN)
         do {
             var command = try parseAsRoot()

@@ -52,6 +52,7 @@ struct SnapshotCommand: ParsableCommand {
         let prefetch = TreePrefetch(
             paths: paths, excludes: excludes.exclude, caseInsensitiveExcludes: excludes.iexclude)
         let repo = try repository.open()
+        Interrupt.duringSnapshot()
         let line = ProgressLine()
         var options = SnapshotOptions(
             tags: tag, excludes: excludes.exclude, caseInsensitiveExcludes: excludes.iexclude, hostname: host,

@@ -271,6 +271,87 @@ struct ReliabilityTests {
         #expect(FileManager.default.contents(atPath: s.file("out") + src + "/r2.bin") == last)
     }
 
+    @Test("Ctrl-C says what was kept and removes its temporary files; a killed writer's go later, a live one's stay")
+    func interruptCleansUp() throws {
+        let s = Scratch()
+        let src = s.file("src")
+        try FileManager.default.createDirectory(atPath: src, withIntermediateDirectories: true)
+        // 40 MiB of new data (two packs stored, a third being filled), then 20 GiB of holes
+        // that take seconds to read and add nothing: the run is still going when it is stopped.
+        let bytes = try #require(FileHandle(forReadingAtPath: "/dev/urandom")?.readData(ofLength: 40 << 20))
+        try bytes.write(to: URL(fileURLWithPath: src + "/0.bin"))
+        _ = FileManager.default.createFile(atPath: src + "/1.bin", contents: nil)
+        #expect(truncate(src + "/1.bin", 20 << 30) == 0)
+        _ = try cabackup("init", "--repo", s.file("repo"))
+        let tmp = s.file("repo/tmp")
+        func tmpFiles() throws -> [String] { try FileManager.default.contentsOfDirectory(atPath: tmp).sorted() }
+        func packCount() throws -> Int {
+            try FileManager.default.subpathsOfDirectory(atPath: s.file("repo/data")).filter { $0.count == 67 }.count
+        }
+        // A killed writer's leftover, and the file of a writer still running (its lock held).
+        _ = FileManager.default.createFile(atPath: tmp + "/pack-1-1.tmp", contents: Data("stale".utf8))
+        let holder = Process()
+        holder.executableURL = URL(fileURLWithPath: "/usr/bin/env")
+        holder.arguments = [
+            "python3", "-c",
+            "import fcntl,sys,time; f=open(sys.argv[1],'w'); fcntl.flock(f, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(900)",
+            tmp + "/pack-2-2.tmp",
+        ]
+        let holderOut = Pipe()
+        holder.standardOutput = holderOut
+        holder.standardError = FileHandle.nullDevice
+        try holder.run()
+        // SIGKILL: a child started from a test thread may have SIGTERM blocked.
+        defer { kill(holder.processIdentifier, SIGKILL) }
+        _ = holderOut.fileHandleForReading.availableData  // "locked"
+
+        /// Starts a snapshot, and returns once it is filling a pack and has stored
+        /// `newPacks` (one writer thread stores them in turn: once the second is in
+        /// place, the first has been counted).
+        func startSnapshot(newPacks: Int) throws -> (Process, Pipe) {
+            let p = Process()
+            p.executableURL = URL(fileURLWithPath: cabackupBinary)
+            p.arguments = ["snapshot", "--repo", s.file("repo"), src]
+            p.environment = childEnvironment([:])
+            let err = Pipe()
+            p.standardError = err
+            p.standardOutput = FileHandle.nullDevice
+            let before = try packCount()
+            try p.run()
+            let deadline = Date().addingTimeInterval(120)
+            while Date() < deadline, p.isRunning {
+                let own = try tmpFiles().filter { $0.hasPrefix("pack-\(p.processIdentifier)-") }
+                if try !own.isEmpty && packCount() >= before + newPacks { break }
+                usleep(2000)
+            }
+            #expect(p.isRunning, "the snapshot finished before it could be interrupted")
+            return (p, err)
+        }
+
+        let (first, err) = try startSnapshot(newPacks: 2)
+        kill(first.processIdentifier, SIGINT)
+        first.waitUntilExit()
+        let message = String(decoding: err.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        #expect(first.terminationStatus == 130)
+        #expect(message.contains("cabackup: interrupted: nothing saved; "), "\(message)")
+        #expect(message.contains("already stored will be reused by the next snapshot"), "\(message)")
+        // Its own files are gone, the killed writer's leftover too; the live writer's stays.
+        #expect(try tmpFiles() == ["pack-2-2.tmp"])
+        #expect(try snapshotIDs(s).isEmpty)
+
+        // kill -9 leaves the file it was filling; the next snapshot removes it, reuses the packs.
+        let (second, _) = try startSnapshot(newPacks: 0)
+        kill(second.processIdentifier, SIGKILL)
+        second.waitUntilExit()
+        #expect(try tmpFiles().contains { $0.hasPrefix("pack-\(second.processIdentifier)-") })
+        try FileManager.default.removeItem(atPath: src + "/1.bin")
+        let last = try cabackup("snapshot", "--repo", s.file("repo"), src)
+        #expect(last.status == 0, "\(last.stderr)")
+        let left = try tmpFiles()
+        #expect(left == ["pack-2-2.tmp"], "\(left) holder running: \(holder.isRunning)")
+        #expect(try cabackup("check", "--repo", s.file("repo"), "--read-data").status == 0)
+    }
+
     @Test("forget --prune --dry-run predicts the real run's figures: deleted, repacked, written, freed, left unused")
     func pruneDryRunPredicts() throws {
         /// The numbers in the `prune:` line, in order.

@@ -164,12 +164,8 @@ extension Repository {
             try backend.remove(.pack, pack.hex)
             report.bytesFreed += size
         }
-        // No writer runs (we hold the lock exclusively): leftovers in tmp/ are from crashes.
-        for name in (try? readDirectory(Array(backend.temporaryDirectory.utf8))) ?? [] {
-            if unlink(backend.temporaryDirectory + "/" + String(decoding: name, as: UTF8.self)) == 0 {
-                report.temporaryFilesRemoved += 1
-            }
-        }
+        // Leftovers in tmp/ of writers that were killed (a live writer's are locked).
+        report.temporaryFilesRemoved = TemporaryFiles.removeStale(in: backend.temporaryDirectory)
         return report
     }
 }

@@ -6,6 +6,13 @@ import Synchronization
     import Darwin
 #endif
 
+/// Figures for the whole process, across savers and repositories.
+package enum ProcessCounters {
+    /// Bytes of packs this process stored: what an interrupted program says the next
+    /// run reuses.
+    package static let packBytesStored = Atomic<Int64>(0)
+}
+
 /// Stores new blobs: deduplicates them against the index and against blobs in flight,
 /// streams them into open packs (one for data, one for trees), and hands full packs to
 /// a writer thread that verifies, names, stores and indexes them.
@@ -76,6 +83,8 @@ final class BlobSaver: @unchecked Sendable {
 
     init(repository: Repository) {
         self.repo = repository
+        // What a killed writer left; a running one's files are locked and stay.
+        TemporaryFiles.removeStale(in: repository.backend.temporaryDirectory)
         writer = startThread { [self] in self.writerLoop() }
     }
 
@@ -215,16 +224,15 @@ final class BlobSaver: @unchecked Sendable {
     }
 
     private func openPack() throws -> OpenPack {
-        let path = repo.backend.temporaryDirectory + "/pack-\(getpid())-\(UInt64.random(in: 0...UInt64.max)).tmp"
         // Read and write: finish() may copy one partly filled pack into another.
-        let fd = open(path, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0o600)
-        if fd < 0 { throw ioError("create", path) }
+        let (fd, path) = try TemporaryFiles.create(in: repo.backend.temporaryDirectory, prefix: "pack")
         return OpenPack(fd: fd, path: path)
     }
 
     private func discard(_ pack: OpenPack) {
-        close(pack.fd)
         unlink(pack.path)
+        TemporaryFiles.forget(pack.path)
+        close(pack.fd)
     }
 
     /// Appends the header and trailer, after checking they parse back to exactly the
@@ -274,10 +282,12 @@ final class BlobSaver: @unchecked Sendable {
             return
         }
         try repo.backend.store(.pack, id.hex, fd: pack.fd, temporaryPath: pack.path)
+        TemporaryFiles.forget(pack.path)
         close(pack.fd)
         try repo.index.addPack(id, size: Int64(pack.size), entries: pack.entries)
         release(pack)
         bytesAdded.add(Int64(pack.size), ordering: .relaxed)
+        ProcessCounters.packBytesStored.add(Int64(pack.size), ordering: .relaxed)
         packsAdded.add(1, ordering: .relaxed)
     }
 

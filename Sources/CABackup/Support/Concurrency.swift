@@ -137,7 +137,7 @@ final class WaitGroup: @unchecked Sendable {
 
 /// Starts a POSIX thread running `body` (join it with ``joinThread(_:)``), with an
 /// 8 MiB stack.
-func startThread(_ body: @escaping @Sendable () -> Void) -> pthread_t {
+package func startThread(_ body: @escaping @Sendable () -> Void) -> pthread_t {
     final class Box: @unchecked Sendable {
         let body: @Sendable () -> Void
         init(_ body: @escaping @Sendable () -> Void) { self.body = body }
