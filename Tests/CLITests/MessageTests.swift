@@ -23,6 +23,17 @@ func section(_ header: String, of text: String) -> [String] {
 
 @Suite("help texts and messages say what is wrong and what to do", .serialized)
 struct MessageTests {
+    @Test("the README shows how to install shell completions and what a debug build costs; the command works")
+    func readmeCompletions() throws {
+        let readme = try String(contentsOfFile: packageRoot + "/README.md", encoding: .utf8)
+        #expect(readme.contains("cabackup --generate-completion-script bash"))
+        #expect(readme.contains("several seconds") && readme.contains("debug build"))
+        for shell in ["bash", "zsh", "fish"] {
+            let r = try cabackup("--generate-completion-script", shell)
+            #expect(r.status == 0 && r.stdout.contains("snapshot"), "\(shell): \(r.stderr)")
+        }
+    }
+
     @Test("every command is checked: the main help lists no command the list here lacks")
     func allCommandsListed() throws {
         let names = section("SUBCOMMANDS:", of: try help("", columns: 200)).compactMap {

@@ -93,7 +93,7 @@ package struct KeySlot: Codable {
     /// of one lane, and about 2.1 lane-times instead of 4 for the default p = 4 (2.5
     /// without AVX2; see ``scrypt(password:salt:n:r:p:length:threads:halfMemory:pairs:)``).
     static func derive(password: String, salt: [UInt8], _ kdf: KDFParameters) throws -> [UInt8] {
-        let twoAtOnce = kdf.p >= 2 && sysconf(Int32(_SC_NPROCESSORS_ONLN)) >= 2
+        let twoAtOnce = kdf.p >= 2 && usableCPUCount() >= 2
         return try scrypt(
             password: Array(password.utf8), salt: salt, n: kdf.n, r: kdf.r, p: kdf.p, length: 32,
             threads: twoAtOnce ? 2 : 1, halfMemory: twoAtOnce)

@@ -17,7 +17,8 @@ public struct SnapshotOptions: Sendable {
     public var caseInsensitiveExcludes: [String]
     /// The host name recorded; the machine's by default.
     public var hostname: String?
-    /// Worker threads that hash and compress; by default one per core.
+    /// Worker threads that hash and compress; by default one per CPU the process may use
+    /// (affinity mask and cgroup quota, see `usableCPUCount()`).
     public var workers: Int
     /// Read every file, even those unchanged since the parent snapshot.
     public var force: Bool
@@ -34,7 +35,7 @@ public struct SnapshotOptions: Sendable {
         self.caseInsensitiveExcludes = caseInsensitiveExcludes
         self.hostname = hostname
         self.force = force
-        self.workers = workers ?? max(1, Int(sysconf(Int32(_SC_NPROCESSORS_ONLN))))
+        self.workers = workers ?? usableCPUCount()
     }
 }
 

@@ -19,7 +19,7 @@ public struct RestoreOptions: Sendable {
     public init(includes: [String] = [], overwrite: Bool = false, workers: Int? = nil) {
         self.includes = includes
         self.overwrite = overwrite
-        self.workers = workers ?? max(1, Int(sysconf(Int32(_SC_NPROCESSORS_ONLN))))
+        self.workers = workers ?? usableCPUCount()
     }
 }
 

@@ -297,3 +297,84 @@ func monotonicNanoseconds() -> UInt64 {
     clock_gettime(CLOCK_MONOTONIC, &ts)
     return UInt64(ts.tv_sec) &* 1_000_000_000 &+ UInt64(ts.tv_nsec)
 }
+
+/// The number of CPUs this process may use, for sizing worker pools: the online CPUs,
+/// limited by the affinity mask (`taskset`, cpusets) and by the cgroup CPU quota
+/// (`cpu.max` in cgroup v2, `cpu.cfs_quota_us` in v1, on the process's cgroup and its
+/// ancestors), rounded up; at least 1. A container limited to 2 CPUs on a 64-core host
+/// gets 2 workers, not 64.
+package func usableCPUCount() -> Int {
+    var count = max(1, Int(sysconf(Int32(_SC_NPROCESSORS_ONLN))))
+    #if os(Linux)
+        // The calling thread's affinity mask, as the kernel lists it (Glibc's module does
+        // not export sched_getaffinity).
+        if let status = try? readSmallFile("/proc/thread-self/status", limit: 1 << 20) {
+            for line in String(decoding: status, as: UTF8.self).split(separator: "\n")
+            where line.hasPrefix("Cpus_allowed_list:") {
+                if let n = parseCPUList(String(line.dropFirst("Cpus_allowed_list:".count))), n > 0 {
+                    count = min(count, n)
+                }
+            }
+        }
+        if let quota = cgroupCPULimit() { count = min(count, quota) }
+    #endif
+    return max(1, count)
+}
+
+/// The smallest CPU quota, in whole CPUs rounded up, on the cgroup of this process and its
+/// ancestors; `nil` when none is set or the files cannot be read.
+func cgroupCPULimit() -> Int? {
+    guard let text = try? readSmallFile("/proc/self/cgroup", limit: 64 << 10) else { return nil }
+    var limit: Int?
+    func consider(_ cpus: Int?) {
+        if let cpus { limit = min(limit ?? cpus, cpus) }
+    }
+    for line in String(decoding: text, as: UTF8.self).split(separator: "\n") {
+        // "hierarchy-ID:controllers:path"; v2 is "0::/path", v1 lists "cpu" among controllers.
+        let fields = line.split(separator: ":", maxSplits: 2, omittingEmptySubsequences: false)
+        guard fields.count == 3 else { continue }
+        let controllers = fields[1].split(separator: ",")
+        let isV2 = fields[0] == "0" && fields[1].isEmpty
+        guard isV2 || controllers.contains("cpu") else { continue }
+        var path = String(fields[2])
+        while true {
+            let dir = isV2 ? "/sys/fs/cgroup" + path : "/sys/fs/cgroup/cpu" + path
+            if isV2 {
+                if let s = try? readSmallFile(dir + "/cpu.max", limit: 256) {
+                    consider(parseCPUMax(String(decoding: s, as: UTF8.self)))
+                }
+            } else if let q = try? readSmallFile(dir + "/cpu.cfs_quota_us", limit: 256),
+                let p = try? readSmallFile(dir + "/cpu.cfs_period_us", limit: 256)
+            {
+                consider(parseCPUMax(String(decoding: q, as: UTF8.self) + " " + String(decoding: p, as: UTF8.self)))
+            }
+            if path == "/" || path.isEmpty { break }
+            path = String(path[..<(path.lastIndex(of: "/") ?? path.startIndex)])
+            if path.isEmpty { path = "/" }
+        }
+    }
+    return limit
+}
+
+/// The number of CPUs in a kernel CPU list such as "0-3,8,10-11"; `nil` when malformed.
+func parseCPUList(_ text: String) -> Int? {
+    var count = 0
+    for part in text.split(separator: ",") {
+        let bounds = part.filter { !$0.isWhitespace }.split(separator: "-", omittingEmptySubsequences: false)
+        guard let low = bounds.first.flatMap({ Int($0) }), bounds.count <= 2 else { return nil }
+        let high = bounds.count == 2 ? Int(bounds[1]) : low
+        guard let high, high >= low else { return nil }
+        count += high - low + 1
+    }
+    return count > 0 ? count : nil
+}
+
+/// Whole CPUs (rounded up) from a quota and a period, as `cpu.max` writes them
+/// ("200000 100000"); `nil` for no limit ("max 100000", a negative v1 quota) or garbage.
+func parseCPUMax(_ text: String) -> Int? {
+    let parts = text.split(whereSeparator: { $0 == " " || $0 == "\n" })
+    guard parts.count >= 2, let quota = Int64(parts[0]), let period = Int64(parts[1]), quota > 0, period > 0 else {
+        return nil
+    }
+    return Int(min((quota + period - 1) / period, 1 << 20))
+}
