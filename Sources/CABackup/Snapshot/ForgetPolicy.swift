@@ -246,6 +246,8 @@ public struct ForgetPlan: Sendable {
     /// Applies `policy` to each group of `snapshots`.
     ///
     /// - Parameters:
+    ///   - snapshots: the snapshots to plan for, in any order.
+    ///   - policy: the keep rules.
     ///   - groupBy: what snapshots must share to be in one group.
     ///   - now: the current time in nanoseconds since 1970: a snapshot dated after it is
     ///     never the newest that ``ForgetPolicy/within`` counts back from.

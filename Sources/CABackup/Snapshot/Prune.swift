@@ -36,7 +36,7 @@ extension Repository {
         ForgetPlan(try snapshots(matching: filter), policy: policy, groupBy: groupBy, now: wallClockNs())
     }
 
-    /// Removes snapshot records (their data stays until ``prune(dryRun:repackBelow:)``).
+    /// Removes snapshot records (their data stays until ``prune(dryRun:repackBelow:assumingForgotten:)``).
     public func forget(_ snapshots: [Snapshot]) throws {
         guard !snapshots.isEmpty else { return }
         try backend.checkCanDelete()

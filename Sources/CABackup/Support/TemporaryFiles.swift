@@ -12,7 +12,7 @@ import Synchronization
 /// Each file is created exclusively and holds an exclusive `flock` for as long as its
 /// writer has it open. A process that finds a `*.tmp` file whose lock it can take knows
 /// the writer is gone (the kernel drops a dead process's locks, `kill -9` included), so
-/// ``removeStale(in:)`` deletes exactly the leftovers and never the file of a snapshot
+/// `removeStale(in:)` deletes exactly the leftovers and never the file of a snapshot
 /// still running beside it. On an interrupt the program calls ``removeAll()`` to delete
 /// its own files on the way out.
 public enum TemporaryFiles {
