@@ -82,7 +82,7 @@ public enum PackFormat {
     /// The header and trailer for blobs stored back to back in `entries` order; sealed
     /// when `aead` is given.
     static func encodeHeader(_ entries: [PackEntry], aead: AESGCM? = nil) -> [UInt8] {
-        var w = ByteWriter(capacity: headerFixedSize + entries.count * entrySize + AESGCM.overhead + trailerSize)
+        var w = ByteWriter(capacity: encodedHeaderSize(count: entries.count, sealed: aead != nil))
         w.u8(version)
         w.u8(aead == nil ? 0 : flagSealed)
         w.u32(UInt32(entries.count))
