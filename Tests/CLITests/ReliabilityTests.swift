@@ -276,12 +276,13 @@ struct ReliabilityTests {
         let s = Scratch()
         let src = s.file("src")
         try FileManager.default.createDirectory(atPath: src, withIntermediateDirectories: true)
-        // 40 MiB of new data (two packs stored, a third being filled), then 20 GiB of holes
-        // that take seconds to read and add nothing: the run is still going when it is stopped.
-        let bytes = try #require(FileHandle(forReadingAtPath: "/dev/urandom")?.readData(ofLength: 40 << 20))
+        // 80 MiB of new data (at least two packs stored: each worker fills its own pack, so
+        // up to 32 MiB may stay open), then 1 TiB of holes that take minutes to read and add
+        // nothing: the run is still going when it is stopped, however the chunks fall.
+        let bytes = try #require(FileHandle(forReadingAtPath: "/dev/urandom")?.readData(ofLength: 80 << 20))
         try bytes.write(to: URL(fileURLWithPath: src + "/0.bin"))
         _ = FileManager.default.createFile(atPath: src + "/1.bin", contents: nil)
-        #expect(truncate(src + "/1.bin", 20 << 30) == 0)
+        #expect(truncate(src + "/1.bin", 1 << 40) == 0)
         _ = try cabackup("init", "--repo", s.file("repo"))
         let tmp = s.file("repo/tmp")
         func tmpFiles() throws -> [String] { try FileManager.default.contentsOfDirectory(atPath: tmp).sorted() }
@@ -329,6 +330,7 @@ struct ReliabilityTests {
         }
 
         let (first, err) = try startSnapshot(newPacks: 2)
+        defer { kill(first.processIdentifier, SIGKILL) }
         kill(first.processIdentifier, SIGINT)
         first.waitUntilExit()
         let message = String(decoding: err.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
@@ -341,6 +343,7 @@ struct ReliabilityTests {
 
         // kill -9 leaves the file it was filling; the next snapshot removes it, reuses the packs.
         let (second, _) = try startSnapshot(newPacks: 0)
+        defer { kill(second.processIdentifier, SIGKILL) }
         kill(second.processIdentifier, SIGKILL)
         second.waitUntilExit()
         #expect(try tmpFiles().contains { $0.hasPrefix("pack-\(second.processIdentifier)-") })
