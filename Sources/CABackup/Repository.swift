@@ -36,10 +36,10 @@ public struct SnapshotFilter: Sendable {
 public final class Repository: @unchecked Sendable {
     // Safe: all stored properties but `currentKeyID` and `treeLoaders` are immutable;
     // `currentKeyID` changes only in `changePassword`, which like every call runs on one
-    // thread at a time, `treeLoaders` only behind its lock; the index and backend lock
+    // thread at a time, `treeLoaders` only behind its lock; the index and storage lock
     // themselves.
     /// Where the files live.
-    public let backend: any Backend
+    public let storage: any Storage
     /// The config read at open.
     public let config: RepositoryConfig
     let index: RepositoryIndex
@@ -58,9 +58,9 @@ public final class Repository: @unchecked Sendable {
     private let treeLoaderLock = Condition()
 
     private init(
-        backend: any Backend, config: RepositoryConfig, keys: RepositoryKeys?, keyID: String?, indexPath: String
+        storage: any Storage, config: RepositoryConfig, keys: RepositoryKeys?, keyID: String?, indexPath: String
     ) throws {
-        self.backend = backend
+        self.storage = storage
         self.config = config
         self.keys = keys
         self.currentKeyID = keyID
@@ -90,80 +90,80 @@ public final class Repository: @unchecked Sendable {
     )
         throws -> Repository
     {
-        let (backend, indexPath) = try storage(path, durable: durable)
+        let storage = try StorageRegistry.open(path, durable: durable)
+        return try initialize(storage: storage, password: password, chunker: chunker, kdf: kdf, durable: durable)
+    }
+
+    /// Creates a new repository in an empty storage (for a storage a program supplies;
+    /// ``initialize(path:password:chunker:kdf:durable:)`` opens one by location).
+    ///
+    /// - Parameters:
+    ///   - storage: where the files go; it must hold no repository.
+    ///   - password: the password of the first key slot; `nil` makes a plaintext
+    ///     repository, which only a storage with ``StorageCapabilities/localAndTrusted`` may hold.
+    ///   - chunker: chunking parameters (default: 512 KiB / 1 MiB / 8 MiB, fresh seed).
+    ///   - kdf: the scrypt cost of the first key slot.
+    ///   - durable: fsync what is written locally (the index, this device's records).
+    @discardableResult
+    public static func initialize(
+        storage: any Storage, password: String?, chunker: ChunkerParameters? = nil, kdf: KDFParameters = .default,
+        durable: Bool = true
+    )
+        throws -> Repository
+    {
         if let chunker { try chunker.validate() }
         if let password { try checkNewPassword(password) }
-        if !backend.isLocalAndTrusted && password == nil {
+        if !storage.capabilities.contains(.localAndTrusted) && password == nil {
             throw CABackupError.invalidArgument(
-                "a repository on \(backend.location) is always encrypted (only a local directory may hold a plaintext one): drop --no-encryption (give a password)"
+                "a repository on \(storage.location) is always encrypted (only a local directory may hold a plaintext one): drop --no-encryption (give a password)"
             )
         }
         try kdf.validate()
         let config = RepositoryConfig.makeNew(chunker: chunker, encrypted: password != nil)
         let keys = password == nil ? nil : RepositoryKeys.random()
-        try backend.create()
+        try storage.create()
         var keyID: String?
         if let keys, let password {
-            keyID = try writeKeySlot(try KeySlot.make(keys: keys, password: password, kdf: kdf), to: backend)
+            keyID = try writeKeySlot(try KeySlot.make(keys: keys, password: password, kdf: kdf), to: storage)
         }
         // The config is written last: until it exists, there is no repository.
         let configBytes = config.encoded(keys: keys)
         try configBytes.withUnsafeBytes { (raw) throws in
-            try backend.write(.config, "config", raw)
+            try storage.put(.config, "config", bytes: raw)
         }
         let warning = KnownRepositories.rememberOrWarn(
-            backend.location,
+            storage.location,
             .init(
                 config: sha256(configBytes).hex, formatVersion: config.formatVersion, keySlot: keyID,
                 seenNs: wallClockNs()),
             durable: durable)
         let repo = try Repository(
-            backend: backend, config: config, keys: keys, keyID: keyID, indexPath: try indexPath(config.id))
+            storage: storage, config: config, keys: keys, keyID: keyID,
+            indexPath: try indexPath(storage, config.id))
         repo.warnings = warning.map { [$0] } ?? []
         return repo
     }
 
-    /// The backend for a `--repo` value (a directory, or `http(s)://NAME@HOST:PORT[/PREFIX]`)
-    /// and where its index lives: inside a local repository, in the user's cache directory
-    /// for a remote one (named by the repository id).
-    /// - Throws: ``CABackupError/unsupportedLocation(_:)`` for any other scheme (`s3:…`),
-    ///   before anything is created.
-    static func storage(_ path: String, durable: Bool) throws -> (any Backend, (String) throws -> String) {
-        if !RemoteLocation.isRemote(path) && RemoteLocation.scheme(of: path) != nil {
-            throw CABackupError.unsupportedLocation(path)
-        }
-        if RemoteLocation.isRemote(path) {
-            let backend = try HTTPBackend(try RemoteLocation(parsing: path))
-            return (
-                backend,
-                { id in
-                    let dir = cacheDirectory(id)
-                    try makeDirectories(dir)
-                    return dir + "/index.sqlite"
-                }
-            )
-        }
-        let root = absolutePath(path)
-        return (
-            LocalBackend(path: root, durable: durable),
-            { _ in
-                for sub in ["index", "tmp"] where !isDirectory(root + "/" + sub) {
-                    try makeDirectories(root + "/" + sub)
-                }
-                return root + "/index/index.sqlite"
-            }
-        )
+    /// Where the derived index of the repository with id `id` lives: in the storage's
+    /// working directory (a local repository's `index/`), else in the user's cache
+    /// directory, named by the repository id. Makes the directories it needs (with
+    /// `tmp/` beside the index, where packs are built).
+    static func indexPath(_ storage: any Storage, _ id: String) throws -> String {
+        let dir = storage.workingDirectory.map { $0 + "/index" } ?? cacheDirectory(id)
+        let tmp = storage.workingDirectory.map { $0 + "/tmp" } ?? cacheDirectory(id) + "/tmp"
+        for d in [dir, tmp] where !isDirectory(d) { try makeDirectories(d) }
+        return dir + "/index.sqlite"
+    }
+
+    /// Where packs are built before they are stored (see ``Storage/workingDirectory``).
+    var stagingDirectory: String {
+        storage.workingDirectory.map { $0 + "/tmp" } ?? cacheDirectory(config.id) + "/tmp"
     }
 
     /// Throws ``CABackupError/repositoryExists(_:)`` unless `path` is missing or an empty
     /// directory (so a tool can refuse before asking for a new password).
     public static func checkCanInitialize(path: String) throws {
-        let backend = try storage(path, durable: true).0
-        if let local = backend as? LocalBackend {
-            try local.checkEmpty()
-        } else {
-            try backend.create()
-        }
+        try StorageRegistry.open(path).checkCanCreate()
     }
 
     /// Opens an existing repository and brings its index up to date with the packs and
@@ -215,24 +215,31 @@ public final class Repository: @unchecked Sendable {
     private static func open(
         path: String, passwordProvider: () throws -> String, durable: Bool, trustNewConfig: Bool
     ) throws -> Repository {
-        let (backend, indexPath) = try storage(path, durable: durable)
-        let path = backend.location
-        guard try backend.exists() else {
-            if fileExists(path) && !isDirectory(path) {
-                throw CABackupError.badConfig(path: path, reason: "not a directory")
-            }
-            if backend is LocalBackend, isDirectory(path), (try? readDirectory(Array(path.utf8)))?.isEmpty == false {
-                throw CABackupError.notARepository(path)
-            }
-            throw CABackupError.repositoryNotFound(path)
-        }
-        let bytes = try backend.read(.config, "config")
+        try open(
+            storage: StorageRegistry.open(path, durable: durable), passwordProvider: passwordProvider,
+            durable: durable, trustNewConfig: trustNewConfig)
+    }
+
+    /// Opens an existing repository in a storage a program supplies (see
+    /// ``open(path:passwordProvider:durable:)``, which opens one by location).
+    public static func open(
+        storage: any Storage, passwordProvider: () throws -> String, durable: Bool = true
+    ) throws -> Repository {
+        try open(storage: storage, passwordProvider: passwordProvider, durable: durable, trustNewConfig: false)
+    }
+
+    private static func open(
+        storage: any Storage, passwordProvider: () throws -> String, durable: Bool, trustNewConfig: Bool
+    ) throws -> Repository {
+        let path = storage.location
+        guard try storage.exists() else { throw storage.missingRepositoryError() }
+        let bytes = try storage.read(.config, "config")
         guard bytes.count <= FileKind.config.maxWholeFileSize else {
             throw CABackupError.badConfig(path: path + "/config", reason: "\(bytes.count) bytes is not a config")
         }
         let file = try ConfigFile.decode(bytes, path: path + "/config")
         let digest = sha256(bytes).hex
-        if !file.isEncrypted && !backend.isLocalAndTrusted {
+        if !file.isEncrypted && !storage.capabilities.contains(.localAndTrusted) {
             throw CABackupError.untrusted(
                 "the repository config at \(path) says it is not encrypted, but only a local directory may hold a plaintext repository: the storage may be hostile; nothing was read or written"
             )
@@ -250,7 +257,7 @@ public final class Repository: @unchecked Sendable {
         var keyID: String?
         var warnings: [String] = []
         if file.isEncrypted {
-            let opened = try unlock(backend, password: try passwordProvider(), preferred: known?.keySlot)
+            let opened = try unlock(storage, password: try passwordProvider(), preferred: known?.keySlot)
             (keys, keyID) = (opened.keys, opened.slot)
             warnings += opened.skipped.map {
                 "key slot \($0.prefix(8)) was skipped: it is unreadable or its scrypt parameters are outside the allowed bounds (remove it with 'cabackup key remove \($0.prefix(8))')"
@@ -258,7 +265,7 @@ public final class Repository: @unchecked Sendable {
         }
         let config = try file.resolve(keys: keys, path: path + "/config")
         let repo = try Repository(
-            backend: backend, config: config, keys: keys, keyID: keyID, indexPath: try indexPath(config.id))
+            storage: storage, config: config, keys: keys, keyID: keyID, indexPath: try indexPath(storage, config.id))
         try repo.synchronizeIndex()
         // The newest snapshot this device saw here must still be here, unless a forget
         // record (sealed with the key) says it was removed on purpose.
@@ -289,10 +296,45 @@ public final class Repository: @unchecked Sendable {
     /// Tells the device's memory of this repository about a snapshot it just saved, so a
     /// storage that drops it is noticed even before the next listing.
     func rememberNewest(_ id: SnapshotID) {
-        guard var entry = KnownRepositories.entry(backend.location) else { return }
+        guard var entry = KnownRepositories.entry(storage.location) else { return }
         entry.newestSnapshot = id.hex
-        _ = KnownRepositories.rememberOrWarn(backend.location, entry, durable: false)
+        _ = KnownRepositories.rememberOrWarn(storage.location, entry, durable: false)
     }
+
+    // MARK: What the storage offers
+
+    /// Takes the repository lock: shared for writers that only add (snapshots), exclusive
+    /// for those that delete (prune, key removal). The storage's own lock when it has one
+    /// (`flock` on a local disk, a lease on a server), else lock objects stored in it
+    /// (see ``LockObjects``). Released with the returned handle; a process that dies
+    /// never leaves a lock that needs a human.
+    /// - Throws: ``CABackupError/locked(_:)`` when the lock is held in a conflicting mode.
+    public func lock(exclusive: Bool) throws -> RepositoryLock {
+        if let native = try storage.nativeLock(exclusive: exclusive) { return native }
+        return try LockObjects(storage: storage).acquire(exclusive: exclusive)
+    }
+
+    /// Whether committing a snapshot needs the ids of the blobs it references (a server
+    /// space checks it holds them all; any other storage does not).
+    var commitNeedsReferences: Bool { storage.space != nil }
+
+    /// Stores a snapshot or forget record: through the space's checked commit on a
+    /// server, as a plain file anywhere else.
+    func storeRecord(_ name: String, _ raw: UnsafeRawBufferPointer, references: [BlobID]) throws {
+        if let space = storage.space {
+            try space.commitSnapshot(name, raw, references: references)
+        } else {
+            try storage.put(.snapshot, name, bytes: raw)
+        }
+    }
+
+    /// Throws when this device may add but not delete (an append-only token on a
+    /// server), before an operation that deletes changes anything.
+    func checkCanDelete() throws { try storage.space?.checkCanDelete() }
+
+    /// Which of `ids` the storage lacks, when it can say so cheaply (a server space);
+    /// `nil` otherwise.
+    func missingOnServer(_ ids: [BlobID]) throws -> [BlobID]? { try storage.space?.missing(ids) }
 
     /// A per-thread blob codec for this repository's id scheme and encryption.
     func makeCodec() -> BlobCodec { BlobCodec(keys: keys) }
@@ -302,7 +344,7 @@ public final class Repository: @unchecked Sendable {
 
     /// Reads and parses a stored pack's header (opening its sealed details).
     func readPackHeader(_ id: PackID) throws -> [PackEntry] {
-        try PackFormat.readHeader(from: backend, name: id.hex, aead: makeAEAD())
+        try PackFormat.readHeader(from: storage, name: id.hex, aead: makeAEAD())
     }
 
     /// The stored form of a snapshot record.
@@ -343,7 +385,7 @@ public final class Repository: @unchecked Sendable {
         let plain = ForgetRecord.encode(ids)
         let bytes = makeAEAD().map { $0.seal(plain, aad: SealedKind.forget) } ?? plain
         let id = sha256(bytes)
-        try bytes.withUnsafeBytes { (raw) throws in try backend.writeSnapshot(id.hex, raw, references: []) }
+        try bytes.withUnsafeBytes { (raw) throws in try storeRecord(id.hex, raw, references: []) }
         try index.addForget(id, forgotten: ids)
     }
 
@@ -353,7 +395,7 @@ public final class Repository: @unchecked Sendable {
     /// drops index entries whose files are gone. Cheap when nothing changed: a listing
     /// of `snapshots/` and of the 256 `data/` subdirectories.
     public func synchronizeIndex() throws {
-        let stored = Set(try backend.list(.pack).compactMap { ObjectID(hex: $0) })
+        let stored = Set(try storage.list(.pack).compactMap { ObjectID(hex: $0) })
         let indexed = try index.packIDs()
         for id in stored.subtracting(indexed).sorted() {
             let entries: [PackEntry]
@@ -364,15 +406,15 @@ public final class Repository: @unchecked Sendable {
                 // blobs count as missing and are stored again by the next backup.
                 continue
             }
-            try index.addPack(id, size: try backend.size(.pack, id.hex), entries: entries)
+            try index.addPack(id, size: try storage.size(.pack, id.hex), entries: entries)
         }
         try index.removePacks(indexed.subtracting(stored))
 
-        let storedSnaps = Set(try backend.list(.snapshot).compactMap { ObjectID(hex: $0) })
+        let storedSnaps = Set(try storage.list(.snapshot).compactMap { ObjectID(hex: $0) })
         let indexedSnaps = Set(try index.snapshotRecords().map(\.id))
         let indexedForgets = try index.forgetIDs()
         for id in storedSnaps.subtracting(indexedSnaps).subtracting(indexedForgets) {
-            guard let bytes = try? backend.read(.snapshot, id.hex) else { continue }
+            guard let bytes = try? storage.read(.snapshot, id.hex) else { continue }
             if let snap = try? decodeRecord(id: id, stored: bytes) {
                 try index.addSnapshot(id, timeNs: snap.timeNs, record: bytes)
             } else if let forgotten = decodeForget(id: id, stored: bytes) {
@@ -429,7 +471,7 @@ public final class Repository: @unchecked Sendable {
             }
             let n = loc.length - AESGCM.overhead
             buffers.reserve(output: loc.rawLength, input: loc.length, middle: loc.compression == .none ? 0 : n)
-            try backend.read(.pack, loc.pack.hex, offset: loc.offset, length: loc.length, into: buffers.input)
+            try storage.read(.pack, loc.pack.hex, offset: loc.offset, length: loc.length, into: buffers.input)
             buffers.stored = UnsafeRawBufferPointer(start: buffers.input, count: loc.length)
             let into = loc.compression == .none ? buffers.output : buffers.middle
             guard n == loc.rawLength || loc.compression != .none,
@@ -442,7 +484,7 @@ public final class Repository: @unchecked Sendable {
             buffers.reserve(output: loc.rawLength, input: loc.compression == .none ? 0 : loc.length, middle: 0)
             let into = loc.compression == .none ? buffers.output : buffers.input
             if loc.length > 0 {
-                try backend.read(.pack, loc.pack.hex, offset: loc.offset, length: loc.length, into: into)
+                try storage.read(.pack, loc.pack.hex, offset: loc.offset, length: loc.length, into: into)
             }
             payload = UnsafeRawBufferPointer(start: into, count: loc.length)
             buffers.stored = payload
@@ -540,7 +582,7 @@ public final class Repository: @unchecked Sendable {
         let id = sha256(bytes)
         let snap = try decodeRecord(id: id, stored: bytes)
         try bytes.withUnsafeBytes { (raw) throws in
-            try backend.writeSnapshot(id.hex, raw, references: references)
+            try storeRecord(id.hex, raw, references: references)
         }
         try index.addSnapshot(id, timeNs: snap.timeNs, record: bytes)
         rememberNewest(id)

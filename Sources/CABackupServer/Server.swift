@@ -410,7 +410,7 @@ final class ServerAPI: Sendable {
         try await accounts.register(
             user: r.user, email: r.email, secret: r.secret, scheme: r.scheme ?? 1, origin: r.origin ?? "")
         let root = options.dataDirectory + "/spaces/" + r.user
-        try LocalBackend(path: root).create()
+        try LocalStorage(path: root).create()
         logger.info("registered account \(r.user)")
         return try Self.json(201, ["user": r.user])
     }
@@ -444,18 +444,18 @@ final class ServerAPI: Sendable {
 
     func list(_ req: Request, _ kind: FileKind) throws -> Response {
         let s = try space(try accounts.authenticate(req.headers[.authorization]))
-        return try Self.json(200, try s.backend.list(kind).sorted())
+        return try Self.json(200, try s.storage.list(kind).sorted())
     }
 
     func head(_ req: Request, _ kind: FileKind, _ name: String) throws -> Response {
         let s = try space(try accounts.authenticate(req.headers[.authorization]))
-        guard let size = try? s.backend.size(kind, name) else { return Self.empty(404) }
+        guard let size = try? s.storage.size(kind, name) else { return Self.empty(404) }
         return Self.empty(200, headers: [Self.sizeHeader: String(size)])
     }
 
     func get(_ req: Request, _ kind: FileKind, _ name: String) throws -> Response {
         let s = try space(try accounts.authenticate(req.headers[.authorization]))
-        guard let size = try? s.backend.size(kind, name) else {
+        guard let size = try? s.storage.size(kind, name) else {
             throw APIError(404, "no such \(kind) in this space")
         }
         var from: Int64 = 0
@@ -480,7 +480,7 @@ final class ServerAPI: Sendable {
                 let n = min(left, 64 << 10)
                 var piece = ByteBufferAllocator().buffer(capacity: n)
                 try piece.writeWithUnsafeMutableBytes(minimumWritableBytes: n) { (raw) throws in
-                    try s.backend.read(kind, name, offset: offset, length: n, into: raw.baseAddress!)
+                    try s.storage.read(kind, name, offset: offset, length: n, into: raw.baseAddress!)
                     return n
                 }
                 try await writer.write(piece)
@@ -532,6 +532,8 @@ final class ServerAPI: Sendable {
             try await receivePack(req, space: s, name: name, declared: declared, reservation: reservation)
         case .snapshot:
             try await receiveSnapshot(&req, space: s, name: name)
+        case .lock:
+            throw APIError(404, "a space keeps no lock objects: it leases its lock (POST /v1/space/locks)")
         case .key, .config:
             let body: ByteBuffer
             do { body = try await req.collectBody(upTo: 1 << 20) } catch {

@@ -16,7 +16,7 @@ final class Space: @unchecked Sendable {
     // with `lock` held.
     let user: String
     let root: String
-    let backend: LocalBackend
+    let storage: LocalStorage
     private let lock = NSLock()
     private let db: SQLiteDatabase
     private var usedBytes: Int64 = 0
@@ -33,7 +33,7 @@ final class Space: @unchecked Sendable {
     init(user: String, root: String) throws {
         self.user = user
         self.root = root
-        backend = LocalBackend(path: root)
+        storage = LocalStorage(path: root)
         try makeDirectories(root + "/index")
         try makeDirectories(root + "/tmp")
         for name in (try? readDirectory(Array((root + "/tmp").utf8))) ?? [] {
@@ -53,28 +53,28 @@ final class Space: @unchecked Sendable {
     /// Indexes packs on disk the index lacks (a crash between rename and index) and drops
     /// rows of packs that are gone; recomputes the bytes used.
     private func synchronize() throws {
-        let onDisk = Set(try backend.list(.pack))
+        let onDisk = Set(try storage.list(.pack))
         var indexed = Set<String>()
         let q = try db.prepare("SELECT id FROM packs")
         while try q.step() { if let id = q.id(0) { indexed.insert(id.hex) } }
         q.reset()
         for name in onDisk.subtracting(indexed) {
-            let size = try backend.size(.pack, name)
+            let size = try storage.size(.pack, name)
             guard let entries = try? readClearEntries(name, size: size) else { continue }
             try index(pack: name, size: size, ids: entries)
         }
         for name in indexed.subtracting(onDisk) { try unindex(pack: name) }
         var used: Int64 = 0
         for kind in [FileKind.pack, .snapshot, .key] {
-            for name in try backend.list(kind) { used += try backend.size(kind, name) }
+            for name in try storage.list(kind) { used += try storage.size(kind, name) }
         }
-        if backend.exists() { used += try backend.size(.config, "config") }
+        if try storage.exists() { used += try storage.size(.config, "config") }
         usedBytes = used
     }
 
     private func readClearEntries(_ name: String, size: Int64) throws -> [BlobID] {
         let header = try PackFormat.readHeaderBytes(size: size) {
-            try backend.read(.pack, name, offset: $0, length: $1, into: $2)
+            try storage.read(.pack, name, offset: $0, length: $1, into: $2)
         }
         return try PackFormat.parseClearHeader(header, packSize: size).entries.map(\.id)
     }
@@ -208,11 +208,11 @@ final class Space: @unchecked Sendable {
         } catch {
             throw APIError(400, "pack is malformed (\(error)): upload it again")
         }
-        if (try? backend.size(.pack, name)) != nil {  // stored already: harmless
+        if (try? storage.size(.pack, name)) != nil {  // stored already: harmless
             unlink(temporary)
             return
         }
-        try backend.store(.pack, name, fd: fd, temporaryPath: temporary)
+        try storage.put(.pack, name, file: temporary)
         try withLock {
             try index(pack: name, size: size, ids: ids)
             commit(reservation, size: size)
@@ -227,25 +227,25 @@ final class Space: @unchecked Sendable {
         let reservation = try reserve(Int64(bytes.count), quota: quota)
         defer { release(reservation) }
         try withLock {
-            let existing = try? backend.size(kind, kind == .config ? "config" : name)
+            let existing = try? storage.size(kind, kind == .config ? "config" : name)
             if kind == .config && existing != nil {
                 throw APIError(409, "the space already holds a repository: it is initialized once")
             }
             if existing != nil { return }
-            if kind == .key, try backend.list(.key).count >= maxKeySlots {
+            if kind == .key, try storage.list(.key).count >= maxKeySlots {
                 throw APIError(
                     409,
                     "the space holds \(maxKeySlots) key slots, the most it keeps: remove one with 'cabackup key remove' first"
                 )
             }
-            try bytes.withUnsafeBytes { try backend.write(kind, name, $0) }
+            try bytes.withUnsafeBytes { try storage.put(kind, name, bytes: $0) }
             commit(reservation, size: Int64(bytes.count))
         }
     }
 
     func remove(_ kind: FileKind, _ name: String) throws -> Bool {
-        guard let size = try? backend.size(kind, name) else { return false }
-        try backend.remove(kind, name)
+        guard let size = try? storage.size(kind, name) else { return false }
+        try storage.remove(kind, name)
         try withLock {
             if kind == .pack { try unindex(pack: name) }
             usedBytes -= size

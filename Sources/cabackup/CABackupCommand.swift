@@ -50,6 +50,7 @@ struct CABackupCommand: AsyncParsableCommand {
     static func main() async {
         Interrupt.install()
         signal(SIGPIPE, SIG_IGN)
+        CABackupRemote.register()
         do {
             var command = try parseAsRoot()
             if var asyncCommand = command as? any AsyncParsableCommand {
@@ -186,7 +187,7 @@ struct RepositoryOptions: ParsableArguments {
 
     func open() throws -> Repository {
         let path = try path()
-        let location = RemoteLocation.isRemote(path) ? path : absolutePath(path)
+        let location = StorageRegistry.canonical(path)
         let repo = try Repository.open(path: path, passwordProvider: { try password.read(for: location) })
         for warning in repo.warnings { printError("cabackup: warning: \(warning)") }
         return repo

@@ -38,7 +38,7 @@ struct InitCommand: ParsableCommand {
 
     func run() throws {
         let path = try repository.path()
-        let location = RemoteLocation.isRemote(path) ? path : absolutePath(path)
+        let location = StorageRegistry.canonical(path)
         try Repository.checkCanInitialize(path: path)
         let password = noEncryption ? nil : try repository.password.readNew(for: location)
         var chunker: ChunkerParameters?
@@ -97,7 +97,7 @@ struct TrustCommand: ParsableCommand {
 
     func run() throws {
         let path = try repository.path()
-        let location = RemoteLocation.isRemote(path) ? path : absolutePath(path)
+        let location = StorageRegistry.canonical(path)
         let repo = try Repository.trustNewConfig(
             path: path, passwordProvider: { try repository.password.read(for: location) })
         let kind = repo.config.isEncrypted ? "encrypted" : "unencrypted"

@@ -54,7 +54,7 @@ struct KeyAddCommand: ParsableCommand {
 
     func run() throws {
         let repo = try repository.open()
-        let id = try repo.addKey(password: try newPassword.read(for: repo.backend.location), kdf: kdfForNewKeys)
+        let id = try repo.addKey(password: try newPassword.read(for: repo.storage.location), kdf: kdfForNewKeys)
         print("added key \(id.prefix(8))")
     }
 }
@@ -86,7 +86,7 @@ struct KeyPasswdCommand: ParsableCommand {
     func run() throws {
         let repo = try repository.open()
         let id = try repo.changePassword(
-            to: try newPassword.read(for: repo.backend.location), kdf: kdfForNewKeys)
+            to: try newPassword.read(for: repo.storage.location), kdf: kdfForNewKeys)
         print("password changed: new key \(id.prefix(8)) replaces the old one")
     }
 }

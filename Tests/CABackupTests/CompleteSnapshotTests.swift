@@ -93,8 +93,8 @@ struct CompleteSnapshotTests {
         #expect(try repo.index.isComplete(unchanged.id))
 
         // Lose every data pack (the tree packs stay, so the parent's listings load).
-        let local = try #require(repo.backend as? LocalBackend)
-        for pack in try repo.backend.list(.pack) {
+        let local = try #require(repo.storage as? LocalStorage)
+        for pack in try repo.storage.list(.pack) {
             let ids = try repo.index.blobIDs(inPack: ObjectID(hex: pack)!)
             if try ids.contains(where: { try repo.index.lookup($0)?.type == .data }) {
                 #expect(unlink(local.path(.pack, pack)) == 0)

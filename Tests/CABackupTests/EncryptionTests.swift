@@ -249,10 +249,10 @@ struct EncryptionTests {
 
         // A snapshot record whose sealed bytes changed: stored under a name that matches
         // them, so only authentication can catch it.
-        var record = try repo.backend.read(.snapshot, snap.id.hex)
+        var record = try repo.storage.read(.snapshot, snap.id.hex)
         record[20] ^= 1
         let forged = sha256(record)
-        try record.withUnsafeBytes { try repo.backend.write(.snapshot, forged.hex, $0) }
+        try record.withUnsafeBytes { try repo.storage.put(.snapshot, forged.hex, bytes: $0) }
         let again = try repo.check()
         #expect(again.problems.contains { $0.message.contains(forged.hex) && $0.message.contains("authentication") })
     }

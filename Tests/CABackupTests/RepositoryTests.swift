@@ -48,7 +48,7 @@ struct RepositoryTests {
         let result = try repo.snapshot(paths: [dir.file("src")], options: SnapshotOptions(workers: 4))
         #expect(result.snapshot.summary.filesTotal == 400)
         // Four workers fill up to four data packs side by side; finish() merges them.
-        #expect(try repo.backend.list(.pack).count == 2)
+        #expect(try repo.storage.list(.pack).count == 2)
         let report = try repo.check(options: CheckOptions(readDataFraction: 1))
         #expect(report.isClean)
         #expect(report.blobsRead > 400)
@@ -149,7 +149,7 @@ struct RepositoryTests {
         _ = try repo.snapshot(paths: [src])
         let live = try repo.indexDump()
         // Simulate the crash window: drop one pack from the index only.
-        let pack = try repo.backend.list(.pack)[0]
+        let pack = try repo.storage.list(.pack)[0]
         try repo.index.removePacks([ObjectID(hex: pack)!])
         #expect(try repo.indexDump() != live)
         let reopened = try Repository.open(path: dir.file("repo"), password: testPassword)
@@ -181,7 +181,7 @@ struct RepositoryTests {
         let src = makeTree(dir)
         let repo = try smallRepo(dir)
         _ = try repo.snapshot(paths: [src])
-        var held: RepositoryLock? = try repo.backend.lock(exclusive: false)
+        var held: RepositoryLock? = try repo.lock(exclusive: false)
         #expect {
             try repo.prune()
         } throws: { e in
@@ -232,7 +232,7 @@ struct RepositoryTests {
         let dir = TemporaryDirectory()
         let repo = try smallRepo(dir)
         #expect(throws: CABackupError.self) { try repo.snapshot(paths: [dir.file("nope")]) }
-        #expect(try repo.backend.list(.pack).isEmpty)
+        #expect(try repo.storage.list(.pack).isEmpty)
         #expect(try repo.snapshots().isEmpty)
     }
 
@@ -374,14 +374,14 @@ struct RepositoryTests {
         let repo = try smallRepo(dir)
         _ = try repo.snapshot(paths: [src])
         func packBytes() throws -> Int64 {
-            try repo.backend.list(.pack).reduce(0) { try $0 + repo.backend.size(.pack, $1) }
+            try repo.storage.list(.pack).reduce(0) { try $0 + repo.storage.size(.pack, $1) }
         }
         let once = try packBytes()
         // Every blob copied into new packs, the old ones left in place.
         let saver = BlobSaver(repository: repo)
         let codec = repo.makeCodec()
         let buffers = BlobBuffers()
-        for name in try repo.backend.list(.pack) {
+        for name in try repo.storage.list(.pack) {
             let pack = try #require(ObjectID(hex: name))
             for e in try repo.readPackHeader(pack) {
                 _ = try repo.loadBlob(e.id, at: BlobLocation(pack: pack, entry: e), into: buffers, codec: codec)

@@ -87,13 +87,13 @@ struct SecurityTests {
         var costly = try KeySlot.make(keys: keys, password: "another password", kdf: .insecureFastForTesting)
         costly.n = 1 << 22
         let costlyName = String(repeating: "0", count: 64)
-        try costly.encoded().withUnsafeBytes { try repo.backend.write(.key, costlyName, $0) }
+        try costly.encoded().withUnsafeBytes { try repo.storage.put(.key, costlyName, bytes: $0) }
         // Without a slot remembered, the costly one comes first: skipped and named.
-        let fresh = try Repository.unlock(repo.backend, password: testPassword, preferred: nil)
+        let fresh = try Repository.unlock(repo.storage, password: testPassword, preferred: nil)
         #expect(fresh.slot == repo.currentKeyID)
         #expect(fresh.skipped == [costlyName])
         // The slot that opened last time is tried first: the costly one is never looked at.
-        let again = try Repository.unlock(repo.backend, password: testPassword, preferred: repo.currentKeyID)
+        let again = try Repository.unlock(repo.storage, password: testPassword, preferred: repo.currentKeyID)
         #expect(again.slot == repo.currentKeyID)
         #expect(again.skipped.isEmpty)
         #expect(try Repository.open(path: dir.file("repo"), password: testPassword).warnings.isEmpty)

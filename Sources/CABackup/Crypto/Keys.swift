@@ -145,10 +145,10 @@ public struct KeyInfo: Sendable, Equatable {
 
 extension Repository {
     /// Writes a key slot and returns its name.
-    static func writeKeySlot(_ slot: KeySlot, to backend: any Backend) throws -> String {
+    static func writeKeySlot(_ slot: KeySlot, to storage: any Storage) throws -> String {
         let bytes = slot.encoded()
         let name = sha256(bytes).hex
-        try bytes.withUnsafeBytes { (raw) throws in try backend.write(.key, name, raw) }
+        try bytes.withUnsafeBytes { (raw) throws in try storage.put(.key, name, bytes: raw) }
         return name
     }
 
@@ -164,20 +164,20 @@ extension Repository {
     ///
     /// - Throws: ``CABackupError/wrongPassword(_:)`` when no slot opens.
     static func unlock(
-        _ backend: any Backend, password: String, preferred: String? = nil
+        _ storage: any Storage, password: String, preferred: String? = nil
     ) throws -> (
         keys: RepositoryKeys, slot: String, skipped: [String]
     ) {
-        var names = try backend.list(.key).filter(isObjectName).sorted()
+        var names = try storage.list(.key).filter(isObjectName).sorted()
         guard !names.isEmpty else {
-            throw CABackupError.corrupt(what: "repository \(backend.location)", reason: "it has no key slots in keys/")
+            throw CABackupError.corrupt(what: "repository \(storage.location)", reason: "it has no key slots in keys/")
         }
         if let preferred, let i = names.firstIndex(of: preferred) { names.insert(names.remove(at: i), at: 0) }
         var skipped: [String] = []
         var tried = 0
         for name in names {
             guard tried < maxKeySlotTries else { break }
-            guard let bytes = try? backend.read(.key, name), let slot = KeySlot.decode(bytes), slot.kdf == "scrypt",
+            guard let bytes = try? storage.read(.key, name), let slot = KeySlot.decode(bytes), slot.kdf == "scrypt",
                 (try? slot.parameters.validate()) != nil
             else {
                 skipped.append(name)
@@ -188,18 +188,18 @@ extension Repository {
         }
         if tried == maxKeySlotTries && names.count - skipped.count > tried {
             throw CABackupError.wrongPassword(
-                "\(backend.location) (tried \(tried) of its \(names.count - skipped.count) key slots, the most one open tries)"
+                "\(storage.location) (tried \(tried) of its \(names.count - skipped.count) key slots, the most one open tries)"
             )
         }
-        throw CABackupError.wrongPassword(backend.location)
+        throw CABackupError.wrongPassword(storage.location)
     }
 
     /// The key slots of an encrypted repository.
     public func keySlots() throws -> [KeyInfo] {
-        guard config.isEncrypted else { throw CABackupError.notEncrypted(backend.location) }
+        guard config.isEncrypted else { throw CABackupError.notEncrypted(storage.location) }
         var out: [KeyInfo] = []
-        for name in try backend.list(.key).sorted() {
-            guard let slot = KeySlot.decode(try backend.read(.key, name)) else { continue }
+        for name in try storage.list(.key).sorted() {
+            guard let slot = KeySlot.decode(try storage.read(.key, name)) else { continue }
             out.append(
                 KeyInfo(
                     id: name, created: slot.created, hostname: slot.hostname, username: slot.username,
@@ -211,9 +211,9 @@ extension Repository {
     /// Adds a key slot that opens the repository with `password`; returns its id.
     @discardableResult
     public func addKey(password: String, kdf: KDFParameters = .default) throws -> String {
-        guard let keys else { throw CABackupError.notEncrypted(backend.location) }
+        guard let keys else { throw CABackupError.notEncrypted(storage.location) }
         try checkNewPassword(password)
-        return try Self.writeKeySlot(try KeySlot.make(keys: keys, password: password, kdf: kdf), to: backend)
+        return try Self.writeKeySlot(try KeySlot.make(keys: keys, password: password, kdf: kdf), to: storage)
     }
 
     /// Removes the key slot whose id starts with `prefix` (8+ hex digits). The slot this
@@ -222,27 +222,27 @@ extension Repository {
     /// - Throws: ``CABackupError/keyNotFound(_:)``, or ``CABackupError/invalidArgument(_:)``
     ///   for the current slot.
     public func removeKey(_ prefix: String) throws {
-        guard config.isEncrypted else { throw CABackupError.notEncrypted(backend.location) }
-        try backend.checkCanDelete()
+        guard config.isEncrypted else { throw CABackupError.notEncrypted(storage.location) }
+        try checkCanDelete()
         let p = prefix.lowercased()
-        let matches = try backend.list(.key).filter { p.count >= 8 && $0.hasPrefix(p) }
+        let matches = try storage.list(.key).filter { p.count >= 8 && $0.hasPrefix(p) }
         guard matches.count == 1, let name = matches.first else { throw CABackupError.keyNotFound(prefix) }
         guard name != currentKeyID else {
             throw CABackupError.invalidArgument(
                 "key \(name.prefix(8)) is the one in use: open the repository with another password to remove it, or use 'cabackup key passwd'"
             )
         }
-        try backend.remove(.key, name)
+        try storage.remove(.key, name)
     }
 
     /// Replaces the slot this repository was opened with by one for `newPassword`;
     /// returns the new slot's id. The new slot is written before the old one is removed.
     @discardableResult
     public func changePassword(to newPassword: String, kdf: KDFParameters = .default) throws -> String {
-        guard keys != nil, let old = currentKeyID else { throw CABackupError.notEncrypted(backend.location) }
-        try backend.checkCanDelete()
+        guard keys != nil, let old = currentKeyID else { throw CABackupError.notEncrypted(storage.location) }
+        try checkCanDelete()
         let name = try addKey(password: newPassword, kdf: kdf)
-        try backend.remove(.key, old)
+        try storage.remove(.key, old)
         setCurrentKeyID(name)
         return name
     }

@@ -114,7 +114,7 @@ extension Repository {
         // takes the lock exclusively and cannot run beside one.
         let rules = try ExcludeRules(
             excludes: options.excludes, caseInsensitiveExcludes: options.caseInsensitiveExcludes)
-        let lock = try backend.lock(exclusive: false)
+        let lock = try self.lock(exclusive: false)
         defer { withExtendedLifetime(lock) {} }
         let archiver = Archiver(repository: self, options: options, excludes: rules, progress: progress)
         return try index.sharingReads { try archiver.run(paths: paths) }
@@ -275,8 +275,6 @@ final class Archiver: @unchecked Sendable {
     private let treeCodec: BlobCodec
     /// Every tree of this snapshot and the chunks of every file read by this run: what a
     /// server checks it holds before it accepts the record.
-    private var references: [BlobID] = []
-    private let collectReferences: Bool
     private let scanner = SizeScanner()
     /// With a parent snapshot, its file and byte totals, shown instead of a scan's.
     private var parentTotals: (files: Int, bytes: Int64)?
@@ -316,9 +314,8 @@ final class Archiver: @unchecked Sendable {
             bufferSize: max(
                 Self.windowSize, ChunkingReader.minimumWindow(maxChunk: repository.config.chunker.maxSize)),
             maxCount: Self.windowCount)
-        self.saver = BlobSaver(repository: repository)
+        self.saver = BlobSaver(repository: repository, snapshot: true)
         self.treeCodec = repository.makeCodec()
-        self.collectReferences = repository.backend.checksSnapshotReferences
     }
 
     func run(paths: [String]) throws -> SnapshotResult {
@@ -419,7 +416,7 @@ final class Archiver: @unchecked Sendable {
             if total == added { break }
             added = total
         }
-        let snap = try repo.commitSnapshot(record, references: references)
+        let snap = try repo.commitSnapshot(record, references: saver.references)
         // Every chunk it names was indexed when found, or stored and indexed by now. Only
         // an optimization for the next run: the snapshot is saved whatever happens here.
         if let packsAtStart { try? repo.index.markComplete(snap.id, since: packsAtStart) }
@@ -744,7 +741,6 @@ final class Archiver: @unchecked Sendable {
                 if failed { continue }
                 n.content = ids
                 n.size = UInt64(size)
-                if collectReferences { references += ids }
                 nodes.append(n)
                 summary.filesTotal += 1
             case .directory(let sub):
@@ -759,7 +755,7 @@ final class Archiver: @unchecked Sendable {
             // Nothing in it changed: the parent's trees, which were just loaded from the
             // repository, are this directory's too (equal entries encode to equal bytes).
             node.subtrees = parent.trees
-            if collectReferences { references += parent.trees }
+            saver.reuse(parent.trees)
         } else {
             let parts = pd.isRoot ? [TreeCodec.encodeSingle(nodes)] : TreeCodec.encodeParts(nodes)
             node.subtrees = try parts.map { (p) throws in try storeTree(p) }
@@ -771,7 +767,6 @@ final class Archiver: @unchecked Sendable {
     private func storeTree(_ bytes: [UInt8]) throws -> BlobID {
         try bytes.withUnsafeBytes { (raw) throws in
             let id = treeCodec.id(raw)
-            if collectReferences { references.append(id) }
             if try saver.claim(id) { try saver.addEncoding(id, type: .tree, raw: raw, codec: treeCodec) }
             return id
         }

@@ -49,7 +49,7 @@ extension Repository {
         var badBlobs: [BlobID: String] = [:]
 
         // Packs: headers, and with read-data their bytes.
-        let packs = try backend.list(.pack).compactMap { ObjectID(hex: $0) }.sorted()
+        let packs = try storage.list(.pack).compactMap { ObjectID(hex: $0) }.sorted()
         let indexed = try index.packIDs()
         let hasher = SHA256Hasher()
         let codec = makeCodec()
@@ -88,13 +88,13 @@ extension Repository {
         // Snapshots and their trees.
         var cleanTrees = Set<BlobID>()
         var affected: [BlobID: (snapshots: Set<String>, paths: [String])] = [:]
-        let snapshotNames = try backend.list(.snapshot).compactMap { ObjectID(hex: $0) }
+        let snapshotNames = try storage.list(.snapshot).compactMap { ObjectID(hex: $0) }
         let forgets = try index.forgetIDs()
         for id in snapshotNames where !forgets.contains(id) {
             report.snapshotsChecked += 1
             let snap: Snapshot
             do {
-                let stored = try backend.read(.snapshot, id.hex)
+                let stored = try storage.read(.snapshot, id.hex)
                 do {
                     snap = try decodeRecord(id: id, stored: stored)
                 } catch {
@@ -134,7 +134,7 @@ extension Repository {
     ) -> [(BlobID, String)]? {
         var damaged: [(BlobID, String)] = []
         do {
-            let size = try backend.size(.pack, pack.hex)
+            let size = try storage.size(.pack, pack.hex)
             // Hash the file in 4 MiB pieces.
             var offset: Int64 = 0
             let piece = 4 << 20
@@ -143,7 +143,7 @@ extension Repository {
             hasher.reset()
             while offset < size {
                 let n = Int(min(Int64(piece), size - offset))
-                try backend.read(.pack, pack.hex, offset: offset, length: n, into: buf)
+                try storage.read(.pack, pack.hex, offset: offset, length: n, into: buf)
                 hasher.update(UnsafeRawBufferPointer(start: buf, count: n))
                 offset += Int64(n)
             }

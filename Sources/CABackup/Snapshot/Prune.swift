@@ -39,12 +39,12 @@ extension Repository {
     /// Removes snapshot records (their data stays until ``prune(dryRun:repackBelow:assumingForgotten:)``).
     public func forget(_ snapshots: [Snapshot]) throws {
         guard !snapshots.isEmpty else { return }
-        try backend.checkCanDelete()
+        try checkCanDelete()
         // First the authenticated record of what is removed on purpose, so no device takes
         // these removals for a storage rolling the repository back.
         try writeForgetRecord(snapshots.map(\.id))
         for s in snapshots {
-            try backend.remove(.snapshot, s.id.hex)
+            try storage.remove(.snapshot, s.id.hex)
             try index.removeSnapshot(s.id)
         }
     }
@@ -77,8 +77,8 @@ extension Repository {
         dryRun: Bool, repackBelow usedFraction: Double, assumingForgotten: Set<SnapshotID> = [], idsInMemory: Int
     ) throws -> PruneReport {
         precondition(dryRun || assumingForgotten.isEmpty, "only a dry run may assume snapshots are gone")
-        if !dryRun { try backend.checkCanDelete() }
-        let lock = try backend.lock(exclusive: true)
+        if !dryRun { try checkCanDelete() }
+        let lock = try self.lock(exclusive: true)
         defer { withExtendedLifetime(lock) {} }
         try synchronizeIndex()
         var report = PruneReport()
@@ -101,9 +101,9 @@ extension Repository {
 
         var deletions: [(PackID, Int64)] = []
         var repacks: [(PackID, [PackEntry])] = []
-        for pack in try backend.list(.pack).compactMap({ ObjectID(hex: $0) }).sorted() {
+        for pack in try storage.list(.pack).compactMap({ ObjectID(hex: $0) }).sorted() {
             let entries = try readPackHeader(pack)
-            let size = try backend.size(.pack, pack.hex)
+            let size = try storage.size(.pack, pack.hex)
             // Each used blob is kept once: the first pack holding it claims it, and a copy
             // in a later pack counts as unused. Copies come from an interrupted prune (its
             // new packs were written, the old ones not yet deleted) or from two snapshots
@@ -161,11 +161,11 @@ extension Repository {
         // the next open indexes again (a duplicate, never a blob the index places nowhere).
         try index.removePacks(deletions.map(\.0))
         for (pack, size) in deletions {
-            try backend.remove(.pack, pack.hex)
+            try storage.remove(.pack, pack.hex)
             report.bytesFreed += size
         }
         // Leftovers in tmp/ of writers that were killed (a live writer's are locked).
-        report.temporaryFilesRemoved = TemporaryFiles.removeStale(in: backend.temporaryDirectory)
+        report.temporaryFilesRemoved = TemporaryFiles.removeStale(in: stagingDirectory)
         return report
     }
 }

@@ -65,6 +65,11 @@ final class BlobSaver: @unchecked Sendable {
     private let queue = BlockingQueue<OpenPack>(capacity: 2)
     private var writer: pthread_t?
 
+    /// Every blob id claimed or reused, for a snapshot commit that names its references
+    /// (see ``Repository/commitNeedsReferences``); nil when nothing needs them. Touched
+    /// with `lock` held.
+    private var referenced: [BlobID]?
+
     /// Bytes of packs stored, headers included.
     let bytesAdded = Atomic<Int64>(0)
     /// Packs stored.
@@ -81,10 +86,13 @@ final class BlobSaver: @unchecked Sendable {
         #endif
     }()
 
-    init(repository: Repository) {
+    /// - Parameter snapshot: the saver writes a snapshot, so it remembers what the
+    ///   snapshot references when the commit needs that.
+    init(repository: Repository, snapshot: Bool = false) {
         self.repo = repository
+        if snapshot && repository.commitNeedsReferences { referenced = [] }
         // What a killed writer left; a running one's files are locked and stay.
-        TemporaryFiles.removeStale(in: repository.backend.temporaryDirectory)
+        TemporaryFiles.removeStale(in: repository.stagingDirectory)
         writer = startThread { [self] in self.writerLoop() }
     }
 
@@ -94,11 +102,21 @@ final class BlobSaver: @unchecked Sendable {
         lock.lock()
         defer { lock.unlock() }
         if let failure { throw failure }
+        referenced?.append(id)
         if pending.contains(id) { return false }
         if try repo.index.contains(id) { return false }
         pending.insert(id)
         return true
     }
+
+    /// Notes blobs a snapshot references without storing them (the trees of an
+    /// unchanged directory, taken from the parent).
+    func reuse(_ ids: [BlobID]) {
+        lock.locked { referenced?.append(contentsOf: ids) }
+    }
+
+    /// The blobs claimed or reused so far, when the snapshot commit needs them.
+    var references: [BlobID] { lock.locked { referenced ?? [] } }
 
     /// Appends a claimed blob's stored bytes to the open pack of its type.
     func add(
@@ -225,7 +243,7 @@ final class BlobSaver: @unchecked Sendable {
 
     private func openPack() throws -> OpenPack {
         // Read and write: finish() may copy one partly filled pack into another.
-        let (fd, path) = try TemporaryFiles.create(in: repo.backend.temporaryDirectory, prefix: "pack")
+        let (fd, path) = try TemporaryFiles.create(in: repo.stagingDirectory, prefix: "pack")
         return OpenPack(fd: fd, path: path)
     }
 
@@ -276,12 +294,12 @@ final class BlobSaver: @unchecked Sendable {
         }
         // On a server, ask first: when another device stored every blob of this pack
         // meanwhile, nothing needs uploading (the next open indexes that device's packs).
-        if let remote = repo.backend as? HTTPBackend, try remote.missing(pack.entries.map(\.id)).isEmpty {
+        if try repo.missingOnServer(pack.entries.map(\.id))?.isEmpty == true {
             discard(pack)
             release(pack)
             return
         }
-        try repo.backend.store(.pack, id.hex, fd: pack.fd, temporaryPath: pack.path)
+        try repo.storage.put(.pack, id.hex, file: pack.path)
         TemporaryFiles.forget(pack.path)
         close(pack.fd)
         try repo.index.addPack(id, size: Int64(pack.size), entries: pack.entries)

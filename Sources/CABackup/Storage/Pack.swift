@@ -223,7 +223,7 @@ public enum PackFormat {
     }
 
     /// The header bytes of a pack of `size` bytes, found through its trailer; `read` reads
-    /// `length` bytes at `offset` of the pack (from a backend, or a file being uploaded).
+    /// `length` bytes at `offset` of the pack (from a storage, or a file being uploaded).
     package static func readHeaderBytes(
         size: Int64, read: (_ offset: Int64, _ length: Int, _ into: UnsafeMutableRawPointer) throws -> Void
     ) throws -> [UInt8] {
@@ -237,12 +237,12 @@ public enum PackFormat {
     }
 
     /// Reads and parses the header of a stored pack.
-    static func readHeader(from backend: any Backend, name: String, aead: AESGCM? = nil) throws -> [PackEntry] {
+    static func readHeader(from storage: any Storage, name: String, aead: AESGCM? = nil) throws -> [PackEntry] {
         let what = "pack \(name)"
         do {
-            let size = try backend.size(.pack, name)
+            let size = try storage.size(.pack, name)
             let header = try readHeaderBytes(size: size) {
-                try backend.read(.pack, name, offset: $0, length: $1, into: $2)
+                try storage.read(.pack, name, offset: $0, length: $1, into: $2)
             }
             return try parseHeader(header, packSize: size, aead: aead)
         } catch let e as PackError {

@@ -194,10 +194,10 @@ package func makeDirectories(_ path: String, mode: mode_t = 0o700) throws {
     }
 }
 
-/// Writes a file durably and atomically: temp file in the same directory, fsync,
-/// rename over `path`, fsync the directory.
+/// Writes a file durably and atomically: `fill` writes a temp file in the same
+/// directory, then fsync, rename over `path`, fsync the directory.
 func writeFileAtomically(
-    _ path: String, _ bytes: UnsafeRawBufferPointer, mode: mode_t = 0o600, durable: Bool = true
+    _ path: String, mode: mode_t = 0o600, durable: Bool = true, fill: (_ fd: Int32, _ tmp: String) throws -> Void
 )
     throws
 {
@@ -206,7 +206,7 @@ func writeFileAtomically(
     let fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, mode)
     if fd < 0 { throw ioError("create", tmp) }
     do {
-        try writeAll(fd, bytes, path: tmp)
+        try fill(fd, tmp)
         if durable && fsync(fd) != 0 { throw ioError("fsync", tmp) }
     } catch {
         close(fd)
@@ -223,12 +223,46 @@ func writeFileAtomically(
 }
 
 func writeFileAtomically(
+    _ path: String, _ bytes: UnsafeRawBufferPointer, mode: mode_t = 0o600, durable: Bool = true
+)
+    throws
+{
+    try writeFileAtomically(path, mode: mode, durable: durable) { fd, tmp in try writeAll(fd, bytes, path: tmp) }
+}
+
+func writeFileAtomically(
     _ path: String, _ bytes: [UInt8], mode: mode_t = 0o600, durable: Bool = true
 )
     throws
 {
     try bytes.withUnsafeBytes { (raw) throws in
         try writeFileAtomically(path, raw, mode: mode, durable: durable)
+    }
+}
+
+/// A file's size, or `nil` when there is none.
+func fileSize(_ path: String) throws -> Int64? {
+    var st = stat()
+    if stat(path, &st) != 0 {
+        if errno == ENOENT { return nil }
+        throw ioError("stat", path)
+    }
+    return Int64(st.st_size)
+}
+
+/// Copies a file to `path` atomically and durably, a MiB at a time.
+func copyFileAtomically(from source: String, to path: String, durable: Bool) throws {
+    let input = open(source, O_RDONLY | O_CLOEXEC)
+    if input < 0 { throw ioError("open", source) }
+    defer { close(input) }
+    let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 1 << 20, alignment: 16)
+    defer { buffer.deallocate() }
+    try writeFileAtomically(path, durable: durable) { output, tmp in
+        while true {
+            let n = try readFully(input, into: buffer.baseAddress!, count: buffer.count, path: Array(source.utf8))
+            if n == 0 { break }
+            try writeAll(output, UnsafeRawBufferPointer(rebasing: buffer[..<n]), path: tmp)
+        }
     }
 }
 

@@ -4,11 +4,13 @@
     import Darwin
 #endif
 
-/// A repository in a local directory.
+/// A repository in a local directory: the embedded default.
 ///
 /// Layout: `config`, `data/XY/<pack id>` (XY = the first two hex digits),
-/// `snapshots/<snapshot id>`, `keys/<key slot id>`, `index/` (the derived SQLite index), `tmp/`.
-public final class LocalBackend: Backend, @unchecked Sendable {
+/// `snapshots/<snapshot id>`, `keys/<key slot id>`, `index/` (the derived SQLite index), `tmp/`
+/// (packs being built), `lock` (the `flock` file). Lock objects (`locks/`) are never needed
+/// here, since `flock` is the lock, but are stored like any other kind if asked.
+public final class LocalStorage: Storage, @unchecked Sendable {
     // Safe: `openFiles` and `lru` are only touched with `lock` held; the rest is immutable.
     public let root: String
     public var location: String { root }
@@ -42,13 +44,22 @@ public final class LocalBackend: Backend, @unchecked Sendable {
         case .pack: return root + "/data/" + name.prefix(2) + "/" + name
         case .snapshot: return root + "/snapshots/" + name
         case .key: return root + "/keys/" + name
+        case .lock: return root + "/locks/" + name
         }
     }
 
-    public func exists() -> Bool { fileExists(root + "/config") }
+    public var capabilities: StorageCapabilities { [.localAndTrusted] }
+
+    public var workingDirectory: String? { root }
+
+    public func missingRepositoryError() -> CABackupError {
+        if fileExists(root) && !isDirectory(root) { return .badConfig(path: root, reason: "not a directory") }
+        if isDirectory(root), (try? readDirectory(Array(root.utf8)))?.isEmpty == false { return .notARepository(root) }
+        return .repositoryNotFound(root)
+    }
 
     /// Throws unless the root is missing or an empty directory.
-    func checkEmpty() throws {
+    public func checkCanCreate() throws {
         if fileExists(root) {
             guard isDirectory(root) else { throw CABackupError.repositoryExists(root) }
             let names = try readDirectory(Array(root.utf8))
@@ -57,7 +68,7 @@ public final class LocalBackend: Backend, @unchecked Sendable {
     }
 
     public func create() throws {
-        try checkEmpty()
+        try checkCanCreate()
         try makeDirectories(root)
         for sub in ["data", "snapshots", "keys", "index", "tmp"] {
             try makeDirectories(root + "/" + sub)
@@ -71,13 +82,15 @@ public final class LocalBackend: Backend, @unchecked Sendable {
     public func list(_ kind: FileKind) throws -> [String] {
         switch kind {
         case .config:
-            return exists() ? ["config"] : []
+            return fileExists(root + "/config") ? ["config"] : []
         case .snapshot:
             return try readDirectory(Array((root + "/snapshots").utf8)).compactMap(Self.idName)
-        case .key:
-            // Repositories made before encryption existed have no keys/ directory.
-            guard isDirectory(root + "/keys") else { return [] }
-            return try readDirectory(Array((root + "/keys").utf8)).compactMap(Self.idName)
+        case .key, .lock:
+            // Repositories made before encryption existed have no keys/ directory; locks/
+            // is made by the first lock object.
+            let dir = root + (kind == .key ? "/keys" : "/locks")
+            guard isDirectory(dir) else { return [] }
+            return try readDirectory(Array(dir.utf8)).compactMap(Self.idName)
         case .pack:
             var out: [String] = []
             for sub in try readDirectory(Array((root + "/data").utf8)) {
@@ -95,17 +108,12 @@ public final class LocalBackend: Backend, @unchecked Sendable {
         return ObjectID(hex: s) != nil ? s : nil
     }
 
-    public var isLocalAndTrusted: Bool { true }
-
     public func read(_ kind: FileKind, _ name: String) throws -> [UInt8] {
         try readSmallFile(path(kind, name), limit: kind.maxWholeFileSize)
     }
 
-    public func size(_ kind: FileKind, _ name: String) throws -> Int64 {
-        var st = stat()
-        let p = path(kind, name)
-        if stat(p, &st) != 0 { throw ioError("stat", p) }
-        return Int64(st.st_size)
+    public func stat(_ kind: FileKind, _ name: String) throws -> Int64? {
+        try fileSize(path(kind, name))
     }
 
     public func read(
@@ -131,16 +139,15 @@ public final class LocalBackend: Backend, @unchecked Sendable {
         return f
     }
 
-    public func write(_ kind: FileKind, _ name: String, _ bytes: UnsafeRawBufferPointer) throws {
+    public func put(_ kind: FileKind, _ name: String, bytes: UnsafeRawBufferPointer) throws {
         let p = path(kind, name)
         if kind == .config && fileExists(p) { throw CABackupError.repositoryExists(root) }
+        if kind == .lock && !isDirectory(root + "/locks") { try makeDirectories(root + "/locks") }
         try writeFileAtomically(p, bytes, mode: 0o600, durable: durable)
     }
 
-    public var temporaryDirectory: String { root + "/tmp" }
-
     /// `flock` on `<repo>/lock`: the kernel drops it when the process exits, however it exits.
-    public func lock(exclusive: Bool) throws -> RepositoryLock {
+    public func nativeLock(exclusive: Bool) throws -> RepositoryLock? {
         let p = root + "/lock"
         let fd = open(p, O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
         if fd < 0 { throw ioError("open", p) }
@@ -158,10 +165,21 @@ public final class LocalBackend: Backend, @unchecked Sendable {
         return RepositoryLock { close(fd) }
     }
 
-    public func store(_ kind: FileKind, _ name: String, fd: Int32, temporaryPath: String) throws {
+    /// Renames the file in (after an `fsync`); a file on another file system is copied.
+    public func put(_ kind: FileKind, _ name: String, file: String) throws {
+        defer { unlink(file) }
         let p = path(kind, name)
-        if durable && fsync(fd) != 0 { throw ioError("fsync", temporaryPath) }
-        if rename(temporaryPath, p) != 0 { throw ioError("rename", p) }
+        if kind == .config { throw CABackupError.invalidArgument("a config is stored from bytes, not from a file") }
+        if durable {
+            let fd = open(file, O_RDONLY | O_CLOEXEC)
+            if fd < 0 { throw ioError("open", file) }
+            defer { close(fd) }
+            if fsync(fd) != 0 { throw ioError("fsync", file) }
+        }
+        if rename(file, p) != 0 {
+            guard errno == EXDEV else { throw ioError("rename", p) }
+            try copyFileAtomically(from: file, to: p, durable: durable)
+        }
         if durable { try fsyncDirectory(String(p[..<p.lastIndex(of: "/")!])) }
     }
 

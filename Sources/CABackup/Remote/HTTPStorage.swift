@@ -10,12 +10,14 @@ import Synchronization
 /// A repository in a private data space on a `cabackup server`, reached over HTTP(S).
 /// The API is in `docs/http-api.md`: one path per kind of file under `/v1/space/`, range
 /// reads for packs, deletes as their own calls, and a lease-based server-side lock.
-public final class HTTPBackend: Backend, @unchecked Sendable {
+public final class HTTPStorage: Storage, SpaceServices, @unchecked Sendable {
     // Safe: all stored properties are immutable and Sendable.
     let remote: RemoteLocation
     let client: RemoteClient
     public var location: String { remote.description }
-    public let temporaryDirectory: String
+    /// The server checks every upload (names, sealed headers) and refuses a second config.
+    public var capabilities: StorageCapabilities { [.writeOnceConfig, .verifiesUploads] }
+    public var space: (any SpaceServices)? { self }
 
     /// - Parameters:
     ///   - remote: the server and account.
@@ -30,8 +32,6 @@ public final class HTTPBackend: Backend, @unchecked Sendable {
         self.remote = remote
         self.client = try RemoteClient(
             server: remote.serverURL, user: remote.user, token: token, caCertificate: caCertificate)
-        temporaryDirectory = cacheDirectory("tmp-" + String(sha256(Array(remote.description.utf8)).hex.prefix(16)))
-        try makeDirectories(temporaryDirectory)
     }
 
     static func path(_ kind: FileKind, _ name: String? = nil) -> String {
@@ -41,14 +41,25 @@ public final class HTTPBackend: Backend, @unchecked Sendable {
         case .pack: base = "/v1/space/packs"
         case .snapshot: base = "/v1/space/snapshots"
         case .key: base = "/v1/space/keys"
+        case .lock: base = "/v1/space/lock-objects"  // not served: a space has leases
         }
         return name.map { base + "/" + $0 } ?? base
     }
 
-    public func exists() throws -> Bool {
-        // GET, not HEAD: an error answer then carries its message.
-        try client.call(.GET, Self.path(.config), accept: [200, 404], limit: FileKind.config.maxWholeFileSize).status
-            == 200
+    public func stat(_ kind: FileKind, _ name: String) throws -> Int64? {
+        if kind == .config {
+            // GET, not HEAD: an error answer then carries its message.
+            let reply = try client.call(
+                .GET, Self.path(.config), accept: [200, 404], limit: FileKind.config.maxWholeFileSize)
+            return reply.status == 200 ? Int64(reply.body.count) : nil
+        }
+        if kind == .lock { return nil }
+        let reply = try client.call(.HEAD, Self.path(kind, name), accept: [200, 404])
+        if reply.status == 404 { return nil }
+        guard let s = reply.headers.first(name: "X-Cabackup-Size"), let n = Int64(s), n >= 0 else {
+            throw CABackupError.remote(status: reply.status, message: "the server sent no size for \(kind) \(name)")
+        }
+        return n
     }
 
     /// The space is made by `register`; creating a repository in it only needs it empty.
@@ -58,6 +69,7 @@ public final class HTTPBackend: Backend, @unchecked Sendable {
 
     public func list(_ kind: FileKind) throws -> [String] {
         if kind == .config { return try exists() ? ["config"] : [] }
+        if kind == .lock { return [] }
         // 64 hex digits, quotes and a comma a name: a listing of 2²² packs (64 TiB) fits.
         let reply = try client.call(.GET, Self.path(kind), limit: 300 << 20)
         guard let names = try? JSONDecoder().decode([String].self, from: Data(reply.body)) else {
@@ -86,25 +98,18 @@ public final class HTTPBackend: Backend, @unchecked Sendable {
         reply.buffer.withUnsafeReadableBytes { buffer.copyMemory(from: $0.baseAddress!, byteCount: length) }
     }
 
-    public func size(_ kind: FileKind, _ name: String) throws -> Int64 {
-        let reply = try client.call(.HEAD, Self.path(kind, name))
-        guard let s = reply.headers.first(name: "X-Cabackup-Size"), let n = Int64(s) else {
-            throw CABackupError.remote(status: reply.status, message: "the server sent no size for \(kind) \(name)")
-        }
-        return n
-    }
-
-    public func write(_ kind: FileKind, _ name: String, _ bytes: UnsafeRawBufferPointer) throws {
+    /// A snapshot record goes up as a commit naming no references (the server checks
+    /// nothing more for it); everything else as it is.
+    public func put(_ kind: FileKind, _ name: String, bytes: UnsafeRawBufferPointer) throws {
+        if kind == .snapshot { return try commitSnapshot(name, bytes, references: []) }
         _ = try client.call(
             .PUT, Self.path(kind, kind == .config ? nil : name),
             headers: [("Content-Type", "application/octet-stream")], body: Array(bytes), accept: [200, 201])
     }
 
-    public var checksSnapshotReferences: Bool { true }
-
     /// Uploads a snapshot record with the ids of the blobs it references; the server
     /// stores it only when it holds every one of them.
-    public func writeSnapshot(_ name: String, _ bytes: UnsafeRawBufferPointer, references: [BlobID]) throws {
+    public func commitSnapshot(_ name: String, _ bytes: UnsafeRawBufferPointer, references: [BlobID]) throws {
         var body = ByteWriter(capacity: 4 + bytes.count + 32 * references.count)
         body.u32(UInt32(bytes.count))
         body.append(Array(bytes))
@@ -114,17 +119,18 @@ public final class HTTPBackend: Backend, @unchecked Sendable {
             body: body.bytes, accept: [200, 201])
     }
 
-    /// Uploads a finished pack (one pack is the most a request buffers) and removes the
-    /// temporary file.
-    public func store(_ kind: FileKind, _ name: String, fd: Int32, temporaryPath: String) throws {
-        // `fd` is write-only: read the finished file through a descriptor of our own.
+    /// Uploads a finished file (one pack is the most a request buffers) and removes it.
+    public func put(_ kind: FileKind, _ name: String, file temporaryPath: String) throws {
+        defer { unlink(temporaryPath) }
         let rfd = open(temporaryPath, O_RDONLY | O_CLOEXEC)
         if rfd < 0 { throw ioError("open", temporaryPath) }
         defer { close(rfd) }
-        var st = stat()
-        if fstat(rfd, &st) != 0 { throw ioError("stat", temporaryPath) }
+        guard let size64 = try fileSize(temporaryPath) else { throw ioError("stat", temporaryPath, ENOENT) }
+        let size = Int(size64)
+        guard size <= FileKind.pack.maxWholeFileSize else {
+            throw CABackupError.invalidArgument("\(temporaryPath) is \(size) bytes, more than a pack may be")
+        }
         // Read straight into the buffer the HTTP client sends from: one copy of the pack.
-        let size = Int(st.st_size)
         var buffer = ByteBufferAllocator().buffer(capacity: size)
         try buffer.writeWithUnsafeMutableBytes(minimumWritableBytes: size) { (raw) throws in
             try preadFully(rfd, into: raw.baseAddress!, count: size, offset: 0, path: temporaryPath)
@@ -133,7 +139,6 @@ public final class HTTPBackend: Backend, @unchecked Sendable {
         _ = try client.call(
             .PUT, Self.path(kind, name), headers: [("Content-Type", "application/octet-stream")], buffer: buffer,
             accept: [200, 201])
-        unlink(temporaryPath)
     }
 
     /// Which of `ids` the space holds no pack for.
@@ -151,7 +156,7 @@ public final class HTTPBackend: Backend, @unchecked Sendable {
 
     /// A lease on the server, renewed every 20 s by a thread until released; a client
     /// that dies stops renewing and the lease lapses after 60 s.
-    public func lock(exclusive: Bool) throws -> RepositoryLock {
+    public func nativeLock(exclusive: Bool) throws -> RepositoryLock? {
         let body = Array(#"{"exclusive":\#(exclusive)}"#.utf8)
         let reply = try client.call(
             .POST, "/v1/space/locks", headers: [("Content-Type", "application/json")], body: body,
