@@ -9,7 +9,10 @@ let package = Package(
     name: "cabackup",
     platforms: [.macOS(.v14)],
     products: [
+        // The engine and local repositories: builds and links no network stack.
         .library(name: "CABackup", targets: ["CABackup"]),
+        // Remote storages (a private data space on a cabackup server over HTTP(S)).
+        .library(name: "CABackupRemote", targets: ["CABackupRemote"]),
         .executable(name: "cabackup", targets: ["cabackup"]),
     ],
     dependencies: [
@@ -30,14 +33,20 @@ let package = Package(
         .target(name: "CScrypt"),
         .target(
             name: "CABackup",
+            dependencies: ["CLZ4", "COpenSSL", "CSQLite", "CScrypt"],
+            swiftSettings: testHooks
+        ),
+        // The client of a private data space: HTTPStorage, accounts, tokens. The only
+        // target of the engine's that links SwiftNIO and AsyncHTTPClient.
+        .target(
+            name: "CABackupRemote",
             dependencies: [
-                "CLZ4", "COpenSSL", "CSQLite", "CScrypt",
+                "CABackup",
                 .product(name: "AsyncHTTPClient", package: "async-http-client"),
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOHTTP1", package: "swift-nio"),
                 .product(name: "NIOSSL", package: "swift-nio-ssl"),
-            ],
-            swiftSettings: testHooks
+            ]
         ),
         // The private-data-space server: accounts, tokens and one repository per user.
         .target(
@@ -57,6 +66,7 @@ let package = Package(
             name: "cabackup",
             dependencies: [
                 "CABackup",
+                "CABackupRemote",
                 "CABackupServer",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ],
@@ -70,11 +80,11 @@ let package = Package(
         ),
         .testTarget(
             name: "CABackupTests",
-            dependencies: ["CABackup"]
+            dependencies: ["CABackup", "CABackupRemote"]
         ),
         .testTarget(
             name: "CLITests",
-            dependencies: ["cabackup", "library-example", "CABackup", "CABackupServer"],
+            dependencies: ["cabackup", "library-example", "CABackup", "CABackupRemote", "CABackupServer"],
             exclude: ["treetool.py", "httptool.py", "hostileproxy.py", "abusetool.py"]
         ),
     ],

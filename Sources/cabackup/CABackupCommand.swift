@@ -1,5 +1,6 @@
 import ArgumentParser
 import CABackup
+import CABackupRemote
 
 #if canImport(Glibc)
     import Glibc

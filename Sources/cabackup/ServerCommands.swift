@@ -1,5 +1,6 @@
 import ArgumentParser
 import CABackup
+import CABackupRemote
 import CABackupServer
 import Foundation
 

@@ -1,6 +1,7 @@
 import Testing
 
 @testable import CABackup
+@testable import CABackupRemote
 
 @Suite("Remote locations, account names and login secrets")
 struct RemoteTests {

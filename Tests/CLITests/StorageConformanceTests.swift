@@ -1,4 +1,5 @@
 import CABackup
+import CABackupRemote
 import Foundation
 import Testing
 

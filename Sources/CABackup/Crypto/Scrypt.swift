@@ -31,7 +31,7 @@ import CScrypt
 ///   - halfMemory: keep half a table per thread (see above).
 ///   - pairs: mix two lanes at once when the CPU can (``scryptPairsSupported``).
 /// - Throws: ``CABackupError/invalidArgument(_:)`` when the parameters are out of range.
-func scrypt(
+package func scrypt(
     password: [UInt8], salt: [UInt8], n: UInt64, r: UInt64, p: UInt64, length: Int, threads: Int = 1,
     halfMemory: Bool = false, pairs: Bool = scryptPairsSupported
 ) throws -> [UInt8] {

@@ -204,7 +204,7 @@ package func isObjectName(_ s: String) -> Bool {
 
 /// The stored form of a small JSON file (config, key slot, credentials): pretty-printed,
 /// keys sorted, one trailing newline.
-func jsonFile(_ value: some Encodable) -> [UInt8] {
+package func jsonFile(_ value: some Encodable) -> [UInt8] {
     let enc = JSONEncoder()
     enc.outputFormatting = [.prettyPrinted, .sortedKeys]
     return Array(try! enc.encode(value)) + [0x0A]

@@ -43,7 +43,7 @@ package enum KnownRepositories {
         }
     }
 
-    static var directory: String { CredentialStore.directory + "/known-repositories" }
+    static var directory: String { configDirectory() + "/known-repositories" }
 
     static func path(_ location: String) -> String { directory + "/" + sha256(Array(location.utf8)).hex + ".json" }
 
@@ -73,7 +73,7 @@ package enum KnownRepositories {
             return nil
         } catch {
             return
-                "cannot remember the config of \(location) in \(directory) (\(CABackupError(error))): this device will not notice if it is changed; make \(CredentialStore.directory) writable or set XDG_CONFIG_HOME"
+                "cannot remember the config of \(location) in \(directory) (\(CABackupError(error))): this device will not notice if it is changed; make \(configDirectory()) writable or set XDG_CONFIG_HOME"
         }
     }
 }

@@ -8,10 +8,11 @@ import Synchronization
 /// A holder writes its lock object, then lists the others: a conflicting one that is
 /// not stale makes it remove its own and fail with ``CABackupError/locked(_:)``. (Two
 /// holders that write at the same moment may both back off; neither goes ahead wrongly.)
-/// While held, a thread replaces the object with a fresh one every ``refreshInterval``;
-/// an object not refreshed for ``staleAfter`` (a process that died, a machine that
-/// lost power) is stale: others ignore it and the next exclusive holder removes it. So
-/// a crash never needs a manual unlock, only a wait of at most ``staleAfter``.
+/// While held, a thread replaces the object with a fresh one every refresh interval
+/// (``defaultRefreshInterval``); an object not refreshed for the stale time
+/// (``defaultStaleAfter``: a process that died, a machine that lost power) is stale:
+/// others ignore it and the next exclusive holder removes it. So a crash never needs a
+/// manual unlock, only a wait of at most the stale time.
 ///
 /// A lock object holds only its mode, its times and a random tag (no host or user
 /// names, which an encrypted repository keeps from its storage). A hostile storage can

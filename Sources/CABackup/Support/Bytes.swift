@@ -1,13 +1,13 @@
 /// Appends little-endian integers, varints and byte strings to a growing buffer.
 /// Used by every binary format in the repository (pack headers, trees).
-struct ByteWriter {
-    var bytes: [UInt8] = []
+package struct ByteWriter {
+    package var bytes: [UInt8] = []
 
-    init(capacity: Int = 0) { bytes.reserveCapacity(capacity) }
+    package init(capacity: Int = 0) { bytes.reserveCapacity(capacity) }
 
-    mutating func u8(_ v: UInt8) { bytes.append(v) }
+    package mutating func u8(_ v: UInt8) { bytes.append(v) }
 
-    mutating func u32(_ v: UInt32) {
+    package mutating func u32(_ v: UInt32) {
         bytes.append(UInt8(truncatingIfNeeded: v))
         bytes.append(UInt8(truncatingIfNeeded: v >> 8))
         bytes.append(UInt8(truncatingIfNeeded: v >> 16))
@@ -15,7 +15,7 @@ struct ByteWriter {
     }
 
     /// Unsigned LEB128.
-    mutating func varint(_ v: UInt64) {
+    package mutating func varint(_ v: UInt64) {
         var v = v
         while v >= 0x80 {
             bytes.append(UInt8(truncatingIfNeeded: v) | 0x80)
@@ -25,13 +25,13 @@ struct ByteWriter {
     }
 
     /// Zig-zag then LEB128, for signed values such as timestamps before 1970.
-    mutating func svarint(_ v: Int64) {
+    package mutating func svarint(_ v: Int64) {
         varint(UInt64(bitPattern: (v << 1) ^ (v >> 63)))
     }
 
-    mutating func append(_ b: some Sequence<UInt8>) { bytes.append(contentsOf: b) }
+    package mutating func append(_ b: some Sequence<UInt8>) { bytes.append(contentsOf: b) }
 
-    mutating func id(_ id: ObjectID) { id.withUnsafeBytes { bytes.append(contentsOf: $0) } }
+    package mutating func id(_ id: ObjectID) { id.withUnsafeBytes { bytes.append(contentsOf: $0) } }
 }
 
 /// Reads what ``ByteWriter`` writes, with bounds checks on every read: parsers built

@@ -167,6 +167,6 @@ package func startThread(_ body: @escaping @Sendable () -> Void) -> pthread_t {
     #endif
 }
 
-func joinThread(_ t: pthread_t) {
+package func joinThread(_ t: pthread_t) {
     pthread_join(t, nil)
 }

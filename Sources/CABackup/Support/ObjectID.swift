@@ -124,7 +124,7 @@ package func hexString(_ bytes: some Sequence<UInt8>) -> String {
 }
 
 /// Decodes hex of any even length; `nil` when malformed.
-func bytesFromHex(_ hex: String) -> [UInt8]? {
+package func bytesFromHex(_ hex: String) -> [UInt8]? {
     let utf8 = Array(hex.utf8)
     guard utf8.count % 2 == 0 else { return nil }
     var out = [UInt8]()

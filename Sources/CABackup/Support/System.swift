@@ -1,3 +1,5 @@
+import Foundation
+
 #if canImport(Glibc)
     import Glibc
 #elseif canImport(Musl)
@@ -9,7 +11,7 @@
 /// Thin wrappers over POSIX calls. Paths are byte arrays (file names need not be UTF-8);
 /// every failure becomes a ``CABackupError/io(operation:path:errno:)``.
 
-func errnoDescription(_ e: Int32) -> String {
+package func errnoDescription(_ e: Int32) -> String {
     String(cString: strerror(e))
 }
 
@@ -49,11 +51,11 @@ func withCPath<R>(_ path: [UInt8], _ body: (UnsafePointer<CChar>) throws -> R) r
     }
 }
 
-func ioError(_ op: String, _ path: [UInt8], _ e: Int32 = errno) -> CABackupError {
+package func ioError(_ op: String, _ path: [UInt8], _ e: Int32 = errno) -> CABackupError {
     .io(operation: op, path: displayPath(path), errno: e)
 }
 
-func ioError(_ op: String, _ path: String, _ e: Int32 = errno) -> CABackupError {
+package func ioError(_ op: String, _ path: String, _ e: Int32 = errno) -> CABackupError {
     .io(operation: op, path: path, errno: e)
 }
 
@@ -196,7 +198,7 @@ package func makeDirectories(_ path: String, mode: mode_t = 0o700) throws {
 
 /// Writes a file durably and atomically: `fill` writes a temp file in the same
 /// directory, then fsync, rename over `path`, fsync the directory.
-func writeFileAtomically(
+package func writeFileAtomically(
     _ path: String, mode: mode_t = 0o600, durable: Bool = true, fill: (_ fd: Int32, _ tmp: String) throws -> Void
 )
     throws
@@ -222,7 +224,7 @@ func writeFileAtomically(
     if durable { try fsyncDirectory(dir.isEmpty ? "." : dir) }
 }
 
-func writeFileAtomically(
+package func writeFileAtomically(
     _ path: String, _ bytes: UnsafeRawBufferPointer, mode: mode_t = 0o600, durable: Bool = true
 )
     throws
@@ -230,7 +232,7 @@ func writeFileAtomically(
     try writeFileAtomically(path, mode: mode, durable: durable) { fd, tmp in try writeAll(fd, bytes, path: tmp) }
 }
 
-func writeFileAtomically(
+package func writeFileAtomically(
     _ path: String, _ bytes: [UInt8], mode: mode_t = 0o600, durable: Bool = true
 )
     throws
@@ -241,7 +243,7 @@ func writeFileAtomically(
 }
 
 /// A file's size, or `nil` when there is none.
-func fileSize(_ path: String) throws -> Int64? {
+package func fileSize(_ path: String) throws -> Int64? {
     var st = stat()
     if stat(path, &st) != 0 {
         if errno == ENOENT { return nil }
@@ -267,7 +269,7 @@ func copyFileAtomically(from source: String, to path: String, durable: Bool) thr
 }
 
 /// Reads a whole small file (config, snapshot record).
-func readSmallFile(_ path: String, limit: Int = 64 << 20) throws -> [UInt8] {
+package func readSmallFile(_ path: String, limit: Int = 64 << 20) throws -> [UInt8] {
     let fd = open(path, O_RDONLY | O_CLOEXEC)
     if fd < 0 { throw ioError("open", path) }
     defer { close(fd) }
@@ -411,4 +413,26 @@ func parseCPUMax(_ text: String) -> Int? {
         return nil
     }
     return Int(min((quota + period - 1) / period, 1 << 20))
+}
+
+/// Where a repository on a storage without a working directory keeps its index and the
+/// packs being built:
+/// `$XDG_CACHE_HOME/cabackup/<key>/` (else `~/.cache/cabackup/<key>/`).
+package func cacheDirectory(_ key: String) -> String {
+    let env = ProcessInfo.processInfo.environment
+    let base: String
+    if let x = env["XDG_CACHE_HOME"], !x.isEmpty {
+        base = x + "/cabackup"
+    } else {
+        base = (env["HOME"] ?? "/root") + "/.cache/cabackup"
+    }
+    return base + "/" + key
+}
+
+/// This user's cabackup settings: `$XDG_CONFIG_HOME/cabackup` (else `~/.config/cabackup`),
+/// where tokens and the configs of known repositories are kept.
+package func configDirectory() -> String {
+    let env = ProcessInfo.processInfo.environment
+    if let x = env["XDG_CONFIG_HOME"], !x.isEmpty { return x + "/cabackup" }
+    return (env["HOME"] ?? "/root") + "/.config/cabackup"
 }

@@ -1,4 +1,5 @@
 import AsyncHTTPClient
+import CABackup
 import Foundation
 import NIOCore
 import NIOHTTP1
@@ -58,7 +59,7 @@ final class RemoteClient: Sendable {
     static let smallReply = 1 << 20
 
     /// Sends one request; statuses in `accept` are returned, every other status and every
-    /// transport error becomes a one-line ``CABackupError``. An answer whose body is longer
+    /// transport error becomes a one-line `CABackupError`. An answer whose body is longer
     /// than `limit` (what the call can legitimately get back) is refused as soon as its
     /// length is announced or reached, so a hostile server cannot make the client buffer
     /// more than that.

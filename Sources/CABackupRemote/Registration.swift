@@ -1,3 +1,5 @@
+import CABackup
+
 /// Remote storages: what a program registers to open `http(s)://` locations.
 public enum CABackupRemote {
     /// Makes `http://NAME@HOST:PORT[/PREFIX]` and `https://…` locations open as private

@@ -1,3 +1,4 @@
+import CABackup
 import Foundation
 import NIOCore
 import NIOHTTP1

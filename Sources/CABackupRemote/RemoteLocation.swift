@@ -1,3 +1,4 @@
+import CABackup
 import Foundation
 
 /// A repository on a `cabackup server`: `http://NAME@HOST:PORT[/PREFIX]` (https with TLS).
@@ -79,15 +80,6 @@ public struct RemoteLocation: Sendable, Equatable, CustomStringConvertible {
     }
 }
 
-/// Account names: 1-64 characters of `a-z 0-9 . _ -`, and not `.` or `..` (a name becomes
-/// a directory on the server, so it is checked on both sides).
-public func isValidUserName(_ s: String) -> Bool {
-    let ok = s.utf8.allSatisfy { c in
-        (c >= 0x61 && c <= 0x7A) || (c >= 0x30 && c <= 0x39) || c == 0x2E || c == 0x5F || c == 0x2D
-    }
-    return ok && !s.isEmpty && s.utf8.count <= 64 && s != "." && s != ".."
-}
-
 /// The login secret of scheme 1, for servers and accounts that predate scheme 2: scrypt
 /// of the password salted with the account name only, so it is the same on every server
 /// where the name and password are. A client that has seen scheme 2 at a server never
@@ -145,10 +137,7 @@ public enum CredentialStore {
     }
 
     /// The directory holding the file.
-    public static var directory: String {
-        if let x = ProcessInfo.processInfo.environment["XDG_CONFIG_HOME"], !x.isEmpty { return x + "/cabackup" }
-        return (ProcessInfo.processInfo.environment["HOME"] ?? "/root") + "/.config/cabackup"
-    }
+    public static var directory: String { configDirectory() }
 
     static var path: String { directory + "/credentials.json" }
 
@@ -180,17 +169,4 @@ public enum CredentialStore {
         if all[server]?.isEmpty == true { all[server] = nil }
         try save(all)
     }
-}
-
-/// Where a remote repository keeps its local index and temporary packs:
-/// `$XDG_CACHE_HOME/cabackup/<key>/` (else `~/.cache/cabackup/<key>/`).
-func cacheDirectory(_ key: String) -> String {
-    let env = ProcessInfo.processInfo.environment
-    let base: String
-    if let x = env["XDG_CACHE_HOME"], !x.isEmpty {
-        base = x + "/cabackup"
-    } else {
-        base = (env["HOME"] ?? "/root") + "/.cache/cabackup"
-    }
-    return base + "/" + key
 }
