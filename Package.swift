@@ -31,9 +31,22 @@ let package = Package(
         .systemLibrary(name: "CSQLite", providers: [.apt(["libsqlite3-dev"])]),
         // scrypt's ROMix in C with SSE2 (Swift's SIMD types do not compile its shuffles).
         .target(name: "CScrypt"),
+        // The engine, in layers whose imports point one way (docs/architecture.md):
+        // core (ids, errors, bytes, threads, POSIX, SQLite) ← format (pure codecs) ←
+        // CABackup (storage, repository, snapshots; re-exports the layers below).
+        .target(
+            name: "CABackupCore",
+            dependencies: ["CSQLite"],
+            swiftSettings: testHooks
+        ),
+        .target(
+            name: "CABackupFormat",
+            dependencies: ["CABackupCore", "CLZ4", "COpenSSL", "CScrypt"],
+            swiftSettings: testHooks
+        ),
         .target(
             name: "CABackup",
-            dependencies: ["CLZ4", "COpenSSL", "CSQLite", "CScrypt"],
+            dependencies: ["CABackupCore", "CABackupFormat", "CSQLite", "COpenSSL"],
             swiftSettings: testHooks
         ),
         // The client of a private data space: HTTPStorage, accounts, tokens. The only

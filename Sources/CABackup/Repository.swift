@@ -1,3 +1,5 @@
+import CABackupCore
+import CABackupFormat
 #if canImport(Glibc)
     import Glibc
 #elseif canImport(Darwin)

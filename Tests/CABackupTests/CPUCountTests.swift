@@ -1,6 +1,8 @@
 import Testing
 
 @testable import CABackup
+@testable import CABackupCore
+@testable import CABackupFormat
 
 #if canImport(Glibc)
     import Glibc

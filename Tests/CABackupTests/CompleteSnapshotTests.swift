@@ -2,6 +2,8 @@ import Foundation
 import Testing
 
 @testable import CABackup
+@testable import CABackupCore
+@testable import CABackupFormat
 
 @Suite("Index: a snapshot known complete skips the per-chunk check of its unchanged files")
 struct CompleteSnapshotTests {

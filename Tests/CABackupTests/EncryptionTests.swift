@@ -2,6 +2,8 @@ import Foundation
 import Testing
 
 @testable import CABackup
+@testable import CABackupCore
+@testable import CABackupFormat
 
 func bytes(hex: String) -> [UInt8] {
     var out: [UInt8] = []

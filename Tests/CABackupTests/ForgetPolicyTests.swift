@@ -2,6 +2,8 @@ import Foundation
 import Testing
 
 @testable import CABackup
+@testable import CABackupCore
+@testable import CABackupFormat
 
 /// Snapshots at chosen times (UTC), planned with ``ForgetPlan`` directly: no repository.
 @Suite("forget policy: restic's keep rules on fabricated snapshots")

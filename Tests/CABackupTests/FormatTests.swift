@@ -2,6 +2,8 @@ import Foundation
 import Testing
 
 @testable import CABackup
+@testable import CABackupCore
+@testable import CABackupFormat
 
 @Suite("On-disk formats")
 struct FormatTests {

@@ -2,6 +2,8 @@ import Foundation
 import Testing
 
 @testable import CABackup
+@testable import CABackupCore
+@testable import CABackupFormat
 
 /// A seeded random mutator over the parsers of everything read from a repository: they
 /// must reject damaged input with an error, never crash. Seeds are real encoded objects.

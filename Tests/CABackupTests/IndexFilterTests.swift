@@ -2,6 +2,8 @@ import Foundation
 import Testing
 
 @testable import CABackup
+@testable import CABackupCore
+@testable import CABackupFormat
 
 @Suite("Index: the absent-id filter stays a superset of the stored ids")
 struct IndexFilterTests {

@@ -1,6 +1,8 @@
 import Testing
 
 @testable import CABackup
+@testable import CABackupCore
+@testable import CABackupFormat
 
 /// Exclude patterns follow restic's rules: rows from restic's documentation and filter tests.
 @Suite struct PathPatternTests {

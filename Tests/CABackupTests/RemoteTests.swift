@@ -1,6 +1,8 @@
 import Testing
 
 @testable import CABackup
+@testable import CABackupCore
+@testable import CABackupFormat
 @testable import CABackupRemote
 
 @Suite("Remote locations, account names and login secrets")

@@ -2,6 +2,8 @@ import Foundation
 import Testing
 
 @testable import CABackup
+@testable import CABackupCore
+@testable import CABackupFormat
 
 @Suite("Repository: snapshot, index and restore through the library")
 struct RepositoryTests {

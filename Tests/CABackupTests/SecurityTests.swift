@@ -2,6 +2,8 @@ import Foundation
 import Testing
 
 @testable import CABackup
+@testable import CABackupCore
+@testable import CABackupFormat
 
 @Suite("security: the config is authenticated, ids are validated, SQL is bound, key slots are bounded")
 struct SecurityTests {

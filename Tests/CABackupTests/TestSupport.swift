@@ -1,6 +1,8 @@
 import Foundation
 
 @testable import CABackup
+@testable import CABackupCore
+@testable import CABackupFormat
 
 /// Deterministic pseudo-random bytes (SplitMix64), so test data is the same on every run.
 func pseudoRandomBytes(count: Int, seed: UInt64) -> [UInt8] {

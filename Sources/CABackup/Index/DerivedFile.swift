@@ -1,3 +1,5 @@
+import CABackupCore
+import CABackupFormat
 /// Helpers for the files derived from the index and saved beside it (the absent-id filter,
 /// the sorted id table): each begins with a magic string and the index's instance id.
 

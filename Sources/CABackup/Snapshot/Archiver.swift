@@ -1,3 +1,5 @@
+import CABackupCore
+import CABackupFormat
 import Synchronization
 
 #if canImport(Glibc)
@@ -1041,14 +1043,3 @@ func errnoText(_ e: CABackupError) -> String {
 #else
     let openNoAtime: Int32 = 0
 #endif
-
-func wallClockNs() -> Int64 {
-    var ts = timespec()
-    clock_gettime(CLOCK_REALTIME, &ts)
-    return nanoseconds(ts)
-}
-
-func currentUsername() -> String {
-    if let pw = getpwuid(getuid()), let name = pw.pointee.pw_name { return String(cString: name) }
-    return String(getuid())
-}

@@ -1,3 +1,5 @@
+import CABackupCore
+import CABackupFormat
 #if canImport(Glibc)
     import Glibc
 #elseif canImport(Darwin)
@@ -10,7 +12,7 @@ public struct ChangedEntry: Sendable, Equatable {
     public var size: UInt64
     public var type: NodeType
     /// The path as text, invalid UTF-8 escaped as `\xNN`.
-    public var displayPath: String { CABackup.displayPath(path) }
+    public var displayPath: String { CABackupCore.displayPath(path) }
 }
 
 /// What differs between two states of a tree: a snapshot and a newer snapshot

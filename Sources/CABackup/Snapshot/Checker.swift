@@ -1,3 +1,5 @@
+import CABackupCore
+import CABackupFormat
 /// Options for ``Repository/check(options:progress:)``.
 public struct CheckOptions: Sendable {
     /// The fraction of packs (0…1) whose every byte is read and verified: 0 checks

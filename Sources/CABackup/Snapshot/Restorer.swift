@@ -1,3 +1,5 @@
+import CABackupCore
+import CABackupFormat
 import Synchronization
 
 #if canImport(Glibc)
@@ -57,7 +59,7 @@ public struct TreeEntry: Sendable {
     public var path: [UInt8]
     public var node: Node
     /// The path as text, invalid UTF-8 escaped as `\xNN`.
-    public var displayPath: String { CABackup.displayPath(path) }
+    public var displayPath: String { CABackupCore.displayPath(path) }
 }
 
 extension Repository {

@@ -1,3 +1,5 @@
+import CABackupCore
+import CABackupFormat
 import Foundation
 import Synchronization
 

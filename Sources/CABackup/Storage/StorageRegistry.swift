@@ -1,3 +1,5 @@
+import CABackupCore
+import CABackupFormat
 import Synchronization
 
 /// Turns a `--repo` value into a ``Storage``: a local directory for a path, and the
@@ -41,13 +43,7 @@ public enum StorageRegistry {
     /// The scheme `s` starts with, by restic's rule: `[a-z0-9]+:` followed by more
     /// (`http://…`, `s3:…`, `sftp:host:/x`, `b2:bucket`); nil for a local path. A local
     /// path with a colon in its first component is written `./name:x` or absolute.
-    public static func scheme(of s: String) -> Substring? {
-        guard let colon = s.firstIndex(of: ":"), colon > s.startIndex, s.index(after: colon) < s.endIndex else {
-            return nil
-        }
-        let scheme = s[..<colon]
-        return scheme.utf8.allSatisfy { ($0 >= 0x61 && $0 <= 0x7A) || ($0 >= 0x30 && $0 <= 0x39) } ? scheme : nil
-    }
+    public static func scheme(of s: String) -> Substring? { locationScheme(s) }
 
     /// `location` made absolute when it is a local path; URLs are returned unchanged.
     public static func canonical(_ location: String) -> String {

@@ -1,3 +1,5 @@
+import CABackupCore
+import CABackupFormat
 /// The engine's inner primitives, for the benchmark suite in `Benchmarks/` to measure
 /// alone. Not API: `@_spi(Benchmarks)` may change without notice.
 @_spi(Benchmarks) public enum Primitives {

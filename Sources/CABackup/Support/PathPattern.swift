@@ -1,3 +1,5 @@
+import CABackupCore
+import CABackupFormat
 /// The `--exclude` and `--iexclude` patterns of one backup, compiled once and matched against
 /// absolute byte paths with restic's rules.
 ///

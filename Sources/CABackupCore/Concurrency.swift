@@ -8,12 +8,12 @@ import Synchronization
 
 /// A mutex and condition variable over POSIX primitives, for the pipeline's worker
 /// threads (which block, so they are plain threads rather than Swift tasks).
-final class Condition: @unchecked Sendable {
+package final class Condition: @unchecked Sendable {
     // Safe: the pthread objects are heap-allocated once, never moved, freed in deinit.
     private let mutex = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
     private let cond = UnsafeMutablePointer<pthread_cond_t>.allocate(capacity: 1)
 
-    init() {
+    package init() {
         pthread_mutex_init(mutex, nil)
         pthread_cond_init(cond, nil)
     }
@@ -25,14 +25,14 @@ final class Condition: @unchecked Sendable {
         cond.deallocate()
     }
 
-    func lock() { pthread_mutex_lock(mutex) }
-    func unlock() { pthread_mutex_unlock(mutex) }
-    func wait() { pthread_cond_wait(cond, mutex) }
-    func broadcast() { pthread_cond_broadcast(cond) }
-    func signal() { pthread_cond_signal(cond) }
+    package func lock() { pthread_mutex_lock(mutex) }
+    package func unlock() { pthread_mutex_unlock(mutex) }
+    package func wait() { pthread_cond_wait(cond, mutex) }
+    package func broadcast() { pthread_cond_broadcast(cond) }
+    package func signal() { pthread_cond_signal(cond) }
 
     @inline(__always)
-    func locked<R>(_ body: () throws -> R) rethrows -> R {
+    package func locked<R>(_ body: () throws -> R) rethrows -> R {
         lock()
         defer { unlock() }
         return try body()
@@ -46,7 +46,7 @@ final class Condition: @unchecked Sendable {
 /// consumer, and a producer waiting on a full queue is woken once it is half empty. With
 /// a job pushed per small file, waking every worker per push, or the walk per pop, cost
 /// more than the job.
-final class BlockingQueue<Element>: @unchecked Sendable {
+package final class BlockingQueue<Element>: @unchecked Sendable {
     // Safe: every access to `items`, `head` and `closed` holds `mutex`; the pthread
     // objects are heap-allocated once, never moved, freed in deinit.
     private let mutex = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
@@ -57,7 +57,7 @@ final class BlockingQueue<Element>: @unchecked Sendable {
     private var closed = false
     private let capacity: Int
 
-    init(capacity: Int) {
+    package init(capacity: Int) {
         self.capacity = max(1, capacity)
         pthread_mutex_init(mutex, nil)
         pthread_cond_init(notEmpty, nil)
@@ -75,7 +75,7 @@ final class BlockingQueue<Element>: @unchecked Sendable {
 
     /// Adds an element; returns `false` (dropping it) when the queue is closed.
     @discardableResult
-    func push(_ e: Element) -> Bool {
+    package func push(_ e: Element) -> Bool {
         pthread_mutex_lock(mutex)
         defer { pthread_mutex_unlock(mutex) }
         while items.count - head >= capacity && !closed { pthread_cond_wait(notFull, mutex) }
@@ -85,7 +85,7 @@ final class BlockingQueue<Element>: @unchecked Sendable {
         return true
     }
 
-    func pop() -> Element? {
+    package func pop() -> Element? {
         pthread_mutex_lock(mutex)
         defer { pthread_mutex_unlock(mutex) }
         while items.count == head && !closed { pthread_cond_wait(notEmpty, mutex) }
@@ -104,7 +104,7 @@ final class BlockingQueue<Element>: @unchecked Sendable {
         return e!
     }
 
-    func close() {
+    package func close() {
         pthread_mutex_lock(mutex)
         closed = true
         pthread_cond_broadcast(notEmpty)

@@ -1,3 +1,4 @@
+import CABackupCore
 /// The first index in `from..<to` whose byte is not `byte` (`to` if none).
 @usableFromInline @inline(__always)
 func runEnd(_ p: UnsafePointer<UInt8>, from: Int, to end: Int, byte: UInt8) -> Int {

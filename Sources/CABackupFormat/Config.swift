@@ -1,3 +1,4 @@
+import CABackupCore
 import Foundation
 
 /// The repository config: the one file written at `init` and never changed.
@@ -60,7 +61,7 @@ public struct RepositoryConfig: Sendable, Equatable {
 
     /// The stored file. `keys` seals the chunker parameters and must be given exactly
     /// when the config is encrypted.
-    func encoded(keys: RepositoryKeys? = nil) -> [UInt8] {
+    package func encoded(keys: RepositoryKeys? = nil) -> [UInt8] {
         precondition(isEncrypted == (keys != nil))
         var file = ConfigFile(
             formatVersion: formatVersion, id: id, chunker: chunker, sealedChunker: nil, idScheme: idScheme,
@@ -85,7 +86,7 @@ public struct RepositoryConfig: Sendable, Equatable {
 /// The config file as stored: the plaintext fields, and the chunker parameters either in
 /// the clear or sealed.
 package struct ConfigFile: Codable {
-    var formatVersion: Int
+    package var formatVersion: Int
     var id: String
     var chunker: ChunkerParameters?
     var sealedChunker: String?
@@ -166,7 +167,7 @@ package struct ConfigFile: Codable {
     }
 
     /// The full config, opening the sealed chunker parameters with `keys`.
-    func resolve(keys: RepositoryKeys?, path: String) throws -> RepositoryConfig {
+    package func resolve(keys: RepositoryKeys?, path: String) throws -> RepositoryConfig {
         var params: ChunkerParameters
         if isEncrypted {
             guard let keys else { throw CABackupError.passwordRequired(path) }

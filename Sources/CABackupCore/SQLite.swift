@@ -3,8 +3,8 @@ import CSQLite
 /// The SQLite C API, wrapped as small as it can be: a connection and prepared statements.
 package final class SQLiteDatabase {
     // Safe: used under the owning Index's lock only.
-    let handle: OpaquePointer
-    let path: String
+    package let handle: OpaquePointer
+    package let path: String
 
     package init(path: String) throws {
         var db: OpaquePointer?
@@ -66,7 +66,7 @@ package final class SQLiteStatement {
         // SQLITE_TRANSIENT: SQLite copies the text before the call returns.
         sqlite3_bind_text(stmt, i, v, -1, unsafeBitCast(-1, to: sqlite3_destructor_type.self))
     }
-    func bindNull(_ i: Int32) { sqlite3_bind_null(stmt, i) }
+    package func bindNull(_ i: Int32) { sqlite3_bind_null(stmt, i) }
     package func bind(_ i: Int32, _ id: ObjectID) {
         id.withUnsafeBytes { raw in
             _ = sqlite3_bind_blob(stmt, i, raw.baseAddress, 32, unsafeBitCast(-1, to: sqlite3_destructor_type.self))
@@ -99,7 +99,7 @@ package final class SQLiteStatement {
     }
 
     package func int(_ col: Int32) -> Int64 { sqlite3_column_int64(stmt, col) }
-    func isNull(_ col: Int32) -> Bool { sqlite3_column_type(stmt, col) == SQLITE_NULL }
+    package func isNull(_ col: Int32) -> Bool { sqlite3_column_type(stmt, col) == SQLITE_NULL }
     package func text(_ col: Int32) -> String {
         guard let p = sqlite3_column_text(stmt, col) else { return "" }
         return String(cString: p)

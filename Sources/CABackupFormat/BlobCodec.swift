@@ -1,3 +1,4 @@
+import CABackupCore
 /// Turns plaintext blobs into stored bytes and back, for one thread: the blob id (SHA-256,
 /// or HMAC-SHA-256 under the repository's id key), LZ4 compression, and in an encrypted
 /// repository AES-256-GCM sealing with a fresh nonce per blob.
@@ -5,13 +6,13 @@
 /// Stored bytes: `payload` in a plaintext repository, `nonce ‖ AES-GCM(payload) ‖ tag` in an
 /// encrypted one, where `payload` is the LZ4 block or, when LZ4 does not shrink the blob,
 /// the blob itself. Scratch space grows to the largest blob seen and is reused.
-final class BlobCodec {
+package final class BlobCodec {
     let hasher: SHA256Hasher
-    let aead: AESGCM?
+    package let aead: AESGCM?
     private var scratch: UnsafeMutableRawPointer
     private var capacity = 0
 
-    init(keys: RepositoryKeys?) {
+    package init(keys: RepositoryKeys?) {
         hasher = SHA256Hasher(hmacKey: keys?.id)
         aead = keys.map { AESGCM(key: $0.encryption) }
         scratch = .allocate(byteCount: 1, alignment: 64)
@@ -20,11 +21,11 @@ final class BlobCodec {
     deinit { scratch.deallocate() }
 
     /// The id of a plaintext blob.
-    func id(_ raw: UnsafeRawBufferPointer) -> BlobID { hasher.hash(raw) }
+    package func id(_ raw: UnsafeRawBufferPointer) -> BlobID { hasher.hash(raw) }
 
     /// The stored form of `raw` and how its payload is compressed. The bytes stay valid
     /// until the next call (they may be `raw` itself in a plaintext repository).
-    func encode(_ raw: UnsafeRawBufferPointer) -> (BlobCompression, UnsafeRawBufferPointer) {
+    package func encode(_ raw: UnsafeRawBufferPointer) -> (BlobCompression, UnsafeRawBufferPointer) {
         let front = aead == nil ? 0 : AESGCM.nonceSize
         let need = LZ4.bound(raw.count) + AESGCM.overhead
         if need > capacity {

@@ -1,3 +1,4 @@
+import CABackupCore
 import COpenSSL
 
 /// AES-256-GCM through libcrypto (AES-NI/VAES and carry-less multiply where the CPU has
@@ -8,11 +9,11 @@ import COpenSSL
 /// pack header, a snapshot record, a key slot), so one kind of sealed object cannot be
 /// passed off as another. Keys are set once per context, so sealing a chunk allocates
 /// nothing. Not thread-safe: each worker thread keeps its own.
-final class AESGCM {
+package final class AESGCM {
     static let nonceSize = 12
     static let tagSize = 16
     /// Bytes a sealed message has beyond its plaintext.
-    static let overhead = nonceSize + tagSize
+    package static let overhead = nonceSize + tagSize
 
     // OpenSSL's EVP_CTRL_AEAD_GET_TAG / EVP_CTRL_AEAD_SET_TAG.
     private static let getTag: Int32 = 0x10
@@ -22,7 +23,7 @@ final class AESGCM {
     private let dec: OpaquePointer
 
     /// A context for one 32-byte key.
-    init(key: [UInt8]) {
+    package init(key: [UInt8]) {
         precondition(key.count == 32, "AES-256 needs a 32-byte key")
         enc = EVP_CIPHER_CTX_new()!
         dec = EVP_CIPHER_CTX_new()!
@@ -39,7 +40,7 @@ final class AESGCM {
     /// plaintext may already sit at `out + nonceSize` (sealing in place). Returns the
     /// sealed length. `nonce` is for known-answer tests only.
     @discardableResult
-    func seal(
+    package func seal(
         _ plain: UnsafeRawBufferPointer, aad: [UInt8], into out: UnsafeMutableRawPointer, nonce: [UInt8]? = nil
     ) -> Int {
         precondition(plain.count <= Int(Int32.max) - 64)
@@ -69,7 +70,7 @@ final class AESGCM {
     /// `sealed.baseAddress + nonceSize`, opening in place). Returns the plaintext length,
     /// or nil when the message is too short or fails authentication (wrong key, changed
     /// bytes, other additional data).
-    func open(_ sealed: UnsafeRawBufferPointer, aad: [UInt8], into out: UnsafeMutableRawPointer) -> Int? {
+    package func open(_ sealed: UnsafeRawBufferPointer, aad: [UInt8], into out: UnsafeMutableRawPointer) -> Int? {
         guard sealed.count >= Self.overhead, sealed.count <= Int(Int32.max) - 64 else { return nil }
         let s = sealed.baseAddress!.assumingMemoryBound(to: UInt8.self)
         let count = sealed.count - Self.overhead
@@ -89,7 +90,7 @@ final class AESGCM {
     }
 
     /// Seals a byte array (small objects: configs, records, headers, key slots).
-    func seal(_ plain: [UInt8], aad: [UInt8], nonce: [UInt8]? = nil) -> [UInt8] {
+    package func seal(_ plain: [UInt8], aad: [UInt8], nonce: [UInt8]? = nil) -> [UInt8] {
         var out = [UInt8](repeating: 0, count: plain.count + Self.overhead)
         plain.withUnsafeBytes { p in
             out.withUnsafeMutableBytes { o in _ = seal(p, aad: aad, into: o.baseAddress!, nonce: nonce) }
@@ -98,7 +99,7 @@ final class AESGCM {
     }
 
     /// Opens a sealed byte array, or nil when it fails authentication.
-    func open(_ sealed: [UInt8], aad: [UInt8]) -> [UInt8]? {
+    package func open(_ sealed: [UInt8], aad: [UInt8]) -> [UInt8]? {
         guard sealed.count >= Self.overhead else { return nil }
         // One spare byte, so an empty plaintext still has an address to open into.
         var out = [UInt8](repeating: 0, count: sealed.count - Self.overhead + 1)
@@ -111,13 +112,13 @@ final class AESGCM {
 }
 
 /// Additional authenticated data naming each kind of sealed object.
-enum SealedKind {
-    static let blob = Array("cabackup blob v1".utf8)
+package enum SealedKind {
+    package static let blob = Array("cabackup blob v1".utf8)
     static let packHeader = Array("cabackup pack header v1".utf8)
-    static let snapshot = Array("cabackup snapshot v1".utf8)
+    package static let snapshot = Array("cabackup snapshot v1".utf8)
     static let config = Array("cabackup config v1".utf8)
     static let keySlot = Array("cabackup key slot v1".utf8)
-    static let forget = Array("cabackup forget v1".utf8)
+    package static let forget = Array("cabackup forget v1".utf8)
 }
 
 /// scrypt (RFC 7914) through libcrypto's `EVP_PBE_scrypt`: one lane after another; the tests

@@ -36,34 +36,34 @@ package struct ByteWriter {
 
 /// Reads what ``ByteWriter`` writes, with bounds checks on every read: parsers built
 /// on it throw ``FormatError`` on hostile input instead of trapping.
-struct ByteReader {
+package struct ByteReader {
     let bytes: [UInt8]
     private(set) var offset: Int
     let end: Int
 
-    init(_ bytes: [UInt8], from start: Int = 0, to end: Int? = nil) {
+    package init(_ bytes: [UInt8], from start: Int = 0, to end: Int? = nil) {
         self.bytes = bytes
         self.offset = start
         self.end = end ?? bytes.count
     }
 
-    var remaining: Int { end - offset }
-    var isAtEnd: Bool { offset >= end }
+    package var remaining: Int { end - offset }
+    package var isAtEnd: Bool { offset >= end }
 
-    mutating func u8() throws -> UInt8 {
+    package mutating func u8() throws -> UInt8 {
         guard offset < end else { throw FormatError.truncated }
         defer { offset += 1 }
         return bytes[offset]
     }
 
-    mutating func u32() throws -> UInt32 {
+    package mutating func u32() throws -> UInt32 {
         guard remaining >= 4 else { throw FormatError.truncated }
         defer { offset += 4 }
         return UInt32(bytes[offset]) | UInt32(bytes[offset + 1]) << 8 | UInt32(bytes[offset + 2]) << 16
             | UInt32(bytes[offset + 3]) << 24
     }
 
-    mutating func varint() throws -> UInt64 {
+    package mutating func varint() throws -> UInt64 {
         var result: UInt64 = 0
         var shift: UInt64 = 0
         while true {
@@ -75,26 +75,26 @@ struct ByteReader {
         }
     }
 
-    mutating func svarint() throws -> Int64 {
+    package mutating func svarint() throws -> Int64 {
         let u = try varint()
         return Int64(bitPattern: (u >> 1) ^ (0 &- (u & 1)))
     }
 
     /// A length-checked slice of `count` bytes.
-    mutating func bytes(_ count: Int) throws -> ArraySlice<UInt8> {
+    package mutating func bytes(_ count: Int) throws -> ArraySlice<UInt8> {
         guard count >= 0, remaining >= count else { throw FormatError.truncated }
         defer { offset += count }
         return bytes[offset..<offset + count]
     }
 
-    mutating func id() throws -> ObjectID {
+    package mutating func id() throws -> ObjectID {
         guard remaining >= 32 else { throw FormatError.truncated }
         defer { offset += 32 }
         return bytes.withUnsafeBytes { ObjectID(UnsafeRawBufferPointer(rebasing: $0[offset..<offset + 32])) }
     }
 
     /// A sub-reader over the next `count` bytes; this reader skips past them.
-    mutating func sub(_ count: Int) throws -> ByteReader {
+    package mutating func sub(_ count: Int) throws -> ByteReader {
         guard count >= 0, remaining >= count else { throw FormatError.truncated }
         defer { offset += count }
         return ByteReader(bytes, from: offset, to: offset + count)

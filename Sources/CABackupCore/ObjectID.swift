@@ -4,9 +4,9 @@
 /// Stored as four big-endian words so that equality and hashing cost four integer
 /// operations and `<` orders ids exactly as their bytes (and their hex names) sort.
 public struct ObjectID: Hashable, Comparable, Sendable, CustomStringConvertible {
-    @usableFromInline var w0: UInt64
-    @usableFromInline var w1: UInt64
-    @usableFromInline var w2: UInt64
+    @usableFromInline package var w0: UInt64
+    @usableFromInline package var w1: UInt64
+    @usableFromInline package var w2: UInt64
     @usableFromInline var w3: UInt64
 
     /// The number of bytes in an id.

@@ -43,7 +43,7 @@ public func displayPath(_ bytes: some Collection<UInt8>) -> String {
 }
 
 @inline(__always)
-func withCPath<R>(_ path: [UInt8], _ body: (UnsafePointer<CChar>) throws -> R) rethrows -> R {
+package func withCPath<R>(_ path: [UInt8], _ body: (UnsafePointer<CChar>) throws -> R) rethrows -> R {
     var z = path
     z.append(0)
     return try z.withUnsafeBufferPointer {
@@ -74,7 +74,7 @@ package func readDirectory(_ path: [UInt8]) throws -> [[UInt8]] {
 }
 
 /// The names in the open directory `fd` (not closed), sorted bytewise; `path` is for errors.
-func readDirectory(fd: Int32, path: [UInt8]) throws -> [[UInt8]] {
+package func readDirectory(fd: Int32, path: [UInt8]) throws -> [[UInt8]] {
     let copy = dup(fd)
     guard copy >= 0, let dir = fdopendir(copy) else {
         if copy >= 0 { close(copy) }
@@ -104,7 +104,7 @@ private func readDirectory(_ dir: OpaquePointer, path: [UInt8]) throws -> [[UInt
 }
 
 /// Appends a name to a directory path with one `/`.
-func joinPath(_ dir: [UInt8], _ name: [UInt8]) -> [UInt8] {
+package func joinPath(_ dir: [UInt8], _ name: [UInt8]) -> [UInt8] {
     var p = dir
     if p.last != UInt8(ascii: "/") { p.append(UInt8(ascii: "/")) }
     p.append(contentsOf: name)
@@ -125,7 +125,7 @@ package func writeAll(_ fd: Int32, _ buf: UnsafeRawBufferPointer, path: String) 
 }
 
 /// Writes all of `buf` at `offset`, retrying short writes and EINTR.
-func pwriteAll(_ fd: Int32, _ buf: UnsafeRawBufferPointer, offset: Int64, path: String) throws {
+package func pwriteAll(_ fd: Int32, _ buf: UnsafeRawBufferPointer, offset: Int64, path: String) throws {
     var done = 0
     while done < buf.count {
         let n = pwrite(fd, buf.baseAddress! + done, buf.count - done, off_t(offset) + off_t(done))
@@ -139,7 +139,7 @@ func pwriteAll(_ fd: Int32, _ buf: UnsafeRawBufferPointer, offset: Int64, path: 
 
 /// Reads up to `count` bytes at the current position, retrying EINTR and short reads
 /// until `count` bytes or end of file. Returns the number of bytes read.
-func readFully(_ fd: Int32, into buf: UnsafeMutableRawPointer, count: Int, path: [UInt8]) throws -> Int {
+package func readFully(_ fd: Int32, into buf: UnsafeMutableRawPointer, count: Int, path: [UInt8]) throws -> Int {
     var done = 0
     while done < count {
         let n = read(fd, buf + done, count - done)
@@ -180,7 +180,7 @@ package func preadFully(
 }
 
 /// fsync a directory so a rename inside it is durable.
-func fsyncDirectory(_ path: String) throws {
+package func fsyncDirectory(_ path: String) throws {
     let fd = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
     if fd < 0 { throw ioError("open directory", path) }
     defer { close(fd) }
@@ -253,7 +253,7 @@ package func fileSize(_ path: String) throws -> Int64? {
 }
 
 /// Copies a file to `path` atomically and durably, a MiB at a time.
-func copyFileAtomically(from source: String, to path: String, durable: Bool) throws {
+package func copyFileAtomically(from source: String, to path: String, durable: Bool) throws {
     let input = open(source, O_RDONLY | O_CLOEXEC)
     if input < 0 { throw ioError("open", source) }
     defer { close(input) }
@@ -286,7 +286,7 @@ package func readSmallFile(_ path: String, limit: Int = 64 << 20) throws -> [UIn
     return out
 }
 
-func fileExists(_ path: String) -> Bool {
+package func fileExists(_ path: String) -> Bool {
     var st = stat()
     return lstat(path, &st) == 0
 }
@@ -305,12 +305,12 @@ public func currentHostname() -> String {
 
 /// Nanoseconds since the epoch from a `timespec`.
 @inline(__always)
-func nanoseconds(_ ts: timespec) -> Int64 {
+package func nanoseconds(_ ts: timespec) -> Int64 {
     Int64(ts.tv_sec) &* 1_000_000_000 &+ Int64(ts.tv_nsec)
 }
 
 @inline(__always)
-func timespecFrom(ns: Int64) -> timespec {
+package func timespecFrom(ns: Int64) -> timespec {
     var sec = ns / 1_000_000_000
     var nsec = ns % 1_000_000_000
     if nsec < 0 {
@@ -321,14 +321,14 @@ func timespecFrom(ns: Int64) -> timespec {
 }
 
 /// Monotonic seconds, for durations and progress rates.
-func monotonicSeconds() -> Double {
+package func monotonicSeconds() -> Double {
     var ts = timespec()
     clock_gettime(CLOCK_MONOTONIC, &ts)
     return Double(ts.tv_sec) + Double(ts.tv_nsec) / 1e9
 }
 
 /// Monotonic nanoseconds, for cheap elapsed-time checks on hot paths.
-func monotonicNanoseconds() -> UInt64 {
+package func monotonicNanoseconds() -> UInt64 {
     var ts = timespec()
     clock_gettime(CLOCK_MONOTONIC, &ts)
     return UInt64(ts.tv_sec) &* 1_000_000_000 &+ UInt64(ts.tv_nsec)
@@ -435,4 +435,25 @@ package func configDirectory() -> String {
     let env = ProcessInfo.processInfo.environment
     if let x = env["XDG_CONFIG_HOME"], !x.isEmpty { return x + "/cabackup" }
     return (env["HOME"] ?? "/root") + "/.config/cabackup"
+}
+
+/// The scheme a repository location starts with, by restic's rule: `[a-z0-9]+:` followed
+/// by more (`http://…`, `s3:…`, `sftp:host:/x`, `b2:bucket`); nil for a local path.
+package func locationScheme(_ s: String) -> Substring? {
+    guard let colon = s.firstIndex(of: ":"), colon > s.startIndex, s.index(after: colon) < s.endIndex else {
+        return nil
+    }
+    let scheme = s[..<colon]
+    return scheme.utf8.allSatisfy { ($0 >= 0x61 && $0 <= 0x7A) || ($0 >= 0x30 && $0 <= 0x39) } ? scheme : nil
+}
+
+package func wallClockNs() -> Int64 {
+    var ts = timespec()
+    clock_gettime(CLOCK_REALTIME, &ts)
+    return nanoseconds(ts)
+}
+
+package func currentUsername() -> String {
+    if let pw = getpwuid(getuid()), let name = pw.pointee.pw_name { return String(cString: name) }
+    return String(getuid())
 }

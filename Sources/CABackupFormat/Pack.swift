@@ -1,3 +1,4 @@
+import CABackupCore
 /// What a blob holds.
 public enum BlobType: UInt8, Sendable, Codable {
     /// A chunk of file content.
@@ -26,6 +27,17 @@ public struct PackEntry: Sendable, Equatable {
     public var length: Int
     /// The length of the plaintext.
     public var rawLength: Int
+
+    package init(
+        id: BlobID, type: BlobType, compression: BlobCompression, offset: Int64, length: Int, rawLength: Int
+    ) {
+        self.id = id
+        self.type = type
+        self.compression = compression
+        self.offset = offset
+        self.length = length
+        self.rawLength = rawLength
+    }
 }
 
 /// Why a pack could not be read.
@@ -64,7 +76,7 @@ public enum PackError: Error, Sendable, CustomStringConvertible {
 public enum PackFormat {
     static let magic: [UInt8] = Array("CApk".utf8)
     static let version: UInt8 = 1
-    static let trailerSize = 8
+    package static let trailerSize = 8
     static let entrySize = 42
     static let clearEntrySize = 36
     static let detailSize = 6
@@ -75,13 +87,13 @@ public enum PackFormat {
     static let maxHeaderSize = 16 << 20
 
     /// The size of what ``encodeHeader(_:aead:)`` returns for `count` entries.
-    static func encodedHeaderSize(count: Int, sealed: Bool) -> Int {
+    package static func encodedHeaderSize(count: Int, sealed: Bool) -> Int {
         headerFixedSize + count * entrySize + (sealed ? AESGCM.overhead : 0) + trailerSize
     }
 
     /// The header and trailer for blobs stored back to back in `entries` order; sealed
     /// when `aead` is given.
-    static func encodeHeader(_ entries: [PackEntry], aead: AESGCM? = nil) -> [UInt8] {
+    package static func encodeHeader(_ entries: [PackEntry], aead: AESGCM? = nil) -> [UInt8] {
         var w = ByteWriter(capacity: encodedHeaderSize(count: entries.count, sealed: aead != nil))
         w.u8(version)
         w.u8(aead == nil ? 0 : flagSealed)
@@ -114,7 +126,7 @@ public enum PackFormat {
     }
 
     /// Parses the trailer (last 8 bytes): the header length.
-    static func parseTrailer(_ trailer: [UInt8], packSize: Int64) throws -> Int {
+    package static func parseTrailer(_ trailer: [UInt8], packSize: Int64) throws -> Int {
         guard packSize >= Int64(trailerSize + headerFixedSize), trailer.count == trailerSize else {
             throw PackError.truncated(size: packSize)
         }
@@ -172,7 +184,7 @@ public enum PackFormat {
 
     /// Parses a header of a pack of `packSize` bytes, checking that the blobs exactly
     /// fill the space before it. A sealed header needs `aead` (the repository's key).
-    static func parseHeader(_ header: [UInt8], packSize: Int64, aead: AESGCM? = nil) throws -> [PackEntry] {
+    package static func parseHeader(_ header: [UInt8], packSize: Int64, aead: AESGCM? = nil) throws -> [PackEntry] {
         let (sealed, clear) = try parseClearHeader(header, packSize: packSize)
         var details = ByteReader(header)
         if sealed {
@@ -234,23 +246,5 @@ public enum PackFormat {
         var header = [UInt8](repeating: 0, count: hlen)
         try header.withUnsafeMutableBytes { try read(size - Int64(trailerSize + hlen), hlen, $0.baseAddress!) }
         return header
-    }
-
-    /// Reads and parses the header of a stored pack.
-    static func readHeader(from storage: any Storage, name: String, aead: AESGCM? = nil) throws -> [PackEntry] {
-        let what = "pack \(name)"
-        do {
-            let size = try storage.size(.pack, name)
-            let header = try readHeaderBytes(size: size) {
-                try storage.read(.pack, name, offset: $0, length: $1, into: $2)
-            }
-            return try parseHeader(header, packSize: size, aead: aead)
-        } catch let e as PackError {
-            throw CABackupError.corrupt(what: what, reason: e.description)
-        } catch let e as CABackupError {
-            throw e
-        } catch {
-            throw CABackupError.corrupt(what: what, reason: "\(error)")
-        }
     }
 }

@@ -1,3 +1,4 @@
+import CABackupCore
 import CScrypt
 
 #if canImport(Glibc)

@@ -1,3 +1,4 @@
+import CABackupCore
 /// The kind of a file-system entry.
 public enum NodeType: UInt8, Sendable, CustomStringConvertible {
     case file = 1
@@ -139,7 +140,7 @@ public enum TreeCodec {
 
     /// Encodes a directory's entries (already sorted by name) into one or more tree
     /// blobs of at most ``partLimit`` bytes each (a single huge entry gets its own).
-    static func encodeParts(_ nodes: [Node]) -> [[UInt8]] {
+    package static func encodeParts(_ nodes: [Node]) -> [[UInt8]] {
         var parts: [[UInt8]] = []
         var w = ByteWriter(capacity: 4096)
         w.u8(version)
@@ -225,7 +226,7 @@ public enum TreeCodec {
 extension TreeCodec {
     /// Encodes entries as one tree blob whatever its size (the snapshot's root tree,
     /// which holds only the top-level path components).
-    static func encodeSingle(_ nodes: [Node]) -> [UInt8] {
+    package static func encodeSingle(_ nodes: [Node]) -> [UInt8] {
         var w = ByteWriter(capacity: 4096)
         w.u8(version)
         for n in nodes { encode(n, into: &w) }

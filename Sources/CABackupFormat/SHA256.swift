@@ -1,3 +1,4 @@
+import CABackupCore
 import COpenSSL
 
 /// SHA-256, or HMAC-SHA-256 under a fixed key, through libcrypto's EVP interface, which
@@ -47,7 +48,7 @@ package final class SHA256Hasher {
     }
 
     /// Starts a new digest.
-    func reset() {
+    package func reset() {
         if let inner {
             EVP_MD_CTX_copy_ex(ctx, inner)
         } else {

@@ -1,15 +1,16 @@
+import CABackupCore
 import CLZ4
 
 /// LZ4 block compression (liblz4), the codec behind compression byte 1.
-enum LZ4 {
+package enum LZ4 {
     /// The largest output `compress` may need for `count` input bytes.
-    static func bound(_ count: Int) -> Int { Int(LZ4_compressBound(Int32(clamping: count))) }
+    package static func bound(_ count: Int) -> Int { Int(LZ4_compressBound(Int32(clamping: count))) }
 
     /// Compresses `src` into `dst`; returns the compressed length, or `nil` when the
     /// result would not fit (the caller then stores the blob raw).
     ///
     /// `acceleration` 1 is LZ4's default; higher trades ratio for speed.
-    static func compress(
+    package static func compress(
         _ src: UnsafeRawBufferPointer, into dst: UnsafeMutableRawBufferPointer, acceleration: Int32 = 1
     )
         -> Int?
@@ -24,7 +25,7 @@ enum LZ4 {
 
     /// Decompresses exactly `dst.count` bytes from `src`; `false` when the input is
     /// malformed or does not decode to exactly that length.
-    static func decompress(_ src: UnsafeRawBufferPointer, into dst: UnsafeMutableRawBufferPointer) -> Bool {
+    package static func decompress(_ src: UnsafeRawBufferPointer, into dst: UnsafeMutableRawBufferPointer) -> Bool {
         guard src.count > 0, src.count <= Int(Int32.max), dst.count <= Int(Int32.max) else {
             return dst.count == 0 && src.count == 0
         }

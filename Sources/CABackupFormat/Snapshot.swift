@@ -1,3 +1,4 @@
+import CABackupCore
 import Foundation
 
 /// Totals recorded with each snapshot.
@@ -88,7 +89,7 @@ struct SnapshotRecord: Codable {
 
 extension Snapshot {
     /// The stored bytes of a snapshot record.
-    static func encodeRecord(
+    package static func encodeRecord(
         time: String, hostname: String, username: String, paths: [String], tags: [String], parent: SnapshotID?,
         tree: BlobID, summary: SnapshotSummary
     ) -> [UInt8] {
@@ -102,7 +103,7 @@ extension Snapshot {
 
     /// Parses a record's JSON; `id` is the name it was stored under (already verified
     /// against the stored bytes by ``Repository/decodeRecord(id:stored:)``).
-    static func decode(id: SnapshotID, json bytes: [UInt8]) throws -> Snapshot {
+    package static func decode(id: SnapshotID, json bytes: [UInt8]) throws -> Snapshot {
         let what = "snapshot \(id.hex)"
         guard let rec = try? JSONDecoder().decode(SnapshotRecord.self, from: Data(bytes)) else {
             throw CABackupError.corrupt(what: what, reason: "not a snapshot record")
@@ -212,14 +213,14 @@ public func parseRFC3339(_ s: String) -> Int64? {
 /// tell a forget from a storage that deleted or rolled back records behind its owner's back.
 ///
 /// Layout (JSON): `{"version": 1, "forgotten": ["64 hex", …], "time": RFC 3339, "hostname"}`.
-struct ForgetRecord: Codable {
+package struct ForgetRecord: Codable {
     var version: Int
     var forgotten: [String]
     var time: String
     var hostname: String
 
     /// The plaintext of a forget record naming `ids`, made now on this host.
-    static func encode(_ ids: [SnapshotID]) -> [UInt8] {
+    package static func encode(_ ids: [SnapshotID]) -> [UInt8] {
         let record = ForgetRecord(
             version: 1, forgotten: ids.map(\.hex), time: formatRFC3339(ns: wallClockNs()), hostname: currentHostname())
         let enc = JSONEncoder()
@@ -227,7 +228,7 @@ struct ForgetRecord: Codable {
         return Array(try! enc.encode(record))
     }
 
-    static func decode(_ plain: [UInt8]) -> [SnapshotID]? {
+    package static func decode(_ plain: [UInt8]) -> [SnapshotID]? {
         guard let r = try? JSONDecoder().decode(ForgetRecord.self, from: Data(plain)), r.version == 1 else {
             return nil
         }
