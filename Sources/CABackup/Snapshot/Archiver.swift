@@ -542,14 +542,10 @@ final class Archiver: @unchecked Sendable {
         return ParentDirectory(entries: entries, trees: node.subtrees)
     }
 
-    /// A file is unchanged when the parent snapshot has it with the same size, mtime,
-    /// ctime and inode, and every chunk it names is still in the index. (ctime catches a
-    /// same-size rewrite whose mtime was put back; the device number is not compared,
-    /// as it can change across reboots for some file systems.)
+    /// A file's content is the parent snapshot's when ``Node/hasUnchangedContent(since:)``
+    /// says so and every chunk it names is still in the index.
     private func unchangedContent(_ node: Node, parent: Node?, missing: Set<BlobID>) -> [BlobID]? {
-        guard let p = parent, p.type == .file, p.size == node.size, p.mtimeNs == node.mtimeNs,
-            p.ctimeNs == node.ctimeNs, p.inode == node.inode
-        else { return nil }
+        guard let p = parent, node.hasUnchangedContent(since: p) else { return nil }
         if !missing.isEmpty && p.content.contains(where: missing.contains) { return nil }
         return p.content
     }

@@ -226,7 +226,7 @@ struct StatusWalker {
         case .file:
             if old.size != now.size {
                 c.modified.append(ChangedEntry(path: path, size: now.size, type: .file))
-            } else if old.mtimeNs == now.mtimeNs && old.ctimeNs == now.ctimeNs && old.inode == now.inode {
+            } else if now.hasUnchangedContent(since: old) {
                 if !sameOwnerAndMode { c.metadataOnly.append(ChangedEntry(path: path, size: now.size, type: .file)) }
             } else if try contentIDs(path) != old.content {
                 c.modified.append(ChangedEntry(path: path, size: now.size, type: .file))

@@ -1,0 +1,12 @@
+extension Node {
+    /// The one rule for "has this file changed since an earlier snapshot", used by
+    /// `snapshot` (to reuse the earlier content unread) and by `status` (to report a file
+    /// unchanged without reading it): both are regular files and their size, mtime, ctime
+    /// and inode are equal. ctime catches a same-size rewrite whose mtime was put back;
+    /// the device number is not compared, as it can change across reboots for some file
+    /// systems.
+    func hasUnchangedContent(since earlier: Node) -> Bool {
+        type == .file && earlier.type == .file && size == earlier.size && mtimeNs == earlier.mtimeNs
+            && ctimeNs == earlier.ctimeNs && inode == earlier.inode
+    }
+}
