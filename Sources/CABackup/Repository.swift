@@ -334,10 +334,6 @@ public final class Repository: @unchecked Sendable {
     /// server), before an operation that deletes changes anything.
     func checkCanDelete() throws { try storage.space?.checkCanDelete() }
 
-    /// Which of `ids` the storage lacks, when it can say so cheaply (a server space);
-    /// `nil` otherwise.
-    func missingOnServer(_ ids: [BlobID]) throws -> [BlobID]? { try storage.space?.missing(ids) }
-
     /// A per-thread blob codec for this repository's id scheme and encryption.
     func makeCodec() -> BlobCodec { BlobCodec(keys: keys) }
 

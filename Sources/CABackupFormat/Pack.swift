@@ -84,7 +84,12 @@ public enum PackFormat {
     static let flagSealed: UInt8 = 1
     /// A header larger than this is refused unread (a 16 MiB pack of 512 KiB chunks
     /// needs about 1.4 KiB; this leaves room for packs of tiny tree blobs).
-    static let maxHeaderSize = 16 << 20
+    package static let maxHeaderSize = 16 << 20
+    /// The most blobs a writer puts in one pack, whatever their size: a pack of tiny
+    /// files fills its header, not its bytes (16 MiB of 8-byte files would need a 16 MiB
+    /// header, more than ``maxHeaderSize``). At 42 bytes an entry this keeps a header
+    /// under 1.4 MiB, and the writer's per-pack memory (entries, ids in flight) small.
+    package static let maxBlobsPerPack = 32_768
 
     /// The size of what ``encodeHeader(_:aead:)`` returns for `count` entries.
     package static func encodedHeaderSize(count: Int, sealed: Bool) -> Int {

@@ -367,6 +367,33 @@ struct RepositoryTests {
         }
     }
 
+    @Test("tiny blobs: a pack takes at most maxBlobsPerPack of them, so its header always fits")
+    func blobsPerPackCapped() throws {
+        // 16 MiB of 8-byte files would need a header larger than a reader accepts.
+        #expect(PackFormat.encodedHeaderSize(count: (16 << 20) / 8, sealed: true) > PackFormat.maxHeaderSize)
+        #expect(
+            PackFormat.encodedHeaderSize(count: PackFormat.maxBlobsPerPack, sealed: true) <= PackFormat.maxHeaderSize)
+        let dir = TemporaryDirectory()
+        let repo = try smallRepo(dir)
+        let saver = BlobSaver(repository: repo)
+        let codec = repo.makeCodec()
+        let n = PackFormat.maxBlobsPerPack * 2 + 100
+        for i in 0..<n {
+            let bytes = withUnsafeBytes(of: UInt64(i).littleEndian) { Array($0) }
+            try bytes.withUnsafeBytes { raw in
+                let id = codec.id(raw)
+                if try saver.claim(id) { try saver.addEncoding(id, type: .data, raw: raw, codec: codec) }
+            }
+        }
+        try saver.finish()
+        let counts = try repo.storage.list(.pack).map { try repo.readPackHeader(#require(ObjectID(hex: $0))).count }
+        #expect(counts.sorted() == [100, PackFormat.maxBlobsPerPack, PackFormat.maxBlobsPerPack])
+        #expect(try repo.check(options: CheckOptions(readDataFraction: 1)).isClean)
+        // The dry run of a repack predicts the same packs.
+        let entries = try repo.storage.list(.pack).flatMap { try repo.readPackHeader(#require(ObjectID(hex: $0))) }
+        #expect(repo.repackedSizes(entries).packs == 3)
+    }
+
     @Test(
         "prune keeps one copy of blobs stored twice (an interrupted prune's state), its used set in memory or on disk",
         arguments: [1_000_000, 2])

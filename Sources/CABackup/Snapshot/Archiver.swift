@@ -263,7 +263,10 @@ final class Archiver: @unchecked Sendable {
 
     private var finalizeQueue: [PendingDirectory] = []
     private var finalizeHead = 0
-    private var hardLinks: [HardLinkKey: FileJob] = [:]
+    /// Files with more than one link whose other links are still to come: the job that
+    /// read the file and how many links were seen. An entry goes when its last link is
+    /// seen, so the map holds only links still expected.
+    private var hardLinks: [HardLinkKey: (job: FileJob, seen: UInt64)] = [:]
     /// Every chunk of the parent snapshot is known to be indexed.
     private var parentIsComplete = false
     private var warnings: [SnapshotWarning] = []
@@ -588,8 +591,13 @@ final class Archiver: @unchecked Sendable {
                 // what was current when reading began, not when the prefetch listed it.
                 return try processEntry(path: path, name: name, in: entry, parent: parent, missing: missing)
             }
-            if node.links > 1, let job = hardLinks[HardLinkKey(node)] {
-                return .file(node, job)
+            if node.links > 1, let known = hardLinks[HardLinkKey(node)] {
+                if known.seen + 1 >= node.links {
+                    hardLinks[HardLinkKey(node)] = nil
+                } else {
+                    hardLinks[HardLinkKey(node)] = (known.job, known.seen + 1)
+                }
+                return .file(node, known.job)
             }
             let job: FileJob
             if st.st_size <= Self.smallFileLimit {
@@ -604,7 +612,7 @@ final class Archiver: @unchecked Sendable {
                 guard let read = try readFile(path: path, entry: entry, st: st) else { return nil }
                 job = read
             }
-            if node.links > 1 { hardLinks[HardLinkKey(node)] = job }
+            if node.links > 1 { hardLinks[HardLinkKey(node)] = (job, 1) }
             return .file(node, job)
         case .directory:
             return .directory(

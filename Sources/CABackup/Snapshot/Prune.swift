@@ -188,7 +188,7 @@ extension Repository {
             var p = open[e.type] ?? (0, 0)
             p.bytes += e.length
             p.count += 1
-            if p.bytes >= config.packSize {
+            if p.bytes >= config.packSize || p.count >= PackFormat.maxBlobsPerPack {
                 close(p)
                 open[e.type] = nil
             } else {

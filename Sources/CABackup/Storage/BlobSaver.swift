@@ -140,7 +140,7 @@ final class BlobSaver: @unchecked Sendable {
                 bytes,
                 as: PackEntry(
                     id: id, type: type, compression: compression, offset: 0, length: bytes.count, rawLength: rawLength))
-            if pack.size >= repo.config.packSize {
+            if pack.size >= repo.config.packSize || pack.entries.count >= PackFormat.maxBlobsPerPack {
                 try seal(pack)
                 queue.push(pack)
             } else {
@@ -217,7 +217,9 @@ final class BlobSaver: @unchecked Sendable {
         var buffer = [UInt8]()
         while !rest.isEmpty {
             let other = rest.removeFirst()
-            guard target.size + other.size <= repo.config.packSize else {
+            guard target.size + other.size <= repo.config.packSize,
+                target.entries.count + other.entries.count <= PackFormat.maxBlobsPerPack
+            else {
                 kept.append(other)
                 continue
             }
@@ -296,7 +298,7 @@ final class BlobSaver: @unchecked Sendable {
         }
         // On a server, ask first: when another device stored every blob of this pack
         // meanwhile, nothing needs uploading (the next open indexes that device's packs).
-        if try repo.missingOnServer(pack.entries.map(\.id))?.isEmpty == true {
+        if let space = repo.storage.space, try space.missing(pack.entries.map(\.id)).isEmpty {
             discard(pack)
             release(pack)
             return
