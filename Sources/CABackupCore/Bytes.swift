@@ -3,11 +3,11 @@
 package struct ByteWriter {
     package var bytes: [UInt8] = []
 
-    package init(capacity: Int = 0) { bytes.reserveCapacity(capacity) }
+    @inlinable package init(capacity: Int = 0) { bytes.reserveCapacity(capacity) }
 
-    package mutating func u8(_ v: UInt8) { bytes.append(v) }
+    @inlinable package mutating func u8(_ v: UInt8) { bytes.append(v) }
 
-    package mutating func u32(_ v: UInt32) {
+    @inlinable package mutating func u32(_ v: UInt32) {
         bytes.append(UInt8(truncatingIfNeeded: v))
         bytes.append(UInt8(truncatingIfNeeded: v >> 8))
         bytes.append(UInt8(truncatingIfNeeded: v >> 16))
@@ -15,7 +15,7 @@ package struct ByteWriter {
     }
 
     /// Unsigned LEB128.
-    package mutating func varint(_ v: UInt64) {
+    @inlinable package mutating func varint(_ v: UInt64) {
         var v = v
         while v >= 0x80 {
             bytes.append(UInt8(truncatingIfNeeded: v) | 0x80)
@@ -25,11 +25,11 @@ package struct ByteWriter {
     }
 
     /// Zig-zag then LEB128, for signed values such as timestamps before 1970.
-    package mutating func svarint(_ v: Int64) {
+    @inlinable package mutating func svarint(_ v: Int64) {
         varint(UInt64(bitPattern: (v << 1) ^ (v >> 63)))
     }
 
-    package mutating func append(_ b: some Sequence<UInt8>) { bytes.append(contentsOf: b) }
+    @inlinable package mutating func append(_ b: some Sequence<UInt8>) { bytes.append(contentsOf: b) }
 
     package mutating func id(_ id: ObjectID) { id.withUnsafeBytes { bytes.append(contentsOf: $0) } }
 }
@@ -37,33 +37,35 @@ package struct ByteWriter {
 /// Reads what ``ByteWriter`` writes, with bounds checks on every read: parsers built
 /// on it throw ``FormatError`` on hostile input instead of trapping.
 package struct ByteReader {
-    let bytes: [UInt8]
-    private(set) var offset: Int
-    let end: Int
+    // Cross-module inlinable: tree and pack parsing (in CABackupFormat) read a field at a
+    // time, and a call per varint showed in profiles.
+    @usableFromInline let bytes: [UInt8]
+    @usableFromInline var offset: Int
+    @usableFromInline let end: Int
 
-    package init(_ bytes: [UInt8], from start: Int = 0, to end: Int? = nil) {
+    @inlinable package init(_ bytes: [UInt8], from start: Int = 0, to end: Int? = nil) {
         self.bytes = bytes
         self.offset = start
         self.end = end ?? bytes.count
     }
 
-    package var remaining: Int { end - offset }
-    package var isAtEnd: Bool { offset >= end }
+    @inlinable package var remaining: Int { end - offset }
+    @inlinable package var isAtEnd: Bool { offset >= end }
 
-    package mutating func u8() throws -> UInt8 {
+    @inlinable package mutating func u8() throws -> UInt8 {
         guard offset < end else { throw FormatError.truncated }
         defer { offset += 1 }
         return bytes[offset]
     }
 
-    package mutating func u32() throws -> UInt32 {
+    @inlinable package mutating func u32() throws -> UInt32 {
         guard remaining >= 4 else { throw FormatError.truncated }
         defer { offset += 4 }
         return UInt32(bytes[offset]) | UInt32(bytes[offset + 1]) << 8 | UInt32(bytes[offset + 2]) << 16
             | UInt32(bytes[offset + 3]) << 24
     }
 
-    package mutating func varint() throws -> UInt64 {
+    @inlinable package mutating func varint() throws -> UInt64 {
         var result: UInt64 = 0
         var shift: UInt64 = 0
         while true {
@@ -75,13 +77,13 @@ package struct ByteReader {
         }
     }
 
-    package mutating func svarint() throws -> Int64 {
+    @inlinable package mutating func svarint() throws -> Int64 {
         let u = try varint()
         return Int64(bitPattern: (u >> 1) ^ (0 &- (u & 1)))
     }
 
     /// A length-checked slice of `count` bytes.
-    package mutating func bytes(_ count: Int) throws -> ArraySlice<UInt8> {
+    @inlinable package mutating func bytes(_ count: Int) throws -> ArraySlice<UInt8> {
         guard count >= 0, remaining >= count else { throw FormatError.truncated }
         defer { offset += count }
         return bytes[offset..<offset + count]
@@ -94,7 +96,7 @@ package struct ByteReader {
     }
 
     /// A sub-reader over the next `count` bytes; this reader skips past them.
-    package mutating func sub(_ count: Int) throws -> ByteReader {
+    @inlinable package mutating func sub(_ count: Int) throws -> ByteReader {
         guard count >= 0, remaining >= count else { throw FormatError.truncated }
         defer { offset += count }
         return ByteReader(bytes, from: offset, to: offset + count)

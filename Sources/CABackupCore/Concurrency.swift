@@ -10,7 +10,7 @@ import Synchronization
 /// threads (which block, so they are plain threads rather than Swift tasks).
 package final class Condition: @unchecked Sendable {
     // Safe: the pthread objects are heap-allocated once, never moved, freed in deinit.
-    private let mutex = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
+    @usableFromInline let mutex = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
     private let cond = UnsafeMutablePointer<pthread_cond_t>.allocate(capacity: 1)
 
     package init() {
@@ -25,13 +25,13 @@ package final class Condition: @unchecked Sendable {
         cond.deallocate()
     }
 
-    package func lock() { pthread_mutex_lock(mutex) }
-    package func unlock() { pthread_mutex_unlock(mutex) }
+    @inlinable package func lock() { pthread_mutex_lock(mutex) }
+    @inlinable package func unlock() { pthread_mutex_unlock(mutex) }
     package func wait() { pthread_cond_wait(cond, mutex) }
     package func broadcast() { pthread_cond_broadcast(cond) }
     package func signal() { pthread_cond_signal(cond) }
 
-    @inline(__always)
+    @inlinable @inline(__always)
     package func locked<R>(_ body: () throws -> R) rethrows -> R {
         lock()
         defer { unlock() }
@@ -49,7 +49,7 @@ package final class Condition: @unchecked Sendable {
 package final class BlockingQueue<Element>: @unchecked Sendable {
     // Safe: every access to `items`, `head` and `closed` holds `mutex`; the pthread
     // objects are heap-allocated once, never moved, freed in deinit.
-    private let mutex = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
+    @usableFromInline let mutex = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
     private let notEmpty = UnsafeMutablePointer<pthread_cond_t>.allocate(capacity: 1)
     private let notFull = UnsafeMutablePointer<pthread_cond_t>.allocate(capacity: 1)
     private var items: [Element?] = []
