@@ -29,7 +29,11 @@ package struct ByteWriter {
         varint(UInt64(bitPattern: (v << 1) ^ (v >> 63)))
     }
 
-    @inlinable package mutating func append(_ b: some Sequence<UInt8>) { bytes.append(contentsOf: b) }
+    // Concrete overloads, not `some Sequence`: a generic one, called from the codecs in
+    // another module, looked up type metadata at run time on every call.
+    @inlinable package mutating func append(_ b: [UInt8]) { bytes.append(contentsOf: b) }
+    @inlinable package mutating func append(_ b: ArraySlice<UInt8>) { bytes.append(contentsOf: b) }
+    @inlinable package mutating func append(_ b: UnsafeRawBufferPointer) { bytes.append(contentsOf: b) }
 
     package mutating func id(_ id: ObjectID) { id.withUnsafeBytes { bytes.append(contentsOf: $0) } }
 }
