@@ -185,11 +185,12 @@ struct HostileServerTests {
         #expect(opened.status == 0, "\(opened.stderr)")
         #expect(opened.stderr.contains("key slot 00000000 was skipped"), "\(opened.stderr)")
 
-        // Forty decoy slots that cost a derivation each and open with nothing, sorted first.
+        // Forty decoy slots that cost a derivation each and open with nothing, sorted first:
+        // 61 zeros lead each name, so they sort before the real slot's random name.
         var rules: [String: [String: Any]] = [:]
         var names: [String] = []
         for i in 0..<40 {
-            let name = String(format: "%02x", i) + String(repeating: "1", count: 62)
+            let name = String(repeating: "0", count: 61) + "1" + String(format: "%02x", i)
             try writeJSON(slot(n: 1 << 10, p: 1, seed: i + 2), to: s.file("decoy-\(i)"))
             rules["GET /v1/space/keys/\(name)"] = ["file": s.file("decoy-\(i)")]
             names.append(name)
