@@ -1,5 +1,6 @@
 import CABackupCore
 import CABackupFormat
+
 #if canImport(Glibc)
     import Glibc
 #elseif canImport(Darwin)
@@ -151,15 +152,18 @@ public final class Repository: @unchecked Sendable {
     /// directory, named by the repository id. Makes the directories it needs (with
     /// `tmp/` beside the index, where packs are built).
     static func indexPath(_ storage: any Storage, _ id: String) throws -> String {
-        let dir = storage.workingDirectory.map { $0 + "/index" } ?? cacheDirectory(id)
-        let tmp = storage.workingDirectory.map { $0 + "/tmp" } ?? cacheDirectory(id) + "/tmp"
+        let (dir, tmp) = localDirectories(storage, id)
         for d in [dir, tmp] where !isDirectory(d) { try makeDirectories(d) }
         return dir + "/index.sqlite"
     }
 
     /// Where packs are built before they are stored (see ``Storage/workingDirectory``).
-    var stagingDirectory: String {
-        storage.workingDirectory.map { $0 + "/tmp" } ?? cacheDirectory(config.id) + "/tmp"
+    var stagingDirectory: String { Self.localDirectories(storage, config.id).staging }
+
+    /// The directories this device keeps for a repository: its index and its staging.
+    private static func localDirectories(_ storage: any Storage, _ id: String) -> (index: String, staging: String) {
+        guard let root = storage.workingDirectory else { return (cacheDirectory(id), cacheDirectory(id) + "/tmp") }
+        return (root + "/index", root + "/tmp")
     }
 
     /// Throws ``CABackupError/repositoryExists(_:)`` unless `path` is missing or an empty

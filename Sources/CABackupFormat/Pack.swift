@@ -1,4 +1,5 @@
 import CABackupCore
+
 /// What a blob holds.
 public enum BlobType: UInt8, Sendable, Codable {
     /// A chunk of file content.
@@ -90,6 +91,12 @@ public enum PackFormat {
     /// header, more than ``maxHeaderSize``). At 42 bytes an entry this keeps a header
     /// under 1.4 MiB, and the writer's per-pack memory (entries, ids in flight) small.
     package static let maxBlobsPerPack = 32_768
+
+    /// Whether a writer closes a pack holding `blobs` blobs of `bytes` bytes in all: the
+    /// one rule the blob writer follows and prune's prediction of it repeats.
+    package static func isFull(bytes: Int, blobs: Int, packSize: Int) -> Bool {
+        bytes >= packSize || blobs >= maxBlobsPerPack
+    }
 
     /// The size of what ``encodeHeader(_:aead:)`` returns for `count` entries.
     package static func encodedHeaderSize(count: Int, sealed: Bool) -> Int {

@@ -188,7 +188,7 @@ extension Repository {
             var p = open[e.type] ?? (0, 0)
             p.bytes += e.length
             p.count += 1
-            if p.bytes >= config.packSize || p.count >= PackFormat.maxBlobsPerPack {
+            if PackFormat.isFull(bytes: p.bytes, blobs: p.count, packSize: config.packSize) {
                 close(p)
                 open[e.type] = nil
             } else {

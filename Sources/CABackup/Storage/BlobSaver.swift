@@ -140,7 +140,7 @@ final class BlobSaver: @unchecked Sendable {
                 bytes,
                 as: PackEntry(
                     id: id, type: type, compression: compression, offset: 0, length: bytes.count, rawLength: rawLength))
-            if pack.size >= repo.config.packSize || pack.entries.count >= PackFormat.maxBlobsPerPack {
+            if PackFormat.isFull(bytes: pack.size, blobs: pack.entries.count, packSize: repo.config.packSize) {
                 try seal(pack)
                 queue.push(pack)
             } else {
