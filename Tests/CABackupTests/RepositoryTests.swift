@@ -317,13 +317,13 @@ struct RepositoryTests {
             var n = Node(name: bad, type: .file)
             n.mode = 0o644
             let tree = TreeCodec.encodeSingle([n])
-            let saver = BlobSaver(repository: repo)
             let codec = repo.makeCodec()
             let id = tree.withUnsafeBytes { codec.id($0) }
-            if try saver.claim(id) {
-                try tree.withUnsafeBytes { try saver.addEncoding(id, type: .tree, raw: $0, codec: codec) }
+            _ = try repo.withBlobWriter { saver in
+                if try saver.claim(id) {
+                    try tree.withUnsafeBytes { try saver.addEncoding(id, type: .tree, raw: $0, codec: codec) }
+                }
             }
-            try saver.finish()
             let record = Snapshot.encodeRecord(
                 time: formatRFC3339(ns: 0), hostname: "h", username: "u", paths: ["/"], tags: [], parent: nil,
                 tree: id, summary: SnapshotSummary())
@@ -375,17 +375,17 @@ struct RepositoryTests {
             PackFormat.encodedHeaderSize(count: PackFormat.maxBlobsPerPack, sealed: true) <= PackFormat.maxHeaderSize)
         let dir = TemporaryDirectory()
         let repo = try smallRepo(dir)
-        let saver = BlobSaver(repository: repo)
         let codec = repo.makeCodec()
         let n = PackFormat.maxBlobsPerPack * 2 + 100
-        for i in 0..<n {
-            let bytes = withUnsafeBytes(of: UInt64(i).littleEndian) { Array($0) }
-            try bytes.withUnsafeBytes { raw in
-                let id = codec.id(raw)
-                if try saver.claim(id) { try saver.addEncoding(id, type: .data, raw: raw, codec: codec) }
+        _ = try repo.withBlobWriter { saver in
+            for i in 0..<n {
+                let bytes = withUnsafeBytes(of: UInt64(i).littleEndian) { Array($0) }
+                try bytes.withUnsafeBytes { raw in
+                    let id = codec.id(raw)
+                    if try saver.claim(id) { try saver.addEncoding(id, type: .data, raw: raw, codec: codec) }
+                }
             }
         }
-        try saver.finish()
         let counts = try repo.storage.list(.pack).map { try repo.readPackHeader(#require(ObjectID(hex: $0))).count }
         #expect(counts.sorted() == [100, PackFormat.maxBlobsPerPack, PackFormat.maxBlobsPerPack])
         #expect(try repo.check(options: CheckOptions(readDataFraction: 1)).isClean)
@@ -407,18 +407,18 @@ struct RepositoryTests {
         }
         let once = try packBytes()
         // Every blob copied into new packs, the old ones left in place.
-        let saver = BlobSaver(repository: repo)
         let codec = repo.makeCodec()
         let buffers = BlobBuffers()
-        for name in try repo.storage.list(.pack) {
-            let pack = try #require(ObjectID(hex: name))
-            for e in try repo.readPackHeader(pack) {
-                _ = try repo.loadBlob(e.id, at: BlobLocation(pack: pack, entry: e), into: buffers, codec: codec)
-                try saver.add(
-                    e.id, type: e.type, compression: e.compression, rawLength: e.rawLength, bytes: buffers.stored)
+        _ = try repo.withBlobWriter { saver in
+            for name in try repo.storage.list(.pack) {
+                let pack = try #require(ObjectID(hex: name))
+                for e in try repo.readPackHeader(pack) {
+                    _ = try repo.loadBlob(e.id, at: BlobLocation(pack: pack, entry: e), into: buffers, codec: codec)
+                    try saver.add(
+                        e.id, type: e.type, compression: e.compression, rawLength: e.rawLength, bytes: buffers.stored)
+                }
             }
         }
-        try saver.finish()
         #expect(try packBytes() > once * 19 / 10)
 
         let report = try repo.prune(dryRun: false, repackBelow: 0.8, idsInMemory: idsInMemory)

@@ -349,7 +349,11 @@ struct ServerTests {
 
     @Test("an expired token is refused (exit 13); a quota stops an upload with a clear error, space valid")
     func expiryAndQuota() throws {
-        let (s, server, alice) = try aliceOnServer(["--token-lifetime", "2", "--quota-bytes", "1500000"])
+        // Long enough for three commands on a loaded machine; the wait below is counted
+        // from the login, so the test takes no longer than it must.
+        let lifetime = 8.0
+        let (s, server, alice) = try aliceOnServer(["--token-lifetime", "\(Int(lifetime))", "--quota-bytes", "1500000"])
+        let loggedIn = Date()
         try writeRandom(s.file("small/a.bin"), megabytes: 1)
         try writeRandom(s.file("big/b.bin"), megabytes: 3)
         #expect(try cabackup("snapshot", "--repo", server.repo("alice"), s.file("small"), env: alice).status == 0)
@@ -358,7 +362,7 @@ struct ServerTests {
         #expect(over.stderr.contains("quota"))
         let check = try cabackup("check", "--repo", server.repo("alice"), env: alice)
         #expect(check.status == 0, "\(check.stdout)\(check.stderr)")
-        sleep(3)
+        Thread.sleep(forTimeInterval: max(0, lifetime + 1 - Date().timeIntervalSince(loggedIn)))
         let expired = try cabackup("snapshots", "--repo", server.repo("alice"), env: alice)
         #expect(expired.status == 13)
         #expect(expired.stderr.contains("expired"))

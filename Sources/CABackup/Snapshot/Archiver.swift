@@ -118,8 +118,14 @@ extension Repository {
             excludes: options.excludes, caseInsensitiveExcludes: options.caseInsensitiveExcludes)
         let lock = try self.lock(exclusive: false)
         defer { withExtendedLifetime(lock) {} }
-        let archiver = Archiver(repository: self, options: options, excludes: rules, progress: progress)
-        return try index.sharingReads { try archiver.run(paths: paths) }
+        return try index.sharingReads {
+            let ((archiver, root), written) = try withBlobWriter(forSnapshot: true) { saver in
+                let archiver = Archiver(
+                    repository: self, saver: saver, options: options, excludes: rules, progress: progress)
+                return (archiver, try archiver.walk(paths: paths))
+            }
+            return try archiver.commit(root: root, written: written)
+        }
     }
 }
 
@@ -199,37 +205,6 @@ struct HardLinkKey: Hashable {
     }
 }
 
-/// Paths to back up, merged into a tree of path components. Inner nodes are ancestors
-/// (stored as directories); leaves are walked in full.
-final class PathTrie {
-    var children: [[UInt8]: PathTrie] = [:]
-    var isLeaf = false
-
-    init() {}
-
-    /// The trie of absolute paths.
-    convenience init(paths: [String]) {
-        self.init()
-        for p in paths { insert(p.split(separator: "/").map { Array($0.utf8) }) }
-    }
-
-    func insert(_ components: [[UInt8]]) {
-        if isLeaf { return }
-        guard let first = components.first else {
-            isLeaf = true
-            children = [:]
-            return
-        }
-        let child = children[first] ?? PathTrie()
-        children[first] = child
-        child.insert(Array(components.dropFirst()))
-    }
-
-    var sortedChildren: [([UInt8], PathTrie)] {
-        children.sorted { $0.key.lexicographicallyPrecedes($1.key) }.map { ($0.key, $0.value) }
-    }
-}
-
 /// Walks paths and turns them into trees and a snapshot.
 ///
 /// Threads: the calling thread walks directories, reads files and cuts chunks (reading
@@ -281,8 +256,17 @@ final class Archiver: @unchecked Sendable {
     /// Every tree of this snapshot and the chunks of every file read by this run: what a
     /// server checks it holds before it accepts the record.
     private let scanner = SizeScanner()
+    /// The root directory as the parent snapshot has it.
+    private var rootParent: ParentDirectory?
     /// With a parent snapshot, its file and byte totals, shown instead of a scan's.
     private var parentTotals: (files: Int, bytes: Int64)?
+    /// What the walk found out for the commit: when it began, the host, the absolute
+    /// paths, the parent snapshot and the index's packs before it.
+    private var startNs: Int64 = 0
+    private var hostname = ""
+    private var absolute: [String] = []
+    private var parent: SnapshotID?
+    private var packsAtStart: RepositoryIndex.PackState?
 
     /// Test-only: `CABACKUP_TEST_MODIFY_DURING_READ=NAME` appends a byte to a file whose
     /// path ends in NAME after its first read window, to prove the change is caught.
@@ -307,7 +291,7 @@ final class Archiver: @unchecked Sendable {
     static let smallFileLimit = 1 << 20
 
     init(
-        repository: Repository, options: SnapshotOptions, excludes: ExcludeRules,
+        repository: Repository, saver: BlobSaver, options: SnapshotOptions, excludes: ExcludeRules,
         progress: ((SnapshotProgress) -> Void)?
     ) {
         self.excludes = excludes
@@ -319,24 +303,25 @@ final class Archiver: @unchecked Sendable {
             bufferSize: max(
                 Self.windowSize, ChunkingReader.minimumWindow(maxChunk: repository.config.chunker.maxSize)),
             maxCount: Self.windowCount)
-        self.saver = BlobSaver(repository: repository, snapshot: true)
+        self.saver = saver
         self.treeCodec = repository.makeCodec()
     }
 
-    func run(paths: [String]) throws -> SnapshotResult {
+    /// Walks `paths` and stores their files and trees; returns the root directory. The
+    /// workers have stopped when it returns or throws (the blob writer's scope needs that).
+    func walk(paths: [String]) throws -> Node {
         do {
-            return try runChecked(paths: paths)
+            return try walkChecked(paths: paths)
         } catch {
             shutdownWorkers()
-            saver.abandon()
             throw error
         }
     }
 
-    private func runChecked(paths: [String]) throws -> SnapshotResult {
+    private func walkChecked(paths: [String]) throws -> Node {
         // A snapshot records the tree as of its time: the prefetch's start when listings
         // made ahead are used.
-        let startNs = min(wallClockNs(), options.prefetch?.startedNs ?? .max)
+        startNs = min(wallClockNs(), options.prefetch?.startedNs ?? .max)
         // Check every top-level path first: a missing one is fatal and writes nothing.
         var absolute: [String] = []
         for p in paths {
@@ -360,9 +345,11 @@ final class Archiver: @unchecked Sendable {
         for _ in 0..<max(1, options.workers) {
             workers.append(startThread { [self] in self.workerLoop() })
         }
-        let hostname = options.hostname ?? currentHostname()
-        let packsAtStart = try? repo.index.packState()
+        hostname = options.hostname ?? currentHostname()
+        self.absolute = absolute
+        packsAtStart = try? repo.index.packState()
         let parentSnapshot = try? repo.parentSnapshot(paths: absolute, hostname: hostname)
+        parent = parentSnapshot?.id
         var scanThread: pthread_t?
         if progress != nil {
             if let parentSnapshot, !options.force {
@@ -372,9 +359,9 @@ final class Archiver: @unchecked Sendable {
                 parentTotals = (sum.filesTotal, sum.bytesTotal + sum.bytesUnchanged)
             } else {
                 let scanner = scanner
-                let paths = absolute.map { Array($0.utf8) }
                 let excludes = excludes
-                scanThread = startThread { scanner.scan(paths, excludes: excludes) }
+                let roots = absolute
+                scanThread = startThread { scanner.scan(PathTrie(paths: roots), excludes: excludes) }
             }
         }
         defer {
@@ -396,32 +383,35 @@ final class Archiver: @unchecked Sendable {
         }
         shutdownWorkers()
         if let e = workerFailure.withLock({ $0 }) { throw e }
-        try saver.finish()
+        return root
+    }
+
+    /// Commits the snapshot of `root` once the blob writer stored everything it was given.
+    func commit(root: Node, written: BlobWriterTotals) throws -> SnapshotResult {
         // The last report has the final figures, however short the run was.
         reportProgress([], final: true)
         warnings += workerWarnings.withLock { $0 }
         bytesRead += smallBytesRead.load(ordering: .relaxed)
         filesRead += smallFilesRead.load(ordering: .relaxed)
 
-        let parent = parentSnapshot?.id
         summary.chunksAdded = chunksAdded.load(ordering: .relaxed)
         summary.bytesTotal = bytesRead
         summary.errors = warnings.count
         summary.durationSeconds = monotonicSeconds() - start
         // bytes_added counts the record itself too; its size depends on the number, so
         // settle it by iterating until it is stable.
-        var added = saver.bytesAdded.load(ordering: .relaxed)
+        var added = written.bytesAdded
         var record: [UInt8] = []
         for _ in 0..<4 {
             summary.bytesAdded = added
             record = Snapshot.encodeRecord(
                 time: formatRFC3339(ns: startNs), hostname: hostname, username: currentUsername(), paths: absolute,
                 tags: options.tags, parent: parent, tree: root.subtrees[0], summary: summary)
-            let total = saver.bytesAdded.load(ordering: .relaxed) + Int64(record.count)
+            let total = written.bytesAdded + Int64(record.count)
             if total == added { break }
             added = total
         }
-        let snap = try repo.commitSnapshot(record, references: saver.references)
+        let snap = try repo.commitSnapshot(record, references: written.references)
         // Every chunk it names was indexed when found, or stored and indexed by now. Only
         // an optimization for the next run: the snapshot is saved whatever happens here.
         if let packsAtStart { try? repo.index.markComplete(snap.id, since: packsAtStart) }
@@ -438,102 +428,19 @@ final class Archiver: @unchecked Sendable {
     // MARK: Walking (calling thread)
 
     private func walkRoot(_ trie: PathTrie, parent: Snapshot?) throws -> Node {
-        var st = stat()
-        if stat("/", &st) != 0 { throw ioError("stat", "/") }
-        let rootNode = makeNode(name: [0x2F], st: st)
-        let parentEntries = parent.flatMap { p in
-            (try? repo.loadTree(p.tree)).map {
-                ParentDirectory(entries: $0, trees: [p.tree])
-            }
+        rootParent = parent.flatMap { p in
+            (try? repo.loadTree(p.tree)).map { ParentDirectory(entries: $0, trees: [p.tree]) }
         }
-        let pd = try walkDirectory(
-            path: [0x2F], directory: EntryRef(path: [0x2F]), node: rootNode, trie: trie.isLeaf ? nil : trie,
-            parent: parentEntries, isRoot: true)
+        var visitor = self
+        guard let root = try FileSystemWalker(excludes: excludes).walk(trie, &visitor) else {
+            throw CABackupError.invalidArgument("internal error: root directory not walked")
+        }
+        finalizeQueue.append(root.pending)
         try drainFinalizeQueue(blocking: true)
-        guard let result = pd.result else {
+        guard let result = root.pending.result else {
             throw CABackupError.invalidArgument("internal error: root tree not finalized")
         }
         return result
-    }
-
-    /// Walks a directory. `parent` holds the same directory's entries in the parent
-    /// snapshot (when it has one), for skipping unchanged files.
-    private func walkDirectory(
-        path: [UInt8], directory: EntryRef, node: Node, trie: PathTrie?, parent parentDir: ParentDirectory?,
-        isRoot: Bool = false
-    )
-        throws -> PendingDirectory
-    {
-        let pd = PendingDirectory(node: node, isRoot: isRoot)
-        pd.parent = parentDir
-        let parent = parentDir?.entries ?? []  // nil with --force: walkRoot passes no parent
-        // Chunks the parent names but the index lacks (pruned, damaged): files using
-        // them are read again. Local to this directory (subdirectories have their own).
-        let missing = parentIsComplete ? [] : try repo.index.missing(parent.flatMap(\.content))
-        if let trie {
-            func parentEntry(_ name: [UInt8]) -> Node? { parent.first { $0.name == name } }
-            for (name, child) in trie.sortedChildren {
-                let childPath = joinPath(path, name)
-                if child.isLeaf {
-                    if let e = try processEntry(
-                        path: childPath, name: name, in: EntryRef(path: childPath), parent: parentEntry(name),
-                        missing: missing)
-                    {
-                        pd.entries.append(e)
-                    }
-                } else {
-                    // An ancestor of a backed-up path: stored with its own metadata.
-                    var st = stat()
-                    let rc = withCPath(childPath) { stat($0, &st) }
-                    if rc != 0 || (st.st_mode & S_IFMT) != S_IFDIR {
-                        warn(childPath, rc != 0 ? errnoDescription(errno) : "not a directory")
-                        continue
-                    }
-                    let sub = try walkDirectory(
-                        path: childPath, directory: EntryRef(path: childPath),
-                        node: makeNode(name: name, st: st), trie: child,
-                        parent: parentDirectory(parentEntry(name)))
-                    pd.entries.append(.directory(sub))
-                }
-            }
-        } else {
-            // Entries are looked up relative to the open directory: no path walk per entry,
-            // and a directory renamed meanwhile cannot redirect the walk elsewhere.
-            let dirFD = openAt(directory.fd, directory.relative) {
-                open($0, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC)
-            } at: {
-                openat($0, $1, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC)
-            }
-            let handle = dirFD >= 0 ? DirectoryHandle(dirFD) : nil
-            var names: [[UInt8]] = []
-            var prefetched: [PrefetchedEntry]?
-            if dirFD >= 0, let listing = options.prefetch?.take(directory: dirFD, path: path) {
-                names = listing.names
-                prefetched = listing.entries
-            } else {
-                do {
-                    guard dirFD >= 0 else { throw ioError("open directory", path) }
-                    names = try readDirectory(fd: dirFD, path: path)
-                } catch {
-                    warn(path, errnoText(CABackupError(error)), outcome: .storedEmpty)
-                }
-            }
-            // Both lists are sorted bytewise: walk them side by side.
-            var k = 0
-            for (i, name) in names.enumerated() {
-                while k < parent.count && parent[k].name.lexicographicallyPrecedes(name) { k += 1 }
-                let match = k < parent.count && parent[k].name == name ? parent[k] : nil
-                if let e = try processEntry(
-                    path: joinPath(path, name), name: name, in: EntryRef(directory: handle!, relative: name),
-                    parent: match, missing: missing, known: prefetched?[i])
-                {
-                    pd.entries.append(e)
-                }
-            }
-        }
-        finalizeQueue.append(pd)
-        try drainFinalizeQueue(blocking: finalizeQueue.count - finalizeHead > 4096)
-        return pd
     }
 
     /// The entries of a directory of the parent snapshot; `nil` when there is none or it
@@ -551,82 +458,6 @@ final class Archiver: @unchecked Sendable {
         guard let p = parent, node.hasUnchangedContent(since: p) else { return nil }
         if !missing.isEmpty && p.content.contains(where: missing.contains) { return nil }
         return p.content
-    }
-
-    /// Stats (unless `known` holds the prefetch's `lstat`), records and, for files that
-    /// changed, queues one entry.
-    private func processEntry(
-        path: [UInt8], name: [UInt8], in entry: EntryRef, parent: Node?, missing: Set<BlobID>,
-        known: PrefetchedEntry? = nil
-    ) throws
-        -> PendingDirectory.Entry?
-    {
-        if isExcluded(path: path, name: name) { return nil }
-        var st = stat()
-        if let known, known.error >= 0 {
-            if known.error > 0 {
-                warn(path, errnoDescription(known.error))
-                return nil
-            }
-            st = known.makeStat()
-        } else if openAt(
-            entry.fd, entry.relative, { lstat($0, &st) }, at: { fstatat($0, $1, &st, AT_SYMLINK_NOFOLLOW) })
-            != 0
-        {
-            warn(path, errnoDescription(errno))
-            return nil
-        }
-        var node = makeNode(name: name, st: st)
-        switch node.type {
-        case .file:
-            if let content = unchangedContent(node, parent: parent, missing: missing) {
-                node.content = content
-                summary.filesUnchanged += 1
-                summary.bytesUnchanged += Int64(node.size)
-                reportProgress(path)
-                return .done(node)
-            }
-            if known != nil {
-                // To be read: stat it now, so the check after reading compares with
-                // what was current when reading began, not when the prefetch listed it.
-                return try processEntry(path: path, name: name, in: entry, parent: parent, missing: missing)
-            }
-            if node.links > 1, let known = hardLinks[HardLinkKey(node)] {
-                if known.seen + 1 >= node.links {
-                    hardLinks[HardLinkKey(node)] = nil
-                } else {
-                    hardLinks[HardLinkKey(node)] = (known.job, known.seen + 1)
-                }
-                return .file(node, known.job)
-            }
-            let job: FileJob
-            if st.st_size <= Self.smallFileLimit {
-                job = FileJob()
-                reportProgress(path)
-                chunkQueue.push(
-                    .smallFile(
-                        SmallFileJob(
-                            entry: entry, path: path, size: Int64(st.st_size), mtimeNs: node.mtimeNs,
-                            ctimeNs: node.ctimeNs, file: job)))
-            } else {
-                guard let read = try readFile(path: path, entry: entry, st: st) else { return nil }
-                job = read
-            }
-            if node.links > 1 { hardLinks[HardLinkKey(node)] = (job, 1) }
-            return .file(node, job)
-        case .directory:
-            return .directory(
-                try walkDirectory(path: path, directory: entry, node: node, trie: nil, parent: parentDirectory(parent)))
-        case .symlink:
-            guard let target = readLinkTarget(entry) else {
-                warn(path, "cannot read link: \(errnoDescription(errno))")
-                return nil
-            }
-            node.linkTarget = target
-            return .done(node)
-        default:
-            return .done(node)
-        }
     }
 
     /// Reads a regular file and queues its chunks; `nil` (with a warning) when it
@@ -896,10 +727,6 @@ final class Archiver: @unchecked Sendable {
         }
     }
 
-    private func isExcluded(path: [UInt8], name: [UInt8]) -> Bool {
-        excludes.isExcluded(path: path)
-    }
-
     private func warn(_ path: [UInt8], _ message: String, outcome: SnapshotWarning.Outcome = .skipped) {
         warnings.append(SnapshotWarning(path: displayPath(path), message: message, outcome: outcome))
     }
@@ -931,106 +758,126 @@ final class Archiver: @unchecked Sendable {
     }
 }
 
-/// A node with the metadata of an `lstat` result (no content, target or subtrees yet).
-func makeNode(name: [UInt8], st: stat) -> Node {
-    let type: NodeType
-    switch st.st_mode & S_IFMT {
-    case S_IFREG: type = .file
-    case S_IFDIR: type = .directory
-    case S_IFLNK: type = .symlink
-    case S_IFIFO: type = .fifo
-    case S_IFCHR: type = .characterDevice
-    case S_IFBLK: type = .blockDevice
-    default: type = .socket
-    }
-    var n = Node(name: name, type: type)
-    n.mode = UInt32(st.st_mode & 0o7777)
-    n.uid = st.st_uid
-    n.gid = st.st_gid
-    n.size = type == .file ? UInt64(st.st_size) : 0
-    n.mtimeNs = nanoseconds(st.st_mtim)
-    n.ctimeNs = nanoseconds(st.st_ctim)
-    n.inode = UInt64(st.st_ino)
-    n.device = UInt64(st.st_dev)
-    n.links = type == .directory ? 1 : UInt64(st.st_nlink)
-    n.rdev = UInt64(st.st_rdev)
-    return n
-}
+/// A directory being walked by the archiver.
+struct BackupDirectory {
+    let pending: PendingDirectory
+    /// The same directory's entries in the parent snapshot (sorted by name), and how far
+    /// the walk has got in them.
+    let parentEntries: [Node]
+    var cursor = 0
+    /// Chunks the parent names but the index lacks (pruned, damaged): files using them
+    /// are read again. Local to this directory (subdirectories have their own).
+    let missing: Set<BlobID>
 
-/// A symlink's target bytes; `nil` when it cannot be read.
-func readLinkTarget(_ path: [UInt8]) -> [UInt8]? {
-    readLinkTarget(EntryRef(path: path))
-}
-
-func readLinkTarget(_ entry: EntryRef) -> [UInt8]? {
-    var buf = [UInt8](repeating: 0, count: Int(PATH_MAX) + 1)
-    let n = buf.withUnsafeMutableBufferPointer { b in
-        b.baseAddress!.withMemoryRebound(to: CChar.self, capacity: b.count) { out in
-            openAt(entry.fd, entry.relative, { readlink($0, out, b.count) }, at: { readlinkat($0, $1, out, b.count) })
+    /// The parent snapshot's entry named `name`. Names come in sorted order, so the
+    /// cursor only moves forward; asking twice for one name gives the same entry.
+    mutating func parentEntry(_ name: [UInt8]) -> Node? {
+        while cursor < parentEntries.count && parentEntries[cursor].name.lexicographicallyPrecedes(name) {
+            cursor += 1
         }
+        return cursor < parentEntries.count && parentEntries[cursor].name == name ? parentEntries[cursor] : nil
     }
-    return n < 0 ? nil : Array(buf[0..<n])
 }
 
-/// A directory entry to open or stat: `relative` to an open directory, or, without one,
-/// an absolute path. The directory stays open while any entry (a queued small file)
-/// refers to it.
-struct EntryRef: Sendable {
-    let directory: DirectoryHandle?
-    let relative: [UInt8]
-
-    init(directory: DirectoryHandle, relative: [UInt8]) {
-        self.directory = directory
-        self.relative = relative
+extension Archiver: FileSystemVisitor {
+    func enter(
+        _ directory: WalkDirectory, listing: inout DirectoryListing, parent: BackupDirectory?
+    ) throws
+        -> BackupDirectory?
+    {
+        let pd = PendingDirectory(node: makeNode(name: directory.name, st: directory.stat), isRoot: directory.isRoot)
+        if directory.isRoot {
+            pd.parent = rootParent
+        } else if var parent {
+            // nil with --force: walkRoot passes no parent.
+            pd.parent = parentDirectory(parent.parentEntry(directory.name))
+        }
+        if let error = listing.error {
+            warn(directory.path, errnoText(error), outcome: .storedEmpty)
+        }
+        let entries = pd.parent?.entries ?? []
+        let missing = parentIsComplete ? [] : try repo.index.missing(entries.flatMap(\.content))
+        return BackupDirectory(pending: pd, parentEntries: entries, missing: missing)
     }
 
-    /// An entry named by its absolute path (top-level paths and their ancestors).
-    init(path: [UInt8]) {
-        directory = nil
-        relative = path
+    func listing(ofOpenDirectory fd: Int32, path: [UInt8]) -> PrefetchedDirectory? {
+        options.prefetch?.take(directory: fd, path: path)
     }
 
-    /// The directory's descriptor, or `AT_FDCWD` for an absolute path.
-    var fd: Int32 { directory?.fd ?? AT_FDCWD }
-}
-
-/// Calls `byPath` with the absolute path when `fd` is `AT_FDCWD`, else `at` with the
-/// descriptor and the relative name, both as C strings.
-func openAt<R>(
-    _ fd: Int32, _ relative: [UInt8], _ byPath: (UnsafePointer<CChar>) -> R,
-    at: (Int32, UnsafePointer<CChar>) -> R
-) -> R {
-    withCPath(relative) { fd == AT_FDCWD ? byPath($0) : at(fd, $0) }
-}
-
-/// Counts the files and bytes a snapshot will read, on its own thread, so progress can
-/// show an ETA. Only `lstat` and directory reads: cheap beside the backup itself.
-final class SizeScanner: Sendable {
-    let files = Atomic<Int>(0)
-    let bytes = Atomic<Int64>(0)
-    let finished = Atomic<Bool>(false)
-    let stop = Atomic<Bool>(false)
-
-    func scan(_ paths: [[UInt8]], excludes: ExcludeRules) {
-        for p in paths { visit(p, excludes: excludes) }
-        finished.store(true, ordering: .relaxed)
-    }
-
-    private func visit(_ path: [UInt8], excludes: ExcludeRules) {
-        if stop.load(ordering: .relaxed) || excludes.isExcluded(path: path) { return }
-        var st = stat()
-        guard withCPath(path, { lstat($0, &st) }) == 0 else { return }
-        switch st.st_mode & S_IFMT {
-        case S_IFREG:
-            files.add(1, ordering: .relaxed)
-            bytes.add(Int64(st.st_size), ordering: .relaxed)
-        case S_IFDIR:
-            for child in (try? readDirectory(path)) ?? [] {
-                visit(joinPath(path, child), excludes: excludes)
+    /// Records an entry and, for a file that changed, queues it.
+    func visit(_ entry: inout WalkEntry, in directory: inout BackupDirectory) throws -> WalkStep {
+        let parent = directory.parentEntry(entry.name)
+        let path = entry.path
+        var node = makeNode(name: entry.name, st: entry.stat)
+        switch node.type {
+        case .file:
+            if let content = unchangedContent(node, parent: parent, missing: directory.missing) {
+                node.content = content
+                summary.filesUnchanged += 1
+                summary.bytesUnchanged += Int64(node.size)
+                reportProgress(path)
+                directory.pending.entries.append(.done(node))
+                return .next
             }
+            if entry.statFromListing {
+                // To be read: stat it now, so the check after reading compares with
+                // what was current when reading began, not when the prefetch listed it.
+                if let e = entry.restat() {
+                    warn(path, errnoDescription(e))
+                    return .next
+                }
+                return try visit(&entry, in: &directory)
+            }
+            if node.links > 1, let known = hardLinks[HardLinkKey(node)] {
+                if known.seen + 1 >= node.links {
+                    hardLinks[HardLinkKey(node)] = nil
+                } else {
+                    hardLinks[HardLinkKey(node)] = (known.job, known.seen + 1)
+                }
+                directory.pending.entries.append(.file(node, known.job))
+                return .next
+            }
+            let job: FileJob
+            if entry.stat.st_size <= Self.smallFileLimit {
+                job = FileJob()
+                reportProgress(path)
+                chunkQueue.push(
+                    .smallFile(
+                        SmallFileJob(
+                            entry: entry.entry, path: path, size: Int64(entry.stat.st_size), mtimeNs: node.mtimeNs,
+                            ctimeNs: node.ctimeNs, file: job)))
+            } else {
+                guard let read = try readFile(path: path, entry: entry.entry, st: entry.stat) else { return .next }
+                job = read
+            }
+            if node.links > 1 { hardLinks[HardLinkKey(node)] = (job, 1) }
+            directory.pending.entries.append(.file(node, job))
+            return .next
+        case .directory:
+            return .descend
+        case .symlink:
+            guard let target = readLinkTarget(entry.entry) else {
+                warn(path, "cannot read link: \(errnoDescription(errno))")
+                return .next
+            }
+            node.linkTarget = target
+            directory.pending.entries.append(.done(node))
+            return .next
         default:
-            break
+            directory.pending.entries.append(.done(node))
+            return .next
         }
+    }
+
+    func cannotStat(_ path: [UInt8], name: [UInt8], reason: String, in directory: inout BackupDirectory) {
+        warn(path, reason)
+    }
+
+    /// A subdirectory is walked: its tree is encoded once its files are hashed.
+    func leave(_ child: BackupDirectory, into parent: inout BackupDirectory) throws {
+        finalizeQueue.append(child.pending)
+        try drainFinalizeQueue(blocking: finalizeQueue.count - finalizeHead > 4096)
+        parent.pending.entries.append(.directory(child.pending))
     }
 }
 

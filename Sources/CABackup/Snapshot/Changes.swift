@@ -1,5 +1,6 @@
 import CABackupCore
 import CABackupFormat
+
 #if canImport(Glibc)
     import Glibc
 #elseif canImport(Darwin)
@@ -161,21 +162,38 @@ extension Repository {
         }
         let hostname = options.hostname ?? currentHostname()
         let parent = try parentSnapshot(paths: absolute, hostname: hostname)
-        var changes = ChangeSet()
-        changes.base = parent?.id
-        let trie = PathTrie(paths: absolute)
-        let walker = StatusWalker(repository: self, excludes: rules)
-        let rootEntries = try parent.map { try loadTree($0.tree) } ?? []
-        try walker.walk(trie: trie, path: [], parent: rootEntries, into: &changes)
-        return changes
+        var visitor = StatusVisitor(repository: self, excludes: rules)
+        visitor.changes.base = parent?.id
+        visitor.rootEntries = try parent.map { try loadTree($0.tree) } ?? []
+        if var root = try FileSystemWalker(excludes: rules).walk(PathTrie(paths: absolute), &visitor) {
+            try visitor.reportRemaining(in: &root)
+        }
+        return visitor.changes
     }
 }
 
-/// Compares the file system with a snapshot's trees (for ``Repository/status(paths:options:)``).
-struct StatusWalker {
+/// Compares the file system with a snapshot's trees as the walk goes (for
+/// ``Repository/status(paths:options:)``): each directory's names are merged with the
+/// same directory's entries in the snapshot, both sorted by name.
+struct StatusVisitor: FileSystemVisitor {
+    struct Directory {
+        /// The same directory's entries in the snapshot, and how far the merge has got.
+        var old: [Node]
+        var cursor = 0
+        let path: [UInt8]
+        /// Only the named children of an ancestor are compared: its other entries are
+        /// not reported removed.
+        let isAncestor: Bool
+    }
+
     let repo: Repository
     let excludes: ExcludeRules
     let codec: BlobCodec
+    var changes = ChangeSet()
+    /// The snapshot's root directory.
+    var rootEntries: [Node] = []
+    /// The snapshot's entries of the directory the walk is about to enter.
+    private var descending: [Node] = []
 
     init(repository: Repository, excludes: ExcludeRules) {
         self.repo = repository
@@ -183,106 +201,112 @@ struct StatusWalker {
         self.excludes = excludes
     }
 
-    /// The ancestors part of the tree: only the named children are looked at.
-    func walk(trie: PathTrie, path: [UInt8], parent: [Node], into c: inout ChangeSet) throws {
-        let byName = Dictionary(parent.map { ($0.name, $0) }, uniquingKeysWith: { a, _ in a })
-        for (name, child) in trie.sortedChildren {
-            let p = path + [0x2F] + name
-            if child.isLeaf {
-                try compareEntry(name: name, path: p, old: byName[name], into: &c)
-            } else {
-                let old = byName[name]
-                let entries = old?.type == .directory ? try repo.loadDirectory(old!) : []
-                try walk(trie: child, path: p, parent: entries, into: &c)
-            }
+    mutating func enter(
+        _ directory: WalkDirectory, listing: inout DirectoryListing, parent: Directory?
+    ) throws
+        -> Directory?
+    {
+        var old = descending
+        if directory.isRoot {
+            old = rootEntries
+        } else if directory.isAncestor, let parent {
+            let node = parent.old.first { $0.name == directory.name }
+            old = node?.type == .directory ? try repo.loadDirectory(node!) : []
+        }
+        descending = []
+        // A directory that cannot be listed reads as empty: what the snapshot has in it
+        // is reported removed.
+        return Directory(old: old, path: directory.path, isAncestor: directory.isAncestor)
+    }
+
+    /// The snapshot's entry named `name`; the entries passed on the way are reported
+    /// removed (unless excluded), except in an ancestor.
+    private mutating func match(_ name: [UInt8], in d: inout Directory) throws -> Node? {
+        while d.cursor < d.old.count && d.old[d.cursor].name.lexicographicallyPrecedes(name) {
+            if !d.isAncestor { try reportRemoved(d.old[d.cursor], in: d.path) }
+            d.cursor += 1
+        }
+        guard d.cursor < d.old.count && d.old[d.cursor].name == name else { return nil }
+        d.cursor += 1
+        return d.old[d.cursor - 1]
+    }
+
+    /// Reports the snapshot's entries after the last name of the directory removed.
+    mutating func reportRemaining(in d: inout Directory) throws {
+        if d.isAncestor { return }
+        while d.cursor < d.old.count {
+            try reportRemoved(d.old[d.cursor], in: d.path)
+            d.cursor += 1
         }
     }
 
-    private func lstatNode(_ path: [UInt8], name: [UInt8]) -> Node? {
-        var st = stat()
-        guard withCPath(path, { lstat($0, &st) }) == 0 else { return nil }
-        var n = makeNode(name: name, st: st)
-        if n.type == .symlink { n.linkTarget = readLinkTarget(path) ?? [] }
-        return n
+    private mutating func reportRemoved(_ n: Node, in directory: [UInt8]) throws {
+        let p = joinPath(directory, n.name)
+        if !excludes.isExcluded(path: p) { try reportOld(n, path: p) }
     }
 
-    private func compareEntry(name: [UInt8], path: [UInt8], old: Node?, into c: inout ChangeSet) throws {
-        if excludes.isExcluded(path: path) { return }
-        guard let now = lstatNode(path, name: name) else {
-            if let old { try reportOld(old, path: path, into: &c) }
-            return
-        }
+    mutating func visit(_ entry: inout WalkEntry, in d: inout Directory) throws -> WalkStep {
+        let path = entry.path
+        let old = try match(entry.name, in: &d)
+        var now = makeNode(name: entry.name, st: entry.stat)
+        if now.type == .symlink { now.linkTarget = readLinkTarget(entry.entry) ?? [] }
         guard let old, old.type == now.type else {
-            if let old { try reportOld(old, path: path, into: &c) }
-            try reportNew(now, path: path, into: &c)
-            return
+            if let old { try reportOld(old, path: path) }
+            changes.added.append(ChangedEntry(path: path, size: now.size, type: now.type))
+            // Everything below a new directory is new: compared with no entries.
+            descending = []
+            return now.type == .directory ? .descend : .next
         }
         let sameOwnerAndMode = old.mode == now.mode && old.uid == now.uid && old.gid == now.gid
         switch now.type {
         case .directory:
             // A directory's own mtime moves with its entries: those are reported, not it.
-            if !sameOwnerAndMode { c.metadataOnly.append(ChangedEntry(path: path, size: 0, type: .directory)) }
-            try compareDirectory(path: path, old: try repo.loadDirectory(old), into: &c)
+            if !sameOwnerAndMode { changes.metadataOnly.append(ChangedEntry(path: path, size: 0, type: .directory)) }
+            descending = try repo.loadDirectory(old)
+            return .descend
         case .file:
+            let changed = ChangedEntry(path: path, size: now.size, type: .file)
             if old.size != now.size {
-                c.modified.append(ChangedEntry(path: path, size: now.size, type: .file))
+                changes.modified.append(changed)
             } else if now.hasUnchangedContent(since: old) {
-                if !sameOwnerAndMode { c.metadataOnly.append(ChangedEntry(path: path, size: now.size, type: .file)) }
-            } else if try contentIDs(path) != old.content {
-                c.modified.append(ChangedEntry(path: path, size: now.size, type: .file))
+                if !sameOwnerAndMode { changes.metadataOnly.append(changed) }
+            } else if try contentIDs(entry.entry, path: path) != old.content {
+                changes.modified.append(changed)
             } else {
-                c.metadataOnly.append(ChangedEntry(path: path, size: now.size, type: .file))
+                changes.metadataOnly.append(changed)
             }
         default:
             if old.linkTarget != now.linkTarget || old.rdev != now.rdev {
-                c.modified.append(ChangedEntry(path: path, size: 0, type: now.type))
+                changes.modified.append(ChangedEntry(path: path, size: 0, type: now.type))
             } else if !sameOwnerAndMode || (now.type != .symlink && old.mtimeNs != now.mtimeNs) {
-                c.metadataOnly.append(ChangedEntry(path: path, size: 0, type: now.type))
+                changes.metadataOnly.append(ChangedEntry(path: path, size: 0, type: now.type))
             }
         }
+        return .next
     }
 
-    private func compareDirectory(path: [UInt8], old: [Node], into c: inout ChangeSet) throws {
-        let names = (try? readDirectory(path)) ?? []
-        var i = 0
-        var j = 0
-        while i < old.count || j < names.count {
-            if j == names.count || (i < old.count && old[i].name.lexicographicallyPrecedes(names[j])) {
-                let p = path + [0x2F] + old[i].name
-                if !excludes.isExcluded(path: p) { try reportOld(old[i], path: p, into: &c) }
-                i += 1
-            } else if i == old.count || names[j].lexicographicallyPrecedes(old[i].name) {
-                try compareEntry(name: names[j], path: path + [0x2F] + names[j], old: nil, into: &c)
-                j += 1
-            } else {
-                try compareEntry(name: names[j], path: path + [0x2F] + names[j], old: old[i], into: &c)
-                i += 1
-                j += 1
-            }
-        }
+    /// An entry that is gone by the time it is stated: what the snapshot had is removed.
+    mutating func cannotStat(_ path: [UInt8], name: [UInt8], reason: String, in d: inout Directory) {
+        guard let old = try? match(name, in: &d) else { return }
+        try? reportOld(old, path: path)
     }
 
-    private func reportOld(_ n: Node, path: [UInt8], into c: inout ChangeSet) throws {
-        c.removed.append(ChangedEntry(path: path, size: n.size, type: n.type))
+    mutating func leave(_ child: Directory, into parent: inout Directory) throws {
+        var child = child
+        try reportRemaining(in: &child)
+    }
+
+    private mutating func reportOld(_ n: Node, path: [UInt8]) throws {
+        changes.removed.append(ChangedEntry(path: path, size: n.size, type: n.type))
         if n.type == .directory {
-            for child in try repo.loadDirectory(n) { try reportOld(child, path: path + [0x2F] + child.name, into: &c) }
-        }
-    }
-
-    private func reportNew(_ n: Node, path: [UInt8], into c: inout ChangeSet) throws {
-        c.added.append(ChangedEntry(path: path, size: n.size, type: n.type))
-        if n.type == .directory {
-            for name in (try? readDirectory(path)) ?? [] {
-                let p = path + [0x2F] + name
-                if excludes.isExcluded(path: p) { continue }
-                if let child = lstatNode(p, name: name) { try reportNew(child, path: p, into: &c) }
-            }
+            for child in try repo.loadDirectory(n) { try reportOld(child, path: joinPath(path, child.name)) }
         }
     }
 
     /// The chunk ids the file's content has now (read and chunked as a snapshot would).
-    private func contentIDs(_ path: [UInt8]) throws -> [BlobID] {
-        let fd = withCPath(path) { open($0, O_RDONLY | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK) }
+    private func contentIDs(_ entry: EntryRef, path: [UInt8]) throws -> [BlobID] {
+        let flags = O_RDONLY | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK
+        let fd = openAt(entry.fd, entry.relative, { open($0, flags) }, at: { openat($0, $1, flags) })
         if fd < 0 { return [] }
         defer { close(fd) }
         var st = stat()

@@ -137,10 +137,9 @@ extension Repository {
 
         // Copy the live blobs of packs being repacked, verifying each on the way.
         if !repacks.isEmpty {
-            let saver = BlobSaver(repository: self)
             let codec = makeCodec()
             let buffers = BlobBuffers()
-            do {
+            let (_, written) = try withBlobWriter { saver in
                 for (pack, live) in repacks {
                     for e in live {
                         // Verified on the way; its stored bytes are copied as they are.
@@ -151,13 +150,9 @@ extension Repository {
                             bytes: buffers.stored)
                     }
                 }
-                try saver.finish()
-            } catch {
-                saver.abandon()
-                throw error
             }
-            report.packsWritten = saver.packsAdded.load(ordering: .relaxed)
-            report.bytesFreed -= saver.bytesAdded.load(ordering: .relaxed)
+            report.packsWritten = written.packsAdded
+            report.bytesFreed -= written.bytesAdded
         }
         // The index forgets them first: a crash before a file is removed leaves a pack
         // the next open indexes again (a duplicate, never a blob the index places nowhere).

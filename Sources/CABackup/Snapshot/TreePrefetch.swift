@@ -39,7 +39,7 @@ public final class TreePrefetch: Sendable {
     ) {
         let state = PrefetchState(budget: budget)
         self.state = state
-        let roots = paths.map { Array(absolutePath($0).utf8) }
+        let roots = paths.map { absolutePath($0) }
         let excludes = try? ExcludeRules(excludes: excludes, caseInsensitiveExcludes: caseInsensitiveExcludes)
         thread = Mutex(startThread { state.run(roots: roots, excludes: excludes) })
     }
@@ -204,7 +204,7 @@ final class PrefetchState: @unchecked Sendable {
         cond.broadcast()
     }
 
-    private var isStopped: Bool { cond.locked { stopped } }
+    fileprivate var isStopped: Bool { cond.locked { stopped } }
 
     var taken: Int { cond.locked { takenCount } }
 
@@ -252,7 +252,7 @@ final class PrefetchState: @unchecked Sendable {
     }
 
     /// Appends a listing once the budget has room for it; `false` when stopped.
-    private func publish(_ path: [UInt8], _ key: Key, _ listing: PrefetchedDirectory) -> Bool {
+    fileprivate func publish(_ path: [UInt8], _ key: Key, _ listing: PrefetchedDirectory) -> Bool {
         let published = cond.locked { () -> Bool in
             while !stopped && held + listing.entries.count > budget { cond.wait() }
             if stopped { return false }
@@ -264,55 +264,51 @@ final class PrefetchState: @unchecked Sendable {
         return published
     }
 
-    /// Lists `roots` in walk order (a root inside another is listed with it).
-    func run(roots: [[UInt8]], excludes: ExcludeRules?) {
+    /// Lists the directories of `roots` in walk order, through the walk a snapshot makes
+    /// (``FileSystemWalker``), so both see the same directories in the same order.
+    func run(roots: [String], excludes: ExcludeRules?) {
         defer {
             cond.locked { done = true }
             cond.broadcast()
         }
-        var visited: [[UInt8]] = []
-        for root in roots.sorted(by: precedesInWalk) {
-            if let last = visited.last, components(root).starts(with: components(last)) { continue }
-            visited.append(root)
-            let fd = withCPath(root) { open($0, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC) }
-            guard fd >= 0 else { continue }
-            if !visit(fd, path: root, excludes: excludes) { return }
-        }
+        var visitor = Visitor(state: self, excludes: excludes)
+        _ = try? FileSystemWalker(excludes: excludes ?? .none).walk(PathTrie(paths: roots), &visitor)
     }
 
-    /// Lists the directory open as `fd` (closed here), then its subdirectories in order.
-    /// `false`: stopped.
-    private func visit(_ fd: Int32, path: [UInt8], excludes: ExcludeRules?) -> Bool {
-        defer { close(fd) }
-        if isStopped { return false }
-        var dst = stat()
-        guard fstat(fd, &dst) == 0, let names = try? readDirectory(fd: fd, path: path) else { return true }
-        // A directory larger than the budget, and what is below it, is left to the walk
-        // (which then finds the next listing later in walk order and reads these itself).
-        if names.count > budget { return true }
-        var entries: [PrefetchedEntry] = []
-        entries.reserveCapacity(names.count)
-        var subdirectories: [Int] = []
-        for (i, name) in names.enumerated() {
-            if let excludes, !excludes.isEmpty, excludes.isExcluded(path: joinPath(path, name)) {
-                entries.append(PrefetchedEntry(error: -1))
-                continue
+    /// States each listed directory's entries, publishes the listing, then descends.
+    private struct Visitor: FileSystemVisitor {
+        struct Directory {}
+        let state: PrefetchState
+        let excludes: ExcludeRules?
+        var isStopped = false
+
+        mutating func enter(
+            _ directory: WalkDirectory, listing: inout DirectoryListing, parent: Directory?
+        )
+            -> Directory?
+        {
+            if state.isStopped { isStopped = true }
+            if directory.isAncestor { return isStopped ? nil : Directory() }
+            var dst = stat()
+            // A directory larger than the budget, and what is below it, is left to the walk
+            // (which then finds the next listing later in walk order and reads these itself).
+            guard !isStopped, let fd = directory.handle?.fd, listing.error == nil, fstat(fd, &dst) == 0,
+                listing.names.count <= state.budget
+            else { return nil }
+            listing.statAll(fd, excludes: excludes, path: directory.path)
+            let key = Key(device: UInt64(dst.st_dev), inode: UInt64(dst.st_ino))
+            let made = PrefetchedDirectory(directory: dst, names: listing.names, entries: listing.known ?? [])
+            if !state.publish(directory.path, key, made) {
+                isStopped = true
+                return nil
             }
-            var st = stat()
-            if withCPath(name, { fstatat(fd, $0, &st, AT_SYMLINK_NOFOLLOW) }) != 0 {
-                entries.append(PrefetchedEntry(error: errno))
-                continue
-            }
-            entries.append(PrefetchedEntry(st))
-            if (st.st_mode & S_IFMT) == S_IFDIR { subdirectories.append(i) }
+            return Directory()
         }
-        let key = Key(device: UInt64(dst.st_dev), inode: UInt64(dst.st_ino))
-        if !publish(path, key, PrefetchedDirectory(directory: dst, names: names, entries: entries)) { return false }
-        for i in subdirectories {
-            let child = withCPath(names[i]) { openat(fd, $0, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC) }
-            guard child >= 0 else { continue }
-            if !visit(child, path: joinPath(path, names[i]), excludes: excludes) { return false }
+
+        func visit(_ entry: inout WalkEntry, in directory: inout Directory) -> WalkStep {
+            (entry.stat.st_mode & S_IFMT) == S_IFDIR ? .descend : .next
         }
-        return true
+
+        func leave(_ child: Directory, into parent: inout Directory) {}
     }
 }

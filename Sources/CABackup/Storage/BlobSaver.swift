@@ -90,7 +90,7 @@ final class BlobSaver: @unchecked Sendable {
 
     /// - Parameter snapshot: the saver writes a snapshot, so it remembers what the
     ///   snapshot references when the commit needs that.
-    init(repository: Repository, snapshot: Bool = false) {
+    fileprivate init(repository: Repository, snapshot: Bool = false) {
         self.repo = repository
         if snapshot && repository.commitNeedsReferences { referenced = [] }
         // What a killed writer left; a running one's files are locked and stay.
@@ -162,7 +162,7 @@ final class BlobSaver: @unchecked Sendable {
 
     /// Seals the open packs, waits until every pack is stored and indexed.
     /// - Throws: the first error any pack write hit.
-    func finish() throws {
+    fileprivate func finish() throws {
         let byType: [[OpenPack]] = packLock.locked {
             defer { freePacks = [[], []] }
             return freePacks
@@ -193,7 +193,7 @@ final class BlobSaver: @unchecked Sendable {
     }
 
     /// Stops the writer and removes unsealed packs (after an error elsewhere).
-    func abandon() {
+    fileprivate func abandon() {
         let open: [OpenPack] = packLock.locked {
             defer { freePacks = [[], []] }
             return freePacks.flatMap { $0 }
@@ -318,5 +318,44 @@ final class BlobSaver: @unchecked Sendable {
         lock.locked {
             for e in pack.entries { pending.remove(e.id) }
         }
+    }
+}
+
+/// What a blob writer stored, read once its last pack is stored and indexed.
+struct BlobWriterTotals {
+    /// Bytes of packs stored, headers included.
+    var bytesAdded: Int64
+    /// Packs stored.
+    var packsAdded: Int
+    /// Every blob claimed or reused, when the snapshot commit needs them (see
+    /// ``Repository/commitNeedsReferences``); empty otherwise.
+    var references: [BlobID]
+}
+
+extension Repository {
+    /// Runs `body` with a blob writer, the only way to get one: the writer starts here,
+    /// and when `body` returns its open packs are sealed, stored and indexed before the
+    /// totals are read; when `body` throws, its unsealed packs are removed and the error
+    /// is rethrown. Whatever feeds the writer from other threads must have stopped when
+    /// `body` returns or throws.
+    ///
+    /// - Parameter forSnapshot: the blobs make up a snapshot, so the writer remembers
+    ///   what it references when the commit needs that.
+    func withBlobWriter<R>(
+        forSnapshot: Bool = false, _ body: (BlobSaver) throws -> R
+    ) throws -> (R, BlobWriterTotals) {
+        let saver = BlobSaver(repository: self, snapshot: forSnapshot)
+        let result: R
+        do {
+            result = try body(saver)
+            try saver.finish()
+        } catch {
+            saver.abandon()
+            throw error
+        }
+        let totals = BlobWriterTotals(
+            bytesAdded: saver.bytesAdded.load(ordering: .relaxed),
+            packsAdded: saver.packsAdded.load(ordering: .relaxed), references: saver.references)
+        return (result, totals)
     }
 }

@@ -53,9 +53,8 @@ import CABackupFormat
     /// Stores `blobs` as data blobs through the real pack writer (dedup, LZ4, sealing when encrypted, packs,
     /// fsync, index) without chunking: the pack-writing stage alone.
     public func storeBlobsForBenchmark(_ blobs: [[UInt8]]) throws {
-        let saver = BlobSaver(repository: self)
         let codec = makeCodec()
-        do {
+        _ = try withBlobWriter { saver in
             for b in blobs {
                 try b.withUnsafeBytes { (raw) throws in
                     let id = codec.id(raw)
@@ -63,10 +62,6 @@ import CABackupFormat
                     try saver.addEncoding(id, type: .data, raw: raw, codec: codec)
                 }
             }
-            try saver.finish()
-        } catch {
-            saver.abandon()
-            throw error
         }
     }
 }

@@ -44,6 +44,9 @@ package struct ExcludeRules: Sendable {
         folded = try PatternList(caseInsensitiveExcludes, foldCase: true, option: "--iexclude")
     }
 
+    /// No patterns: nothing is excluded.
+    package static let none = try! ExcludeRules(excludes: [])
+
     /// Whether there are no patterns at all, so nothing is ever excluded.
     package var isEmpty: Bool { exact.patterns.isEmpty && folded.patterns.isEmpty }
 
