@@ -8,87 +8,6 @@ import Synchronization
     import Darwin
 #endif
 
-/// Options for ``Repository/snapshot(paths:options:progress:)``.
-public struct SnapshotOptions: Sendable {
-    /// Tags recorded with the snapshot.
-    public var tags: [String]
-    /// Exclude patterns, restic's rules (see `docs/excludes.md`): `*.log`, `docs/*.txt`,
-    /// `/home/*/.cache`, `**/node_modules`, `!keep.log`.
-    public var excludes: [String]
-    /// Exclude patterns matched without regard to case (`--iexclude`).
-    public var caseInsensitiveExcludes: [String]
-    /// The host name recorded; the machine's by default.
-    public var hostname: String?
-    /// Worker threads that hash and compress; by default one per CPU the process may use
-    /// (affinity mask and cgroup quota, see `usableCPUCount()`).
-    public var workers: Int
-    /// Read every file, even those unchanged since the parent snapshot.
-    public var force: Bool
-    /// Directory listings made ahead of the walk (see ``TreePrefetch``); finished when
-    /// the walk is done.
-    public var prefetch: TreePrefetch?
-
-    public init(
-        tags: [String] = [], excludes: [String] = [], caseInsensitiveExcludes: [String] = [],
-        hostname: String? = nil, force: Bool = false, workers: Int? = nil
-    ) {
-        self.tags = tags
-        self.excludes = excludes
-        self.caseInsensitiveExcludes = caseInsensitiveExcludes
-        self.hostname = hostname
-        self.force = force
-        self.workers = workers ?? usableCPUCount()
-    }
-}
-
-/// Progress of a running snapshot, reported a few times a second.
-public struct SnapshotProgress: Sendable {
-    /// Files read so far, and their bytes.
-    public var filesDone: Int
-    public var bytesRead: Int64
-    /// Files found unchanged since the parent snapshot (not read), and their bytes.
-    public var filesUnchanged: Int = 0
-    public var bytesUnchanged: Int64 = 0
-    public var bytesAdded: Int64
-    public var elapsedSeconds: Double
-    /// The file being read.
-    public var currentPath: String
-    /// Files and bytes below the paths, for a rate and an ETA: without a parent snapshot,
-    /// counted by a scan running beside the backup (final once ``scanFinished`` is
-    /// `true`); with one, the parent's totals (``totalsFromParent``), an estimate that
-    /// costs no second walk of the tree.
-    public var totalFiles: Int
-    public var totalBytes: Int64
-    public var scanFinished: Bool
-    public var totalsFromParent: Bool = false
-}
-
-/// An entry that could not be read, and what the snapshot holds for it instead.
-public struct SnapshotWarning: Sendable, CustomStringConvertible {
-    /// What the snapshot holds for an entry that could not be read.
-    public enum Outcome: Sendable, Equatable {
-        /// The entry is not in the snapshot.
-        case skipped
-        /// A directory that could not be listed: stored with its metadata and no entries.
-        case storedEmpty
-    }
-
-    public var path: String
-    public var message: String
-    public var outcome: Outcome = .skipped
-    public var description: String {
-        "\(path): \(message)" + (outcome == .storedEmpty ? " (stored as an empty directory)" : "")
-    }
-}
-
-/// The outcome of a snapshot.
-public struct SnapshotResult: Sendable {
-    /// The committed snapshot, with its summary.
-    public var snapshot: Snapshot
-    /// Entries skipped because they could not be read (exit code 3 in the CLI).
-    public var warnings: [SnapshotWarning]
-}
-
 extension Repository {
     /// Backs up `paths` into a new snapshot.
     ///
@@ -127,42 +46,6 @@ extension Repository {
             return try archiver.commit(root: root, written: written)
         }
     }
-}
-
-/// The content of a regular file as its chunks are hashed: filled in by workers.
-final class FileJob: @unchecked Sendable {
-    // Safe: every field is read and written with the archiver's `cond` mutex held.
-    var ids: [BlobID] = []
-    var pending = 0
-    var sealed = false
-    var size: Int64 = 0
-    var failed = false
-    var isComplete: Bool { sealed && pending == 0 }
-}
-
-struct ChunkJob: Sendable {
-    let buffer: SharedBuffer
-    let offset: Int
-    let length: Int
-    let file: FileJob
-    let index: Int
-}
-
-/// A file of at most ``Archiver/smallFileLimit`` bytes for a worker to open, read, chunk
-/// and store whole; `size`, `mtimeNs` and `ctimeNs` are what the walk's `fstatat` saw.
-struct SmallFileJob: Sendable {
-    let entry: EntryRef
-    let path: [UInt8]
-    let size: Int64
-    let mtimeNs: Int64
-    let ctimeNs: Int64
-    let file: FileJob
-}
-
-/// What the walk hands the workers.
-enum WorkItem: Sendable {
-    case chunk(ChunkJob)
-    case smallFile(SmallFileJob)
 }
 
 /// A directory as the parent snapshot has it: its entries and the tree blobs holding them.
@@ -224,17 +107,10 @@ final class Archiver: @unchecked Sendable {
     private let options: SnapshotOptions
     private let excludes: ExcludeRules
     private let progress: ((SnapshotProgress) -> Void)?
-    private let cond = Condition()
-    private let chunkQueue: BlockingQueue<WorkItem>
-    private let pool: BufferPool
     private let saver: BlobSaver
-    private var workers: [pthread_t] = []
-    private let chunksAdded = Atomic<Int>(0)
-    /// Files and bytes read by workers (small files), and what could not be read there.
-    private let smallFilesRead = Atomic<Int>(0)
-    private let smallBytesRead = Atomic<Int64>(0)
-    private let workerWarnings = Mutex<[SnapshotWarning]>([])
-    private let workerFailure = Mutex<CABackupError?>(nil)
+    /// Reads files and stores their chunks; its `cond` guards every ``FileJob``.
+    private let files: FileSaver
+    private var cond: Condition { files.cond }
 
     private var finalizeQueue: [PendingDirectory] = []
     private var finalizeHead = 0
@@ -246,8 +122,6 @@ final class Archiver: @unchecked Sendable {
     private var parentIsComplete = false
     private var warnings: [SnapshotWarning] = []
     private var summary = SnapshotSummary()
-    private var bytesRead: Int64 = 0
-    private var filesRead = 0
     private let start = monotonicSeconds()
     private var lastProgress = 0.0
     /// The walk's codec, for the trees it stores (parent trees load through the
@@ -268,28 +142,6 @@ final class Archiver: @unchecked Sendable {
     private var parent: SnapshotID?
     private var packsAtStart: RepositoryIndex.PackState?
 
-    /// Test-only: `CABACKUP_TEST_MODIFY_DURING_READ=NAME` appends a byte to a file whose
-    /// path ends in NAME after its first read window, to prove the change is caught.
-    /// Compiled only into builds with the test hooks (debug builds, see `Package.swift`).
-    static let modifyDuringReadForTests: [UInt8]? = {
-        #if CABACKUP_TEST_HOOKS
-            guard let s = getenv("CABACKUP_TEST_MODIFY_DURING_READ") else { return nil }
-            return Array(String(cString: s).utf8)
-        #else
-            return nil
-        #endif
-    }()
-
-    /// The size of a read window: the smallest that always makes progress with the
-    /// default 8 MiB maximum chunk (see ``ChunkingReader/minimumWindow(maxChunk:readSize:)``).
-    static let windowSize = 12 << 20
-    /// Pooled windows: one hashed by the workers while the reader fills the other (it
-    /// reads from the page cache far faster than two workers hash and compress). A third
-    /// window measured no faster and cost 16 MB of peak RSS.
-    static let windowCount = 2
-    /// Files up to this size are read whole by a worker (see ``SmallFileJob``).
-    static let smallFileLimit = 1 << 20
-
     init(
         repository: Repository, saver: BlobSaver, options: SnapshotOptions, excludes: ExcludeRules,
         progress: ((SnapshotProgress) -> Void)?
@@ -298,12 +150,8 @@ final class Archiver: @unchecked Sendable {
         self.repo = repository
         self.options = options
         self.progress = progress
-        self.chunkQueue = BlockingQueue(capacity: 256)
-        self.pool = BufferPool(
-            bufferSize: max(
-                Self.windowSize, ChunkingReader.minimumWindow(maxChunk: repository.config.chunker.maxSize)),
-            maxCount: Self.windowCount)
         self.saver = saver
+        self.files = FileSaver(repository: repository, writer: saver, workers: options.workers)
         self.treeCodec = repository.makeCodec()
     }
 
@@ -313,7 +161,7 @@ final class Archiver: @unchecked Sendable {
         do {
             return try walkChecked(paths: paths)
         } catch {
-            shutdownWorkers()
+            try? files.finish()
             throw error
         }
     }
@@ -342,9 +190,6 @@ final class Archiver: @unchecked Sendable {
         }
         let trie = PathTrie(paths: absolute)
 
-        for _ in 0..<max(1, options.workers) {
-            workers.append(startThread { [self] in self.workerLoop() })
-        }
         hostname = options.hostname ?? currentHostname()
         self.absolute = absolute
         packsAtStart = try? repo.index.packState()
@@ -381,8 +226,7 @@ final class Archiver: @unchecked Sendable {
             defer { options.prefetch?.finish() }
             root = try walkRoot(trie, parent: options.force ? nil : parentSnapshot)
         }
-        shutdownWorkers()
-        if let e = workerFailure.withLock({ $0 }) { throw e }
+        try files.finish()
         return root
     }
 
@@ -390,12 +234,10 @@ final class Archiver: @unchecked Sendable {
     func commit(root: Node, written: BlobWriterTotals) throws -> SnapshotResult {
         // The last report has the final figures, however short the run was.
         reportProgress([], final: true)
-        warnings += workerWarnings.withLock { $0 }
-        bytesRead += smallBytesRead.load(ordering: .relaxed)
-        filesRead += smallFilesRead.load(ordering: .relaxed)
+        warnings += files.warnings
 
-        summary.chunksAdded = chunksAdded.load(ordering: .relaxed)
-        summary.bytesTotal = bytesRead
+        summary.chunksAdded = files.chunksAdded.load(ordering: .relaxed)
+        summary.bytesTotal = files.bytesRead + files.smallBytesRead.load(ordering: .relaxed)
         summary.errors = warnings.count
         summary.durationSeconds = monotonicSeconds() - start
         // bytes_added counts the record itself too; its size depends on the number, so
@@ -416,13 +258,6 @@ final class Archiver: @unchecked Sendable {
         // an optimization for the next run: the snapshot is saved whatever happens here.
         if let packsAtStart { try? repo.index.markComplete(snap.id, since: packsAtStart) }
         return SnapshotResult(snapshot: snap, warnings: warnings)
-    }
-
-    /// Stops and joins the workers (idempotent).
-    private func shutdownWorkers() {
-        chunkQueue.close()
-        for w in workers { joinThread(w) }
-        workers = []
     }
 
     // MARK: Walking (calling thread)
@@ -458,77 +293,6 @@ final class Archiver: @unchecked Sendable {
         guard let p = parent, node.hasUnchangedContent(since: p) else { return nil }
         if !missing.isEmpty && p.content.contains(where: missing.contains) { return nil }
         return p.content
-    }
-
-    /// Reads a regular file and queues its chunks; `nil` (with a warning) when it
-    /// cannot be opened or read.
-    private func readFile(path: [UInt8], entry: EntryRef, st: stat) throws -> FileJob? {
-        let fd = openForReading(entry)
-        if fd < 0 {
-            warn(path, errnoDescription(errno))
-            return nil
-        }
-        defer { close(fd) }
-        var fst = stat()
-        if fstat(fd, &fst) != 0 || (fst.st_mode & S_IFMT) != S_IFREG {
-            warn(path, "changed type while being backed up")
-            return nil
-        }
-        reportProgress(path)
-        let job = FileJob()
-        let reader = ChunkingReader(
-            chunker: repo.chunker, fd: fd, path: path, sizeHint: Int64(st.st_size), windowSize: pool.bufferSize,
-            pool: pool)
-        do {
-            while let window = try reader.nextWindow() {
-                for cut in window.cuts {
-                    let index: Int = cond.locked {
-                        job.ids.append(.zero)
-                        job.pending += 1
-                        return job.ids.count - 1
-                    }
-                    chunkQueue.push(
-                        .chunk(
-                            ChunkJob(
-                                buffer: window.buffer, offset: cut.offset, length: cut.length, file: job, index: index))
-                    )
-                }
-                if let e = workerFailure.withLock({ $0 }) { throw e }
-                if window.buffer.count > 4 << 20 { reportProgress(path, pending: reader.bytesRead) }
-                Self.modifyForTests(path)
-            }
-            // A file that changed while it was read would be stored half old, half new.
-            if !isUnchanged(
-                fd, size: Int64(st.st_size), mtimeNs: nanoseconds(st.st_mtim), ctimeNs: nanoseconds(st.st_ctim))
-            {
-                warn(path, "changed while being read; not stored (back it up again)")
-                cond.locked {
-                    job.failed = true
-                    job.sealed = true
-                }
-                bytesRead += reader.bytesRead
-                return nil
-            }
-        } catch {
-            let error = CABackupError(error)
-            if case .io = error {
-                warn(path, errnoText(error))
-                cond.locked {
-                    job.failed = true
-                    job.sealed = true
-                }
-                bytesRead += reader.bytesRead
-                return nil
-            }
-            throw error
-        }
-        bytesRead += reader.bytesRead
-        filesRead += 1
-        cond.locked {
-            job.size = reader.bytesRead
-            job.sealed = true
-        }
-        return job
     }
 
     // MARK: Finalizing directories
@@ -609,123 +373,7 @@ final class Archiver: @unchecked Sendable {
         }
     }
 
-    // MARK: Workers
-
-    private func workerLoop() {
-        let codec = repo.makeCodec()
-        let small = UnsafeMutableRawPointer.allocate(byteCount: Self.smallFileLimit + 1, alignment: 64)
-        defer { small.deallocate() }
-        while let item = chunkQueue.pop() {
-            switch item {
-            case .chunk(let job):
-                let id = store(job.buffer.bytes(job.offset, job.length), codec: codec)
-                cond.lock()
-                job.file.ids[job.index] = id
-                job.file.pending -= 1
-                if job.file.isComplete { cond.broadcast() }
-                cond.unlock()
-            case .smallFile(let job):
-                let (ids, size) = readSmallFile(job, into: small, codec: codec) ?? ([], -1)
-                cond.lock()
-                job.file.ids = ids
-                job.file.size = max(0, size)
-                job.file.failed = size < 0
-                job.file.sealed = true
-                cond.broadcast()
-                cond.unlock()
-            }
-        }
-    }
-
-    /// Hashes a chunk and stores it when the repository lacks it. A repository error is
-    /// kept for the walk to throw; the id is returned either way.
-    private func store(_ raw: UnsafeRawBufferPointer, codec: BlobCodec) -> BlobID {
-        let id = codec.id(raw)
-        do {
-            if try saver.claim(id) {
-                try saver.addEncoding(id, type: .data, raw: raw, codec: codec)
-                chunksAdded.add(1, ordering: .relaxed)
-            }
-        } catch {
-            workerFailure.withLock { if $0 == nil { $0 = CABackupError(error) } }
-        }
-        return id
-    }
-
-    /// Opens, reads and stores a small file on a worker; returns its chunk ids and size,
-    /// or `nil` (with a warning) when it cannot be read or changed while it was read.
-    private func readSmallFile(
-        _ job: SmallFileJob, into buffer: UnsafeMutableRawPointer, codec: BlobCodec
-    ) -> ([BlobID], Int64)? {
-        func skip(_ message: String) -> ([BlobID], Int64)? {
-            workerWarnings.withLock { $0.append(SnapshotWarning(path: displayPath(job.path), message: message)) }
-            return nil
-        }
-        let fd = openForReading(job.entry)
-        if fd < 0 { return skip(errnoDescription(errno)) }
-        defer { close(fd) }
-        var st = stat()
-        if fstat(fd, &st) != 0 || (st.st_mode & S_IFMT) != S_IFREG {
-            return skip("changed type while being backed up")
-        }
-        // One byte more than expected: a file that grew is seen without a second read.
-        let n: Int
-        do {
-            n = try readFully(fd, into: buffer, count: Int(job.size) + 1, path: job.path)
-        } catch {
-            return skip(errnoText(CABackupError(error)))
-        }
-        Self.modifyForTests(job.path)
-        // A file that changed while it was read would be stored half old, half new.
-        if Int64(n) != job.size || !isUnchanged(fd, size: job.size, mtimeNs: job.mtimeNs, ctimeNs: job.ctimeNs) {
-            return skip("changed while being read; not stored (back it up again)")
-        }
-        let raw = UnsafeRawBufferPointer(start: buffer, count: n)
-        var ids: [BlobID] = []
-        var offset = 0
-        while offset < n {
-            let rest = UnsafeRawBufferPointer(rebasing: raw[offset...])
-            let length = repo.chunker.nextCut(in: rest, isFinal: true)!
-            ids.append(store(UnsafeRawBufferPointer(rebasing: rest[..<length]), codec: codec))
-            offset += length
-        }
-        smallFilesRead.add(1, ordering: .relaxed)
-        smallBytesRead.add(Int64(n), ordering: .relaxed)
-        return (ids, Int64(n))
-    }
-
     // MARK: Helpers
-
-    /// Opens a regular file for reading, with `O_NOATIME` where the kernel allows it.
-    /// `O_NONBLOCK`: if the entry was swapped for a FIFO since the walk's stat, the open
-    /// must not hang (regular files ignore the flag; see ``readFully(_:into:count:path:)``).
-    private func openForReading(_ entry: EntryRef) -> Int32 {
-        func openEntry(_ flags: Int32) -> Int32 {
-            openAt(entry.fd, entry.relative, { open($0, flags) }, at: { openat($0, $1, flags) })
-        }
-        let flags = O_RDONLY | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK
-        let fd = openEntry(flags | openNoAtime)
-        return fd < 0 && errno == EPERM ? openEntry(flags) : fd
-    }
-
-    /// Whether the open file still has the size, mtime and ctime the walk saw.
-    private func isUnchanged(_ fd: Int32, size: Int64, mtimeNs: Int64, ctimeNs: Int64) -> Bool {
-        var st = stat()
-        return fstat(fd, &st) == 0 && Int64(st.st_size) == size && nanoseconds(st.st_mtim) == mtimeNs
-            && nanoseconds(st.st_ctim) == ctimeNs
-    }
-
-    /// Test-only: appends a byte to the file named by `CABACKUP_TEST_MODIFY_DURING_READ`.
-    private static func modifyForTests(_ path: [UInt8]) {
-        guard let victim = modifyDuringReadForTests, path.count >= victim.count,
-            Array(path.suffix(victim.count)) == victim
-        else { return }
-        _ = withCPath(path) { p in
-            let wfd = open(p, O_WRONLY | O_APPEND)
-            defer { close(wfd) }
-            return write(wfd, "!", 1)
-        }
-    }
 
     private func warn(_ path: [UInt8], _ message: String, outcome: SnapshotWarning.Outcome = .skipped) {
         warnings.append(SnapshotWarning(path: displayPath(path), message: message, outcome: outcome))
@@ -739,10 +387,10 @@ final class Archiver: @unchecked Sendable {
         let now = monotonicSeconds()
         if now - lastProgress < 0.2 && !final { return }
         lastProgress = now
-        let files = filesRead + smallFilesRead.load(ordering: .relaxed)
-        let bytes = bytesRead + smallBytesRead.load(ordering: .relaxed) + pending
+        let filesDone = files.filesRead + files.smallFilesRead.load(ordering: .relaxed)
+        let bytes = files.bytesRead + files.smallBytesRead.load(ordering: .relaxed) + pending
         var p = SnapshotProgress(
-            filesDone: files, bytesRead: bytes, filesUnchanged: summary.filesUnchanged,
+            filesDone: filesDone, bytesRead: bytes, filesUnchanged: summary.filesUnchanged,
             bytesUnchanged: summary.bytesUnchanged, bytesAdded: saver.bytesAdded.load(ordering: .relaxed),
             elapsedSeconds: now - start, currentPath: displayPath(path),
             totalFiles: parentTotals?.files ?? scanner.files.load(ordering: .relaxed),
@@ -750,7 +398,7 @@ final class Archiver: @unchecked Sendable {
             scanFinished: parentTotals != nil || scanner.finished.load(ordering: .relaxed),
             totalsFromParent: parentTotals != nil)
         if final {
-            p.totalFiles = files + summary.filesUnchanged
+            p.totalFiles = filesDone + summary.filesUnchanged
             p.totalBytes = bytes + summary.bytesUnchanged
             p.scanFinished = true
         }
@@ -838,17 +486,23 @@ extension Archiver: FileSystemVisitor {
                 return .next
             }
             let job: FileJob
-            if entry.stat.st_size <= Self.smallFileLimit {
+            if entry.stat.st_size <= FileSaver.smallFileLimit {
                 job = FileJob()
                 reportProgress(path)
-                chunkQueue.push(
-                    .smallFile(
-                        SmallFileJob(
-                            entry: entry.entry, path: path, size: Int64(entry.stat.st_size), mtimeNs: node.mtimeNs,
-                            ctimeNs: node.ctimeNs, file: job)))
+                files.saveSmall(
+                    SmallFileJob(
+                        entry: entry.entry, path: path, size: Int64(entry.stat.st_size), mtimeNs: node.mtimeNs,
+                        ctimeNs: node.ctimeNs, file: job))
             } else {
-                guard let read = try readFile(path: path, entry: entry.entry, st: entry.stat) else { return .next }
-                job = read
+                let outcome = try files.save(path: path, entry: entry.entry, st: entry.stat) { done in
+                    reportProgress(path, pending: done)
+                }
+                switch outcome {
+                case .queued(let read): job = read
+                case .skipped(let reason):
+                    warn(path, reason)
+                    return .next
+                }
             }
             if node.links > 1 { hardLinks[HardLinkKey(node)] = (job, 1) }
             directory.pending.entries.append(.file(node, job))
@@ -880,17 +534,3 @@ extension Archiver: FileSystemVisitor {
         parent.pending.entries.append(.directory(child.pending))
     }
 }
-
-/// The text of an I/O error without its path (the warning names the path already).
-func errnoText(_ e: CABackupError) -> String {
-    if case .io(let op, _, let code) = e { return "\(op): \(errnoDescription(code))" }
-    return e.description
-}
-
-/// `O_NOATIME`: reading for a backup should not change access times (Linux only; the
-/// caller retries without it when the kernel refuses, as it does for others' files).
-#if os(Linux)
-    let openNoAtime: Int32 = 0o1000000
-#else
-    let openNoAtime: Int32 = 0
-#endif

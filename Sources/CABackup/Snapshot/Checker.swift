@@ -1,5 +1,6 @@
 import CABackupCore
 import CABackupFormat
+
 /// Options for ``Repository/check(options:progress:)``.
 public struct CheckOptions: Sendable {
     /// The fraction of packs (0…1) whose every byte is read and verified: 0 checks

@@ -1,5 +1,6 @@
 import CABackupCore
 import CABackupFormat
+
 #if canImport(Glibc)
     import Glibc
 #elseif canImport(Darwin)
