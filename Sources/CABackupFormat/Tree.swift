@@ -1,4 +1,5 @@
 import CABackupCore
+
 /// The kind of a file-system entry.
 public enum NodeType: UInt8, Sendable, CustomStringConvertible {
     case file = 1
@@ -141,23 +142,9 @@ public enum TreeCodec {
     /// Encodes a directory's entries (already sorted by name) into one or more tree
     /// blobs of at most ``partLimit`` bytes each (a single huge entry gets its own).
     package static func encodeParts(_ nodes: [Node]) -> [[UInt8]] {
-        var parts: [[UInt8]] = []
-        var w = ByteWriter(capacity: 4096)
-        w.u8(version)
-        var count = 0
-        for n in nodes {
-            var e = ByteWriter()
-            encode(n, into: &e)
-            if count > 0 && w.bytes.count + e.bytes.count > partLimit {
-                parts.append(w.bytes)
-                w = ByteWriter(capacity: 4096)
-                w.u8(version)
-                count = 0
-            }
-            w.append(e.bytes)
-            count += 1
-        }
-        parts.append(w.bytes)
+        var encoder = TreeEncoder()
+        var parts = nodes.compactMap { encoder.append($0) }
+        parts.append(encoder.finish())
         return parts
     }
 
@@ -227,9 +214,61 @@ extension TreeCodec {
     /// Encodes entries as one tree blob whatever its size (the snapshot's root tree,
     /// which holds only the top-level path components).
     package static func encodeSingle(_ nodes: [Node]) -> [UInt8] {
+        var encoder = TreeEncoder(splitting: false)
+        for n in nodes { _ = encoder.append(n) }
+        return encoder.finish()
+    }
+}
+
+/// Encodes a directory's entries one at a time, so a wide directory is never held as
+/// a list of nodes: each tree blob is handed out as soon as the next entry does not fit
+/// in it. The blobs are the same bytes ``TreeCodec/encodeParts(_:)`` makes of the whole
+/// list.
+package struct TreeEncoder {
+    /// The blob being filled; allocated by the first entry (a directory waiting to be
+    /// encoded holds no buffer).
+    private var writer: ByteWriter?
+    private var count = 0
+    private let limit: Int
+
+    /// - Parameter splitting: close a blob at ``TreeCodec/partLimit`` bytes; `false`
+    ///   makes one blob whatever its size (the snapshot's root tree).
+    package init(splitting: Bool = true) {
+        limit = splitting ? TreeCodec.partLimit : .max
+    }
+
+    private static func start() -> ByteWriter {
         var w = ByteWriter(capacity: 4096)
-        w.u8(version)
-        for n in nodes { encode(n, into: &w) }
-        return w.bytes
+        w.u8(TreeCodec.version)
+        return w
+    }
+
+    /// Adds the next entry (entries come sorted by name); returns the finished blob
+    /// when this entry starts a new one.
+    package mutating func append(_ node: Node) -> [UInt8]? {
+        var e = ByteWriter()
+        TreeCodec.encode(node, into: &e)
+        var w = writer ?? Self.start()
+        writer = nil
+        var full: [UInt8]?
+        if count > 0 && w.bytes.count + e.bytes.count > limit {
+            full = w.bytes
+            w = Self.start()
+            count = 0
+        }
+        w.append(e.bytes)
+        count += 1
+        writer = w
+        return full
+    }
+
+    /// The last blob (with no entries at all, an empty directory's tree); the encoder
+    /// starts over after it.
+    package mutating func finish() -> [UInt8] {
+        defer {
+            writer = nil
+            count = 0
+        }
+        return writer?.bytes ?? [TreeCodec.version]
     }
 }

@@ -110,6 +110,40 @@ struct FormatTests {
         #expect(try parts.flatMap { try TreeCodec.decode($0) } == nodes)
     }
 
+    @Test("tree: entries encoded one at a time make the same blobs, each as full as it can be")
+    func treeEncoderSplitRule() throws {
+        // Entries of varied sizes, so parts end at varied places.
+        let nodes = (0..<30000).map { i -> Node in
+            var n = Node(
+                name: Array(String(format: "entry-%08d", i).utf8) + Array(repeating: 0x61, count: i % 97), type: .file)
+            n.content = (0..<(i % 5)).map { sha256([UInt8(i & 0xFF), UInt8($0)]) }
+            return n
+        }
+        var encoder = TreeEncoder()
+        var parts = nodes.compactMap { encoder.append($0) }
+        parts.append(encoder.finish())
+        #expect(parts == TreeCodec.encodeParts(nodes))
+        #expect(parts.count > 2)
+        // Greedy: every part but the last would pass the limit with the next entry added.
+        var next = 0
+        for (k, part) in parts.enumerated() {
+            let decoded = try TreeCodec.decode(part)
+            #expect(decoded == Array(nodes[next..<next + decoded.count]))
+            next += decoded.count
+            #expect(part.count <= TreeCodec.partLimit)
+            if k < parts.count - 1 {
+                #expect(part.count + TreeCodec.encodeSingle([nodes[next]]).count - 1 > TreeCodec.partLimit)
+            }
+        }
+        #expect(next == nodes.count)
+        // The root's encoder never splits; an empty directory is one empty tree.
+        var root = TreeEncoder(splitting: false)
+        for n in nodes { #expect(root.append(n) == nil) }
+        #expect(try TreeCodec.decode(root.finish()) == nodes)
+        var empty = TreeEncoder()
+        #expect(try TreeCodec.decode(empty.finish()).isEmpty)
+    }
+
     @Test("tree: truncated or garbage input throws, never traps")
     func treeGarbage() {
         let bytes = TreeCodec.encodeParts(sampleNodes())[0]

@@ -48,35 +48,6 @@ extension Repository {
     }
 }
 
-/// A directory as the parent snapshot has it: its entries and the tree blobs holding them.
-struct ParentDirectory {
-    var entries: [Node]
-    var trees: [BlobID]
-}
-
-/// A directory whose entries are known but whose files may still be in the pipeline.
-final class PendingDirectory {
-    enum Entry {
-        case done(Node)
-        case file(Node, FileJob)
-        case directory(PendingDirectory)
-    }
-
-    var node: Node
-    var entries: [Entry] = []
-    /// The same directory in the parent snapshot, until finalized: when every entry
-    /// turns out equal to its entries, its trees are reused instead of encoded again.
-    var parent: ParentDirectory?
-    var result: Node?
-    var readyCursor = 0
-    let isRoot: Bool
-
-    init(node: Node, isRoot: Bool = false) {
-        self.node = node
-        self.isRoot = isRoot
-    }
-}
-
 /// The identity of a file across its hard links.
 struct HardLinkKey: Hashable {
     let device: UInt64
@@ -110,10 +81,8 @@ final class Archiver: @unchecked Sendable {
     private let saver: BlobSaver
     /// Reads files and stores their chunks; its `cond` guards every ``FileJob``.
     private let files: FileSaver
-    private var cond: Condition { files.cond }
-
-    private var finalizeQueue: [PendingDirectory] = []
-    private var finalizeHead = 0
+    /// Turns walked directories into tree blobs.
+    private let trees: TreeSaver
     /// Files with more than one link whose other links are still to come: the job that
     /// read the file and how many links were seen. An entry goes when its last link is
     /// seen, so the map holds only links still expected.
@@ -124,9 +93,6 @@ final class Archiver: @unchecked Sendable {
     private var summary = SnapshotSummary()
     private let start = monotonicSeconds()
     private var lastProgress = 0.0
-    /// The walk's codec, for the trees it stores (parent trees load through the
-    /// repository's pool of codecs and buffers).
-    private let treeCodec: BlobCodec
     /// Every tree of this snapshot and the chunks of every file read by this run: what a
     /// server checks it holds before it accepts the record.
     private let scanner = SizeScanner()
@@ -152,7 +118,7 @@ final class Archiver: @unchecked Sendable {
         self.progress = progress
         self.saver = saver
         self.files = FileSaver(repository: repository, writer: saver, workers: options.workers)
-        self.treeCodec = repository.makeCodec()
+        self.trees = TreeSaver(files: files, writer: saver, codec: repository.makeCodec())
     }
 
     /// Walks `paths` and stores their files and trees; returns the root directory. The
@@ -237,6 +203,8 @@ final class Archiver: @unchecked Sendable {
         warnings += files.warnings
 
         summary.chunksAdded = files.chunksAdded.load(ordering: .relaxed)
+        summary.filesTotal = trees.filesTotal
+        summary.directoriesTotal = trees.directoriesTotal
         summary.bytesTotal = files.bytesRead + files.smallBytesRead.load(ordering: .relaxed)
         summary.errors = warnings.count
         summary.durationSeconds = monotonicSeconds() - start
@@ -270,12 +238,7 @@ final class Archiver: @unchecked Sendable {
         guard let root = try FileSystemWalker(excludes: excludes).walk(trie, &visitor) else {
             throw CABackupError.invalidArgument("internal error: root directory not walked")
         }
-        finalizeQueue.append(root.pending)
-        try drainFinalizeQueue(blocking: true)
-        guard let result = root.pending.result else {
-            throw CABackupError.invalidArgument("internal error: root tree not finalized")
-        }
-        return result
+        return try trees.finish(root: root.pending)
     }
 
     /// The entries of a directory of the parent snapshot; `nil` when there is none or it
@@ -293,84 +256,6 @@ final class Archiver: @unchecked Sendable {
         guard let p = parent, node.hasUnchangedContent(since: p) else { return nil }
         if !missing.isEmpty && p.content.contains(where: missing.contains) { return nil }
         return p.content
-    }
-
-    // MARK: Finalizing directories
-
-    /// Encodes and stores the trees of directories whose files are all hashed, in
-    /// post-order. With `blocking`, waits for all of them.
-    private func drainFinalizeQueue(blocking: Bool) throws {
-        while finalizeHead < finalizeQueue.count {
-            let pd = finalizeQueue[finalizeHead]
-            if !isReady(pd) {
-                if !blocking { break }
-                cond.lock()
-                while !isReadyLocked(pd) { cond.wait() }
-                cond.unlock()
-            }
-            try finalize(pd)
-            finalizeHead += 1
-            if finalizeHead > 1024 {
-                finalizeQueue.removeFirst(finalizeHead)
-                finalizeHead = 0
-            }
-        }
-    }
-
-    private func isReady(_ pd: PendingDirectory) -> Bool {
-        cond.locked { isReadyLocked(pd) }
-    }
-
-    private func isReadyLocked(_ pd: PendingDirectory) -> Bool {
-        while pd.readyCursor < pd.entries.count {
-            if case .file(_, let job) = pd.entries[pd.readyCursor], !job.isComplete { return false }
-            pd.readyCursor += 1
-        }
-        return true
-    }
-
-    private func finalize(_ pd: PendingDirectory) throws {
-        var nodes: [Node] = []
-        nodes.reserveCapacity(pd.entries.count)
-        for e in pd.entries {
-            switch e {
-            case .done(let n):
-                nodes.append(n)
-                if n.type == .file { summary.filesTotal += 1 }
-            case .file(var n, let job):
-                let (ids, size, failed) = cond.locked { (job.ids, job.size, job.failed) }
-                if failed { continue }
-                n.content = ids
-                n.size = UInt64(size)
-                nodes.append(n)
-                summary.filesTotal += 1
-            case .directory(let sub):
-                guard let r = sub.result else { continue }
-                nodes.append(r)
-                summary.directoriesTotal += 1
-            }
-        }
-        pd.entries = []
-        var node = pd.node
-        if !pd.isRoot, let parent = pd.parent, nodes == parent.entries {
-            // Nothing in it changed: the parent's trees, which were just loaded from the
-            // repository, are this directory's too (equal entries encode to equal bytes).
-            node.subtrees = parent.trees
-            saver.reuse(parent.trees)
-        } else {
-            let parts = pd.isRoot ? [TreeCodec.encodeSingle(nodes)] : TreeCodec.encodeParts(nodes)
-            node.subtrees = try parts.map { (p) throws in try storeTree(p) }
-        }
-        pd.parent = nil
-        pd.result = node
-    }
-
-    private func storeTree(_ bytes: [UInt8]) throws -> BlobID {
-        try bytes.withUnsafeBytes { (raw) throws in
-            let id = treeCodec.id(raw)
-            if try saver.claim(id) { try saver.addEncoding(id, type: .tree, raw: raw, codec: treeCodec) }
-            return id
-        }
     }
 
     // MARK: Helpers
@@ -464,7 +349,7 @@ extension Archiver: FileSystemVisitor {
                 summary.filesUnchanged += 1
                 summary.bytesUnchanged += Int64(node.size)
                 reportProgress(path)
-                directory.pending.entries.append(.done(node))
+                try add(.done(node), to: directory)
                 return .next
             }
             if entry.statFromListing {
@@ -482,7 +367,7 @@ extension Archiver: FileSystemVisitor {
                 } else {
                     hardLinks[HardLinkKey(node)] = (known.job, known.seen + 1)
                 }
-                directory.pending.entries.append(.file(node, known.job))
+                try add(.file(node, known.job), to: directory)
                 return .next
             }
             let job: FileJob
@@ -505,7 +390,7 @@ extension Archiver: FileSystemVisitor {
                 }
             }
             if node.links > 1 { hardLinks[HardLinkKey(node)] = (job, 1) }
-            directory.pending.entries.append(.file(node, job))
+            try add(.file(node, job), to: directory)
             return .next
         case .directory:
             return .descend
@@ -515,10 +400,10 @@ extension Archiver: FileSystemVisitor {
                 return .next
             }
             node.linkTarget = target
-            directory.pending.entries.append(.done(node))
+            try add(.done(node), to: directory)
             return .next
         default:
-            directory.pending.entries.append(.done(node))
+            try add(.done(node), to: directory)
             return .next
         }
     }
@@ -529,8 +414,12 @@ extension Archiver: FileSystemVisitor {
 
     /// A subdirectory is walked: its tree is encoded once its files are hashed.
     func leave(_ child: BackupDirectory, into parent: inout BackupDirectory) throws {
-        finalizeQueue.append(child.pending)
-        try drainFinalizeQueue(blocking: finalizeQueue.count - finalizeHead > 4096)
-        parent.pending.entries.append(.directory(child.pending))
+        try trees.add(child.pending)
+        try add(.directory(child.pending), to: parent)
+    }
+
+    private func add(_ entry: PendingDirectory.Entry, to directory: BackupDirectory) throws {
+        directory.pending.entries.append(entry)
+        try trees.entryAdded(to: directory.pending)
     }
 }
