@@ -68,13 +68,16 @@ extension Repository {
     ///
     /// - Throws: ``CABackupError/pathNotInSnapshot(_:)`` when `path` is not in the snapshot.
     public func list(_ snapshot: Snapshot, path: String? = nil, visit: (TreeEntry) throws -> Void) throws {
-        guard let path, absolutePath(path) != "/" else {
-            try walk(try loadTree(snapshot.tree), prefix: [], visit: visit)
-            return
+        try withoutActuallyEscaping(visit) { visit in
+            var lister = Lister(body: visit)
+            let walker = SnapshotTreeWalker(self)
+            guard let path, absolutePath(path) != "/" else {
+                try walker.walk(trees: [snapshot.tree], path: [], &lister)
+                return
+            }
+            let entry = try entry(in: snapshot, at: path)
+            try walker.walk(entry.node, path: entry.path, &lister)
         }
-        let entry = try entry(in: snapshot, at: path)
-        try visit(entry)
-        if entry.node.type == .directory { try walk(try loadDirectory(entry.node), prefix: entry.path, visit: visit) }
     }
 
     /// The entry at an absolute path inside a snapshot.
@@ -93,14 +96,6 @@ extension Repository {
             nodes = try loadDirectory(n)
         }
         throw CABackupError.pathNotInSnapshot(path)
-    }
-
-    private func walk(_ nodes: [Node], prefix: [UInt8], visit: (TreeEntry) throws -> Void) throws {
-        for n in nodes {
-            let p = prefix + [0x2F] + n.name
-            try visit(TreeEntry(path: p, node: n))
-            if n.type == .directory { try walk(try loadDirectory(n), prefix: p, visit: visit) }
-        }
     }
 
     /// Restores a snapshot below `target`: the snapshot path `/home/a/docs` becomes
@@ -136,6 +131,16 @@ extension Repository {
                 repository: self, snapshot: snapshot, target: target, options: options, progress: progress)
             return try restorer.run()
         }
+    }
+}
+
+/// `ls`: every entry, everything below every directory.
+private struct Lister: TreeVisitor {
+    let body: (TreeEntry) throws -> Void
+
+    mutating func visit(_ node: Node, path: [UInt8]) throws -> TreeDecision {
+        try body(TreeEntry(path: path, node: node))
+        return .descend
     }
 }
 
