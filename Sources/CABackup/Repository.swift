@@ -509,9 +509,7 @@ public final class Repository: @unchecked Sendable {
 
     /// The entries of a directory node (all its tree parts), in name order.
     public func loadDirectory(_ node: Node) throws -> [Node] {
-        var out: [Node] = []
-        for id in node.subtrees { out += try loadTree(id) }
-        return out
+        try loadTrees(node.subtrees)
     }
 
     /// Decodes one tree blob, loaded with buffers and a codec from a small pool: walks

@@ -46,78 +46,51 @@ extension Repository {
     /// The differences between two snapshots, walking both trees in name order and
     /// skipping subtrees whose tree blobs are identical.
     public func diff(_ old: Snapshot, _ new: Snapshot) throws -> ChangeSet {
-        var changes = ChangeSet()
+        var differ = SnapshotDiff()
+        try SnapshotTreeWalker(self).compare([old.tree], [new.tree], path: [], &differ)
+        var changes = differ.changes
         changes.base = old.id
-        try diffDirectory(try loadTree(old.tree), try loadTree(new.tree), prefix: [], into: &changes)
+        changes.removed = differ.old.entries
+        changes.added = differ.new.entries
         return changes
     }
+}
 
-    private func diffDirectory(_ a: [Node], _ b: [Node], prefix: [UInt8], into c: inout ChangeSet) throws {
-        var i = 0
-        var j = 0
-        while i < a.count || j < b.count {
-            let order: Int
-            if i == a.count {
-                order = 1
-            } else if j == b.count {
-                order = -1
-            } else if a[i].name == b[j].name {
-                order = 0
-            } else {
-                order = a[i].name.lexicographicallyPrecedes(b[j].name) ? -1 : 1
-            }
-            if order < 0 {
-                try report(a[i], prefix: prefix, as: \.removed, into: &c)
-                i += 1
-            } else if order > 0 {
-                try report(b[j], prefix: prefix, as: \.added, into: &c)
-                j += 1
-            } else {
-                try compare(a[i], b[j], prefix: prefix, into: &c)
-                i += 1
-                j += 1
-            }
+/// `diff`: modified and metadata-only entries of both trees; entries only in one tree,
+/// with everything below them, are removed or added.
+private struct SnapshotDiff: TreePairVisitor {
+    /// Every entry met, and everything below it.
+    struct Collector: TreeVisitor {
+        var entries: [ChangedEntry] = []
+
+        mutating func visit(_ node: Node, path: [UInt8]) throws -> TreeDecision {
+            entries.append(ChangedEntry(path: path, size: node.size, type: node.type))
+            return .descend
         }
     }
 
-    /// Reports a node and, for a directory, everything below it.
-    private func report(
-        _ n: Node, prefix: [UInt8], as list: WritableKeyPath<ChangeSet, [ChangedEntry]>, into c: inout ChangeSet
-    )
-        throws
-    {
-        let path = prefix + [0x2F] + n.name
-        c[keyPath: list].append(ChangedEntry(path: path, size: n.size, type: n.type))
-        if n.type == .directory {
-            for child in try loadDirectory(n) { try report(child, prefix: path, as: list, into: &c) }
-        }
-    }
+    var old = Collector()
+    var new = Collector()
+    var changes = ChangeSet()
 
-    private func compare(_ a: Node, _ b: Node, prefix: [UInt8], into c: inout ChangeSet) throws {
-        let path = prefix + [0x2F] + a.name
-        if a.type != b.type {
-            try report(a, prefix: prefix, as: \.removed, into: &c)
-            try report(b, prefix: prefix, as: \.added, into: &c)
-            return
-        }
+    mutating func visit(old a: Node, new b: Node, path: [UInt8]) throws -> TreeDecision {
         let sameMeta = a.mode == b.mode && a.uid == b.uid && a.gid == b.gid && a.mtimeNs == b.mtimeNs
         switch a.type {
         case .directory:
             // A directory's own mtime moves with its entries: those are reported, not it.
             if a.mode != b.mode || a.uid != b.uid || a.gid != b.gid {
-                c.metadataOnly.append(ChangedEntry(path: path, size: 0, type: .directory))
+                changes.metadataOnly.append(ChangedEntry(path: path, size: 0, type: .directory))
             }
-            if a.subtrees != b.subtrees {
-                try diffDirectory(try loadDirectory(a), try loadDirectory(b), prefix: path, into: &c)
-            }
+            return .descend
         default:
             let sameContent =
                 a.content == b.content && a.size == b.size && a.linkTarget == b.linkTarget && a.rdev == b.rdev
             if !sameContent {
-                c.modified.append(ChangedEntry(path: path, size: b.size, type: b.type))
+                changes.modified.append(ChangedEntry(path: path, size: b.size, type: b.type))
             } else if !sameMeta {
-                c.metadataOnly.append(ChangedEntry(path: path, size: b.size, type: b.type))
+                changes.metadataOnly.append(ChangedEntry(path: path, size: b.size, type: b.type))
             }
+            return .skip
         }
     }
 }

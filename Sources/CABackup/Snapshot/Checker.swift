@@ -89,12 +89,12 @@ extension Repository {
         }
 
         // Snapshots and their trees.
-        var cleanTrees = Set<BlobID>()
-        var affected: [BlobID: (snapshots: Set<String>, paths: [String])] = [:]
+        var trees = TreeChecker(index: index, bad: badBlobs, report: report)
+        let walker = SnapshotTreeWalker(self)
         let snapshotNames = try storage.list(.snapshot).compactMap { ObjectID(hex: $0) }
         let forgets = try index.forgetIDs()
         for id in snapshotNames where !forgets.contains(id) {
-            report.snapshotsChecked += 1
+            trees.report.snapshotsChecked += 1
             let snap: Snapshot
             do {
                 let stored = try storage.read(.snapshot, id.hex)
@@ -103,20 +103,22 @@ extension Repository {
                 } catch {
                     // A forget record lives among the snapshot records: intact, it is no problem.
                     if decodeForget(id: id, stored: stored) != nil {
-                        report.snapshotsChecked -= 1
+                        trees.report.snapshotsChecked -= 1
                         continue
                     }
                     throw error
                 }
             } catch {
-                report.problems.append(CheckProblem(message: "snapshot \(id.hex): \(error)", snapshots: [], paths: []))
+                trees.report.problems.append(
+                    CheckProblem(message: "snapshot \(id.hex): \(error)", snapshots: [], paths: []))
                 continue
             }
             progress?("checking snapshot \(snap.id.shortHex)")
-            try checkTree(
-                [snap.tree], path: [], snapshot: snap.id.shortHex, root: true, seen: &cleanTrees, bad: badBlobs,
-                affected: &affected, report: &report)
+            trees.snapshot = snap.id.shortHex
+            try walker.walk(trees: [snap.tree], path: [], &trees)
         }
+        report = trees.report
+        let affected = trees.affected
         for (blob, a) in affected.sorted(by: { $0.key < $1.key }) {
             let why = badBlobs[blob] ?? "is missing from the repository"
             report.problems.append(
@@ -175,71 +177,81 @@ extension Repository {
         }
         return damaged
     }
+}
 
-    private func isMissingOrBad(_ id: BlobID, _ bad: [BlobID: String]) throws -> Bool {
+/// `check`'s walk of snapshot trees: every tree must load and every blob it names must
+/// be indexed and sound. Problems are attributed to the snapshot being walked and the
+/// path inside it.
+///
+/// `clean` holds trees already found sound, which are not walked again (unchanged
+/// directories and shared snapshots cost nothing); a tree with a problem is walked again
+/// for each snapshot, so every affected snapshot is named.
+private struct TreeChecker: TreeVisitor {
+    let index: RepositoryIndex
+    /// Blobs found damaged while reading packs, with the reason.
+    let bad: [BlobID: String]
+    var report: CheckReport
+    /// The snapshot being walked (short id).
+    var snapshot = ""
+    var clean = Set<BlobID>()
+    /// For each missing or damaged blob: the snapshots and paths that need it.
+    var affected: [BlobID: (snapshots: Set<String>, paths: [String])] = [:]
+    /// One flag per tree being walked, innermost last: whether a problem was found below
+    /// it. The first stands for the snapshot, outside any tree.
+    private var found = [false]
+
+    init(index: RepositoryIndex, bad: [BlobID: String], report: CheckReport) {
+        self.index = index
+        self.bad = bad
+        self.report = report
+    }
+
+    private func isMissingOrBad(_ id: BlobID) throws -> Bool {
         if bad[id] != nil { return true }
         return try index.lookup(id) == nil
     }
 
-    /// Checks trees and what they name; returns whether any problem was found below.
-    /// `clean` holds trees already found sound, which are not walked again (unchanged
-    /// directories and shared snapshots cost nothing); a tree with a problem is walked
-    /// again for each snapshot, so every affected snapshot is named.
-    @discardableResult
-    private func checkTree(
-        _ ids: [BlobID], path: [UInt8], snapshot: String, root: Bool, seen clean: inout Set<BlobID>,
-        bad: [BlobID: String], affected: inout [BlobID: (snapshots: Set<String>, paths: [String])],
-        report: inout CheckReport
-    ) throws -> Bool {
-        var found = false
-        func note(_ blob: BlobID, _ p: [UInt8]) {
-            found = true
-            var a = affected[blob] ?? ([], [])
-            a.snapshots.insert(snapshot)
-            let shown = displayPath(p.isEmpty ? [0x2F] : p)
-            if a.paths.count < 100 && !a.paths.contains(shown) { a.paths.append(shown) }
-            affected[blob] = a
+    private mutating func note(_ blob: BlobID, _ path: [UInt8]) {
+        found[found.count - 1] = true
+        var a = affected[blob] ?? ([], [])
+        a.snapshots.insert(snapshot)
+        let shown = displayPath(path.isEmpty ? [0x2F] : path)
+        if a.paths.count < 100 && !a.paths.contains(shown) { a.paths.append(shown) }
+        affected[blob] = a
+    }
+
+    mutating func enterTree(_ id: BlobID, path: [UInt8]) throws -> Bool {
+        if try isMissingOrBad(id) {
+            note(id, path)
+            return false
         }
-        for id in ids {
-            if try isMissingOrBad(id, bad) {
-                note(id, path)
-                continue
-            }
-            // A tree already checked (shared by snapshots or unchanged directories) is
-            // not walked again; its problems were reported with the first snapshot.
-            if clean.contains(id) { continue }
-            let before = found
-            found = false
-            defer { found = found || before }
-            report.treesChecked += 1
-            let nodes: [Node]
-            do {
-                nodes = try loadTree(id)
-            } catch {
-                report.problems.append(
-                    CheckProblem(
-                        message: "tree \(id.hex): \(error)", snapshots: [snapshot],
-                        paths: [displayPath(path.isEmpty ? [0x2F] : path)]))
-                found = true
-                continue
-            }
-            for n in nodes {
-                let p = path + [0x2F] + n.name
-                if n.type == .directory {
-                    if try checkTree(
-                        n.subtrees, path: p, snapshot: snapshot, root: false, seen: &clean, bad: bad,
-                        affected: &affected, report: &report)
-                    {
-                        found = true
-                    }
-                } else {
-                    for blob in n.content where try isMissingOrBad(blob, bad) {
-                        note(blob, p)
-                    }
-                }
-            }
-            if !found { clean.insert(id) }
+        // A tree already checked (shared by snapshots or unchanged directories) is not
+        // walked again; its problems were reported with the first snapshot.
+        if clean.contains(id) { return false }
+        report.treesChecked += 1
+        found.append(false)
+        return true
+    }
+
+    mutating func unreadable(_ id: BlobID, path: [UInt8], error: any Error) throws {
+        report.problems.append(
+            CheckProblem(
+                message: "tree \(id.hex): \(error)", snapshots: [snapshot],
+                paths: [displayPath(path.isEmpty ? [0x2F] : path)]))
+        found[found.count - 1] = true
+    }
+
+    mutating func visit(_ node: Node, path: [UInt8]) throws -> TreeDecision {
+        if node.type == .directory { return .descend }
+        for blob in node.content where try isMissingOrBad(blob) { note(blob, path) }
+        return .skip
+    }
+
+    mutating func leaveTree(_ id: BlobID, path: [UInt8]) throws {
+        if found.removeLast() {
+            found[found.count - 1] = true
+        } else {
+            clean.insert(id)
         }
-        return found
     }
 }

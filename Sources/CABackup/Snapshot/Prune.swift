@@ -88,18 +88,11 @@ extension Repository {
         // Everything any snapshot needs. A tree that cannot be read stops prune: deleting
         // on the strength of a partial walk could delete what that tree needs.
         let used = SpillingIDSet(memoryLimit: idsInMemory)
-        func mark(_ ids: [BlobID]) throws {
-            for id in ids where try used.insert(id) {
-                for n in try loadTree(id) {
-                    if n.type == .directory {
-                        try mark(n.subtrees)
-                    } else {
-                        for c in n.content { _ = try used.insert(c) }
-                    }
-                }
-            }
+        var marker = UsedBlobMarker(used: used)
+        let walker = SnapshotTreeWalker(self)
+        for s in try snapshots() where !assumingForgotten.contains(s.id) {
+            try walker.walk(trees: [s.tree], path: [], &marker)
         }
-        for s in try snapshots() where !assumingForgotten.contains(s.id) { try mark([s.tree]) }
 
         var deletions: [(PackID, Int64)] = []
         var repacks: [(PackID, [PackEntry])] = []
@@ -192,6 +185,21 @@ extension Repository {
         }
         for (_, p) in open { close(p) }
         return (packs, bytes)
+    }
+}
+
+/// Prune's mark: every tree and blob a snapshot needs goes into `used`; a tree already
+/// there is not walked again. An unreadable tree throws (the default), so prune never
+/// deletes on the strength of a partial walk.
+private struct UsedBlobMarker: TreeVisitor {
+    let used: SpillingIDSet
+
+    mutating func enterTree(_ id: BlobID, path: [UInt8]) throws -> Bool { try used.insert(id) }
+
+    mutating func visit(_ node: Node, path: [UInt8]) throws -> TreeDecision {
+        if node.type == .directory { return .descend }
+        for c in node.content { _ = try used.insert(c) }
+        return .skip
     }
 }
 
