@@ -32,8 +32,8 @@ let package = Package(
         // scrypt's ROMix in C with SSE2 (Swift's SIMD types do not compile its shuffles).
         .target(name: "CScrypt"),
         // The engine, in layers whose imports point one way (docs/architecture.md):
-        // core (ids, errors, bytes, threads, POSIX, SQLite) ← format (pure codecs) ←
-        // CABackup (storage, repository, snapshots; re-exports the layers below).
+        // core (ids, errors, bytes, threads, POSIX, SQLite) ← format (pure codecs),
+        // storage (the seam) ← CABackup (repository, snapshots; re-exports the layers below).
         .target(
             name: "CABackupCore",
             dependencies: ["CSQLite"],
@@ -44,9 +44,16 @@ let package = Package(
             dependencies: ["CABackupCore", "CLZ4", "COpenSSL", "CScrypt"],
             swiftSettings: testHooks
         ),
+        // The storage seam: the protocol over named files, the registry by URL scheme,
+        // local directories and lock objects. Knows nothing of packs, indexes or snapshots.
+        .target(
+            name: "CABackupStorage",
+            dependencies: ["CABackupCore", "CABackupFormat"],
+            swiftSettings: testHooks
+        ),
         .target(
             name: "CABackup",
-            dependencies: ["CABackupCore", "CABackupFormat", "CSQLite", "COpenSSL"],
+            dependencies: ["CABackupCore", "CABackupFormat", "CABackupStorage", "CSQLite", "COpenSSL"],
             swiftSettings: testHooks
         ),
         // The client of a private data space: HTTPStorage, accounts, tokens. The only

@@ -1,5 +1,6 @@
 import CABackupCore
 import CABackupFormat
+import CABackupStorage
 
 #if canImport(Glibc)
     import Glibc
@@ -638,26 +639,4 @@ func isHexDigit(_ c: UInt8) -> Bool {
 /// A name a tree may hold: not empty, not `.` or `..`, no `/` and no NUL.
 func isSafeName(_ name: [UInt8]) -> Bool {
     !name.isEmpty && name != [0x2E] && name != [0x2E, 0x2E] && !name.contains(0x2F) && !name.contains(0)
-}
-
-/// Makes a path absolute against the working directory and removes `.`/`..` and
-/// repeated slashes lexically.
-public func absolutePath(_ path: String) -> String {
-    var p = path
-    if !p.hasPrefix("/") {
-        var buf = [CChar](repeating: 0, count: Int(PATH_MAX) + 1)
-        if getcwd(&buf, buf.count) != nil {
-            p = buf.withUnsafeBufferPointer { String(cString: $0.baseAddress!) } + "/" + p
-        }
-    }
-    var parts: [Substring] = []
-    for c in p.split(separator: "/") {
-        if c == "." { continue }
-        if c == ".." {
-            if !parts.isEmpty { parts.removeLast() }
-            continue
-        }
-        parts.append(c)
-    }
-    return "/" + parts.joined(separator: "/")
 }

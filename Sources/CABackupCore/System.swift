@@ -457,3 +457,25 @@ package func currentUsername() -> String {
     if let pw = getpwuid(getuid()), let name = pw.pointee.pw_name { return String(cString: name) }
     return String(getuid())
 }
+
+/// Makes a path absolute against the working directory and removes `.`/`..` and
+/// repeated slashes lexically.
+public func absolutePath(_ path: String) -> String {
+    var p = path
+    if !p.hasPrefix("/") {
+        var buf = [CChar](repeating: 0, count: Int(PATH_MAX) + 1)
+        if getcwd(&buf, buf.count) != nil {
+            p = buf.withUnsafeBufferPointer { String(cString: $0.baseAddress!) } + "/" + p
+        }
+    }
+    var parts: [Substring] = []
+    for c in p.split(separator: "/") {
+        if c == "." { continue }
+        if c == ".." {
+            if !parts.isEmpty { parts.removeLast() }
+            continue
+        }
+        parts.append(c)
+    }
+    return "/" + parts.joined(separator: "/")
+}

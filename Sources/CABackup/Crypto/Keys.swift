@@ -1,5 +1,6 @@
 import CABackupCore
 import CABackupFormat
+import CABackupStorage
 import Foundation
 
 extension Repository {

@@ -1,5 +1,7 @@
 import CABackupCore
 import CABackupFormat
+import CABackupStorage
+
 extension PackFormat {
     /// Reads and parses the header of a stored pack.
     static func readHeader(from storage: any Storage, name: String, aead: AESGCM? = nil) throws -> [PackEntry] {

@@ -40,7 +40,7 @@ public final class LocalStorage: Storage, @unchecked Sendable {
         deinit { close(fd) }
     }
 
-    func path(_ kind: FileKind, _ name: String) -> String {
+    package func path(_ kind: FileKind, _ name: String) -> String {
         switch kind {
         case .config: return root + "/config"
         case .pack: return root + "/data/" + name.prefix(2) + "/" + name
