@@ -15,6 +15,9 @@ import Testing
 final class SeaweedFS {
     static let accessKey = "AKIDCABACKUPTEST"
     static let secretKey = "cabackup-test-secret/key+0123456789"
+    /// The domain of virtual-host style names (`BUCKET.s3.cabackup.test`), which no DNS
+    /// knows: clients connect to 127.0.0.1 and send the name in `Host`.
+    static let domain = "s3.cabackup.test"
 
     let process = Process()
     let dir: TemporaryDirectory
@@ -49,6 +52,7 @@ final class SeaweedFS {
             "-filer.localSocket=\(dir.file("filer.sock"))", "-s3", "-s3.port=\(ports[6])",
             "-s3.port.grpc=\(ports[7])", "-s3.port.iceberg=0", "-s3.port.lance=0",
             "-s3.localSocket=\(dir.file("s3.sock"))", "-s3.config=\(dir.file("s3.json"))",
+            "-s3.domainName=\(Self.domain)",
         ]
         _ = FileManager.default.createFile(atPath: dir.file("weed.log"), contents: nil)
         let log = FileHandle(forWritingAtPath: dir.file("weed.log"))
@@ -59,12 +63,14 @@ final class SeaweedFS {
 
     /// A client of the store, with the right credentials unless told otherwise.
     func client(
-        bucket: String, secretKey: String = SeaweedFS.secretKey, maxAttempts: Int = 6
+        bucket: String, secretKey: String = SeaweedFS.secretKey, maxAttempts: Int = 6,
+        addressing: S3Client.Addressing = .path
     ) throws -> S3Client {
         try S3Client(
-            endpoint: endpoint, bucket: bucket,
+            endpoint: addressing == .path ? endpoint : "http://\(Self.domain):\(ports[6])", bucket: bucket,
             signer: SigV4Signer(accessKey: Self.accessKey, secretKey: secretKey, region: "us-east-1"),
-            maxAttempts: maxAttempts, backoff: .milliseconds(100))
+            addressing: addressing, maxAttempts: maxAttempts, backoff: .milliseconds(100),
+            connectAddress: addressing == .path ? nil : "127.0.0.1")
     }
 
     /// Creates `bucket` once the store is up: at most 60 s, the store's start included.
@@ -193,6 +199,13 @@ struct S3ClientTests {
 
         // SeaweedFS 4.48 does not compare the body with its signed x-amz-content-sha256 (AWS
         // answers XAmzContentSHA256Mismatch), so that check is not tested here.
+
+        // Virtual-host style sees the same bucket.
+        let virtual = try store.client(bucket: bucket, addressing: .virtualHost)
+        try virtual.put("keys/k 2", bytes: [7, 8, 9])
+        #expect(try s3.get("keys/k 2") == [7, 8, 9])
+        #expect(try virtual.get("keys/k1", range: 1..<3) == Array(expected["keys/k1"]![1..<3]))
+        #expect(try virtual.list(prefix: "keys/", maxKeys: 1).map(\.key) == ["keys/k 2", "keys/k1"])
 
         // A broken signer cannot pass: a wrong secret gets 403 on every call.
         let wrong = try store.client(bucket: bucket, secretKey: SeaweedFS.secretKey + "x", maxAttempts: 1)

@@ -99,6 +99,8 @@ package final class S3Client: Sendable {
     /// How long one attempt may take, the body's transfer included, before it counts as
     /// failed (and is retried).
     package let attemptTimeout: Duration
+    /// The address connected to instead of the host name, like curl's `--resolve`.
+    package let connectAddress: String?
     private let client: HTTPClient
 
     /// One AsyncHTTPClient per trust configuration, shared by the process, so connections
@@ -121,11 +123,14 @@ package final class S3Client: Sendable {
     ///   - attemptTimeout: how long one attempt may take; 10 minutes moves a 16 MiB pack at
     ///     28 kB/s.
     ///   - caCertificate: a PEM file to trust besides the system's roots (a self-signed store).
+    ///   - connectAddress: an address to connect to instead of the host name, which still
+    ///     goes in `Host` and the signature: for virtual-host style where DNS does not
+    ///     know the bucket's name (tests); plain HTTP only, TLS would check the address.
     /// - Throws: `CABackupError.invalidArgument` for an endpoint that is not `http(s)://host[:port]`.
     package init(
         endpoint: String, bucket: String, signer: SigV4Signer, addressing: Addressing = .path, maxAttempts: Int = 6,
         backoff: Duration = .milliseconds(200), attemptTimeout: Duration = .seconds(600),
-        caCertificate: String? = nil
+        caCertificate: String? = nil, connectAddress: String? = nil
     ) throws {
         guard let url = URL(string: endpoint), let scheme = url.scheme?.lowercased(),
             ["http", "https"].contains(scheme),
@@ -142,6 +147,7 @@ package final class S3Client: Sendable {
         self.maxAttempts = max(1, maxAttempts)
         self.backoff = backoff
         self.attemptTimeout = attemptTimeout
+        self.connectAddress = connectAddress
         let ca = caCertificate ?? ""
         client = try Self.clients.withLock { (all) throws in
             if let c = all[ca] { return c }
@@ -308,8 +314,9 @@ package final class S3Client: Sendable {
     ) throws -> Reply {
         let target = self.path(key)
         let canonicalQuery = SigV4Signer.canonicalQuery(query)
+        let authority = connectAddress.map { a in port.map { "\(a):\($0)" } ?? a } ?? hostHeader
         let url =
-            "\(scheme)://\(hostHeader)\(SigV4Signer.encodePath(target))\(canonicalQuery.isEmpty ? "" : "?" + canonicalQuery)"
+            "\(scheme)://\(authority)\(SigV4Signer.encodePath(target))\(canonicalQuery.isEmpty ? "" : "?" + canonicalQuery)"
         var attempt = 1
         while true {
             var headers = HTTPHeaders()
