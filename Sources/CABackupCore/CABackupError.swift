@@ -71,12 +71,12 @@ public enum CABackupError: Error, Sendable, CustomStringConvertible {
         case .notARepository(let p):
             return
                 "\(p) is not a cabackup repository (it holds other files but no repository config): check --repo, or give 'cabackup init' an empty or new directory"
-        case .unsupportedLocation(let s) where ["http", "https"].contains(locationScheme(s) ?? ""):
+        case .unsupportedLocation(let s) where ["http", "https", "s3"].contains(locationScheme(s) ?? ""):
             return
-                "'\(s)' is a server location, and this program has no storage for it: a program using the library imports CABackupRemote and calls CABackupRemote.register() first"
+                "'\(s)' is a remote location, and this program has no storage for it: a program using the library imports CABackupRemote and calls CABackupRemote.register() first"
         case .unsupportedLocation(let s):
             return
-                "'\(s)' is not a repository location cabackup can use (it has no '\(s.prefix { $0 != ":" }):' storage): give a local directory or http(s)://NAME@HOST[:PORT][/PREFIX]; write a local path with a colon as ./\(s) or absolute"
+                "'\(s)' is not a repository location cabackup can use (it has no '\(s.prefix { $0 != ":" }):' storage): give a local directory, http(s)://NAME@HOST[:PORT][/PREFIX] or s3:http(s)://HOST[:PORT]/BUCKET; write a local path with a colon as ./\(s) or absolute"
         case .repositoryExists(let p) where locationScheme(p) != nil:
             return "the space at \(p) already holds a repository: use it as it is (it needs no init)"
         case .repositoryExists(let p):

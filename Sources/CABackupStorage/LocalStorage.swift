@@ -41,13 +41,7 @@ public final class LocalStorage: Storage, @unchecked Sendable {
     }
 
     package func path(_ kind: FileKind, _ name: String) -> String {
-        switch kind {
-        case .config: return root + "/config"
-        case .pack: return root + "/data/" + name.prefix(2) + "/" + name
-        case .snapshot: return root + "/snapshots/" + name
-        case .key: return root + "/keys/" + name
-        case .lock: return root + "/locks/" + name
-        }
+        root + "/" + kind.relativePath(name)
     }
 
     public var capabilities: StorageCapabilities { [.localAndTrusted] }

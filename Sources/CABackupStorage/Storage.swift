@@ -32,6 +32,21 @@ public enum FileKind: String, Sendable, CaseIterable {
     }
 }
 
+extension FileKind {
+    /// Where a file of this kind lives in a repository, relative to its root: `config`,
+    /// `data/<first two hex digits>/<name>`, `snapshots/<name>`, `keys/<name>`,
+    /// `locks/<name>`. A local directory and an S3 bucket use the same layout.
+    public func relativePath(_ name: String) -> String {
+        switch self {
+        case .config: return "config"
+        case .pack: return "data/" + name.prefix(2) + "/" + name
+        case .snapshot: return "snapshots/" + name
+        case .key: return "keys/" + name
+        case .lock: return "locks/" + name
+        }
+    }
+}
+
 /// A held repository lock; released on deinit.
 public final class RepositoryLock: Sendable {
     private let release: @Sendable () -> Void

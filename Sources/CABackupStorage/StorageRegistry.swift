@@ -18,6 +18,35 @@ public enum StorageRegistry {
     public typealias Opener = @Sendable (_ location: String, _ durable: Bool) throws -> any Storage
 
     private static let openers = Mutex<[String: Opener]>([:])
+    /// Options storages accept (key → allowed values), and the values set.
+    private static let declared = Mutex<[String: [String]]>([:])
+    private static let values = Mutex<[String: String]>([:])
+
+    /// Declares an option a storage reads (restic's `-o KEY=VALUE`, e.g.
+    /// `s3.bucket-lookup`), with the values it accepts.
+    public static func declareOption(_ key: String, values allowed: [String]) {
+        declared.withLock { $0[key] = allowed }
+    }
+
+    /// Sets an option for the storages opened from now on.
+    /// - Throws: ``CABackupError/invalidArgument(_:)`` for an option no storage declared,
+    ///   or a value it does not accept, naming what is allowed.
+    public static func setOption(_ key: String, _ value: String) throws {
+        let all = declared.withLock { $0 }
+        guard let allowed = all[key] else {
+            let known = all.keys.sorted().joined(separator: ", ")
+            throw CABackupError.invalidArgument(
+                "unknown option '\(key)': known options are \(known.isEmpty ? "none" : known)")
+        }
+        guard allowed.contains(value) else {
+            throw CABackupError.invalidArgument(
+                "option \(key) takes \(allowed.joined(separator: ", ")), not '\(value)'")
+        }
+        values.withLock { $0[key] = value }
+    }
+
+    /// The value of an option, if set.
+    public static func option(_ key: String) -> String? { values.withLock { $0[key] } }
 
     /// Makes `scheme:` locations open with `opener` (replacing an earlier registration).
     public static func register(scheme: String, _ opener: @escaping Opener) {

@@ -168,7 +168,9 @@ func nearest(_ word: String, among candidates: [String]) -> String? {
 struct RepositoryOptions: ParsableArguments {
     @Option(
         name: [.short, .long],
-        help: "Repository directory, or http(s)://NAME@HOST:PORT[/PREFIX] on a server (default: $CABACKUP_REPO).")
+        help:
+            "Repository directory, http(s)://NAME@HOST:PORT[/PREFIX] on a server, or s3:http(s)://HOST[:PORT]/BUCKET[/PREFIX] (default: $CABACKUP_REPO)."
+    )
     var repo: String?
 
     @Option(
@@ -178,7 +180,25 @@ struct RepositoryOptions: ParsableArguments {
     )
     var passwordFile: String?
 
+    @Option(
+        name: [.customShort("o"), .long],
+        help: "Set a storage option KEY=VALUE (repeatable): s3.bucket-lookup=auto|dns|path.")
+    var option: [String] = []
+
     var password: PasswordSource { PasswordSource(file: passwordFile) }
+
+    func validate() throws {
+        for o in option {
+            guard let eq = o.firstIndex(of: "="), eq != o.startIndex else {
+                throw ValidationError("-o takes KEY=VALUE, not '\(o)'")
+            }
+            do {
+                try StorageRegistry.setOption(String(o[..<eq]), String(o[o.index(after: eq)...]))
+            } catch let error as CABackupError {
+                throw ValidationError("\(error)")
+            }
+        }
+    }
 
     func path() throws -> String {
         if let repo, !repo.isEmpty { return repo }

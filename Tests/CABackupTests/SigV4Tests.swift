@@ -203,3 +203,36 @@ struct SigV4Tests {
         #expect(SigV4Signer.timestamp(Date(timeIntervalSince1970: 4_107_542_400)) == "21000301T000000Z")
     }
 }
+
+@Suite("S3 locations and options")
+struct S3LocationTests {
+    @Test("s3: locations in restic's forms; malformed ones name what is wrong")
+    func parsing() throws {
+        let a = try S3Location(parsing: "s3:http://127.0.0.1:8333/backups/laptop/home")
+        #expect(a.endpoint == "http://127.0.0.1:8333" && a.bucket == "backups" && a.prefix == "laptop/home")
+        #expect(a.description == "s3:http://127.0.0.1:8333/backups/laptop/home")
+        let b = try S3Location(parsing: "s3:s3.eu-central-1.amazonaws.com/my-backups")
+        #expect(b.endpoint == "https://s3.eu-central-1.amazonaws.com" && b.bucket == "my-backups" && b.prefix == "")
+        let c = try S3Location(parsing: "s3:https://store.example.org/b-1/")
+        #expect(c.bucket == "b-1" && c.prefix == "")
+        for bad in [
+            "s3:", "s3:http://host", "s3:http://host/", "s3:http://host/Upper", "s3:http://host/ab", "s3:http:///b1",
+        ] {
+            #expect(throws: CABackupError.self, "\(bad)") { _ = try S3Location(parsing: bad) }
+        }
+    }
+
+    @Test("storage options: only declared keys and values are taken")
+    func options() throws {
+        CABackupRemote.register()
+        try StorageRegistry.setOption("s3.bucket-lookup", "path")
+        #expect(StorageRegistry.option("s3.bucket-lookup") == "path")
+        #expect(throws: CABackupError.self) { try StorageRegistry.setOption("s3.bucket-lookup", "sideways") }
+        #expect(throws: CABackupError.self) { try StorageRegistry.setOption("nosuch.option", "1") }
+        try StorageRegistry.setOption("s3.bucket-lookup", "auto")
+        // Missing credentials are named before anything is sent.
+        #expect(throws: CABackupError.self) {
+            _ = try S3Storage(try S3Location(parsing: "s3:http://127.0.0.1:1/bucket"), environment: [:])
+        }
+    }
+}

@@ -161,7 +161,7 @@ struct MessageTests {
         let s = Scratch()
         try FileManager.default.createDirectory(atPath: s.file("cwd"), withIntermediateDirectories: true)
         try Data("x".utf8).write(to: URL(fileURLWithPath: s.file("src")))
-        for repo in ["s3:http://HOST/BUCKET", "sftp:host:/x", "rest:http://host:8000/", "b2:bucket"] {
+        for repo in ["swift:container:/x", "sftp:host:/x", "rest:http://host:8000/", "b2:bucket"] {
             for args in [["init", "--repo", repo], ["snapshot", "--repo", repo, s.file("src")], ["snapshots"]] {
                 let r = try run(
                     cabackupBinary, args, env: args[0] == "snapshots" ? ["CABACKUP_REPO": repo] : [:],
@@ -172,6 +172,11 @@ struct MessageTests {
                 #expect(r.stderr.split(separator: "\n").count == 1)
             }
         }
+        // s3: is a storage: a malformed location is named, in one line, before anything is sent.
+        let badBucket = try run(cabackupBinary, ["init", "--repo", "s3:http://HOST/BUCKET"], cwd: s.file("cwd"))
+        #expect(badBucket.status != 0)
+        #expect(badBucket.stderr.contains("'BUCKET' is not a bucket name"), "\(badBucket.stderr)")
+        #expect(badBucket.stderr.split(separator: "\n").count == 1)
         #expect(try FileManager.default.contentsOfDirectory(atPath: s.file("cwd")).isEmpty)
         // A local path with a colon works written as ./name or absolute.
         let relative = try cabackup("init", "--repo", "./with:colon", cwd: s.file("cwd"))

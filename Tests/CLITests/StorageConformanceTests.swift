@@ -44,6 +44,7 @@ final class StorageFixture: @unchecked Sendable {
 enum StorageUnderTest: String, CaseIterable, CustomTestStringConvertible, Sendable {
     case local
     case server
+    case s3
 
     var testDescription: String { rawValue }
 
@@ -53,7 +54,8 @@ enum StorageUnderTest: String, CaseIterable, CustomTestStringConvertible, Sendab
         switch self {
         case .local:
             return Harness(
-                scratch: s, storage: LocalStorage(path: s.file("repo"), durable: true), server: nil, token: nil)
+                scratch: s, storage: LocalStorage(path: s.file("repo"), durable: true), server: nil, token: nil,
+                store: nil)
         case .server:
             let server = try TestServer(data: s.file("server"))
             let env = device(s, "alice", password: "alice password")
@@ -62,7 +64,15 @@ enum StorageUnderTest: String, CaseIterable, CustomTestStringConvertible, Sendab
             #expect(reg.status == 0, "\(reg.stderr)")
             let token = try storedToken(env)
             let storage = try HTTPStorage(try RemoteLocation(parsing: server.repo("alice")), token: token)
-            return Harness(scratch: s, storage: storage, server: server, token: token)
+            return Harness(scratch: s, storage: storage, server: server, token: token, store: nil)
+        case .s3:
+            // A bucket that does not exist yet: create() makes it.
+            let store = try SeaweedFS()
+            try store.waitUntilReady()
+            let storage = try S3Storage(
+                S3Location(parsing: "s3:\(store.endpoint)/conformance/repo"), lookup: .path,
+                environment: store.environment)
+            return Harness(scratch: s, storage: storage, server: nil, token: nil, store: store)
         }
     }
 
@@ -71,11 +81,44 @@ enum StorageUnderTest: String, CaseIterable, CustomTestStringConvertible, Sendab
         let storage: any Storage
         let server: TestServer?
         let token: String?
+        let store: SeaweedFS?
 
         /// Starts a pack upload the way a writer killed half way through leaves it, and
         /// returns once the storage has seen it end.
         func cutOffPut(_ name: String, bytes: [UInt8]) throws {
-            if let server, let token {
+            if let store {
+                // A PUT that says the whole length, sends half and hangs up; signed, so
+                // the store reads the body instead of refusing the request up front.
+                let key = "repo/data/" + name.prefix(2) + "/" + name
+                let host = "127.0.0.1:\(store.ports[6])"
+                let signed = SigV4Signer(
+                    accessKey: SeaweedFS.accessKey, secretKey: SeaweedFS.secretKey, region: "us-east-1"
+                ).sign(
+                    method: "PUT", host: host, path: "/conformance/" + key,
+                    headers: [("Content-Length", String(bytes.count))], payloadHash: SigV4Signer.unsignedPayload,
+                    date: Date())
+                let headers = (signed + [("Content-Length", String(bytes.count))]).map { "\($0.0): \($0.1)" }
+                let script = """
+                    import socket, sys
+                    host, port, path, headers = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4:]
+                    s = socket.create_connection((host, port))
+                    head = f"PUT {path} HTTP/1.1\\r\\nHost: {host}:{port}\\r\\n" + "".join(h + "\\r\\n" for h in headers)
+                    s.sendall((head + "\\r\\n").encode())
+                    s.sendall(sys.stdin.buffer.read())
+                    s.close()
+                    """
+                let half = scratch.file("half")
+                try Data(bytes.prefix(bytes.count / 2)).write(to: URL(fileURLWithPath: half))
+                let r = try run(
+                    "/bin/sh",
+                    [
+                        "-c", "python3 -c \"$0\" \"$@\" < \"$HALF\"", script, "127.0.0.1", String(store.ports[6]),
+                        "/conformance/" + key,
+                    ] + headers, env: ["HALF": half])
+                #expect(r.status == 0, "\(r.stderr)")
+                // Give the store a moment to notice the connection is gone.
+                usleep(500_000)
+            } else if let server, let token {
                 // A client that says the whole length, sends half and hangs up.
                 let script = """
                     import socket, sys

@@ -1,8 +1,8 @@
+import CABackup
 import Foundation
 import Synchronization
 import Testing
 
-@testable import CABackup
 @testable import CABackupRemote
 
 #if canImport(Glibc)
@@ -20,12 +20,12 @@ final class SeaweedFS {
     static let domain = "s3.cabackup.test"
 
     let process = Process()
-    let dir: TemporaryDirectory
+    let dir: Scratch
     let ports: [Int]
     var endpoint: String { "http://127.0.0.1:\(ports[6])" }
 
     init() throws {
-        dir = TemporaryDirectory()
+        dir = Scratch()
         let path = ProcessInfo.processInfo.environment["PATH"] ?? "/usr/bin:/bin"
         let weed = path.split(separator: ":").map { "\($0)/weed" }.first {
             FileManager.default.isExecutableFile(atPath: $0)
@@ -41,7 +41,7 @@ final class SeaweedFS {
               "credentials": [{"accessKey": "\(Self.accessKey)", "secretKey": "\(Self.secretKey)"}],
               "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}
             """
-        _ = dir.write("s3.json", Array(config.utf8))
+        try Data(config.utf8).write(to: URL(fileURLWithPath: dir.file("s3.json")))
         try FileManager.default.createDirectory(atPath: dir.file("data"), withIntermediateDirectories: true)
         process.executableURL = URL(fileURLWithPath: weed)
         process.arguments = [
@@ -73,13 +73,24 @@ final class SeaweedFS {
             connectAddress: addressing == .path ? nil : "127.0.0.1")
     }
 
-    /// Creates `bucket` once the store is up: at most 60 s, the store's start included.
-    func createBucket(_ bucket: String) throws {
-        let c = try client(bucket: bucket, maxAttempts: 2)
+    /// The credentials of the store's identity, as the CLI reads them.
+    var environment: [String: String] {
+        [
+            "AWS_ACCESS_KEY_ID": Self.accessKey, "AWS_SECRET_ACCESS_KEY": Self.secretKey,
+            "AWS_DEFAULT_REGION": "us-east-1",
+        ]
+    }
+
+    /// Waits until the store answers S3 calls (at most 60 s, its start included).
+    func waitUntilReady() throws {
+        let c = try client(bucket: "readiness-probe", maxAttempts: 1)
         let deadline = Date().addingTimeInterval(60)
         while true {
             do {
-                return try c.createBucket()
+                _ = try c.listPage(prefix: "", maxKeys: 1)
+                return
+            } catch let e as S3Error where e.code == "NoSuchBucket" {
+                return
             } catch {
                 guard Date() < deadline, process.isRunning else {
                     let log = (try? String(contentsOfFile: dir.file("weed.log"), encoding: .utf8)) ?? ""
@@ -89,6 +100,12 @@ final class SeaweedFS {
                 usleep(200_000)
             }
         }
+    }
+
+    /// Creates `bucket` once the store is up (at most 60 s, the store's start included).
+    func createBucket(_ bucket: String) throws {
+        try waitUntilReady()
+        try client(bucket: bucket).createBucket()
     }
 
     deinit {
@@ -105,8 +122,19 @@ final class SeaweedFS {
     }
 }
 
+/// Deterministic bytes for the S3 tests (xorshift64*), the same on every run.
+func seededBytes(count: Int, seed: UInt64) -> [UInt8] {
+    var x = seed &* 0x9E37_79B9_7F4A_7C15 | 1
+    return (0..<count).map { _ in
+        x ^= x >> 12
+        x ^= x << 25
+        x ^= x >> 27
+        return UInt8(truncatingIfNeeded: (x &* 0x2545_F491_4F6C_DD1D) >> 56)
+    }
+}
+
 /// `count` distinct TCP ports free on 127.0.0.1 now (bound, read, released together).
-private func freePorts(_ count: Int) throws -> [Int] {
+func freePorts(_ count: Int) throws -> [Int] {
     var fds: [Int32] = []
     defer { for fd in fds { close(fd) } }
     var ports: [Int] = []
@@ -148,13 +176,14 @@ struct S3ClientTests {
             "data/05/one", "keys/k1",
         ]
         for (i, key) in keys.enumerated() {
-            let bytes = key.hasSuffix("empty") ? [] : pseudoRandomBytes(count: 1 + i * 1000, seed: UInt64(i))
+            let bytes = key.hasSuffix("empty") ? [] : seededBytes(count: 1 + i * 1000, seed: UInt64(i))
             try s3.put(key, bytes: bytes)
             expected[key] = bytes
         }
         // A file streamed from disk in several pieces, signed with its SHA-256.
-        let big = pseudoRandomBytes(count: (2 << 20) + 12345, seed: 99)
-        let file = store.dir.write("pack", big)
+        let big = seededBytes(count: (2 << 20) + 12345, seed: 99)
+        let file = store.dir.file("pack")
+        try Data(big).write(to: URL(fileURLWithPath: file))
         try s3.put("data/06/pack", file: file, sha256: sha256(big).hex)
         expected["data/06/pack"] = big
 
@@ -393,5 +422,73 @@ struct S3XMLTests {
         let deep = String(repeating: "<d>", count: 40) + String(repeating: "</d>", count: 40)
         #expect(S3XMLElement.parse(Array(deep.utf8)) == nil)
         #expect(S3XMLElement.decodeEntities(ArraySlice("&#65;&#x42;&bogus;&".utf8)) == "AB&bogus;&")
+    }
+}
+
+@Suite("cabackup with an S3 repository on a real SeaweedFS", .serialized)
+struct S3CLITests {
+    @Test("init creates the bucket; snapshot, restore, check, ls; a wrong secret and a bad option are clear errors")
+    func endToEnd() throws {
+        let store = try SeaweedFS()
+        try store.waitUntilReady()
+        let s = Scratch()
+        let repo = "s3:\(store.endpoint)/backups/laptop"
+        let env = store.environment
+        try writeRandom(s.file("src/big.bin"), megabytes: 3)
+        try Data("hello\n".utf8).write(to: URL(fileURLWithPath: s.file("src/small.txt")))
+
+        // No plaintext repository on object storage.
+        let plain = try cabackup("init", "--repo", repo, "--no-encryption", env: env)
+        #expect(plain.status != 0)
+        #expect(plain.stderr.contains("encrypt"), "\(plain.stderr)")
+
+        let initialized = try cabackup("init", "--repo", repo, env: env)
+        #expect(initialized.status == 0, "\(initialized.stderr)")
+        #expect(try cabackup("init", "--repo", repo, env: env).status != 0)
+        let snap = try cabackup("snapshot", "--repo", repo, s.file("src"), env: env)
+        #expect(snap.status == 0, "\(snap.stderr)")
+        // What the bucket holds: the repository's layout under the prefix, nothing else.
+        let keys = try store.client(bucket: "backups").list(prefix: "").map(\.key)
+        #expect(keys.contains("laptop/config"))
+        #expect(keys.allSatisfy { $0.hasPrefix("laptop/") }, "\(keys)")
+        #expect(keys.contains { $0.hasPrefix("laptop/data/") } && keys.contains { $0.hasPrefix("laptop/keys/") })
+        #expect(!keys.contains { $0.hasPrefix("laptop/locks/") }, "a lock object left behind: \(keys)")
+
+        let unchanged = try cabackup("snapshot", "--repo", repo, s.file("src"), "--json", env: env)
+        #expect(unchanged.status == 0, "\(unchanged.stderr)")
+        #expect(jsonObject(unchanged.lastLine)?["chunks_added"] as? Int == 0, "\(unchanged.lastLine)")
+
+        let restore = try cabackup("restore", "--repo", repo, "latest", "--target", s.file("out"), env: env)
+        #expect(restore.status == 0, "\(restore.stderr)")
+        #expect(
+            FileManager.default.contentsEqual(
+                atPath: s.file("src/big.bin"), andPath: s.file("out") + s.file("src/big.bin")))
+        #expect(try cabackup("check", "--repo", repo, "--read-data", env: env).status == 0)
+        let ls = try cabackup("ls", "--repo", repo, "latest", env: env)
+        #expect(ls.stdout.contains("small.txt"))
+
+        // A wrong secret: refused by the store, named as a credentials problem.
+        var wrong = env
+        wrong["AWS_SECRET_ACCESS_KEY"] = "not-the-secret"
+        let refused = try cabackup("snapshots", "--repo", repo, env: wrong)
+        #expect(refused.status == 13, "\(refused.stderr)")
+        #expect(refused.stderr.contains("AWS_SECRET_ACCESS_KEY"), "\(refused.stderr)")
+        // No credentials at all.
+        let none = try cabackup(
+            "snapshots", "--repo", repo, env: ["AWS_ACCESS_KEY_ID": "", "AWS_SECRET_ACCESS_KEY": ""])
+        #expect(none.status != 0)
+        #expect(none.stderr.contains("AWS_ACCESS_KEY_ID"), "\(none.stderr)")
+        // Options: known ones with their values only.
+        let badValue = try cabackup("snapshots", "--repo", repo, "-o", "s3.bucket-lookup=sideways", env: env)
+        #expect(badValue.status == 64)
+        #expect(badValue.stderr.contains("auto, dns, path"), "\(badValue.stderr)")
+        let badKey = try cabackup("snapshots", "--repo", repo, "-o", "s3.speed=fast", env: env)
+        #expect(badKey.status == 64)
+        #expect(badKey.stderr.contains("s3.bucket-lookup"), "\(badKey.stderr)")
+        let pathStyle = try cabackup("snapshots", "--repo", repo, "-o", "s3.bucket-lookup=path", env: env)
+        #expect(pathStyle.status == 0, "\(pathStyle.stderr)")
+        // A bucket that does not exist is "no repository here".
+        let missing = try cabackup("snapshots", "--repo", "s3:\(store.endpoint)/nobucket", env: env)
+        #expect(missing.status == 10, "\(missing.stderr)")
     }
 }
