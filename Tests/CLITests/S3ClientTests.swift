@@ -492,3 +492,62 @@ struct S3CLITests {
         #expect(missing.status == 10, "\(missing.stderr)")
     }
 }
+
+@Suite("cabackup with an S3 repository behind a faulty proxy", .serialized)
+struct S3FaultTests {
+    static let slowDown =
+        "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
+
+    @Test(
+        "503 SlowDown and 500 a few times: retried, and the backup and restore complete; always: a clear error, the repository valid"
+    )
+    func faultyStore() throws {
+        let store = try SeaweedFS()
+        try store.waitUntilReady()
+        let s = Scratch()
+        let proxy = try HostileProxy(upstream: store.endpoint, scratch: s)
+        let repo = "s3:\(proxy.url)/faulty/repo"
+        let env = store.environment
+        try writeRandom(s.file("src/a.bin"), megabytes: 2)
+        let initialized = try cabackup("init", "--repo", repo, env: env)
+        #expect(initialized.status == 0, "\(initialized.stderr)")
+
+        // The first two pack uploads are refused with SlowDown: sent again, the snapshot completes.
+        try proxy.set(["PUT /faulty/repo/data/*": ["status": 503, "body": Self.slowDown, "times": 2]])
+        _ = proxy.takeLog()
+        let snap = try cabackup("snapshot", "--repo", repo, s.file("src"), env: env)
+        #expect(snap.status == 0, "\(snap.stderr)")
+        let puts = proxy.takeLog().filter { $0.hasPrefix("PUT /faulty/repo/data/") }
+        #expect(puts.count >= 3 && Set(puts).count < puts.count, "\(puts)")
+
+        // Reads that fail with 500 a few times are retried too.
+        try proxy.set([
+            "GET /faulty/repo/data/*": [
+                "status": 500, "body": "<Error><Code>InternalError</Code><Message>try again</Message></Error>",
+                "times": 3,
+            ]
+        ])
+        let restore = try cabackup("restore", "--repo", repo, "latest", "--target", s.file("out"), env: env)
+        #expect(restore.status == 0, "\(restore.stderr)")
+        #expect(
+            FileManager.default.contentsEqual(atPath: s.file("src/a.bin"), andPath: s.file("out") + s.file("src/a.bin"))
+        )
+
+        // A store that keeps refusing: a bounded number of attempts, S3's code in the error,
+        // no snapshot record, no lock object left, and the repository still checks clean.
+        try proxy.set(["PUT /faulty/repo/data/*": ["status": 503, "body": Self.slowDown]])
+        try writeRandom(s.file("src/b.bin"), megabytes: 1)
+        _ = proxy.takeLog()
+        let failing = try cabackup("snapshot", "--repo", repo, s.file("src"), env: env)
+        #expect(failing.status == 1, "\(failing.stderr)")
+        #expect(failing.stderr.contains("SlowDown"), "\(failing.stderr)")
+        let attempts = proxy.takeLog().filter { $0.hasPrefix("PUT /faulty/repo/data/") }
+        #expect(!attempts.isEmpty && attempts.count <= 12, "\(attempts.count) attempts")
+        try proxy.set([:])
+        let keys = try store.client(bucket: "faulty").list(prefix: "repo/").map(\.key)
+        #expect(keys.filter { $0.hasPrefix("repo/snapshots/") }.count == 1, "\(keys)")
+        #expect(!keys.contains { $0.hasPrefix("repo/locks/") }, "\(keys)")
+        let check = try cabackup("check", "--repo", repo, "--read-data", env: env)
+        #expect(check.status == 0, "\(check.stdout)\(check.stderr)")
+    }
+}

@@ -6,12 +6,16 @@ turn the hostility on after a device has used the space honestly.
 
   hostileproxy.py UPSTREAM_URL RULES_FILE      (prints "listening on http://127.0.0.1:PORT")
 
-RULES_FILE is JSON: {"GET /v1/space/config": RULE, ...} (the query string is ignored),
-where RULE is one of
+RULES_FILE is JSON: {"GET /v1/space/config": RULE, ...} (the query string is ignored; a
+key ending in "*" matches every path that starts with the rest, the longest such key
+first), where RULE is one of
   {"file": PATH}                 answer 200 with the bytes of PATH
   {"body": TEXT}                 answer 200 with TEXT
   {"junk": N}                    answer 200 with N bytes of junk, streamed, with its length
   {"status": CODE, "body": TEXT} answer CODE with TEXT
+and may add "times": N to answer only the first N matching requests and forward the rest
+(a store that fails a few times and recovers). Requests are forwarded with their own Host
+header, so signed requests (S3's SigV4) stay valid.
 Every request line is appended to RULES_FILE + ".log", so a test can see what reached it;
 for POST /v1/login and /v1/register the JSON body follows on the same line, as a hostile
 server would capture it.
@@ -26,6 +30,19 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 upstream = urllib.parse.urlsplit(sys.argv[1])
 rules_path = sys.argv[2]
 log_lock = threading.Lock()
+answered = {}  # rule key -> how many requests it answered (for "times")
+
+
+def matching_rule(key):
+    """The rule for "METHOD PATH" and its key: exact, else the longest matching "*" key."""
+    all_rules = rules()
+    if key in all_rules:
+        return key, all_rules[key]
+    prefixes = [k for k in all_rules if k.endswith("*") and key.startswith(k[:-1])]
+    if not prefixes:
+        return None, None
+    k = max(prefixes, key=len)
+    return k, all_rules[k]
 
 
 def rules():
@@ -52,11 +69,17 @@ class Handler(BaseHTTPRequestHandler):
             line += " " + body.decode("utf-8", "replace").replace("\n", " ")
         with log_lock, open(rules_path + ".log", "a") as log:
             log.write(line + "\n")
-        rule = rules().get(key)
+        rule_key, rule = matching_rule(key)
         if rule is not None:
-            return self.answer(rule)
+            with log_lock:
+                n = answered.get(rule_key, 0)
+                use = "times" not in rule or n < int(rule["times"])
+                if use:
+                    answered[rule_key] = n + 1
+            if use:
+                return self.answer(rule)
         conn = http.client.HTTPConnection(upstream.hostname, upstream.port, timeout=60)
-        headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
+        headers = {k: v for k, v in self.headers.items() if k.lower() != "connection"}
         conn.request(self.command, self.path, body=body, headers=headers)
         r = conn.getresponse()
         data = r.read()
@@ -64,7 +87,9 @@ class Handler(BaseHTTPRequestHandler):
         for k, v in r.getheaders():
             if k.lower() not in ("content-length", "connection", "transfer-encoding"):
                 self.send_header(k, v)
-        self.send_header("Content-Length", str(len(data)))
+        # A HEAD answer has no body: its length is the upstream's.
+        length = r.getheader("Content-Length") if self.command == "HEAD" else None
+        self.send_header("Content-Length", length or str(len(data)))
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(data)

@@ -215,8 +215,8 @@ package final class S3Client: Sendable {
     package func head(_ key: String) throws -> S3Object? {
         let reply = try send("HEAD", .HEAD, key: key, accept: [200, 404], limit: 0)
         guard reply.status == 200 else { return nil }
-        guard let size = reply.headers.first(name: "Content-Length").flatMap({ Int($0) }) else {
-            throw S3Error.malformedAnswer(operation: "HEAD", reason: "no Content-Length")
+        guard let size = reply.headers.first(name: "Content-Length").flatMap({ Int($0) }), size >= 0 else {
+            throw S3Error.malformedAnswer(operation: "HEAD", reason: "no valid Content-Length")
         }
         return S3Object(key: key, size: size, etag: Self.unquote(reply.headers.first(name: "ETag") ?? ""))
     }
