@@ -493,6 +493,45 @@ struct S3CLITests {
     }
 }
 
+extension S3CLITests {
+    @Test("virtual-host style (-o s3.bucket-lookup=dns) names the bucket in the host, resolved through /etc/hosts")
+    func virtualHost() throws {
+        let resolved = try run("/usr/bin/getent", ["hosts", "vhost.s3.cabackup.test"])
+        try #require(
+            resolved.status == 0,
+            "vhost.s3.cabackup.test does not resolve: bash scripts/test adds '127.0.0.1 s3.cabackup.test vhost.s3.cabackup.test' to /etc/hosts"
+        )
+        let store = try SeaweedFS()
+        try store.waitUntilReady()
+        let s = Scratch()
+        let env = store.environment
+        try writeRandom(s.file("src/a.bin"), megabytes: 1)
+        // Through a proxy that logs each request's path: virtual-host requests name no bucket
+        // in it. The proxy keeps the Host header, which SeaweedFS takes the bucket from.
+        let proxy = try HostileProxy(upstream: store.endpoint, scratch: s)
+        let port = try #require(proxy.url.split(separator: ":").last.flatMap { Int($0) })
+        let repo = "s3:http://\(SeaweedFS.domain):\(port)/vhost/repo"
+        let dns = ["-o", "s3.bucket-lookup=dns"]
+        let initialized = try run(cabackupBinary, ["init", "--repo", repo] + dns, env: env)
+        #expect(initialized.status == 0, "\(initialized.stderr)")
+        let snap = try run(cabackupBinary, ["snapshot", "--repo", repo, s.file("src")] + dns, env: env)
+        #expect(snap.status == 0, "\(snap.stderr)")
+        let restore = try run(
+            cabackupBinary, ["restore", "--repo", repo, "latest", "--target", s.file("out")] + dns, env: env)
+        #expect(restore.status == 0, "\(restore.stderr)")
+        #expect(
+            FileManager.default.contentsEqual(atPath: s.file("src/a.bin"), andPath: s.file("out") + s.file("src/a.bin"))
+        )
+        let byHost = proxy.takeLog()
+        #expect(byHost.contains { $0.hasPrefix("PUT /repo/data/") }, "\(byHost)")
+        #expect(!byHost.contains { $0.contains(" /vhost/") }, "\(byHost)")
+        // The same repository by path style: the objects are where virtual-host style put them.
+        let path = try run(cabackupBinary, ["snapshots", "--repo", repo, "-o", "s3.bucket-lookup=path"], env: env)
+        #expect(path.status == 0 && path.stdout.contains("1 snapshots"), "\(path.stdout)\(path.stderr)")
+        #expect(proxy.takeLog().contains { $0.hasPrefix("GET /vhost/repo/") })
+    }
+}
+
 @Suite("cabackup with an S3 repository behind a faulty proxy", .serialized)
 struct S3FaultTests {
     static let slowDown =
