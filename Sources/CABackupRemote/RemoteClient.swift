@@ -3,8 +3,6 @@ import CABackup
 import Foundation
 import NIOCore
 import NIOHTTP1
-import NIOSSL
-import Synchronization
 
 /// Blocking HTTP calls to a `cabackup server`, for the engine's worker threads (never
 /// called from an event loop). One AsyncHTTPClient per trust configuration is shared by
@@ -15,8 +13,6 @@ final class RemoteClient: Sendable {
     let token: String?
     private let client: HTTPClient
 
-    private static let clients = Mutex<[String: HTTPClient]>([:])
-
     /// - Parameters:
     ///   - caCertificate: a PEM file to trust in addition to the system's roots (a
     ///     self-signed server certificate); default `$CABACKUP_CACERT`.
@@ -25,25 +21,7 @@ final class RemoteClient: Sendable {
         self.user = user
         self.token = token
         let ca = caCertificate ?? ProcessInfo.processInfo.environment["CABACKUP_CACERT"] ?? ""
-        client = try Self.clients.withLock { (all) throws in
-            if let c = all[ca] { return c }
-            var tls = TLSConfiguration.makeClientConfiguration()
-            tls.minimumTLSVersion = .tlsv12
-            if !ca.isEmpty {
-                do {
-                    tls.additionalTrustRoots = [.certificates(try NIOSSLCertificate.fromPEMFile(ca))]
-                } catch {
-                    throw CABackupError.invalidArgument("cannot read CA certificate \(ca): \(error)")
-                }
-            }
-            let c = HTTPClient(
-                eventLoopGroupProvider: .singleton,
-                configuration: HTTPClient.Configuration(
-                    tlsConfiguration: tls, redirectConfiguration: .disallow,
-                    timeout: .init(connect: .seconds(10), read: .seconds(300))))
-            all[ca] = c
-            return c
-        }
+        client = try SharedHTTPClient.client(caCertificate: ca, readTimeout: .seconds(300))
     }
 
     struct Reply {

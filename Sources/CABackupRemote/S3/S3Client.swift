@@ -3,8 +3,6 @@ import CABackup
 import Foundation
 import NIOCore
 import NIOHTTP1
-import NIOSSL
-import Synchronization
 
 /// A failure of an S3 call, after the retries it deserved.
 package enum S3Error: Error, Sendable, CustomStringConvertible {
@@ -101,11 +99,8 @@ package final class S3Client: Sendable {
     package let attemptTimeout: Duration
     /// The address connected to instead of the host name, like curl's `--resolve`.
     package let connectAddress: String?
+    /// Shared by the process (``SharedHTTPClient``), so connections are pooled.
     private let client: HTTPClient
-
-    /// One AsyncHTTPClient per trust configuration, shared by the process, so connections
-    /// are pooled across calls and clients.
-    private static let clients = Mutex<[String: HTTPClient]>([:])
 
     /// The largest answer a ListObjectsV2 page or an error can legitimately be: 1,000 keys
     /// of at most 1,024 bytes each, escaped, with their fields.
@@ -149,25 +144,7 @@ package final class S3Client: Sendable {
         self.attemptTimeout = attemptTimeout
         self.connectAddress = connectAddress
         let ca = caCertificate ?? ""
-        client = try Self.clients.withLock { (all) throws in
-            if let c = all[ca] { return c }
-            var tls = TLSConfiguration.makeClientConfiguration()
-            tls.minimumTLSVersion = .tlsv12
-            if !ca.isEmpty {
-                do {
-                    tls.additionalTrustRoots = [.certificates(try NIOSSLCertificate.fromPEMFile(ca))]
-                } catch {
-                    throw CABackupError.invalidArgument("cannot read CA certificate \(ca): \(error)")
-                }
-            }
-            let c = HTTPClient(
-                eventLoopGroupProvider: .singleton,
-                configuration: HTTPClient.Configuration(
-                    tlsConfiguration: tls, redirectConfiguration: .disallow,
-                    timeout: .init(connect: .seconds(10), read: .seconds(120))))
-            all[ca] = c
-            return c
-        }
+        client = try SharedHTTPClient.client(caCertificate: ca, readTimeout: .seconds(120))
     }
 
     // MARK: Operations
