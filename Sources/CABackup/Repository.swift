@@ -60,6 +60,8 @@ public final class Repository: @unchecked Sendable {
     /// with `treeLoaderLock` held.
     private var treeLoaders: [(BlobBuffers, BlobCodec)] = []
     private let treeLoaderLock = Condition()
+    /// Tree packs kept on this device, for a repository not on a local disk.
+    let packCache: PackCache?
 
     private init(
         storage: any Storage, config: RepositoryConfig, keys: RepositoryKeys?, keyID: String?, indexPath: String
@@ -71,6 +73,17 @@ public final class Repository: @unchecked Sendable {
         self.chunker = Chunker(config.chunker)
         self.indexPath = indexPath
         self.index = try RepositoryIndex(path: indexPath, repositoryID: config.id)
+        self.packCache =
+            storage.workingDirectory == nil
+            ? PackCache(directory: cacheDirectory(config.id) + "/packs", storage: storage) : nil
+    }
+
+    /// The most bytes of tree packs this device keeps for a repository that is not on a
+    /// local disk (default 1 GiB; 0 keeps none). Trees are read from there instead of one
+    /// request per directory; see `docs/architecture.md`, "Over a network".
+    public var cacheLimit: Int64 {
+        get { packCache?.limit ?? 0 }
+        set { packCache?.limit = newValue }
     }
 
     func setCurrentKeyID(_ id: String) { currentKeyID = id }
@@ -400,24 +413,32 @@ public final class Repository: @unchecked Sendable {
     public func synchronizeIndex() throws {
         let stored = Set(try storage.list(.pack).compactMap { ObjectID(hex: $0) })
         let indexed = try index.packIDs()
-        for id in stored.subtracting(indexed).sorted() {
-            let entries: [PackEntry]
-            do {
-                entries = try readPackHeader(id)
-            } catch {
+        // Over a network each header costs a round trip or two: many are read at once.
+        let threads = storage.workingDirectory == nil ? 8 : 1
+        let new = stored.subtracting(indexed).sorted()
+        for part in stride(from: 0, to: new.count, by: 256) {
+            let batch = Array(new[part..<min(new.count, part + 256)])
+            let headers = concurrentMap(batch, threads: threads) { [self] id -> (PackID, Int64, [PackEntry])? in
                 // An unreadable pack is reported by `check`; it is not indexed, so its
                 // blobs count as missing and are stored again by the next backup.
-                continue
+                guard let size = try? storage.size(.pack, id.hex),
+                    let entries = try? PackFormat.readHeader(from: storage, name: id.hex, size: size, aead: makeAEAD())
+                else { return nil }
+                return (id, size, entries)
             }
-            try index.addPack(id, size: try storage.size(.pack, id.hex), entries: entries)
+            for case let (id, size, entries)? in headers { try index.addPack(id, size: size, entries: entries) }
         }
         try index.removePacks(indexed.subtracting(stored))
+        packCache?.remove(indexed.subtracting(stored))
 
         let storedSnaps = Set(try storage.list(.snapshot).compactMap { ObjectID(hex: $0) })
         let indexedSnaps = Set(try index.snapshotRecords().map(\.id))
         let indexedForgets = try index.forgetIDs()
-        for id in storedSnaps.subtracting(indexedSnaps).subtracting(indexedForgets) {
-            guard let bytes = try? storage.read(.snapshot, id.hex) else { continue }
+        let newRecords = Array(storedSnaps.subtracting(indexedSnaps).subtracting(indexedForgets))
+        let records = concurrentMap(newRecords, threads: threads) { [self] id in
+            (id, try? storage.read(.snapshot, id.hex))
+        }
+        for case let (id, bytes?) in records {
             if let snap = try? decodeRecord(id: id, stored: bytes) {
                 try index.addSnapshot(id, timeNs: snap.timeNs, record: bytes)
             } else if let forgotten = decodeForget(id: id, stored: bytes) {
@@ -463,49 +484,92 @@ public final class Repository: @unchecked Sendable {
     /// Loads a blob from a known location. Afterwards ``BlobBuffers/stored`` holds its
     /// stored bytes, for copying them unchanged (prune).
     func loadBlob(_ id: BlobID, at loc: BlobLocation, into buffers: BlobBuffers, codec: BlobCodec) throws -> Int {
-        let what = "blob \(id.hex) in pack \(loc.pack.hex)"
-        guard loc.rawLength <= 1 << 30, loc.length <= 1 << 30 else {
-            throw CABackupError.corrupt(what: what, reason: "implausible length")
+        try checkPlausible(id, loc)
+        let plainAsStored = codec.aead == nil && loc.compression == .none
+        // A blob stored as it is needs no second buffer: it is read straight into the output.
+        buffers.reserve(output: loc.rawLength, input: plainAsStored ? 0 : loc.length, middle: 0)
+        let into = plainAsStored ? buffers.output : buffers.input
+        let cached = loc.length > 0 ? try readStored(loc, into: into) : false
+        let stored = UnsafeRawBufferPointer(start: into, count: loc.length)
+        buffers.stored = stored
+        do {
+            _ = try decodeBlob(id, at: loc, stored: stored, into: buffers, codec: codec)
+        } catch let error as CABackupError where cached {
+            // The cached copy was changed on this disk: drop it and ask the storage.
+            guard case .corrupt = error else { throw error }
+            packCache?.remove([loc.pack])
+            try storage.read(.pack, loc.pack.hex, offset: loc.offset, length: loc.length, into: into)
+            _ = try decodeBlob(id, at: loc, stored: stored, into: buffers, codec: codec)
         }
+        return loc.rawLength
+    }
+
+    private func checkPlausible(_ id: BlobID, _ loc: BlobLocation) throws {
+        guard loc.rawLength <= 1 << 30, loc.length <= 1 << 30 else {
+            throw CABackupError.corrupt(what: "blob \(id.hex) in pack \(loc.pack.hex)", reason: "implausible length")
+        }
+    }
+
+    /// Opens, decompresses and verifies a blob's stored bytes (read by the caller, e.g.
+    /// as part of a run of a pack). Returns its plaintext: in `buffers.output`, or `stored`
+    /// itself for a blob of a plaintext repository stored as it is.
+    func decodeBlob(
+        _ id: BlobID, at loc: BlobLocation, stored: UnsafeRawBufferPointer, into buffers: BlobBuffers,
+        codec: BlobCodec
+    ) throws -> UnsafeRawBufferPointer {
+        let what = "blob \(id.hex) in pack \(loc.pack.hex)"
+        try checkPlausible(id, loc)
         var payload: UnsafeRawBufferPointer
         if let aead = codec.aead {
             guard loc.length >= AESGCM.overhead else {
                 throw CABackupError.corrupt(what: what, reason: "shorter than its seal")
             }
             let n = loc.length - AESGCM.overhead
-            buffers.reserve(output: loc.rawLength, input: loc.length, middle: loc.compression == .none ? 0 : n)
-            try storage.read(.pack, loc.pack.hex, offset: loc.offset, length: loc.length, into: buffers.input)
-            buffers.stored = UnsafeRawBufferPointer(start: buffers.input, count: loc.length)
+            buffers.reserve(output: loc.rawLength, input: 0, middle: loc.compression == .none ? 0 : n)
             let into = loc.compression == .none ? buffers.output : buffers.middle
             guard n == loc.rawLength || loc.compression != .none,
-                aead.open(buffers.stored, aad: SealedKind.blob, into: into) == n
+                aead.open(stored, aad: SealedKind.blob, into: into) == n
             else {
                 throw CABackupError.corrupt(what: what, reason: "authentication failed: its bytes were changed")
             }
             payload = UnsafeRawBufferPointer(start: into, count: n)
         } else {
-            buffers.reserve(output: loc.rawLength, input: loc.compression == .none ? 0 : loc.length, middle: 0)
-            let into = loc.compression == .none ? buffers.output : buffers.input
-            if loc.length > 0 {
-                try storage.read(.pack, loc.pack.hex, offset: loc.offset, length: loc.length, into: into)
-            }
-            payload = UnsafeRawBufferPointer(start: into, count: loc.length)
-            buffers.stored = payload
+            payload = stored
         }
+        let plain: UnsafeRawBufferPointer
         switch loc.compression {
         case .none:
             guard payload.count == loc.rawLength else {
                 throw CABackupError.corrupt(what: what, reason: "stored length differs from its raw length")
             }
+            plain = payload
         case .lz4:
+            buffers.reserve(output: loc.rawLength, input: 0, middle: 0)
             let ok = LZ4.decompress(
                 payload, into: UnsafeMutableRawBufferPointer(start: buffers.output, count: loc.rawLength))
             guard ok else { throw CABackupError.corrupt(what: what, reason: "LZ4 data does not decode") }
+            plain = buffers.bytes(loc.rawLength)
         }
-        guard codec.id(buffers.bytes(loc.rawLength)) == id else {
+        guard codec.id(plain) == id else {
             throw CABackupError.corrupt(what: what, reason: "content does not match its id")
         }
-        return loc.rawLength
+        return plain
+    }
+
+    /// Reads a blob's stored bytes: a tree from the pack cache when there is one, anything
+    /// else (and a tree the cache cannot hold) from the storage.
+    /// Returns whether the bytes came from the cache.
+    @discardableResult
+    func readStored(_ loc: BlobLocation, into buffer: UnsafeMutableRawPointer) throws -> Bool {
+        if loc.type == .tree, let cache = packCache,
+            cache.read(
+                loc.pack, offset: loc.offset, length: loc.length, into: buffer,
+                treePacks: { try index.packsHolding(.tree) })
+        {
+            return true
+        }
+        try storage.read(.pack, loc.pack.hex, offset: loc.offset, length: loc.length, into: buffer)
+        return false
     }
 
     /// The entries of a directory node (all its tree parts), in name order.

@@ -104,6 +104,23 @@ package final class BlockingQueue<Element>: @unchecked Sendable {
         return e!
     }
 
+    /// Takes up to `limit` elements without waiting (none when the queue is empty).
+    package func popAvailable(limit: Int) -> [Element] {
+        pthread_mutex_lock(mutex)
+        defer { pthread_mutex_unlock(mutex) }
+        var out: [Element] = []
+        while out.count < limit && items.count > head {
+            out.append(items[head].take()!)
+            head += 1
+        }
+        if head > 64 && head * 2 > items.count {
+            items.removeFirst(head)
+            head = 0
+        }
+        if !out.isEmpty { pthread_cond_broadcast(notFull) }
+        return out
+    }
+
     package func close() {
         pthread_mutex_lock(mutex)
         closed = true
@@ -169,4 +186,44 @@ package func startThread(_ body: @escaping @Sendable () -> Void) -> pthread_t {
 
 package func joinThread(_ t: pthread_t) {
     pthread_join(t, nil)
+}
+
+/// `body` applied to every element on up to `threads` threads (the calling thread waits),
+/// results in the order of `items`: for calls that mostly wait on a network.
+package func concurrentMap<T: Sendable, R: Sendable>(
+    _ items: [T], threads: Int, _ body: @escaping @Sendable (T) -> R
+) -> [R] {
+    if items.count <= 1 || threads <= 1 { return items.map(body) }
+    let results = ConcurrentResults<R>(items.count)
+    let next = Atomic<Int>(0)
+    var started: [pthread_t] = []
+    for _ in 0..<min(threads, items.count) {
+        started.append(
+            startThread {
+                while true {
+                    let i = next.add(1, ordering: .relaxed).oldValue
+                    if i >= items.count { return }
+                    let r = body(items[i])
+                    results.slots[i] = r
+                }
+            })
+    }
+    for t in started { joinThread(t) }
+    return (0..<items.count).map { results.slots[$0]! }
+}
+
+/// The result slots of ``concurrentMap(_:threads:_:)``.
+private final class ConcurrentResults<R>: @unchecked Sendable {
+    // Safe: each slot is written by exactly one thread, read after all are joined.
+    let slots: UnsafeMutablePointer<R?>
+    let count: Int
+    init(_ n: Int) {
+        count = n
+        slots = .allocate(capacity: n)
+        slots.initialize(repeating: nil, count: n)
+    }
+    deinit {
+        slots.deinitialize(count: count)
+        slots.deallocate()
+    }
 }

@@ -12,9 +12,11 @@ import Synchronization
 /// The API is in `docs/http-api.md`: one path per kind of file under `/v1/space/`, range
 /// reads for packs, deletes as their own calls, and a lease-based server-side lock.
 public final class HTTPStorage: Storage, SpaceServices, @unchecked Sendable {
-    // Safe: all stored properties are immutable and Sendable.
+    // Safe: all stored properties are immutable and Sendable (`fetchedConfig` is a Mutex).
     let remote: RemoteLocation
     let client: RemoteClient
+    /// The config fetched by the last ``stat(_:_:)`` of it, for the ``read(_:_:)`` that follows.
+    private let fetchedConfig = Mutex<[UInt8]?>(nil)
     public var location: String { remote.description }
     /// The server checks every upload (names, sealed headers) and refuses a second config.
     public var capabilities: StorageCapabilities { [.writeOnceConfig, .verifiesUploads] }
@@ -52,7 +54,10 @@ public final class HTTPStorage: Storage, SpaceServices, @unchecked Sendable {
             // GET, not HEAD: an error answer then carries its message.
             let reply = try client.call(
                 .GET, Self.path(.config), accept: [200, 404], limit: FileKind.config.maxWholeFileSize)
-            return reply.status == 200 ? Int64(reply.body.count) : nil
+            guard reply.status == 200 else { return nil }
+            // Opening a repository asks whether a config exists, then reads it: one request.
+            fetchedConfig.withLock { $0 = reply.body }
+            return Int64(reply.body.count)
         }
         if kind == .lock { return nil }
         let reply = try client.call(.HEAD, Self.path(kind, name), accept: [200, 404])
@@ -81,7 +86,8 @@ public final class HTTPStorage: Storage, SpaceServices, @unchecked Sendable {
     }
 
     public func read(_ kind: FileKind, _ name: String) throws -> [UInt8] {
-        try client.call(.GET, Self.path(kind, kind == .config ? nil : name), limit: kind.maxWholeFileSize).body
+        if kind == .config, let bytes = fetchedConfig.withLock({ $0.take() }) { return bytes }
+        return try client.call(.GET, Self.path(kind, kind == .config ? nil : name), limit: kind.maxWholeFileSize).body
     }
 
     public func read(
@@ -147,7 +153,7 @@ public final class HTTPStorage: Storage, SpaceServices, @unchecked Sendable {
         let body = try JSONSerialization.data(withJSONObject: ["ids": ids.map(\.hex)])
         let reply = try client.call(
             .POST, "/v1/space/blobs/missing", headers: [("Content-Type", "application/json")], body: Array(body),
-            limit: 64 << 10 + 70 * ids.count)
+            limit: 64 << 10 + 70 * ids.count, idempotent: true)
         struct Missing: Decodable { let missing: [String] }
         guard let m = try? JSONDecoder().decode(Missing.self, from: Data(reply.body)) else {
             throw CABackupError.remote(status: reply.status, message: "the server's answer is malformed")

@@ -3,6 +3,7 @@ import CABackup
 import Foundation
 import NIOCore
 import NIOHTTP1
+import Synchronization
 
 /// Blocking HTTP calls to a `cabackup server`, for the engine's worker threads (never
 /// called from an event loop). One AsyncHTTPClient per trust configuration is shared by
@@ -21,7 +22,7 @@ final class RemoteClient: Sendable {
         self.user = user
         self.token = token
         let ca = caCertificate ?? ProcessInfo.processInfo.environment["CABACKUP_CACERT"] ?? ""
-        client = try SharedHTTPClient.client(caCertificate: ca, readTimeout: .seconds(300))
+        client = try SharedHTTPClient.client(caCertificate: ca, readTimeout: .seconds(30))
     }
 
     struct Reply {
@@ -36,15 +37,22 @@ final class RemoteClient: Sendable {
     /// The default cap on an answer's body: JSON replies (tokens, device lists, lock ids).
     static let smallReply = 1 << 20
 
+    /// When the server last answered a call of this client (see ``RetryPolicy``).
+    private let lastAnswer = LastAnswer()
+
     /// Sends one request; statuses in `accept` are returned, every other status and every
     /// transport error becomes a one-line `CABackupError`. An answer whose body is longer
     /// than `limit` (what the call can legitimately get back) is refused as soon as its
     /// length is announced or reached, so a hostile server cannot make the client buffer
     /// more than that.
+    ///
+    /// Transport failures and 5xx answers are retried as ``RetryPolicy`` says. A call
+    /// that is not `idempotent` (default: every method but POST) is retried after a
+    /// transport failure only when it cannot have reached the server (no connection).
     func call(
         _ method: HTTPMethod, _ path: String, headers extra: [(String, String)] = [], body: [UInt8]? = nil,
         buffer: ByteBuffer? = nil,
-        accept: Set<Int> = [200], limit: Int = smallReply, attempt: Int = 0
+        accept: Set<Int> = [200], limit: Int = smallReply, idempotent: Bool? = nil
     ) throws -> Reply {
         let url = server + path
         var headers = HTTPHeaders()
@@ -58,33 +66,56 @@ final class RemoteClient: Sendable {
         } catch {
             throw CABackupError.invalidArgument("'\(url)' is not a usable URL: \(error)")
         }
-        let response: HTTPClient.Response
-        do {
-            let accumulator = ResponseAccumulator(request: request, maxBodySize: limit)
-            response = try client.execute(request: request, delegate: accumulator, deadline: .now() + .seconds(600))
-                .wait()
-        } catch is ResponseAccumulator.ResponseTooBigError {
-            throw CABackupError.untrusted(
-                "the server at \(server) answered \(method) \(path) with a body larger than \(limit) bytes, more than that call can legitimately return: the server may be hostile; nothing was changed"
-            )
-        } catch {
-            throw CABackupError.network(
-                "cannot reach the server at \(server) (\(describe(error))): check the address, and that 'cabackup server' is running; nothing was lost, run the command again"
-            )
+        let retriable = idempotent ?? (method != .POST)
+        var attempt = 1
+        while true {
+            let response: HTTPClient.Response
+            do {
+                let accumulator = ResponseAccumulator(request: request, maxBodySize: limit)
+                response = try client.execute(
+                    request: request, delegate: accumulator, deadline: .now() + .seconds(600)
+                ).wait()
+            } catch is ResponseAccumulator.ResponseTooBigError {
+                throw CABackupError.untrusted(
+                    "the server at \(server) answered \(method) \(path) with a body larger than \(limit) bytes, more than that call can legitimately return: the server may be hostile; nothing was changed"
+                )
+            } catch {
+                let reason = describe(error)
+                guard retriable || isConnectFailure(error),
+                    RetryPolicy.retriesTransport(attempt: attempt, lastAnswer: lastAnswer)
+                else {
+                    throw CABackupError.network(
+                        "cannot reach the server at \(server) (\(reason)): check the address, and that 'cabackup server' is running; nothing was lost, run the command again"
+                    )
+                }
+                let wait = RetryPolicy.backoff(attempt: attempt)
+                if lastAnswer.answered {  // an outage, not a wrong address: say why nothing moves
+                    NetworkWaits.report("waiting for the network: \(server) does not answer (\(reason)); retrying")
+                }
+                Thread.sleep(forTimeInterval: wait)
+                attempt += 1
+                continue
+            }
+            lastAnswer.record()
+            let received = response.body ?? ByteBuffer()
+            let status = Int(response.status.code)
+            if accept.contains(status) { return Reply(status: status, headers: response.headers, buffer: received) }
+            // Busy (too many uploads to the space at once): wait as long as the server
+            // asks, at most 30 s a time, and try again, up to 20 times.
+            if status == 503, attempt <= 20 {
+                let seconds = response.headers.first(name: "Retry-After").flatMap { UInt32($0) } ?? 1
+                Thread.sleep(forTimeInterval: Double(min(max(seconds, 1), 30)))
+                attempt += 1
+                continue
+            }
+            // A failing server or a gateway without one behind it: a few tries with back-off.
+            if [500, 502, 504].contains(status), retriable, attempt < RetryPolicy.fewAttempts {
+                Thread.sleep(forTimeInterval: RetryPolicy.backoff(attempt: attempt))
+                attempt += 1
+                continue
+            }
+            throw Self.error(status: status, body: Array(received.readableBytesView), server: server, user: user)
         }
-        let received = response.body ?? ByteBuffer()
-        let status = Int(response.status.code)
-        if accept.contains(status) { return Reply(status: status, headers: response.headers, buffer: received) }
-        // Busy (too many uploads to the space at once): wait as long as the server asks,
-        // at most 30 s a time, and try again, up to 20 times.
-        if status == 503, attempt < 20 {
-            let seconds = response.headers.first(name: "Retry-After").flatMap { UInt32($0) } ?? 1
-            sleep(min(max(seconds, 1), 30))
-            return try call(
-                method, path, headers: extra, body: body, buffer: buffer, accept: accept, limit: limit,
-                attempt: attempt + 1)
-        }
-        throw Self.error(status: status, body: Array(received.readableBytesView), server: server, user: user)
     }
 
     /// The server's reason in an error answer (`{"error": "…"}`), else `HTTP <status>`.
@@ -117,6 +148,15 @@ final class RemoteClient: Sendable {
             return .remote(status: status, message: message)
         }
     }
+}
+
+/// Whether a transport error happened before a request could be sent (no connection), so
+/// even a call that is not idempotent may be retried.
+private func isConnectFailure(_ error: any Error) -> Bool {
+    if let e = error as? HTTPClientError, e == .connectTimeout { return true }
+    if let io = error as? IOError, io.errnoCode == ECONNREFUSED { return true }
+    let s = "\(error)"
+    return s.contains("connectTimeout") || s.contains("Connection refused") || s.contains("connectionRefused")
 }
 
 /// A transport error in a few words, to stand in parentheses: a system error by its

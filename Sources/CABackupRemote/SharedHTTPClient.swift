@@ -11,7 +11,8 @@ enum SharedHTTPClient {
     private static let clients = Mutex<[String: HTTPClient]>([:])
 
     /// The client trusting the system's roots plus the PEM file `caCertificate` (`""`:
-    /// none), which gives up on an answer after `readTimeout` of silence.
+    /// none), which gives up on an answer after `readTimeout` of silence, and on a request
+    /// body after 30 s without progress.
     /// - Throws: `CABackupError.invalidArgument` when the certificate cannot be read.
     static func client(caCertificate ca: String, readTimeout: TimeAmount) throws -> HTTPClient {
         try clients.withLock { (all) throws in
@@ -30,7 +31,9 @@ enum SharedHTTPClient {
                 eventLoopGroupProvider: .singleton,
                 configuration: HTTPClient.Configuration(
                     tlsConfiguration: tls, redirectConfiguration: .disallow,
-                    timeout: .init(connect: .seconds(10), read: readTimeout)))
+                    // A stalled link fails a call (which is then retried) after this
+                    // much silence either way, not after the call's deadline.
+                    timeout: .init(connect: .seconds(10), read: readTimeout, write: .seconds(30))))
             all[key] = c
             return c
         }

@@ -1,6 +1,8 @@
 import ArgumentParser
 import CABackup
 import CABackupRemote
+import Foundation
+import Synchronization
 
 #if canImport(Glibc)
     import Glibc
@@ -52,6 +54,17 @@ struct CABackupCommand: AsyncParsableCommand {
         Interrupt.install()
         signal(SIGPIPE, SIG_IGN)
         CABackupRemote.register()
+        // A command waiting out a network outage says so, at most every 10 s.
+        let lastWait = Mutex<Double>(-100)
+        NetworkWaits.onWait { message in
+            let now = monotonicSecondsCLI()
+            let due = lastWait.withLock { last in
+                guard now - last >= 10 else { return false }
+                last = now
+                return true
+            }
+            if due { printError("cabackup: \(message)") }
+        }
         do {
             var command = try parseAsRoot()
             if var asyncCommand = command as? any AsyncParsableCommand {
@@ -185,9 +198,22 @@ struct RepositoryOptions: ParsableArguments {
         help: "Set a storage option KEY=VALUE (repeatable): s3.bucket-lookup=auto|dns|path.")
     var option: [String] = []
 
+    @Option(
+        name: .long,
+        help: ArgumentHelp(
+            "Keep at most SIZE of tree packs in this device's cache for a repository not on a local disk (default 1G; 0 keeps none).",
+            valueName: "SIZE"))
+    var cacheSize: String?
+
+    @Flag(name: .long, help: "Keep no cache for this repository (like --cache-size 0).")
+    var noCache = false
+
     var password: PasswordSource { PasswordSource(file: passwordFile) }
 
     func validate() throws {
+        if let cacheSize, parseSize(cacheSize) == nil {
+            throw ValidationError("--cache-size takes a size such as 512M, 2G or 0, not '\(cacheSize)'")
+        }
         for o in option {
             guard let eq = o.firstIndex(of: "="), eq != o.startIndex else {
                 throw ValidationError("-o takes KEY=VALUE, not '\(o)'")
@@ -211,6 +237,11 @@ struct RepositoryOptions: ParsableArguments {
         let location = StorageRegistry.canonical(path)
         let repo = try Repository.open(path: path, passwordProvider: { try password.read(for: location) })
         for warning in repo.warnings { printError("cabackup: warning: \(warning)") }
+        if noCache {
+            repo.cacheLimit = 0
+        } else if let size = cacheSize.flatMap(parseSize) {
+            repo.cacheLimit = size
+        }
         return repo
     }
 }
@@ -252,3 +283,24 @@ func printError(_ s: String) {
 
 /// Whether stderr is a terminal (progress is shown only then).
 let stderrIsTerminal = isatty(2) == 1
+
+/// A size such as `512M`, `2G`, `1.5GiB` or `0` in bytes (K, M, G, T are powers of 1024;
+/// a trailing `B` or `iB` is allowed), or nil.
+func parseSize(_ text: String) -> Int64? {
+    var s = text.trimmingCharacters(in: .whitespaces).uppercased()
+    if s.hasSuffix("IB") { s.removeLast(2) } else if s.hasSuffix("B") { s.removeLast() }
+    var factor: Double = 1
+    if let last = s.last, let k = "KMGT".firstIndex(of: last) {
+        factor = pow(1024, Double("KMGT".distance(from: "KMGT".startIndex, to: k) + 1))
+        s.removeLast()
+    }
+    guard let n = Double(s), n >= 0, n * factor < 9e18 else { return nil }
+    return Int64(n * factor)
+}
+
+/// Seconds on a monotonic clock.
+func monotonicSecondsCLI() -> Double {
+    var ts = timespec()
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return Double(ts.tv_sec) + Double(ts.tv_nsec) * 1e-9
+}

@@ -81,6 +81,27 @@ func storedToken(_ env: [String: String]) throws -> String {
     return try #require(all.values.first?.values.first?["token"])
 }
 
+/// Starts a snapshot of 64 MiB of new random data in `s.file("src")` into alice's space
+/// and returns once the server holds `packs` packs of it (or after 60 s), with its stderr.
+func snapshotUntilPacks(
+    _ packs: Int, _ s: Scratch, _ server: TestServer, env: [String: String]
+) throws -> (Process, Pipe) {
+    try writeRandom(s.file("src/big.bin"), megabytes: 64)
+    let p = Process()
+    p.executableURL = URL(fileURLWithPath: cabackupBinary)
+    p.arguments = ["snapshot", "--repo", server.repo("alice"), s.file("src")]
+    p.environment = childEnvironment(env)
+    let errors = Pipe()
+    p.standardOutput = FileHandle.nullDevice
+    p.standardError = errors
+    try p.run()
+    let deadline = Date().addingTimeInterval(60)
+    while (try? spacePacks(server.data, "alice").count) ?? 0 < packs && p.isRunning && Date() < deadline {
+        usleep(10_000)
+    }
+    return (p, errors)
+}
+
 /// A raw request; returns the status and body.
 func http(
     _ method: String, _ url: String, token: String? = nil, data: String? = nil, dataFile: String? = nil,
@@ -373,18 +394,9 @@ struct ServerTests {
         let (s, first, alice) = try aliceOnServer()
         var server = first
         let port = server.port
-        try writeRandom(s.file("src/big.bin"), megabytes: 64)
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: cabackupBinary)
-        p.arguments = ["snapshot", "--repo", server.repo("alice"), s.file("src")]
-        p.environment = childEnvironment(alice)
-        p.standardOutput = FileHandle.nullDevice
-        p.standardError = FileHandle.nullDevice
-        try p.run()
-        let deadline = Date().addingTimeInterval(60)
-        while (try? spacePacks(server.data, "alice").count) ?? 0 < 2 && p.isRunning && Date() < deadline {
-            usleep(10_000)
-        }
+        // The server stays dead: the client gives up after 1 s of retrying (not 5 minutes).
+        let (p, _) = try snapshotUntilPacks(
+            2, s, server, env: alice.merging(["CABACKUP_RETRY_SECONDS": "1"]) { $1 })
         server.kill()
         p.waitUntilExit()
         #expect(p.terminationStatus != 0)

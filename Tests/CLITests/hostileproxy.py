@@ -14,7 +14,12 @@ first), where RULE is one of
   {"junk": N}                    answer 200 with N bytes of junk, streamed, with its length
   {"status": CODE, "body": TEXT} answer CODE with TEXT
 and may add "times": N to answer only the first N matching requests and forward the rest
-(a store that fails a few times and recovers). Requests are forwarded with their own Host
+(a store that fails a few times and recovers). Rules for a flaky link instead of an answer:
+  {"cut": "upload"}              read half of the request body, then drop the connection
+  {"cut": "download"}            forward, send the headers and half of the body, then drop
+  {"outage": SECONDS}            from this request on, drop every request (and every new
+                                 connection's first request) for SECONDS, as a dead link
+A dropped connection is reset (RST), as a broken link or a crashed middlebox would. Requests are forwarded with their own Host
 header, so signed requests (S3's SigV4) stay valid.
 Every request line is appended to RULES_FILE + ".log", so a test can see what reached it;
 for POST /v1/login and /v1/register the JSON body follows on the same line, as a hostile
@@ -22,15 +27,19 @@ server would capture it.
 """
 import http.client
 import json
+import socket
+import struct
 import sys
 import threading
+import time
 import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 upstream = urllib.parse.urlsplit(sys.argv[1])
 rules_path = sys.argv[2]
 log_lock = threading.Lock()
-answered = {}  # rule key -> how many requests it answered (for "times")
+answered = {}  # rule key and rule -> how many requests it answered (for "times")
+outage_until = 0.0  # monotonic time until which every request is dropped
 
 
 def matching_rule(key):
@@ -59,25 +68,54 @@ class Handler(BaseHTTPRequestHandler):
     def log_message(self, *args):
         pass
 
+    def drop(self):
+        """Resets the connection without an answer."""
+        self.close_connection = True
+        try:
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.connection.close()
+        except OSError:
+            pass
+
     def handle_any(self):
+        global outage_until
         path = self.path.split("?", 1)[0]
         key = "%s %s" % (self.command, path)
         length = int(self.headers.get("Content-Length") or 0)
+        rule_key, rule = matching_rule(key)
+        if rule is not None:
+            # Counted per rule, so a new rule for the same key starts from zero.
+            counter = rule_key + " " + json.dumps(rule, sort_keys=True)
+            with log_lock:
+                n = answered.get(counter, 0)
+                use = "times" not in rule or n < int(rule["times"])
+                if use:
+                    answered[counter] = n + 1
+            if not use:
+                rule = None
+        if rule is not None and "outage" in rule:
+            with log_lock:
+                outage_until = max(outage_until, time.monotonic() + float(rule["outage"]))
+            rule = None
+        if time.monotonic() < outage_until:
+            with log_lock, open(rules_path + ".log", "a") as log:
+                log.write(key + " (dropped: outage)\n")
+            return self.drop()
+        if rule is not None and rule.get("cut") == "upload":
+            self.rfile.read(length // 2)
+            with log_lock, open(rules_path + ".log", "a") as log:
+                log.write(key + " (cut mid-upload)\n")
+            return self.drop()
         body = self.rfile.read(length) if length else None
         line = key
         if path in ("/v1/login", "/v1/register") and body:
             line += " " + body.decode("utf-8", "replace").replace("\n", " ")
+        if rule is not None and rule.get("cut") == "download":
+            line += " (cut mid-download)"
         with log_lock, open(rules_path + ".log", "a") as log:
             log.write(line + "\n")
-        rule_key, rule = matching_rule(key)
-        if rule is not None:
-            with log_lock:
-                n = answered.get(rule_key, 0)
-                use = "times" not in rule or n < int(rule["times"])
-                if use:
-                    answered[rule_key] = n + 1
-            if use:
-                return self.answer(rule)
+        if rule is not None and "cut" not in rule:
+            return self.answer(rule)
         conn = http.client.HTTPConnection(upstream.hostname, upstream.port, timeout=60)
         headers = {k: v for k, v in self.headers.items() if k.lower() != "connection"}
         conn.request(self.command, self.path, body=body, headers=headers)
@@ -91,6 +129,11 @@ class Handler(BaseHTTPRequestHandler):
         length = r.getheader("Content-Length") if self.command == "HEAD" else None
         self.send_header("Content-Length", length or str(len(data)))
         self.end_headers()
+        if rule is not None and rule.get("cut") == "download":
+            self.wfile.write(data[: len(data) // 2])
+            self.wfile.flush()
+            conn.close()
+            return self.drop()
         if self.command != "HEAD":
             self.wfile.write(data)
         conn.close()

@@ -600,6 +600,18 @@ final class RepositoryIndex: @unchecked Sendable {
         }
     }
 
+    /// The indexed packs holding blobs of a type, with their sizes (a scan of the table).
+    func packsHolding(_ type: BlobType) throws -> [(PackID, Int64)] {
+        try exclusive { () throws -> [(PackID, Int64)] in
+            let s = try db.prepare(
+                "SELECT p.id, p.size FROM packs p WHERE p.n IN (SELECT DISTINCT pack FROM blobs WHERE type = ?1)")
+            s.bind(1, Int64(type.rawValue))
+            var out: [(PackID, Int64)] = []
+            while try s.step() { if let id = s.id(0) { out.append((id, s.int(1))) } }
+            return out
+        }
+    }
+
     /// Every indexed pack id.
     func packIDs() throws -> Set<PackID> {
         try exclusive { () throws in

@@ -231,7 +231,7 @@ struct Restorer<Sink: RestoreSink>: TreeVisitor {
                     }
                     hardLinks[key] = path
                 }
-                pipeline.enqueue(try sink.createFile(node, path: path, in: dir), node: node, path: path)
+                try pipeline.add(node: node, path: path) { try sink.createFile(node, path: path, in: dir) }
             case .symlink:
                 try sink.makeSymlink(node, path: path, in: dir)
             case .fifo, .characterDevice, .blockDevice:

@@ -64,8 +64,13 @@ final class BlobSaver: @unchecked Sendable {
     /// Open packs not in use, by blob type.
     private var freePacks: [[OpenPack]] = [[], []]
     private var failure: CABackupError?
+    /// Sealed packs, in the order they were filled.
     private let queue = BlockingQueue<OpenPack>(capacity: 2)
-    private var writer: pthread_t?
+    /// On a server: packs some of whose blobs the space lacks, for the uploaders.
+    private let uploads = BlockingQueue<OpenPack>(capacity: 4)
+    /// The thread asking a server which blobs it lacks, a batch of packs per question.
+    private var asker: pthread_t?
+    private var writers: [pthread_t] = []
 
     /// Every blob id claimed or reused, for a snapshot commit that names its references
     /// (see ``Repository/commitNeedsReferences``); nil when nothing needs them. Touched
@@ -95,8 +100,18 @@ final class BlobSaver: @unchecked Sendable {
         if snapshot && repository.commitNeedsReferences { referenced = [] }
         // What a killed writer left; a running one's files are locked and stay.
         TemporaryFiles.removeStale(in: repository.stagingDirectory)
-        writer = startThread { [self] in self.writerLoop() }
+        // A local disk takes one pack at a time; over a network several are in flight,
+        // so the link is not idle while a pack's answer is awaited.
+        let remote = repository.storage.workingDirectory == nil
+        let asks = repository.storage.space != nil
+        if asks { asker = startThread { [self] in self.askerLoop() } }
+        for _ in 0..<(remote ? Self.uploadsInFlight : 1) {
+            writers.append(startThread { [self] in self.writerLoop(from: asks ? uploads : queue) })
+        }
     }
+
+    /// Packs uploaded at once to a storage that is not a local disk.
+    static let uploadsInFlight = 4
 
     /// Returns `true` when the caller must store the blob: no indexed pack holds it
     /// and no other thread is storing it. Exactly one caller gets `true` per new id.
@@ -184,11 +199,7 @@ final class BlobSaver: @unchecked Sendable {
                 fail(CABackupError(error))
             }
         }
-        queue.close()
-        if let w = writer {
-            joinThread(w)
-            writer = nil
-        }
+        stopThreads()
         if let failure = lock.locked({ failure }) { throw failure }
     }
 
@@ -199,11 +210,19 @@ final class BlobSaver: @unchecked Sendable {
             return freePacks.flatMap { $0 }
         }
         for p in open { discard(p) }
+        stopThreads()
+    }
+
+    /// Lets the threads drain what is queued, and joins them.
+    private func stopThreads() {
         queue.close()
-        if let w = writer {
-            joinThread(w)
-            writer = nil
+        if let asker {
+            joinThread(asker)
+            self.asker = nil
         }
+        uploads.close()
+        for w in writers { joinThread(w) }
+        writers = []
     }
 
     /// Merges the partly filled packs of one type (one per worker that wrote at the same
@@ -276,7 +295,38 @@ final class BlobSaver: @unchecked Sendable {
         pack.size += header.count
     }
 
-    private func writerLoop() {
+    /// Asks the space which blobs it lacks once for every batch of sealed packs (all that
+    /// are waiting, up to 16), and passes on the packs that hold any: when another device
+    /// stored every blob of a pack meanwhile, it is not uploaded (the next open indexes
+    /// that device's packs).
+    private func askerLoop() {
+        guard let space = repo.storage.space else { return }
+        while let first = queue.pop() {
+            let batch = [first] + queue.popAvailable(limit: 15)
+            if lock.locked({ failure }) != nil {
+                for p in batch { discard(p) }
+                continue
+            }
+            let missing: Set<BlobID>
+            do {
+                missing = Set(try space.missing(batch.flatMap { $0.entries.map(\.id) }))
+            } catch {
+                for p in batch { discard(p) }
+                fail(CABackupError(error))
+                continue
+            }
+            for p in batch {
+                if p.entries.contains(where: { missing.contains($0.id) }) {
+                    uploads.push(p)
+                } else {
+                    discard(p)
+                    release(p)
+                }
+            }
+        }
+    }
+
+    private func writerLoop(from queue: BlockingQueue<OpenPack>) {
         while let pack = queue.pop() {
             if lock.locked({ failure }) != nil {
                 discard(pack)
@@ -296,12 +346,8 @@ final class BlobSaver: @unchecked Sendable {
         if let limit = Self.failAfterWrites, packsAdded.load(ordering: .relaxed) >= limit {
             _exit(137)
         }
-        // On a server, ask first: when another device stored every blob of this pack
-        // meanwhile, nothing needs uploading (the next open indexes that device's packs).
-        if let space = repo.storage.space, try space.missing(pack.entries.map(\.id)).isEmpty {
-            discard(pack)
-            release(pack)
-            return
+        if let cache = repo.packCache, pack.entries.allSatisfy({ $0.type == .tree }) {
+            cache.adopt(id, file: pack.path, size: Int64(pack.size))
         }
         try repo.storage.put(.pack, id.hex, file: pack.path)
         TemporaryFiles.forget(pack.path)

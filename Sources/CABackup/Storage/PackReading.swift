@@ -4,10 +4,12 @@ import CABackupStorage
 
 extension PackFormat {
     /// Reads and parses the header of a stored pack.
-    static func readHeader(from storage: any Storage, name: String, aead: AESGCM? = nil) throws -> [PackEntry] {
+    static func readHeader(
+        from storage: any Storage, name: String, size known: Int64? = nil, aead: AESGCM? = nil
+    ) throws -> [PackEntry] {
         let what = "pack \(name)"
         do {
-            let size = try storage.size(.pack, name)
+            let size = try known ?? storage.size(.pack, name)
             let header = try readHeaderBytes(size: size) {
                 try storage.read(.pack, name, offset: $0, length: $1, into: $2)
             }

@@ -3,6 +3,7 @@ import CABackup
 import Foundation
 import NIOCore
 import NIOHTTP1
+import Synchronization
 
 /// A failure of an S3 call, after the retries it deserved.
 package enum S3Error: Error, Sendable, CustomStringConvertible {
@@ -101,6 +102,8 @@ package final class S3Client: Sendable {
     package let connectAddress: String?
     /// Shared by the process (``SharedHTTPClient``), so connections are pooled.
     private let client: HTTPClient
+    /// When the store last answered a call of this client (see ``RetryPolicy``).
+    private let lastAnswer = LastAnswer()
 
     /// The largest answer a ListObjectsV2 page or an error can legitimately be: 1,000 keys
     /// of at most 1,024 bytes each, escaped, with their fields.
@@ -144,7 +147,7 @@ package final class S3Client: Sendable {
         self.attemptTimeout = attemptTimeout
         self.connectAddress = connectAddress
         let ca = caCertificate ?? ""
-        client = try SharedHTTPClient.client(caCertificate: ca, readTimeout: .seconds(120))
+        client = try SharedHTTPClient.client(caCertificate: ca, readTimeout: .seconds(60))
     }
 
     // MARK: Operations
@@ -308,13 +311,27 @@ package final class S3Client: Sendable {
             let retryable: S3Error
             do {
                 let reply = try execute(url: url, method: method, headers: headers, body: body, limit: limit)
+                lastAnswer.record()
                 if accept.contains(reply.status) { return reply }
                 let error = Self.error(operation: operation, status: reply.status, body: reply.body)
                 guard reply.status >= 500 || error.code == "RequestTimeout" else { throw error }
                 retryable = error
             } catch let e as S3Error {
-                guard case .transport = e else { throw e }
+                guard case .transport(_, let reason) = e else { throw e }
                 retryable = e
+                // Once the store has answered, a transport failure is an outage: keep
+                // trying for the retry window (see RetryPolicy).
+                if lastAnswer.answered {
+                    NetworkWaits.report(
+                        "waiting for the network: \(scheme)://\(hostHeader) does not answer (\(reason)); retrying")
+                }
+                if attempt >= maxAttempts, lastAnswer.answered,
+                    RetryPolicy.retriesTransport(attempt: attempt, lastAnswer: lastAnswer)
+                {
+                    Thread.sleep(forTimeInterval: RetryPolicy.backoff(attempt: attempt))
+                    attempt += 1
+                    continue
+                }
             }
             guard attempt < maxAttempts else { throw retryable }
             // Exponential back-off with jitter, so many clients do not retry in step.
