@@ -28,14 +28,23 @@ extension Repository {
     ) throws -> (
         keys: RepositoryKeys, slot: String, skipped: [String]
     ) {
+        // The slot this device opened last time first, without listing: one round trip
+        // less on every open over a network.
+        var triedFirst: String?
+        if let preferred, isObjectName(preferred), let bytes = try? storage.read(.key, preferred),
+            let slot = KeySlot.decode(bytes), slot.kdf == "scrypt", (try? slot.parameters.validate()) != nil
+        {
+            if let keys = try slot.unwrap(password: password) { return (keys, preferred, []) }
+            triedFirst = preferred  // the wrong password for it: not tried again below
+        }
         var names = try storage.list(.key).filter(isObjectName).sorted()
         guard !names.isEmpty else {
             throw CABackupError.corrupt(what: "repository \(storage.location)", reason: "it has no key slots in keys/")
         }
         if let preferred, let i = names.firstIndex(of: preferred) { names.insert(names.remove(at: i), at: 0) }
         var skipped: [String] = []
-        var tried = 0
-        for name in names {
+        var tried = triedFirst == nil ? 0 : 1
+        for name in names where name != triedFirst {
             guard tried < maxKeySlotTries else { break }
             guard let bytes = try? storage.read(.key, name), let slot = KeySlot.decode(bytes), slot.kdf == "scrypt",
                 (try? slot.parameters.validate()) != nil
