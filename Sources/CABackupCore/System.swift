@@ -479,3 +479,16 @@ public func absolutePath(_ path: String) -> String {
     }
     return "/" + parts.joined(separator: "/")
 }
+
+/// Raises the soft limit on open descriptors to the hard one and returns it (at most
+/// 2²⁰), or nil when it cannot be read.
+package func raiseDescriptorLimit() -> Int? {
+    var limit = rlimit()
+    guard getrlimit(Int32(RLIMIT_NOFILE.rawValue), &limit) == 0 else { return nil }
+    if limit.rlim_cur < limit.rlim_max {
+        limit.rlim_cur = limit.rlim_max
+        _ = setrlimit(Int32(RLIMIT_NOFILE.rawValue), &limit)
+        _ = getrlimit(Int32(RLIMIT_NOFILE.rawValue), &limit)
+    }
+    return Int(min(limit.rlim_cur, 1 << 20))
+}

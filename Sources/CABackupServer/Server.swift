@@ -115,14 +115,7 @@ public func runServer(_ options: ServerOptions, onListening: @escaping @Sendable
 /// be served at once: `wanted`, or fewer when the descriptors would not suffice (each
 /// connection holds one, an upload a second; 64 stay for files and the databases).
 func connectionLimit(_ wanted: Int) -> Int {
-    var limit = rlimit()
-    guard getrlimit(Int32(RLIMIT_NOFILE.rawValue), &limit) == 0 else { return min(wanted, 400) }
-    if limit.rlim_cur < limit.rlim_max {
-        limit.rlim_cur = limit.rlim_max
-        _ = setrlimit(Int32(RLIMIT_NOFILE.rawValue), &limit)
-        _ = getrlimit(Int32(RLIMIT_NOFILE.rawValue), &limit)
-    }
-    let available = Int(min(limit.rlim_cur, 1 << 20))
+    guard let available = raiseDescriptorLimit() else { return min(wanted, 400) }
     return max(1, min(wanted, (available - 64) / 2))
 }
 

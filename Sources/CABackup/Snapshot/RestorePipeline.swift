@@ -8,6 +8,9 @@ import Synchronization
     import Darwin
 #endif
 
+/// See ``RestorePipeline/maxOpenFiles``.
+private let restoreOpenFiles = min(4096, max(64, ((raiseDescriptorLimit() ?? 1024) - 256) / 2))
+
 /// A regular file being restored: its chunks are written by whichever workers read the
 /// runs of packs holding them. The last chunk written commits or discards it.
 final class FileRestore<File: RestoreFile>: @unchecked Sendable {
@@ -81,7 +84,11 @@ final class RestorePipeline<File: RestoreFile>: @unchecked Sendable {
     private var batchChunkCount = 0
     private var batchStoredBytes = 0
 
-    static var maxOpenFiles: Int { 128 }
+    /// Files open at once: a batch spans this many files, so with many small files it
+    /// sets how many runs a pack is read in. Each holds a descriptor, and its directory
+    /// may hold another: half the descriptor limit (raised to the hard one), 256 kept
+    /// for everything else, between 64 and 4,096.
+    static var maxOpenFiles: Int { restoreOpenFiles }
     static var batchChunks: Int { 16_384 }
     static var batchBytes: Int { 256 << 20 }
     /// Blobs closer than this in a pack are read in one run (the gap is read and dropped).
