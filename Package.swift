@@ -27,6 +27,7 @@ let package = Package(
     targets: [
         // The only places C headers are imported (and the one piece of C we write).
         .systemLibrary(name: "CLZ4", providers: [.apt(["liblz4-dev"])]),
+        .systemLibrary(name: "CZstd", providers: [.apt(["libzstd-dev"])]),
         .systemLibrary(name: "COpenSSL", providers: [.apt(["libssl-dev"])]),
         .systemLibrary(name: "CSQLite", providers: [.apt(["libsqlite3-dev"])]),
         // scrypt's ROMix in C with SSE2 (Swift's SIMD types do not compile its shuffles).
@@ -41,7 +42,7 @@ let package = Package(
         ),
         .target(
             name: "CABackupFormat",
-            dependencies: ["CABackupCore", "CLZ4", "COpenSSL", "CScrypt"],
+            dependencies: ["CABackupCore", "CLZ4", "CZstd", "COpenSSL", "CScrypt"],
             swiftSettings: testHooks
         ),
         // The storage seam: the protocol over named files, the registry by URL scheme,

@@ -32,7 +32,7 @@ public struct SnapshotFilter: Sendable {
 /// with a derived SQLite index.
 ///
 /// Open one with ``open(path:password:durable:)`` or create one with
-/// ``initialize(path:password:chunker:kdf:durable:)``,
+/// ``initialize(path:password:chunker:kdf:durable:compression:)``,
 /// then ``snapshot(paths:options:progress:)`` to back up, ``snapshots(matching:)`` to list,
 /// ``list(_:path:visit:)`` to walk a snapshot, ``restore(_:to:options:progress:)`` to restore.
 /// A repository object may be used from one thread at a time; the work inside each call
@@ -99,20 +99,33 @@ public final class Repository: @unchecked Sendable {
     ///     fresh random Gear seed.
     ///   - kdf: the scrypt cost of the first key slot.
     ///   - durable: fsync every write (leave on except in throwaway tests).
+    ///   - compression: the codec new blobs are compressed with, recorded in the config;
+    ///     `nil` chooses by storage (see ``defaultCompression(for:)``).
     /// - Throws: ``CABackupError/repositoryExists(_:)`` when the directory is not empty.
     @discardableResult
     public static func initialize(
         path: String, password: String?, chunker: ChunkerParameters? = nil, kdf: KDFParameters = .default,
-        durable: Bool = true
+        durable: Bool = true, compression: RepositoryCompression? = nil
     )
         throws -> Repository
     {
         let storage = try StorageRegistry.open(path, durable: durable)
-        return try initialize(storage: storage, password: password, chunker: chunker, kdf: kdf, durable: durable)
+        return try initialize(
+            storage: storage, password: password, chunker: chunker, kdf: kdf, durable: durable, compression: compression
+        )
+    }
+
+    /// The codec a new repository on `storage` gets when `init` is not told one (`auto`):
+    /// zstd where bytes cross a network or are billed (a server space, S3: any storage
+    /// without ``StorageCapabilities/localAndTrusted``), LZ4 in a local directory, where
+    /// zstd's extra CPU time costs more than the bytes it saves (docs/benchmarks.md,
+    /// "zstd or LZ4").
+    public static func defaultCompression(for storage: any Storage) -> RepositoryCompression {
+        storage.capabilities.contains(.localAndTrusted) ? .lz4 : .zstd
     }
 
     /// Creates a new repository in an empty storage (for a storage a program supplies;
-    /// ``initialize(path:password:chunker:kdf:durable:)`` opens one by location).
+    /// ``initialize(path:password:chunker:kdf:durable:compression:)`` opens one by location).
     ///
     /// - Parameters:
     ///   - storage: where the files go; it must hold no repository.
@@ -121,10 +134,12 @@ public final class Repository: @unchecked Sendable {
     ///   - chunker: chunking parameters (default: 512 KiB / 1 MiB / 8 MiB, fresh seed).
     ///   - kdf: the scrypt cost of the first key slot.
     ///   - durable: fsync what is written locally (the index, this device's records).
+    ///   - compression: the codec new blobs are compressed with, recorded in the config;
+    ///     `nil` chooses by storage (see ``defaultCompression(for:)``).
     @discardableResult
     public static func initialize(
         storage: any Storage, password: String?, chunker: ChunkerParameters? = nil, kdf: KDFParameters = .default,
-        durable: Bool = true
+        durable: Bool = true, compression: RepositoryCompression? = nil
     )
         throws -> Repository
     {
@@ -136,7 +151,9 @@ public final class Repository: @unchecked Sendable {
             )
         }
         try kdf.validate()
-        let config = RepositoryConfig.makeNew(chunker: chunker, encrypted: password != nil)
+        let config = RepositoryConfig.makeNew(
+            chunker: chunker, encrypted: password != nil,
+            compression: compression ?? defaultCompression(for: storage))
         let keys = password == nil ? nil : RepositoryKeys.random()
         try storage.create()
         var keyID: String?
@@ -352,8 +369,8 @@ public final class Repository: @unchecked Sendable {
     /// server), before an operation that deletes changes anything.
     func checkCanDelete() throws { try storage.space?.checkCanDelete() }
 
-    /// A per-thread blob codec for this repository's id scheme and encryption.
-    func makeCodec() -> BlobCodec { BlobCodec(keys: keys) }
+    /// A per-thread blob codec for this repository's id scheme, encryption and codec.
+    func makeCodec() -> BlobCodec { BlobCodec(keys: keys, compression: config.compression) }
 
     /// A cipher context for sealing or opening pack headers, in an encrypted repository.
     func makeAEAD() -> AESGCM? { keys.map { AESGCM(key: $0.encryption) } }
@@ -543,11 +560,12 @@ public final class Repository: @unchecked Sendable {
                 throw CABackupError.corrupt(what: what, reason: "stored length differs from its raw length")
             }
             plain = payload
-        case .lz4:
+        case .lz4, .zstd:
             buffers.reserve(output: loc.rawLength, input: 0, middle: 0)
-            let ok = LZ4.decompress(
-                payload, into: UnsafeMutableRawBufferPointer(start: buffers.output, count: loc.rawLength))
-            guard ok else { throw CABackupError.corrupt(what: what, reason: "LZ4 data does not decode") }
+            let ok = codec.decompress(
+                payload, loc.compression,
+                into: UnsafeMutableRawBufferPointer(start: buffers.output, count: loc.rawLength))
+            guard ok else { throw CABackupError.corrupt(what: what, reason: "\(loc.compression) data does not decode") }
             plain = buffers.bytes(loc.rawLength)
         }
         guard codec.id(plain) == id else {

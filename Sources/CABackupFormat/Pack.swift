@@ -10,11 +10,24 @@ public enum BlobType: UInt8, Sendable, Codable {
 
 /// How a blob's bytes are stored in its pack. One byte per blob, so codecs can be added
 /// without a new pack format.
-public enum BlobCompression: UInt8, Sendable {
+public enum BlobCompression: UInt8, Sendable, CustomStringConvertible {
     /// Stored as is (compression did not shrink it).
     case none = 0
     /// LZ4 block format; the raw length is in the pack header.
     case lz4 = 1
+    /// One Zstandard frame, decoded into exactly the raw length the pack header records
+    /// (the frame's own content size is not trusted). Written in repositories whose config
+    /// says `compression: zstd` (format version 4).
+    case zstd = 2
+
+    /// The codec's name, for messages: `none`, `LZ4` or `zstd`.
+    public var description: String {
+        switch self {
+        case .none: return "none"
+        case .lz4: return "LZ4"
+        case .zstd: return "zstd"
+        }
+    }
 }
 
 /// One blob's entry in a pack header.

@@ -5,7 +5,7 @@ import Synchronization
 /// How calls to a server or an object store are retried when the network fails them.
 ///
 /// A call that fails in transport (connection refused or reset, no answer in time) is
-/// retried with exponential back-off (0.25 s doubling to 8 s, jittered). Before the
+/// retried with exponential back-off (0.25 s doubling to 2 s, jittered). Before the
 /// endpoint ever answered in this process, a few attempts are made (a wrong address
 /// fails in about a second); once it has answered, a failure is taken for an outage and
 /// the call is retried for up to ``window`` seconds (default 300; `CABACKUP_RETRY_SECONDS`
@@ -27,7 +27,9 @@ enum RetryPolicy {
     /// The wait before retry number `attempt` (1 for the first retry): exponential with jitter,
     /// so many clients do not retry in step.
     static func backoff(attempt: Int, first: Double = 0.25) -> Double {
-        let base = min(first * Double(1 << min(attempt - 1, 10)), 8)
+        // At most 2 s: during an outage a retry is a refused connection or a quick
+        // timeout, cheap for both sides, and the link's return is noticed within 2 s.
+        let base = min(first * Double(1 << min(attempt - 1, 10)), 2)
         return base * Double.random(in: 0.5...1.0)
     }
 

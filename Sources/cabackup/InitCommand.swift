@@ -30,6 +30,15 @@ struct InitCommand: ParsableCommand {
         help: "Password file of --from-repo (default: $CABACKUP_FROM_PASSWORD, else the new repository's password).")
     var fromPasswordFile: String?
 
+    @Option(
+        name: .long,
+        help: ArgumentHelp(
+            "How new data is compressed, for the life of the repository.",
+            discussion:
+                "auto is zstd for a repository on a server or in S3 (fewer bytes to send and store) and lz4 in a local directory (faster). A zstd repository needs cabackup with zstd support to open it."
+        ))
+    var compression: CompressionChoice = .auto
+
     func validate() throws {
         if copyChunkerParams != (fromRepo != nil) {
             throw ValidationError("--copy-chunker-params and --from-repo go together: give both or neither")
@@ -55,12 +64,29 @@ struct InitCommand: ParsableCommand {
                 })
             chunker = from.config.chunker
         }
-        let repo = try Repository.initialize(path: path, password: password, chunker: chunker, kdf: kdfForNewKeys)
+        let repo = try Repository.initialize(
+            path: path, password: password, chunker: chunker, kdf: kdfForNewKeys, compression: compression.codec)
         for warning in repo.warnings { printError("cabackup: warning: \(warning)") }
         let kind = repo.config.isEncrypted ? "encrypted" : "unencrypted"
-        print("created \(kind) repository \(repo.config.id.prefix(8)) at \(location)")
+        print(
+            "created \(kind) repository \(repo.config.id.prefix(8)) at \(location) (compression: \(repo.config.compression.rawValue))"
+        )
         if password != nil {
             print("the password cannot be recovered: without it, the data in this repository cannot be read")
+        }
+    }
+}
+
+/// `init --compression`: a codec, or `auto` to let the storage decide.
+enum CompressionChoice: String, ExpressibleByArgument, CaseIterable {
+    case auto, zstd, lz4
+
+    /// The codec to ask for; `nil` is the library's per-storage default.
+    var codec: RepositoryCompression? {
+        switch self {
+        case .auto: return nil
+        case .zstd: return .zstd
+        case .lz4: return .lz4
         }
     }
 }

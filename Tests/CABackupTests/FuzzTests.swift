@@ -90,6 +90,30 @@ struct FuzzTests {
         #expect(r.rejected > Self.iterations / 4)
     }
 
+    @Test("zstd frames, decoded into exactly the raw length")
+    func zstdFrames() {
+        let codec = BlobCodec(keys: nil, compression: .zstd)
+        let raws = [
+            Array(String(repeating: "zstd fuzz seed text ", count: 200).utf8),
+            pseudoRandomBytes(count: 1500, seed: 9) + [UInt8](repeating: 7, count: 2500),
+        ]
+        let seeds = raws.map { raw in Array(raw.withUnsafeBytes { codec.encode($0).1 }) }
+        var output = [UInt8](repeating: 0, count: 4002)
+        let r = run(seeds, seed: 5) { frame in
+            // Two guard bytes around the 4,000 the header would promise.
+            output[0] = 0xEE
+            output[4001] = 0xEE
+            let ok = frame.withUnsafeBytes { src in
+                output.withUnsafeMutableBytes { dst in
+                    codec.decompress(src, .zstd, into: UnsafeMutableRawBufferPointer(rebasing: dst[1..<4001]))
+                }
+            }
+            #expect(output[0] == 0xEE && output[4001] == 0xEE)
+            if !ok { throw PackError.badHeader("does not decode") }
+        }
+        #expect(r.rejected > Self.iterations / 2)
+    }
+
     @Test("snapshot records")
     func snapshots() {
         let record = Snapshot.encodeRecord(
@@ -105,6 +129,7 @@ struct FuzzTests {
         let keys = RepositoryKeys(bytes: [UInt8](repeating: 5, count: 64))
         let seeds = [
             RepositoryConfig.makeNew().encoded(), RepositoryConfig.makeNew(encrypted: true).encoded(keys: keys),
+            RepositoryConfig.makeNew(encrypted: true, compression: .zstd).encoded(keys: keys),
         ]
         let r = run(seeds, seed: 4) {
             _ = try ConfigFile.decode($0, path: "config").resolve(keys: keys, path: "config")

@@ -19,6 +19,43 @@ struct EndToEndTests {
         #expect(cmp.stdout.contains(" 0 differences"))
     }
 
+    @Test("init --compression zstd: a local zstd repository round-trips and checks; auto stays LZ4 locally")
+    func zstdRoundTrip() throws {
+        let s = Scratch()
+        let src = s.file("src")
+        #expect(try python(treetool, "make", src).status == 0)
+        try Data(String(repeating: "compressible line of text\n", count: 100_000).utf8)
+            .write(to: URL(fileURLWithPath: src + "/text.txt"))
+        let repo = s.file("repo")
+        let initialized = try cabackup("init", "--repo", repo, "--compression", "zstd")
+        #expect(initialized.status == 0, "\(initialized.stderr)")
+        #expect(initialized.stdout.contains("(compression: zstd)"))
+        let config = try #require(jsonObject(try String(contentsOfFile: repo + "/config", encoding: .utf8)))
+        #expect(config["format_version"] as? Int == 4 && config["compression"] as? String == "zstd")
+        let snap = try cabackup("snapshot", "--repo", repo, src)
+        #expect(snap.status == 0, "\(snap.stderr)")
+        let restore = try cabackup("restore", "--repo", repo, "latest", "--target", s.file("out"))
+        #expect(restore.status == 0, "\(restore.stderr)")
+        let cmp = try python(treetool, "compare", src, s.file("out") + src)
+        #expect(cmp.status == 0 && cmp.stdout.contains(" 0 differences"), "\(cmp.stdout)")
+        let check = try cabackup("check", "--repo", repo, "--read-data")
+        #expect(check.status == 0, "\(check.stdout)\(check.stderr)")
+        // The blobs really are zstd (compression byte 2 in the index), and no LZ4.
+        let kinds = try run(
+            "/usr/bin/env",
+            [
+                "python3", "-c",
+                "import sqlite3,sys; print(sorted(r[0] for r in sqlite3.connect(sys.argv[1]).execute('select distinct compression from blobs')))",
+                repo + "/index/index.sqlite",
+            ])
+        #expect(kinds.stdout.contains("2") && !kinds.stdout.contains("1"), "\(kinds.stdout)")
+        // auto (the default) in a local directory: LZ4, the config as before (format 3).
+        #expect(try cabackup("init", "--repo", s.file("auto")).stdout.contains("(compression: lz4)"))
+        let auto = try #require(jsonObject(try String(contentsOfFile: s.file("auto/config"), encoding: .utf8)))
+        #expect(auto["format_version"] as? Int == 3 && auto["compression"] == nil)
+        #expect(try cabackup("init", "--repo", s.file("bad"), "--compression", "brotli").status == 64)
+    }
+
     @Test("a directory of 60,000 subdirectories takes no more memory than the same number spread out")
     func wideDirectory() throws {
         let s = Scratch()

@@ -171,6 +171,10 @@ struct ServerTests {
         #expect(reg.status == 0, "\(reg.stderr)")
         let repo = server.repo("alice")
         #expect(try cabackup("init", "--repo", repo, env: laptop).status == 0)
+        // A space's repository is zstd unless init says otherwise: bytes cross the network.
+        let config = try String(contentsOfFile: server.data + "/spaces/alice/config", encoding: .utf8)
+        #expect(jsonObject(config)?["compression"] as? String == "zstd")
+        #expect(jsonObject(config)?["format_version"] as? Int == 4)
         let src = s.file("src")
         _ = try python(treetool, "make", src)
         let first = try cabackup("snapshot", "--repo", repo, "--json", src, env: laptop)
