@@ -104,6 +104,13 @@ package final class BlockingQueue<Element>: @unchecked Sendable {
         return e!
     }
 
+    /// How many elements wait in the queue now.
+    package var count: Int {
+        pthread_mutex_lock(mutex)
+        defer { pthread_mutex_unlock(mutex) }
+        return items.count - head
+    }
+
     /// Takes up to `limit` elements without waiting (none when the queue is empty).
     package func popAvailable(limit: Int) -> [Element] {
         pthread_mutex_lock(mutex)

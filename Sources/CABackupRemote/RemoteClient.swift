@@ -22,7 +22,7 @@ final class RemoteClient: Sendable {
         self.user = user
         self.token = token
         let ca = caCertificate ?? ProcessInfo.processInfo.environment["CABACKUP_CACERT"] ?? ""
-        client = try SharedHTTPClient.client(caCertificate: ca, readTimeout: .seconds(30))
+        client = try SharedHTTPClient.client(caCertificate: ca, readTimeout: .seconds(120))
     }
 
     struct Reply {

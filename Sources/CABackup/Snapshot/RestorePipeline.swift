@@ -90,7 +90,11 @@ final class RestorePipeline<File: RestoreFile>: @unchecked Sendable {
     /// for everything else, between 64 and 4,096.
     static var maxOpenFiles: Int { restoreOpenFiles }
     static var batchChunks: Int { 16_384 }
-    static var batchBytes: Int { 256 << 20 }
+    /// Two packs' worth: big enough that a pack is read in runs of several MiB, small
+    /// enough that the first reads start while the walk is still creating files.
+    static var batchBytes: Int { 32 << 20 }
+    /// A batch this large is read at once when the workers have nothing left to read.
+    static var eagerBytes: Int { 1 << 20 }
     /// Blobs closer than this in a pack are read in one run (the gap is read and dropped).
     static var maxGap: Int64 { 64 << 10 }
     static var maxRunBytes: Int { 4 << 20 }
@@ -168,7 +172,13 @@ final class RestorePipeline<File: RestoreFile>: @unchecked Sendable {
             batchStoredBytes += t.location.length
         }
         batchChunkCount += targets.count
-        if batchChunkCount >= Self.batchChunks || batchStoredBytes >= Self.batchBytes { flush() }
+        // A full batch goes; so does a smaller one when the workers have run out of
+        // runs, so the link (or the disk) is never idle while the walk creates files.
+        if batchChunkCount >= Self.batchChunks || batchStoredBytes >= Self.batchBytes
+            || (batchStoredBytes >= Self.eagerBytes && queue.count == 0)
+        {
+            flush()
+        }
     }
 
     /// Turns the batch into runs and queues them, packs in the order they were first needed.

@@ -147,7 +147,7 @@ package final class S3Client: Sendable {
         self.attemptTimeout = attemptTimeout
         self.connectAddress = connectAddress
         let ca = caCertificate ?? ""
-        client = try SharedHTTPClient.client(caCertificate: ca, readTimeout: .seconds(60))
+        client = try SharedHTTPClient.client(caCertificate: ca, readTimeout: .seconds(120))
     }
 
     // MARK: Operations
