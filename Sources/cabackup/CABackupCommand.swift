@@ -57,7 +57,7 @@ struct CABackupCommand: AsyncParsableCommand {
         // A command waiting out a network outage says so, at most every 10 s.
         let lastWait = Mutex<Double>(-100)
         NetworkWaits.onWait { message in
-            let now = monotonicSecondsCLI()
+            let now = ProcessInfo.processInfo.systemUptime  // monotonic
             let due = lastWait.withLock { last in
                 guard now - last >= 10 else { return false }
                 last = now
@@ -296,11 +296,4 @@ func parseSize(_ text: String) -> Int64? {
     }
     guard let n = Double(s), n >= 0, n * factor < 9e18 else { return nil }
     return Int64(n * factor)
-}
-
-/// Seconds on a monotonic clock.
-func monotonicSecondsCLI() -> Double {
-    var ts = timespec()
-    clock_gettime(CLOCK_MONOTONIC, &ts)
-    return Double(ts.tv_sec) + Double(ts.tv_nsec) * 1e-9
 }
