@@ -170,13 +170,22 @@ struct NetworkTests {
         var server = first
         let port = server.port
         let (p, errors) = try snapshotUntilPacks(1, s, server, env: alice)
+        try #require(p.isRunning, "the snapshot ended before the server was killed")
         server.kill()
-        sleep(2)
+        // The server stays down until the client says it is waiting (it has packs left to
+        // send), then comes back on the same port; the client's retries find it.
+        let said = CollectedText()
+        let reader = Thread {
+            while case let data = errors.fileHandleForReading.availableData, !data.isEmpty { said.append(data) }
+        }
+        reader.start()
+        let waited = eventually(within: 120) { said.text.contains("waiting for the network") || !p.isRunning }
         server = try TestServer(data: s.file("server"), port: port)
-        let stderr = String(decoding: errors.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
         p.waitUntilExit()
+        #expect(eventually(within: 10) { reader.isFinished })
+        let stderr = said.text
+        #expect(waited && stderr.contains("waiting for the network"), "\(stderr)")
         #expect(p.terminationStatus == 0, "\(stderr)")
-        #expect(stderr.contains("waiting for the network"), "\(stderr)")
         #expect(try spaceQuery(server.data, "alice", "select count(*) - count(distinct id) from blobs") == ["0"])
         let restore = try cabackup(
             "restore", "--repo", server.repo("alice"), "latest", "--target", s.file("out"), env: alice)
@@ -185,4 +194,14 @@ struct NetworkTests {
             FileManager.default.contentsEqual(
                 atPath: s.file("src/big.bin"), andPath: s.file("out") + s.file("src/big.bin")))
     }
+}
+
+/// Text a reader thread collects (a child's stderr) while the test polls it.
+final class CollectedText: @unchecked Sendable {
+    private let lock = NSLock()
+    private var collected = ""
+
+    var text: String { lock.withLock { collected } }
+
+    func append(_ data: Data) { lock.withLock { collected += String(decoding: data, as: UTF8.self) } }
 }

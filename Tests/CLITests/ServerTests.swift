@@ -81,12 +81,14 @@ func storedToken(_ env: [String: String]) throws -> String {
     return try #require(all.values.first?.values.first?["token"])
 }
 
-/// Starts a snapshot of 64 MiB of new random data in `s.file("src")` into alice's space
+/// Starts a snapshot of 128 MiB of new random data in `s.file("src")` into alice's space
 /// and returns once the server holds `packs` packs of it (or after 60 s), with its stderr.
+/// The client has at most four packs in flight, so at least two of the eight are still
+/// to be sent when it returns for `packs` ≤ 2.
 func snapshotUntilPacks(
     _ packs: Int, _ s: Scratch, _ server: TestServer, env: [String: String]
 ) throws -> (Process, Pipe) {
-    try writeRandom(s.file("src/big.bin"), megabytes: 64)
+    try writeRandom(s.file("src/big.bin"), megabytes: 128)
     let p = Process()
     p.executableURL = URL(fileURLWithPath: cabackupBinary)
     p.arguments = ["snapshot", "--repo", server.repo("alice"), s.file("src")]
@@ -401,6 +403,7 @@ struct ServerTests {
         // The server stays dead: the client gives up after 1 s of retrying (not 5 minutes).
         let (p, _) = try snapshotUntilPacks(
             2, s, server, env: alice.merging(["CABACKUP_RETRY_SECONDS": "1"]) { $1 })
+        try #require(p.isRunning, "the snapshot ended before the server was killed")
         server.kill()
         p.waitUntilExit()
         #expect(p.terminationStatus != 0)
