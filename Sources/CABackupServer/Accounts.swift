@@ -38,19 +38,74 @@ struct Caller: Sendable {
     }
 }
 
-/// Accounts and device tokens, in `DIR/accounts.sqlite` (mode 0600, with its WAL).
+/// What an account store keeps of an account's login secret.
+struct StoredSecret: Sendable {
+    let salt: [UInt8]
+    let hash: [UInt8]
+    let iterations: Int
+    let scheme: Int
+    let origin: String
+}
+
+/// A new account, as registered.
+struct NewAccount: Sendable {
+    let name: String
+    let email: String
+    let secret: StoredSecret
+    let createdNs: Int64
+}
+
+/// A device token as stored: its SHA-256, never the token.
+struct TokenRecord: Sendable {
+    let hash: [UInt8]
+    let user: String
+    let device: String
+    let createdNs: Int64
+    let expiresNs: Int64
+    let lastUsedNs: Int64
+    let canDelete: Bool
+}
+
+/// Where the server keeps accounts and device tokens: the embedded default
+/// (``SQLiteAccountRecords``, one file in the data directory) or a database shared by
+/// several server instances. Only storage: what is checked, hashed and answered is
+/// ``Accounts``', the same over every implementation.
+protocol AccountRecords: Sendable {
+    /// The key of the per-account login salts: made at the first start and the same for
+    /// every instance afterwards.
+    func loginSaltKey() async throws -> [UInt8]
+    /// Adds an account; false when the name is taken.
+    func insert(_ account: NewAccount) async throws -> Bool
+    /// The stored login secret of `user`, nil for no such account.
+    func secret(of user: String) async throws -> StoredSecret?
+    /// Replaces the login secret of `user`.
+    func replaceSecret(of user: String, with secret: StoredSecret) async throws
+    /// Adds a token unless its account already holds `limit`; returns how many the account
+    /// held before (the token was added when that is below `limit`).
+    func add(_ token: TokenRecord, limit: Int) async throws -> Int
+    /// The token with this hash, nil for none.
+    func token(hash: [UInt8]) async throws -> TokenRecord?
+    /// Records that the token was used at `ns`.
+    func touch(hash: [UInt8], ns: Int64) async throws
+    /// The tokens of `user`, oldest first.
+    func tokens(of user: String) async throws -> [TokenRecord]
+    /// Removes a token of `user`.
+    func removeToken(hash: [UInt8], of user: String) async throws
+}
+
+/// Accounts and device tokens, over an ``AccountRecords`` store.
 ///
 /// The server never sees a password: clients send a login secret derived from it
 /// (scrypt, in a context of its own), which is stored only as a salted PBKDF2-HMAC-SHA-256
 /// hash. Tokens are 32 random bytes, stored as their SHA-256.
 ///
-/// Hashing runs on a thread of its own, outside the database lock, so a flood of logins
+/// Hashing runs on a thread of its own, outside any database lock, so a flood of logins
 /// queues there while every other request goes on. An unknown name costs the same hash
 /// as a known one and gets the same answer, and failed logins back off per client
 /// address and name (``LoginBackoff``), so neither the answer, its time nor the back-off
 /// tells whether an account exists, and nobody elsewhere can lock the owner out.
-final class AccountStore: Sendable {
-    private let db: Mutex<SQLiteDatabase>
+final class Accounts: Sendable {
+    let records: any AccountRecords
     let tokenLifetimeNs: Int64
     let maxTokensPerAccount: Int
     static let iterations = 100_000
@@ -58,55 +113,12 @@ final class AccountStore: Sendable {
     private let backoff = LoginBackoff()
     /// The salt and hash an unknown name is checked against, so it costs what a known one does.
     private let decoy: (salt: [UInt8], hash: [UInt8])
-
-    /// The key of the per-account login salts (``loginSalt(for:)``), 32 random bytes made
-    /// at the first start and kept in `DATA/login-salt-key` (0600).
+    /// The key of the per-account login salts (``loginSalt(for:)``).
     private let saltKey: [UInt8]
 
-    init(path: String, tokenLifetimeSeconds: Int64, maxTokensPerAccount: Int = 100) throws {
-        let keyPath = (path as NSString).deletingLastPathComponent + "/login-salt-key"
-        if let key = FileManager.default.contents(atPath: keyPath), key.count == 32 {
-            saltKey = Array(key)
-        } else {
-            let key = secureRandomBytes(32)
-            guard
-                FileManager.default.createFile(
-                    atPath: keyPath, contents: Data(key), attributes: [.posixPermissions: 0o600])
-            else { throw CABackupError.io(operation: "create", path: keyPath, errno: errno) }
-            saltKey = key
-        }
-        // Created 0600 before SQLite opens it: its WAL and shared-memory files take the
-        // same mode.
-        let fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
-        if fd >= 0 { close(fd) }
-        chmod(path, 0o600)
-        let d = try SQLiteDatabase(path: path)
-        try d.execute(
-            """
-            PRAGMA journal_mode=WAL;
-            CREATE TABLE IF NOT EXISTS users(name TEXT PRIMARY KEY, email TEXT NOT NULL, salt BLOB NOT NULL,
-                hash BLOB NOT NULL, iterations INTEGER NOT NULL, created_ns INTEGER NOT NULL,
-                failed INTEGER NOT NULL DEFAULT 0, locked_until_ns INTEGER NOT NULL DEFAULT 0);
-            CREATE TABLE IF NOT EXISTS tokens(hash BLOB PRIMARY KEY, user TEXT NOT NULL, device TEXT NOT NULL,
-                created_ns INTEGER NOT NULL, expires_ns INTEGER NOT NULL, last_used_ns INTEGER NOT NULL,
-                can_delete INTEGER NOT NULL DEFAULT 1);
-            CREATE INDEX IF NOT EXISTS tokens_by_user ON tokens(user);
-            """)
-        // Accounts made before login secrets were bound to the server's origin have
-        // scheme 1 and no origin (see ``LoginScheme``).
-        var columns = Set<String>()
-        let info = try d.prepare("PRAGMA table_info(users)")
-        while try info.step() { columns.insert(info.text(1)) }
-        info.reset()
-        if !columns.contains("scheme") {
-            try d.execute(
-                """
-                ALTER TABLE users ADD COLUMN scheme INTEGER NOT NULL DEFAULT 1;
-                ALTER TABLE users ADD COLUMN origin TEXT NOT NULL DEFAULT '';
-                """)
-        }
-        for suffix in ["-wal", "-shm"] { chmod(path + suffix, 0o600) }
-        db = Mutex(d)
+    init(records: any AccountRecords, tokenLifetimeSeconds: Int64, maxTokensPerAccount: Int = 100) async throws {
+        self.records = records
+        saltKey = try await records.loginSaltKey()
         tokenLifetimeNs = tokenLifetimeSeconds * 1_000_000_000
         self.maxTokensPerAccount = maxTokensPerAccount
         hashing = NIOThreadPool(numberOfThreads: 1)
@@ -161,47 +173,9 @@ final class AccountStore: Sendable {
         let s = try Self.decodeSecret(secret)
         let salt = secureRandomBytes(16)
         let hash = try await hash(s, salt: salt, iterations: Self.iterations)
-        try db.withLock { db in
-            let q = try db.prepare("SELECT 1 FROM users WHERE name = ?")
-            q.bind(1, user)
-            if try q.step() { throw APIError(409, "user name '\(user)' is taken: choose another") }
-            let ins = try db.prepare(
-                "INSERT INTO users(name, email, salt, hash, iterations, created_ns, scheme, origin) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
-            )
-            ins.bind(1, user)
-            ins.bind(2, email)
-            ins.bind(3, bytes: salt)
-            ins.bind(4, bytes: hash)
-            ins.bind(5, Self.iterations)
-            ins.bind(6, Self.nowNs())
-            ins.bind(7, scheme)
-            ins.bind(8, origin)
-            try ins.run()
-        }
-    }
-
-    /// Checks a login and issues a device token. - Throws: 401 (wrong name or secret, one
-    /// message for both), 429 while this address backs off for this name, 409 when the
-    /// account holds its most tokens.
-    /// What is stored for an account's login secret.
-    private struct StoredSecret {
-        let salt: [UInt8]
-        let hash: [UInt8]
-        let iterations: Int
-        let scheme: Int
-        let origin: String
-    }
-
-    private func storedSecret(_ user: String) throws -> StoredSecret? {
-        try db.withLock { db in
-            let q = try db.prepare("SELECT salt, hash, iterations, scheme, origin FROM users WHERE name = ?")
-            q.bind(1, user)
-            defer { q.reset() }
-            guard try q.step() else { return nil }
-            return StoredSecret(
-                salt: q.bytes(0), hash: q.bytes(1), iterations: Int(q.int(2)), scheme: Int(q.int(3)),
-                origin: q.text(4))
-        }
+        let stored = StoredSecret(salt: salt, hash: hash, iterations: Self.iterations, scheme: scheme, origin: origin)
+        guard try await records.insert(NewAccount(name: user, email: email, secret: stored, createdNs: Self.nowNs()))
+        else { throw APIError(409, "user name '\(user)' is taken: choose another") }
     }
 
     /// Whether `secret`, sent under `scheme`, is the account's; an unknown account, or a
@@ -213,6 +187,9 @@ final class AccountStore: Sendable {
         return constantTimeEqual(computed, stored.hash)
     }
 
+    /// Checks a login and issues a device token. - Throws: 401 (wrong name or secret, one
+    /// message for both), 429 while this address backs off for this name, 409 when the
+    /// account holds its most tokens.
     func login(
         user: String, secret: String, scheme: Int, device: String, appendOnly: Bool, client: String
     ) async throws -> String {
@@ -222,43 +199,31 @@ final class AccountStore: Sendable {
         if let wait = backoff.wait(key) {
             throw APIError(429, "too many failed logins from this address for this name: try again in \(wait) s")
         }
-        guard try await verify(try storedSecret(user), secret: s, scheme: scheme) else {
+        guard try await verify(try await records.secret(of: user), secret: s, scheme: scheme) else {
             backoff.failed(key)
             throw APIError(401, "wrong user name or password")
         }
         backoff.succeeded(key)
-        return try db.withLock { db in
-            let count = try db.prepare("SELECT count(*) FROM tokens WHERE user = ?")
-            count.bind(1, user)
-            _ = try count.step()
-            let held = count.int(0)
-            count.reset()
-            guard held < Int64(maxTokensPerAccount) else {
-                throw APIError(
-                    409,
-                    "the account holds \(held) device tokens, the most it may: revoke unused ones ('cabackup devices', then 'cabackup devices --revoke ID') and log in again"
-                )
-            }
-            let now = Self.nowNs()
-            let token = hexString(secureRandomBytes(32))
-            let ins = try db.prepare(
-                "INSERT INTO tokens(hash, user, device, created_ns, expires_ns, last_used_ns, can_delete) VALUES (?, ?, ?, ?, ?, ?, ?)"
+        let now = Self.nowNs()
+        let token = hexString(secureRandomBytes(32))
+        let record = TokenRecord(
+            hash: Self.tokenHash(token), user: user, device: device.isEmpty ? "device" : device, createdNs: now,
+            expiresNs: now + tokenLifetimeNs, lastUsedNs: now, canDelete: !appendOnly)
+        let held = try await records.add(record, limit: maxTokensPerAccount)
+        guard held < maxTokensPerAccount else {
+            throw APIError(
+                409,
+                "the account holds \(held) device tokens, the most it may: revoke unused ones ('cabackup devices', then 'cabackup devices --revoke ID') and log in again"
             )
-            ins.bind(1, bytes: Self.tokenHash(token))
-            ins.bind(2, user)
-            ins.bind(3, device.isEmpty ? "device" : device)
-            ins.bind(4, now)
-            ins.bind(5, now + tokenLifetimeNs)
-            ins.bind(6, now)
-            ins.bind(7, appendOnly ? 0 : 1)
-            try ins.run()
-            return token
         }
+        return token
     }
 
     /// The login scheme and origin an account's secret is bound to, for its own devices.
-    func account(of caller: Caller) throws -> (scheme: Int, origin: String) {
-        guard let s = try storedSecret(caller.user) else { throw APIError(401, "the account is gone: log in again") }
+    func account(of caller: Caller) async throws -> (scheme: Int, origin: String) {
+        guard let s = try await records.secret(of: caller.user) else {
+            throw APIError(401, "the account is gone: log in again")
+        }
         return (s.scheme, s.origin)
     }
 
@@ -270,51 +235,32 @@ final class AccountStore: Sendable {
         guard origin.utf8.count <= 300 else { throw APIError(400, "the origin is longer than 300 bytes") }
         let p = try Self.decodeSecret(proof)
         let n = try Self.decodeSecret(secret)
-        let stored = try storedSecret(caller.user)
+        let stored = try await records.secret(of: caller.user)
         guard try await verify(stored, secret: p, scheme: stored?.scheme ?? 0) else {
             throw APIError(401, "the current password is wrong: nothing was changed")
         }
         let salt = secureRandomBytes(16)
         let hash = try await hash(n, salt: salt, iterations: Self.iterations)
-        try db.withLock { db in
-            let u = try db.prepare(
-                "UPDATE users SET salt = ?, hash = ?, iterations = ?, scheme = 2, origin = ? WHERE name = ?")
-            u.bind(1, bytes: salt)
-            u.bind(2, bytes: hash)
-            u.bind(3, Self.iterations)
-            u.bind(4, origin)
-            u.bind(5, caller.user)
-            try u.run()
-        }
+        try await records.replaceSecret(
+            of: caller.user,
+            with: StoredSecret(salt: salt, hash: hash, iterations: Self.iterations, scheme: 2, origin: origin))
     }
 
     static func tokenHash(_ token: String) -> [UInt8] { sha256(Array(token.utf8)).withUnsafeBytes { Array($0) } }
 
     /// The caller of a request with `Authorization: Bearer TOKEN`. - Throws: 401.
-    func authenticate(_ authorization: String?) throws -> Caller {
+    func authenticate(_ authorization: String?) async throws -> Caller {
         guard let a = authorization, a.hasPrefix("Bearer "), a.utf8.count < 200 else {
             throw APIError(401, "no token: log in first")
         }
         let hash = Self.tokenHash(String(a.dropFirst(7)))
-        return try db.withLock { db in
-            let q = try db.prepare("SELECT user, expires_ns, can_delete, last_used_ns FROM tokens WHERE hash = ?")
-            q.bind(1, bytes: hash)
-            guard try q.step() else { throw APIError(401, "unknown or revoked token: log in again") }
-            let user = q.text(0)
-            let expires = q.int(1)
-            let canDelete = q.int(2) != 0
-            let lastUsed = q.int(3)
-            q.reset()
-            let now = Self.nowNs()
-            guard now < expires else { throw APIError(401, "the token has expired: log in again") }
-            if now - lastUsed > 60_000_000_000 {
-                let u = try db.prepare("UPDATE tokens SET last_used_ns = ? WHERE hash = ?")
-                u.bind(1, now)
-                u.bind(2, bytes: hash)
-                try u.run()
-            }
-            return Caller(user: user, tokenHash: hash, canDelete: canDelete)
+        guard let t = try await records.token(hash: hash) else {
+            throw APIError(401, "unknown or revoked token: log in again")
         }
+        let now = Self.nowNs()
+        guard now < t.expiresNs else { throw APIError(401, "the token has expired: log in again") }
+        if now - t.lastUsedNs > 60_000_000_000 { try await records.touch(hash: hash, ns: now) }
+        return Caller(user: t.user, tokenHash: hash, canDelete: t.canDelete)
     }
 
     struct Device: Encodable {
@@ -327,45 +273,26 @@ final class AccountStore: Sendable {
         let rights: String
     }
 
-    func devices(of caller: Caller) throws -> [Device] {
-        try db.withLock { db in
-            let q = try db.prepare(
-                "SELECT hash, device, created_ns, last_used_ns, can_delete FROM tokens WHERE user = ? ORDER BY created_ns"
-            )
-            q.bind(1, caller.user)
-            var out: [Device] = []
-            while try q.step() {
-                let h = q.bytes(0)
-                out.append(
-                    Device(
-                        id: String(hexString(h).prefix(12)), device: q.text(1), created: formatRFC3339(ns: q.int(2)),
-                        last_used: formatRFC3339(ns: q.int(3)), current: h == caller.tokenHash,
-                        rights: q.int(4) != 0 ? "full" : "append-only"))
-            }
-            return out
+    func devices(of caller: Caller) async throws -> [Device] {
+        try await records.tokens(of: caller.user).map { t in
+            Device(
+                id: String(hexString(t.hash).prefix(12)), device: t.device, created: formatRFC3339(ns: t.createdNs),
+                last_used: formatRFC3339(ns: t.lastUsedNs), current: t.hash == caller.tokenHash,
+                rights: t.canDelete ? "full" : "append-only")
         }
     }
 
     /// Revokes the caller's token whose public id is `id` (nil: the caller's own; another
     /// device's needs a full token).
-    func revoke(_ caller: Caller, id: String?) throws {
+    func revoke(_ caller: Caller, id: String?) async throws {
         if id != nil { try caller.requireFullRights("revoke other devices") }
-        try db.withLock { db in
-            var target: [UInt8]? = id == nil ? caller.tokenHash : nil
-            if let id, id.count >= 8 {
-                let q = try db.prepare("SELECT hash FROM tokens WHERE user = ?")
-                q.bind(1, caller.user)
-                while try q.step() {
-                    let h = q.bytes(0)
-                    if hexString(h).hasPrefix(id.lowercased()) { target = h }
-                }
-                q.reset()
-            }
-            guard let target else { throw APIError(404, "no device of this account has the id '\(id ?? "")'") }
-            let d = try db.prepare("DELETE FROM tokens WHERE hash = ?")
-            d.bind(1, bytes: target)
-            try d.run()
+        var target: [UInt8]? = id == nil ? caller.tokenHash : nil
+        if let id, id.count >= 8 {
+            target = try await records.tokens(of: caller.user).last { hexString($0.hash).hasPrefix(id.lowercased()) }?
+                .hash
         }
+        guard let target else { throw APIError(404, "no device of this account has the id '\(id ?? "")'") }
+        try await records.removeToken(hash: target, of: caller.user)
     }
 }
 
@@ -386,13 +313,13 @@ final class LoginBackoff: Sendable {
 
     /// Seconds to wait before the next try, or nil when one may be made now.
     func wait(_ key: String) -> Int64? {
-        let now = AccountStore.nowNs()
+        let now = Accounts.nowNs()
         guard let s = states.withLock({ $0[key] }), s.untilNs > now else { return nil }
         return (s.untilNs - now + 999_999_999) / 1_000_000_000
     }
 
     func failed(_ key: String) {
-        let now = AccountStore.nowNs()
+        let now = Accounts.nowNs()
         states.withLock { all in
             var s = all[key] ?? State(failures: 0, lastNs: now, untilNs: 0)
             if now - s.lastNs > 3600 * 1_000_000_000 { s.failures = 0 }
@@ -426,7 +353,7 @@ final class RateLimiter: Sendable {
 
     /// Counts one event; false when the key is over its limit in this window.
     func allow(_ key: String) -> Bool {
-        let now = AccountStore.nowNs()
+        let now = Accounts.nowNs()
         return counts.withLock { all in
             var entry = all[key] ?? (now, 0)
             if now - entry.startNs >= windowNs { entry = (now, 0) }

@@ -66,7 +66,7 @@ public struct ServerOptions: Sendable {
 public func runServer(_ options: ServerOptions, onListening: @escaping @Sendable (String) -> Void) async throws {
     var logger = Logger(label: "cabackup.server")
     logger.logLevel = .info
-    let api = try ServerAPI(options: options, logger: logger)
+    let api = try await ServerAPI(options: options, logger: logger)
     let router = Router(context: ServerContext.self)
     api.install(on: router)
     let scheme = options.tlsCertificate == nil ? "http" : "https"
@@ -163,7 +163,7 @@ struct ServerContext: RequestContext {
 /// The `/v1` HTTP API (documented in `docs/http-api.md`).
 final class ServerAPI: Sendable {
     let options: ServerOptions
-    let accounts: AccountStore
+    let accounts: Accounts
     let logger: Logger
     private let spaces = Mutex<[String: Space]>([:])
     let logins: RateLimiter
@@ -172,16 +172,16 @@ final class ServerAPI: Sendable {
     static let forwardedFor = HTTPField.Name("X-Forwarded-For")!
     static let smallBodyLimit = 64 << 20
 
-    init(options: ServerOptions, logger: Logger) throws {
+    init(options: ServerOptions, logger: Logger) async throws {
         self.options = options
         self.logger = logger
         // Accounts and spaces are the server's alone: 0700 directories, 0600 files.
         umask(0o077)
         try makeDirectories(options.dataDirectory + "/spaces")
         chmod(options.dataDirectory, 0o700)
-        accounts = try AccountStore(
-            path: options.dataDirectory + "/accounts.sqlite", tokenLifetimeSeconds: options.tokenLifetimeSeconds,
-            maxTokensPerAccount: options.maxTokensPerAccount)
+        accounts = try await Accounts(
+            records: try SQLiteAccountRecords(path: options.dataDirectory + "/accounts.sqlite"),
+            tokenLifetimeSeconds: options.tokenLifetimeSeconds, maxTokensPerAccount: options.maxTokensPerAccount)
         logins = RateLimiter(limit: options.loginsPerMinute, windowSeconds: 60)
         registrations = RateLimiter(limit: options.registrationsPerHour, windowSeconds: 3600)
     }
@@ -226,8 +226,8 @@ final class ServerAPI: Sendable {
         }
         router.get("/v1/account") { req, _ in
             await self.handle(req) {
-                let caller = try self.accounts.authenticate(req.headers[.authorization])
-                let a = try self.accounts.account(of: caller)
+                let caller = try await self.accounts.authenticate(req.headers[.authorization])
+                let a = try await self.accounts.account(of: caller)
                 return try Self.json(
                     200,
                     AccountAnswer(
@@ -237,7 +237,7 @@ final class ServerAPI: Sendable {
         }
         router.post("/v1/account/secret") { req, _ in
             await self.handle(req) {
-                let caller = try self.accounts.authenticate(req.headers[.authorization])
+                let caller = try await self.accounts.authenticate(req.headers[.authorization])
                 var request = req
                 let r = try await Self.decode(Rebind.self, &request)
                 try await self.accounts.rebind(caller, proof: r.proof, secret: r.secret, origin: r.origin)
@@ -246,57 +246,57 @@ final class ServerAPI: Sendable {
         }
         router.delete("/v1/session") { req, _ in
             await self.handle(req) {
-                let caller = try self.accounts.authenticate(req.headers[.authorization])
-                try self.accounts.revoke(caller, id: nil)
+                let caller = try await self.accounts.authenticate(req.headers[.authorization])
+                try await self.accounts.revoke(caller, id: nil)
                 return Self.empty(204)
             }
         }
         router.get("/v1/devices") { req, _ in
             await self.handle(req) {
-                let caller = try self.accounts.authenticate(req.headers[.authorization])
-                return try Self.json(200, try self.accounts.devices(of: caller))
+                let caller = try await self.accounts.authenticate(req.headers[.authorization])
+                return try Self.json(200, try await self.accounts.devices(of: caller))
             }
         }
         router.delete("/v1/devices/:id") { req, ctx in
             await self.handle(req) {
-                let caller = try self.accounts.authenticate(req.headers[.authorization])
-                try self.accounts.revoke(caller, id: ctx.parameters.get("id") ?? "")
+                let caller = try await self.accounts.authenticate(req.headers[.authorization])
+                try await self.accounts.revoke(caller, id: ctx.parameters.get("id") ?? "")
                 return Self.empty(204)
             }
         }
-        router.head("/v1/space/config") { req, _ in await self.handle(req) { try self.head(req, .config, "config") } }
+        router.head("/v1/space/config") { req, _ in await self.handle(req) { try await self.head(req, .config, "config") } }
         router.get("/v1/space/config") { req, ctx in
-            await self.handle(req) { try self.get(req, .config, "config", on: ctx.eventLoop) }
+            await self.handle(req) { try await self.get(req, .config, "config", on: ctx.eventLoop) }
         }
         router.put("/v1/space/config") { req, _ in await self.handle(req) { try await self.put(req, .config, "config") }
         }
         for (segment, kind) in [("packs", FileKind.pack), ("snapshots", .snapshot), ("keys", .key)] {
-            router.get("/v1/space/\(segment)") { req, _ in await self.handle(req) { try self.list(req, kind) } }
+            router.get("/v1/space/\(segment)") { req, _ in await self.handle(req) { try await self.list(req, kind) } }
             router.head("/v1/space/\(segment)/:name") { req, ctx in
-                await self.handle(req) { try self.head(req, kind, try Self.name(ctx)) }
+                await self.handle(req) { try await self.head(req, kind, try Self.name(ctx)) }
             }
             router.get("/v1/space/\(segment)/:name") { req, ctx in
-                await self.handle(req) { try self.get(req, kind, try Self.name(ctx), on: ctx.eventLoop) }
+                await self.handle(req) { try await self.get(req, kind, try Self.name(ctx), on: ctx.eventLoop) }
             }
             router.put("/v1/space/\(segment)/:name") { req, ctx in
                 await self.handle(req) { try await self.put(req, kind, try Self.name(ctx)) }
             }
             router.delete("/v1/space/\(segment)/:name") { req, ctx in
-                await self.handle(req) { try self.delete(req, kind, try Self.name(ctx)) }
+                await self.handle(req) { try await self.delete(req, kind, try Self.name(ctx)) }
             }
         }
         router.post("/v1/space/blobs/missing") { req, _ in await self.handle(req) { try await self.missing(req) } }
         router.post("/v1/space/locks") { req, _ in await self.handle(req) { try await self.lock(req) } }
         router.put("/v1/space/locks/:id") { req, ctx in
             await self.handle(req) {
-                let s = try self.space(try self.accounts.authenticate(req.headers[.authorization]))
+                let s = try self.space(try await self.accounts.authenticate(req.headers[.authorization]))
                 guard s.renew(ctx.parameters.get("id") ?? "") else { throw APIError(404, "no such lock (it lapsed)") }
                 return Self.empty(204)
             }
         }
         router.delete("/v1/space/locks/:id") { req, ctx in
             await self.handle(req) {
-                let s = try self.space(try self.accounts.authenticate(req.headers[.authorization]))
+                let s = try self.space(try await self.accounts.authenticate(req.headers[.authorization]))
                 guard s.release(ctx.parameters.get("id") ?? "") else { throw APIError(404, "no such lock") }
                 return Self.empty(204)
             }
@@ -441,19 +441,19 @@ final class ServerAPI: Sendable {
 
     // MARK: Space files
 
-    func list(_ req: Request, _ kind: FileKind) throws -> Response {
-        let s = try space(try accounts.authenticate(req.headers[.authorization]))
+    func list(_ req: Request, _ kind: FileKind) async throws -> Response {
+        let s = try space(try await accounts.authenticate(req.headers[.authorization]))
         return try Self.json(200, try s.storage.list(kind).sorted())
     }
 
-    func head(_ req: Request, _ kind: FileKind, _ name: String) throws -> Response {
-        let s = try space(try accounts.authenticate(req.headers[.authorization]))
+    func head(_ req: Request, _ kind: FileKind, _ name: String) async throws -> Response {
+        let s = try space(try await accounts.authenticate(req.headers[.authorization]))
         guard let size = try? s.storage.size(kind, name) else { return Self.empty(404) }
         return Self.empty(200, headers: [Self.sizeHeader: String(size)])
     }
 
-    func get(_ req: Request, _ kind: FileKind, _ name: String, on eventLoop: any EventLoop) throws -> Response {
-        let s = try space(try accounts.authenticate(req.headers[.authorization]))
+    func get(_ req: Request, _ kind: FileKind, _ name: String, on eventLoop: any EventLoop) async throws -> Response {
+        let s = try space(try await accounts.authenticate(req.headers[.authorization]))
         guard let size = try? s.storage.size(kind, name) else {
             throw APIError(404, "no such \(kind) in this space")
         }
@@ -507,7 +507,7 @@ final class ServerAPI: Sendable {
 
     func put(_ request: Request, _ kind: FileKind, _ name: String) async throws -> Response {
         var req = request
-        let caller = try accounts.authenticate(req.headers[.authorization])
+        let caller = try await accounts.authenticate(req.headers[.authorization])
         let s = try space(caller)
         // Every upload says its length first, so it can be refused (too large, over quota)
         // before its body is stored; each space takes a bounded number at once.
@@ -629,8 +629,8 @@ final class ServerAPI: Sendable {
         try s.storeFile(.snapshot, name, record, quota: options.quotaBytes, maxKeySlots: options.maxKeySlotsPerSpace)
     }
 
-    func delete(_ req: Request, _ kind: FileKind, _ name: String) throws -> Response {
-        let caller = try accounts.authenticate(req.headers[.authorization])
+    func delete(_ req: Request, _ kind: FileKind, _ name: String) async throws -> Response {
+        let caller = try await accounts.authenticate(req.headers[.authorization])
         try caller.requireFullRights("delete it")
         let s = try space(caller)
         guard try s.remove(kind, name) else { throw APIError(404, "no such \(kind) in this space") }
@@ -642,7 +642,7 @@ final class ServerAPI: Sendable {
 
     func missing(_ request: Request) async throws -> Response {
         var req = request
-        let s = try space(try accounts.authenticate(req.headers[.authorization]))
+        let s = try space(try await accounts.authenticate(req.headers[.authorization]))
         let m = try await Self.decode(MissingRequest.self, &req, limit: 16 << 20)
         guard m.ids.count <= 100_000 else { throw APIError(400, "ask about at most 100000 ids at once") }
         var ids: [BlobID] = []
@@ -657,7 +657,7 @@ final class ServerAPI: Sendable {
 
     func lock(_ request: Request) async throws -> Response {
         var req = request
-        let s = try space(try accounts.authenticate(req.headers[.authorization]))
+        let s = try space(try await accounts.authenticate(req.headers[.authorization]))
         let l = try await Self.decode(LockRequest.self, &req)
         guard let id = s.acquire(exclusive: l.exclusive) else {
             throw APIError(409, l.exclusive ? "the space is in use (a snapshot or prune runs)" : "a prune runs")

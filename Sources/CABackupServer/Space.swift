@@ -256,7 +256,7 @@ final class Space: @unchecked Sendable {
     /// Takes a lease on the repository lock, or nil when it conflicts.
     func acquire(exclusive: Bool) -> String? {
         withLock {
-            let now = AccountStore.nowNs()
+            let now = Accounts.nowNs()
             leases = leases.filter { $0.value.expiresNs > now }
             if exclusive ? !leases.isEmpty : leases.values.contains(where: \.exclusive) { return nil }
             let id = hexString(secureRandomBytes(16))
@@ -267,7 +267,7 @@ final class Space: @unchecked Sendable {
 
     func renew(_ id: String) -> Bool {
         withLock {
-            let now = AccountStore.nowNs()
+            let now = Accounts.nowNs()
             guard let l = leases[id], l.expiresNs > now else { return false }
             leases[id] = (l.exclusive, now + Self.leaseNs)
             return true
