@@ -264,7 +264,9 @@ final class ServerAPI: Sendable {
                 return Self.empty(204)
             }
         }
-        router.head("/v1/space/config") { req, _ in await self.handle(req) { try await self.head(req, .config, "config") } }
+        router.head("/v1/space/config") { req, _ in
+            await self.handle(req) { try await self.head(req, .config, "config") }
+        }
         router.get("/v1/space/config") { req, ctx in
             await self.handle(req) { try await self.get(req, .config, "config", on: ctx.eventLoop) }
         }
