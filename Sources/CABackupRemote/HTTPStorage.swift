@@ -162,12 +162,15 @@ public final class HTTPStorage: Storage, SpaceServices, @unchecked Sendable {
     }
 
     /// A lease on the server, renewed every 20 s by a thread until released; a client
-    /// that dies stops renewing and the lease lapses after 60 s.
+    /// that dies stops renewing and the lease lapses after 60 s. The request carries an
+    /// idempotency key, so it is retried like a read: a retry whose first answer was lost
+    /// gets the same lease back instead of a second one.
     public func nativeLock(exclusive: Bool) throws -> RepositoryLock? {
         let body = Array(#"{"exclusive":\#(exclusive)}"#.utf8)
+        let key = hexString(secureRandomBytes(16))
         let reply = try client.call(
-            .POST, "/v1/space/locks", headers: [("Content-Type", "application/json")], body: body,
-            accept: [201, 409])
+            .POST, "/v1/space/locks", headers: [("Content-Type", "application/json"), ("Idempotency-Key", key)],
+            body: body, accept: [201, 409], idempotent: true)
         struct Lease: Decodable { let id: String }
         if reply.status == 409 {
             throw CABackupError.locked(

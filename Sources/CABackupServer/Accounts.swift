@@ -91,6 +91,8 @@ protocol AccountRecords: Sendable {
     func tokens(of user: String) async throws -> [TokenRecord]
     /// Removes a token of `user`.
     func removeToken(hash: [UInt8], of user: String) async throws
+    /// Throws when the store cannot be reached or read (for `/healthz`).
+    func checkReachable() async throws
 }
 
 /// Accounts and device tokens, over an ``AccountRecords`` store.

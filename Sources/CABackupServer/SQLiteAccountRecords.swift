@@ -174,4 +174,12 @@ final class SQLiteAccountRecords: AccountRecords {
             try d.run()
         }
     }
+
+    func checkReachable() throws {
+        try db.withLock { db in
+            let q = try db.prepare("SELECT count(*) FROM users")
+            _ = try q.step()
+            q.reset()
+        }
+    }
 }

@@ -6,7 +6,9 @@ import HummingbirdCore
 import HummingbirdTLS
 import Logging
 import NIOCore
+import NIOPosix
 import NIOSSL
+import ServiceLifecycle
 import Synchronization
 
 #if canImport(Glibc)
@@ -103,11 +105,38 @@ public func runServer(_ options: ServerOptions, onListening: @escaping @Sendable
         let app = Application(
             router: router, server: try .tls(http1, tlsConfiguration: tls), configuration: configuration,
             onServerRunning: onRunning, logger: quiet)
-        try await app.runService()
+        try await serve(app, api: api, logger: logger)
     } else {
         let app = Application(
             router: router, server: http1, configuration: configuration, onServerRunning: onRunning, logger: quiet)
-        try await app.runService()
+        try await serve(app, api: api, logger: logger)
+    }
+}
+
+/// Runs the application until SIGTERM or SIGINT, then shuts down gracefully: `/healthz`
+/// answers 503 at once (a load balancer stops sending requests), no new connection is
+/// accepted, idle keep-alive connections are closed, and the requests in flight finish
+/// (an upload in progress is received and stored whole, or, stalled, cut at the idle
+/// timeout and its temporary file removed) before the process exits with 0.
+func serve(_ app: some Service, api: ServerAPI, logger: Logger) async throws {
+    let group = ServiceGroup(
+        configuration: .init(
+            services: [.init(service: app), .init(service: DrainOnShutdown(api: api, logger: logger))],
+            gracefulShutdownSignals: [.sigterm, .sigint], logger: logger))
+    try await group.run()
+    logger.info("stopped")
+}
+
+/// Marks the server as draining when a graceful shutdown begins. Services stop in reverse
+/// order, so this one hears of the shutdown before the application does.
+struct DrainOnShutdown: Service {
+    let api: ServerAPI
+    let logger: Logger
+
+    func run() async throws {
+        try? await gracefulShutdown()
+        api.draining.store(true, ordering: .relaxed)
+        logger.info("stopping: no new connections; finishing the requests in flight")
     }
 }
 
@@ -165,11 +194,16 @@ final class ServerAPI: Sendable {
     let options: ServerOptions
     let accounts: Accounts
     let logger: Logger
-    private let spaces = Mutex<[String: Space]>([:])
+    private let spaces = Mutex<[String: Task<Space, any Error>]>([:])
+    /// Threads for blocking storage calls (disk, or an object store over the network).
+    let io: NIOThreadPool
+    /// Set when a graceful shutdown begins: `/healthz` answers 503.
+    let draining = Atomic(false)
     let logins: RateLimiter
     let registrations: RateLimiter
     static let sizeHeader = HTTPField.Name("X-Cabackup-Size")!
     static let forwardedFor = HTTPField.Name("X-Forwarded-For")!
+    static let idempotencyKey = HTTPField.Name("Idempotency-Key")!
     static let smallBodyLimit = 64 << 20
 
     init(options: ServerOptions, logger: Logger) async throws {
@@ -182,6 +216,8 @@ final class ServerAPI: Sendable {
         accounts = try await Accounts(
             records: try SQLiteAccountRecords(path: options.dataDirectory + "/accounts.sqlite"),
             tokenLifetimeSeconds: options.tokenLifetimeSeconds, maxTokensPerAccount: options.maxTokensPerAccount)
+        io = NIOThreadPool(numberOfThreads: 16)
+        io.start()
         logins = RateLimiter(limit: options.loginsPerMinute, windowSeconds: 60)
         registrations = RateLimiter(limit: options.registrationsPerHour, windowSeconds: 3600)
     }
@@ -196,20 +232,35 @@ final class ServerAPI: Sendable {
     }
 
     /// The caller's own space. No request can name another: the path has no user in it.
-    func space(_ caller: Caller) throws -> Space {
-        try spaces.withLock { all in
-            if let s = all[caller.user] { return s }
-            let root = options.dataDirectory + "/spaces/" + caller.user
-            guard isValidUserName(caller.user), isDirectory(root) else {
+    /// A space is opened (and its records reconciled) once, by the first request for it.
+    func space(_ caller: Caller) async throws -> Space {
+        let user = caller.user
+        let opening = try spaces.withLock { all in
+            if let s = all[user] { return s }
+            let root = options.dataDirectory + "/spaces/" + user
+            guard isValidUserName(user), isDirectory(root) else {
                 throw APIError(404, "the account has no space")
             }
-            let s = try Space(user: caller.user, root: root)
-            all[caller.user] = s
-            return s
+            let io = self.io
+            let opening = Task {
+                try await Space(
+                    user: user, storage: LocalStorage(path: root),
+                    records: try SQLiteSpaceRecords(indexPath: root + "/index/server.sqlite"),
+                    uploadDirectory: root + "/tmp", io: io)
+            }
+            all[user] = opening
+            return opening
+        }
+        do {
+            return try await opening.value
+        } catch {
+            spaces.withLock { _ = $0.removeValue(forKey: user) }
+            throw error
         }
     }
 
     func install(on router: Router<ServerContext>) {
+        router.get("/healthz") { req, _ in await self.handle(req) { try await self.health() } }
         router.post("/v1/register") { req, ctx in
             await self.handle(req) { try await self.register(req, client: self.clientAddress(req, ctx)) }
         }
@@ -291,21 +342,47 @@ final class ServerAPI: Sendable {
         router.post("/v1/space/locks") { req, _ in await self.handle(req) { try await self.lock(req) } }
         router.put("/v1/space/locks/:id") { req, ctx in
             await self.handle(req) {
-                let s = try self.space(try await self.accounts.authenticate(req.headers[.authorization]))
-                guard s.renew(ctx.parameters.get("id") ?? "") else { throw APIError(404, "no such lock (it lapsed)") }
+                let s = try await self.space(try await self.accounts.authenticate(req.headers[.authorization]))
+                guard try await s.records.renew(ctx.parameters.get("id") ?? "") else {
+                    throw APIError(404, "no such lock (it lapsed)")
+                }
                 return Self.empty(204)
             }
         }
         router.delete("/v1/space/locks/:id") { req, ctx in
             await self.handle(req) {
-                let s = try self.space(try await self.accounts.authenticate(req.headers[.authorization]))
-                guard s.release(ctx.parameters.get("id") ?? "") else { throw APIError(404, "no such lock") }
+                let s = try await self.space(try await self.accounts.authenticate(req.headers[.authorization]))
+                guard try await s.records.releaseLease(ctx.parameters.get("id") ?? "") else {
+                    throw APIError(404, "no such lock")
+                }
                 return Self.empty(204)
             }
         }
     }
 
     // MARK: Plumbing
+
+    struct Health: Encodable {
+        let status: String
+        let error: String?
+    }
+
+    /// Ready when the accounts and the spaces' storage answer, and not shutting down: what
+    /// a load balancer's health check asks.
+    func health() async throws -> Response {
+        if draining.load(ordering: .relaxed) { return try Self.json(503, Health(status: "draining", error: nil)) }
+        do {
+            try await accounts.records.checkReachable()
+            let spaces = options.dataDirectory + "/spaces"
+            try await io.runIfActive {
+                guard isDirectory(spaces) else { throw APIError(503, "the data directory \(spaces) is gone") }
+            }
+        } catch {
+            logger.error("health check failed: \(error)")
+            return try Self.json(503, Health(status: "unavailable", error: "\(error)"))
+        }
+        return try Self.json(200, Health(status: "ok", error: nil))
+    }
 
     /// Runs a handler, turning every error into a JSON `{"error": …}` answer, and logs
     /// the request line and status (never headers or bodies: no token reaches the log).
@@ -444,19 +521,22 @@ final class ServerAPI: Sendable {
     // MARK: Space files
 
     func list(_ req: Request, _ kind: FileKind) async throws -> Response {
-        let s = try space(try await accounts.authenticate(req.headers[.authorization]))
-        return try Self.json(200, try s.storage.list(kind).sorted())
+        let s = try await space(try await accounts.authenticate(req.headers[.authorization]))
+        let storage = s.storage
+        return try Self.json(200, try await s.blocking { try storage.list(kind).sorted() })
     }
 
     func head(_ req: Request, _ kind: FileKind, _ name: String) async throws -> Response {
-        let s = try space(try await accounts.authenticate(req.headers[.authorization]))
-        guard let size = try? s.storage.size(kind, name) else { return Self.empty(404) }
+        let s = try await space(try await accounts.authenticate(req.headers[.authorization]))
+        let storage = s.storage
+        guard let size = try await s.blocking({ try storage.stat(kind, name) }) else { return Self.empty(404) }
         return Self.empty(200, headers: [Self.sizeHeader: String(size)])
     }
 
     func get(_ req: Request, _ kind: FileKind, _ name: String, on eventLoop: any EventLoop) async throws -> Response {
-        let s = try space(try await accounts.authenticate(req.headers[.authorization]))
-        guard let size = try? s.storage.size(kind, name) else {
+        let s = try await space(try await accounts.authenticate(req.headers[.authorization]))
+        let storage = s.storage
+        guard let size = try await s.blocking({ try storage.stat(kind, name) }) else {
             throw APIError(404, "no such \(kind) in this space")
         }
         var from: Int64 = 0
@@ -482,10 +562,14 @@ final class ServerAPI: Sendable {
             var left = length
             while left > 0 {
                 let n = min(left, 64 << 10)
-                var piece = ByteBufferAllocator().buffer(capacity: n)
-                try piece.writeWithUnsafeMutableBytes(minimumWritableBytes: n) { (raw) throws in
-                    try s.storage.read(kind, name, offset: offset, length: n, into: raw.baseAddress!)
-                    return n
+                let at = offset
+                let piece = try await s.blocking {
+                    var piece = ByteBufferAllocator().buffer(capacity: n)
+                    try piece.writeWithUnsafeMutableBytes(minimumWritableBytes: n) { (raw) throws in
+                        try storage.read(kind, name, offset: at, length: n, into: raw.baseAddress!)
+                        return n
+                    }
+                    return piece
                 }
                 try await writer.write(piece)
                 try await eventLoop.submit {}.get()
@@ -510,7 +594,7 @@ final class ServerAPI: Sendable {
     func put(_ request: Request, _ kind: FileKind, _ name: String) async throws -> Response {
         var req = request
         let caller = try await accounts.authenticate(req.headers[.authorization])
-        let s = try space(caller)
+        let s = try await space(caller)
         // Every upload says its length first, so it can be refused (too large, over quota)
         // before its body is stored; each space takes a bounded number at once.
         guard let declared = req.headers[.contentLength].flatMap({ Int64($0) }), declared >= 0 else {
@@ -526,15 +610,20 @@ final class ServerAPI: Sendable {
         defer { s.endUpload() }
         switch kind {
         case .pack:
-            let reservation: Space.Reservation
-            do { reservation = try s.reserve(declared, quota: options.quotaBytes) } catch {
+            let reservation: Reservation
+            do { reservation = try await s.records.reserve(declared, quota: options.quotaBytes) } catch {
                 // Read and drop the body, so the client sees this answer rather than a
                 // connection closed under its upload.
                 for try await _ in req.body {}
                 throw error
             }
-            defer { s.release(reservation) }
-            try await receivePack(req, space: s, name: name, declared: declared, reservation: reservation)
+            do {
+                try await receivePack(req, space: s, name: name, declared: declared, reservation: reservation)
+            } catch {
+                await s.records.release(reservation)
+                throw error
+            }
+            await s.records.release(reservation)  // a no-op once stored
         case .snapshot:
             try await receiveSnapshot(&req, space: s, name: name)
         case .lock:
@@ -558,7 +647,8 @@ final class ServerAPI: Sendable {
                     throw APIError(400, "a space holds an encrypted repository only: init without --no-encryption")
                 }
             }
-            try s.storeFile(kind, name, bytes, quota: options.quotaBytes, maxKeySlots: options.maxKeySlotsPerSpace)
+            try await s.storeFile(
+                kind, name, bytes, quota: options.quotaBytes, maxKeySlots: options.maxKeySlotsPerSpace)
         }
         logger.info("\(caller.user) stored \(kind) \(name.prefix(12))")
         return Self.empty(201)
@@ -567,9 +657,9 @@ final class ServerAPI: Sendable {
     /// Streams a pack body to a temporary file, hashing on the way, then verifies and
     /// stores it. Nothing is kept in memory beyond the body's current buffer.
     func receivePack(
-        _ req: Request, space s: Space, name: String, declared: Int64, reservation: Space.Reservation
+        _ req: Request, space s: Space, name: String, declared: Int64, reservation: Reservation
     ) async throws {
-        let temporary = s.root + "/tmp/upload-\(hexString(secureRandomBytes(8)))"
+        let temporary = s.uploadDirectory + "/upload-\(hexString(secureRandomBytes(8)))"
         let fd = open(temporary, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0o600)
         if fd < 0 { throw APIError(500, "cannot create an upload file") }
         var stored = false
@@ -592,7 +682,7 @@ final class ServerAPI: Sendable {
         guard size == declared else {
             throw APIError(400, "the pack ended after \(size) of its \(declared) bytes: upload it again")
         }
-        try s.storePack(
+        try await s.storePack(
             name: name, temporary: temporary, fd: fd, size: size, digest: hasher.finish(), reservation: reservation)
         stored = true
     }
@@ -621,21 +711,22 @@ final class ServerAPI: Sendable {
                 o += 32
             }
         }
-        let missing = try s.missing(refs)
+        let missing = try await s.records.missing(refs)
         guard missing.isEmpty else {
             throw APIError(
                 409,
                 "the snapshot references \(missing.count) blobs this space does not hold (first \(missing[0].hex.prefix(12))): run the snapshot again"
             )
         }
-        try s.storeFile(.snapshot, name, record, quota: options.quotaBytes, maxKeySlots: options.maxKeySlotsPerSpace)
+        try await s.storeFile(
+            .snapshot, name, record, quota: options.quotaBytes, maxKeySlots: options.maxKeySlotsPerSpace)
     }
 
     func delete(_ req: Request, _ kind: FileKind, _ name: String) async throws -> Response {
         let caller = try await accounts.authenticate(req.headers[.authorization])
         try caller.requireFullRights("delete it")
-        let s = try space(caller)
-        guard try s.remove(kind, name) else { throw APIError(404, "no such \(kind) in this space") }
+        let s = try await space(caller)
+        guard try await s.remove(kind, name) else { throw APIError(404, "no such \(kind) in this space") }
         logger.info("\(caller.user) deleted \(kind) \(name.prefix(12))")
         return Self.empty(204)
     }
@@ -644,7 +735,7 @@ final class ServerAPI: Sendable {
 
     func missing(_ request: Request) async throws -> Response {
         var req = request
-        let s = try space(try await accounts.authenticate(req.headers[.authorization]))
+        let s = try await space(try await accounts.authenticate(req.headers[.authorization]))
         let m = try await Self.decode(MissingRequest.self, &req, limit: 16 << 20)
         guard m.ids.count <= 100_000 else { throw APIError(400, "ask about at most 100000 ids at once") }
         var ids: [BlobID] = []
@@ -652,16 +743,22 @@ final class ServerAPI: Sendable {
             guard let id = ObjectID(hex: h) else { throw APIError(400, "'\(h.prefix(70))' is not a 64-hex-digit id") }
             ids.append(id)
         }
-        return try Self.json(200, ["missing": try s.missing(ids).map(\.hex)])
+        return try Self.json(200, ["missing": try await s.records.missing(ids).map(\.hex)])
     }
 
     struct LockRequest: Decodable { let exclusive: Bool }
 
     func lock(_ request: Request) async throws -> Response {
         var req = request
-        let s = try space(try await accounts.authenticate(req.headers[.authorization]))
+        let s = try await space(try await accounts.authenticate(req.headers[.authorization]))
         let l = try await Self.decode(LockRequest.self, &req)
-        guard let id = s.acquire(exclusive: l.exclusive) else {
+        // A retry of a request whose answer was lost carries the same key and gets the
+        // same lease, rather than a second one that would hold the lock until it lapses.
+        let key = req.headers[Self.idempotencyKey]
+        if let key, key.utf8.count > 64 || key.isEmpty {
+            throw APIError(400, "an Idempotency-Key is 1 to 64 characters")
+        }
+        guard let id = try await s.records.acquire(exclusive: l.exclusive, key: key) else {
             throw APIError(409, l.exclusive ? "the space is in use (a snapshot or prune runs)" : "a prune runs")
         }
         return try Self.json(201, ["id": id])

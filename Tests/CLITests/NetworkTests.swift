@@ -164,6 +164,24 @@ struct NetworkTests {
         #expect(try cabackup("check", "--repo", repo, "--read-data", env: phone).status == 0)
     }
 
+    @Test("a lock whose answer is lost: the retry gets the same lease, and no stray lease holds the space")
+    func lockAnswerLost() throws {
+        let (s, server, proxy, alice) = try aliceThroughProxy()
+        defer { withExtendedLifetime(server) {} }
+        try writeRandom(s.file("src/a.bin"), megabytes: 1)
+        let repo = proxy.repo("alice")
+        // The server takes the lease, the answer is cut half way: the client retries with
+        // the same idempotency key.
+        try proxy.set(["POST /v1/space/locks": ["cut": "download", "times": 1]])
+        let snapshot = try cabackup("snapshot", "--repo", repo, s.file("src"), env: alice)
+        #expect(snapshot.status == 0, "\(snapshot.stderr)")
+        #expect(proxy.takeLog().filter { $0.hasPrefix("POST /v1/space/locks") }.count == 2)
+        // A second lease from the lost answer would hold the space for a minute: an
+        // exclusive lock right away would be refused (exit 11).
+        let forget = try cabackup("forget", "--repo", repo, "--keep-last", "1", "--prune", env: alice)
+        #expect(forget.status == 0, "\(forget.stderr)")
+    }
+
     @Test("the server killed mid-upload and started again: the running backup waits for it and completes")
     func serverRestartMidUpload() throws {
         let (s, first, alice) = try aliceOnServer()

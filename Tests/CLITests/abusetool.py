@@ -18,6 +18,9 @@ count and time and stops by itself; every socket goes to 127.0.0.0/8 only.
   abusetool.py parallel HOST PORT TOKEN PATH FILE [FILE...]
       PUTs each FILE to PATH at the same moment, one connection each; prints each status
       on its own line, in the order of the files.
+  abusetool.py slowput HOST PORT TOKEN PATH FILE SECONDS
+      PUTs FILE to PATH in 16 pieces spread over SECONDS; prints "sent" after the first
+      piece, then the answer's status (or "reset" when the connection was dropped).
   abusetool.py login HOST PORT SOURCE USER SECRET COUNT [FORWARDED_FOR]
       COUNT logins from the address SOURCE (any 127.x.y.z), with X-Forwarded-For when
       given; prints "STATUS MESSAGE" each.
@@ -136,6 +139,25 @@ def parallel(host, port, token, path, files):
         print(r)
 
 
+def slowput(host, port, token, path, file, seconds):
+    body = open(file, "rb").read()
+    c = http.client.HTTPConnection(host, port, timeout=60)
+    c.putrequest("PUT", path)
+    c.putheader("Authorization", "Bearer " + token)
+    c.putheader("Content-Length", str(len(body)))
+    c.endheaders()
+    step = (len(body) + 15) // 16
+    try:
+        for i in range(0, len(body), step):
+            c.send(body[i:i + step])
+            if i == 0:
+                print("sent", flush=True)
+            time.sleep(seconds / 16)
+        print(c.getresponse().status, flush=True)
+    except (OSError, http.client.HTTPException):
+        print("reset", flush=True)
+
+
 def post_from(host, port, source, path, body, forwarded_for=None):
     c = http.client.HTTPConnection(host, port, timeout=60, source_address=(source, 0))
     headers = {"Content-Type": "application/json"}
@@ -164,6 +186,8 @@ def main():
         chunked(host, port, a[0], a[1])
     elif cmd == "parallel":
         parallel(host, port, a[0], a[1], a[2:])
+    elif cmd == "slowput":
+        slowput(host, port, a[0], a[1], a[2], float(a[3]))
     elif cmd == "login":
         body = {"user": a[1], "secret": a[2], "device": "x"}
         for _ in range(int(a[3])):

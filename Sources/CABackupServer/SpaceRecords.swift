@@ -1,0 +1,237 @@
+import CABackup
+import Foundation
+import Synchronization
+
+#if canImport(Glibc)
+    import Glibc
+#endif
+
+/// Bytes set aside for one upload: moved to the bytes stored when the upload is recorded
+/// (``SpaceRecords/stored(_:_:size:blobs:reservation:)``), and given back by
+/// ``SpaceRecords/release(_:)`` (a no-op after that), which every caller defers.
+final class Reservation: Sendable {
+    /// Its id in the records that hold it.
+    let id: String
+    let bytes: Int64
+    /// Whether it was recorded as stored or released.
+    let settled = Atomic(false)
+
+    init(id: String, bytes: Int64) {
+        self.id = id
+        self.bytes = bytes
+    }
+
+    /// Marks it settled; false when it already was (so only the first settling counts).
+    func settle() -> Bool { !settled.exchange(true, ordering: .acquiringAndReleasing) }
+}
+
+/// A space's shared state beside its files: which keyed blob ids each pack holds, the
+/// bytes stored and promised to uploads (the quota), and the leases of its repository
+/// lock. The embedded default is ``SQLiteSpaceRecords`` (one server); an implementation
+/// shared by several server instances must make ``reserve(_:quota:)``, lease takeovers
+/// and ``claimConfig()`` atomic among them.
+protocol SpaceRecords: Sendable {
+    /// Which of `ids` no pack of the space holds.
+    func missing(_ ids: [BlobID]) async throws -> [BlobID]
+    /// Sets `bytes` aside for an upload, atomically with every other upload of the space,
+    /// or refuses with 413 when the bytes stored and promised would pass `quota`.
+    func reserve(_ bytes: Int64, quota: Int64?) async throws -> Reservation
+    /// Gives a reservation's bytes back (a no-op when it was recorded as stored).
+    func release(_ reservation: Reservation) async
+    /// Records a file the storage now holds: its bytes count as stored instead of the
+    /// reservation's, and a pack's blob ids are indexed.
+    func stored(
+        _ kind: FileKind, _ name: String, size: Int64, blobs: [BlobID], reservation: Reservation)
+        async throws
+    /// Records a file the storage no longer holds.
+    func removed(_ kind: FileKind, _ name: String, size: Int64) async throws
+    /// Whether this upload may write the space's config: true once per space (until
+    /// ``unclaimConfig()``), so of two concurrent first uploads exactly one is stored.
+    func claimConfig() async throws -> Bool
+    /// Gives up a claim whose config could not be stored.
+    func unclaimConfig() async throws
+    /// Takes a lease on the repository lock for `leaseSeconds`, or nil when it conflicts.
+    /// A `key` the client sent with an earlier request that took a lease still held gets
+    /// that lease again, so a retried request does not take a second one.
+    func acquire(exclusive: Bool, key: String?) async throws -> String?
+    /// Extends a lease still held; false when it lapsed or was released.
+    func renew(_ id: String) async throws -> Bool
+    /// Releases a lease; false when none had that id.
+    func releaseLease(_ id: String) async throws -> Bool
+    /// The names of the packs indexed.
+    func indexedPacks() async throws -> Set<String>
+    /// Brings the records in line with the files the storage holds (after a crash between
+    /// storing a file and recording it, or records lost): indexes the packs in `add`,
+    /// drops the packs in `drop`, and sets the bytes stored and whether a config is.
+    func reconcile(
+        add: [(name: String, size: Int64, blobs: [BlobID])], drop: Set<String>, usedBytes: Int64, hasConfig: Bool)
+        async throws
+}
+
+/// How long a lease lasts without renewal (clients renew every 20 s).
+let leaseSeconds: Int64 = 60
+
+/// The records of one space of a single server: the blob index in the space's
+/// `index/server.sqlite`; bytes used (recomputed from the files at every start),
+/// reservations and leases in memory.
+final class SQLiteSpaceRecords: SpaceRecords, @unchecked Sendable {
+    // Safe: every var below and `db` are only touched with `lock` held.
+    private let lock = NSLock()
+    private let db: SQLiteDatabase
+    private var usedBytes: Int64 = 0
+    private var reservedBytes: Int64 = 0
+    private var configClaimed = false
+    private var leases: [String: (exclusive: Bool, expiresNs: Int64, key: String?)] = [:]
+
+    init(indexPath: String) throws {
+        db = try SQLiteDatabase(path: indexPath)
+        try db.execute(
+            """
+            PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;
+            CREATE TABLE IF NOT EXISTS packs(id BLOB PRIMARY KEY, size INTEGER NOT NULL) WITHOUT ROWID;
+            CREATE TABLE IF NOT EXISTS blobs(id BLOB NOT NULL, pack BLOB NOT NULL, PRIMARY KEY(id, pack)) WITHOUT ROWID;
+            CREATE INDEX IF NOT EXISTS blobs_by_pack ON blobs(pack);
+            """)
+    }
+
+    private func withLock<T>(_ body: () throws -> T) rethrows -> T {
+        lock.lock()
+        defer { lock.unlock() }
+        return try body()
+    }
+
+    func missing(_ ids: [BlobID]) throws -> [BlobID] {
+        try withLock {
+            let q = try db.prepare("SELECT 1 FROM blobs WHERE id = ? LIMIT 1")
+            var out: [BlobID] = []
+            for id in ids {
+                q.reset()
+                q.bind(1, id)
+                if try !q.step() { out.append(id) }
+            }
+            q.reset()
+            return out
+        }
+    }
+
+    func reserve(_ bytes: Int64, quota: Int64?) throws -> Reservation {
+        try withLock {
+            if let quota, usedBytes + reservedBytes + bytes > quota {
+                throw APIError(
+                    413,
+                    "quota exceeded: the space holds \(usedBytes) of \(quota) bytes (\(reservedBytes) more promised to uploads in progress) and this upload needs \(bytes) more"
+                )
+            }
+            reservedBytes += bytes
+            return Reservation(id: "", bytes: bytes)
+        }
+    }
+
+    func release(_ reservation: Reservation) {
+        withLock { if reservation.settle() { reservedBytes -= reservation.bytes } }
+    }
+
+    func stored(_ kind: FileKind, _ name: String, size: Int64, blobs: [BlobID], reservation: Reservation) throws {
+        try withLock {
+            if kind == .pack { try index(pack: name, size: size, ids: blobs) }
+            if reservation.settle() { reservedBytes -= reservation.bytes }
+            usedBytes += size
+        }
+    }
+
+    func removed(_ kind: FileKind, _ name: String, size: Int64) throws {
+        try withLock {
+            if kind == .pack { try unindex(pack: name) }
+            if kind == .config { configClaimed = false }
+            usedBytes -= size
+        }
+    }
+
+    func claimConfig() -> Bool {
+        withLock {
+            if configClaimed { return false }
+            configClaimed = true
+            return true
+        }
+    }
+
+    func unclaimConfig() { withLock { configClaimed = false } }
+
+    func acquire(exclusive: Bool, key: String?) -> String? {
+        withLock {
+            let now = Accounts.nowNs()
+            leases = leases.filter { $0.value.expiresNs > now }
+            if let key, let held = leases.first(where: { $0.value.key == key && $0.value.exclusive == exclusive }) {
+                return held.key
+            }
+            if exclusive ? !leases.isEmpty : leases.values.contains(where: \.exclusive) { return nil }
+            let id = hexString(secureRandomBytes(16))
+            leases[id] = (exclusive, now + leaseSeconds * 1_000_000_000, key)
+            return id
+        }
+    }
+
+    func renew(_ id: String) -> Bool {
+        withLock {
+            let now = Accounts.nowNs()
+            guard let l = leases[id], l.expiresNs > now else { return false }
+            leases[id] = (l.exclusive, now + leaseSeconds * 1_000_000_000, l.key)
+            return true
+        }
+    }
+
+    func releaseLease(_ id: String) -> Bool { withLock { leases.removeValue(forKey: id) != nil } }
+
+    func indexedPacks() throws -> Set<String> {
+        try withLock {
+            var out = Set<String>()
+            let q = try db.prepare("SELECT id FROM packs")
+            while try q.step() { if let id = q.id(0) { out.insert(id.hex) } }
+            q.reset()
+            return out
+        }
+    }
+
+    func reconcile(
+        add: [(name: String, size: Int64, blobs: [BlobID])], drop: Set<String>, usedBytes used: Int64, hasConfig: Bool
+    ) throws {
+        try withLock {
+            for pack in add { try index(pack: pack.name, size: pack.size, ids: pack.blobs) }
+            for name in drop { try unindex(pack: name) }
+            usedBytes = used
+            configClaimed = hasConfig
+        }
+    }
+
+    private func index(pack name: String, size: Int64, ids: [BlobID]) throws {
+        guard let pack = ObjectID(hex: name) else { return }
+        try db.execute("BEGIN")
+        do {
+            let p = try db.prepare("INSERT OR IGNORE INTO packs(id, size) VALUES (?, ?)")
+            p.bind(1, pack)
+            p.bind(2, size)
+            try p.run()
+            let b = try db.prepare("INSERT OR IGNORE INTO blobs(id, pack) VALUES (?, ?)")
+            for id in ids {
+                b.reset()
+                b.bind(1, id)
+                b.bind(2, pack)
+                try b.run()
+            }
+            try db.execute("COMMIT")
+        } catch {
+            try? db.execute("ROLLBACK")
+            throw error
+        }
+    }
+
+    private func unindex(pack name: String) throws {
+        guard let pack = ObjectID(hex: name) else { return }
+        for sql in ["DELETE FROM blobs WHERE pack = ?", "DELETE FROM packs WHERE id = ?"] {
+            // SQL-safe: sql is one of the two literals above.
+            let s = try db.prepare(sql)
+            s.bind(1, pack)
+            try s.run()
+        }
+    }
+}
