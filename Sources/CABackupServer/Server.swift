@@ -1,4 +1,5 @@
 import CABackup
+import CABackupRemote
 import Foundation
 import HTTPTypes
 import Hummingbird
@@ -21,8 +22,13 @@ public struct ServerOptions: Sendable {
     public var host: String
     /// Port; 0 picks a free one (reported through `onListening`).
     public var port: Int
-    /// Where accounts (`accounts.sqlite`) and spaces (`spaces/NAME/`) live.
+    /// Where accounts (`accounts.sqlite`) and spaces (`spaces/NAME/`) live. With
+    /// ``storage``, only the spaces' indexes and uploads in progress are kept here.
     public var dataDirectory: String
+    /// An S3 location (`s3:http(s)://HOST[:PORT]/BUCKET[/PREFIX]`) for the spaces' files,
+    /// each under `PREFIX/spaces/NAME/`; nil keeps them in ``dataDirectory``. The
+    /// credentials come from `AWS_*` in the environment.
+    public var storage: String?
     /// PEM certificate chain and private key: serve HTTPS.
     public var tlsCertificate: String?
     public var tlsKey: String?
@@ -199,6 +205,9 @@ final class ServerAPI: Sendable {
     let io: NIOThreadPool
     /// Set when a graceful shutdown begins: `/healthz` answers 503.
     let draining = Atomic(false)
+    /// Where the spaces' files live when not in the data directory, and a storage at its
+    /// root that health checks ask.
+    let bucket: (base: S3Location, probe: S3Storage)?
     let logins: RateLimiter
     let registrations: RateLimiter
     static let sizeHeader = HTTPField.Name("X-Cabackup-Size")!
@@ -218,6 +227,20 @@ final class ServerAPI: Sendable {
             tokenLifetimeSeconds: options.tokenLifetimeSeconds, maxTokensPerAccount: options.maxTokensPerAccount)
         io = NIOThreadPool(numberOfThreads: 16)
         io.start()
+        if let storage = options.storage {
+            let base = try S3Location(parsing: storage)
+            let probe = try S3Storage(base)
+            do {
+                _ = try await io.runIfActive { try probe.list(.snapshot) }
+            } catch CABackupError.repositoryNotFound {
+                throw CABackupError.invalidArgument(
+                    "the bucket '\(base.bucket)' does not exist at \(base.endpoint): create it, or give --storage a bucket that does"
+                )
+            }
+            bucket = (base, probe)
+        } else {
+            bucket = nil
+        }
         logins = RateLimiter(limit: options.loginsPerMinute, windowSeconds: 60)
         registrations = RateLimiter(limit: options.registrationsPerHour, windowSeconds: 3600)
     }
@@ -238,13 +261,17 @@ final class ServerAPI: Sendable {
         let opening = try spaces.withLock { all in
             if let s = all[user] { return s }
             let root = options.dataDirectory + "/spaces/" + user
-            guard isValidUserName(user), isDirectory(root) else {
+            // A space in the data directory is made at registration; in a bucket, every
+            // account has one (its token was just checked), and only its index is local.
+            guard isValidUserName(user), bucket != nil || isDirectory(root) else {
                 throw APIError(404, "the account has no space")
             }
             let io = self.io
+            let storage = try self.storage(of: user)
             let opening = Task {
-                try await Space(
-                    user: user, storage: LocalStorage(path: root),
+                try makeDirectories(root + "/index")
+                return try await Space(
+                    user: user, storage: storage,
                     records: try SQLiteSpaceRecords(indexPath: root + "/index/server.sqlite"),
                     uploadDirectory: root + "/tmp", io: io)
             }
@@ -257,6 +284,15 @@ final class ServerAPI: Sendable {
             spaces.withLock { _ = $0.removeValue(forKey: user) }
             throw error
         }
+    }
+
+    /// Where the files of `user`'s space live: `DATA/spaces/NAME/`, or `PREFIX/spaces/NAME/`
+    /// in the bucket.
+    func storage(of user: String) throws -> any Storage {
+        guard let bucket else { return LocalStorage(path: options.dataDirectory + "/spaces/" + user) }
+        var location = bucket.base
+        location.prefix = (location.prefix.isEmpty ? "" : location.prefix + "/") + "spaces/" + user
+        return try S3Storage(location)
     }
 
     func install(on router: Router<ServerContext>) {
@@ -374,8 +410,10 @@ final class ServerAPI: Sendable {
         do {
             try await accounts.records.checkReachable()
             let spaces = options.dataDirectory + "/spaces"
+            let probe = bucket?.probe
             try await io.runIfActive {
                 guard isDirectory(spaces) else { throw APIError(503, "the data directory \(spaces) is gone") }
+                _ = try probe?.list(.snapshot)
             }
         } catch {
             logger.error("health check failed: \(error)")
@@ -488,7 +526,7 @@ final class ServerAPI: Sendable {
         try await accounts.register(
             user: r.user, email: r.email, secret: r.secret, scheme: r.scheme ?? 1, origin: r.origin ?? "")
         let root = options.dataDirectory + "/spaces/" + r.user
-        try LocalStorage(path: root).create()
+        if bucket == nil { try LocalStorage(path: root).create() } else { try makeDirectories(root) }
         logger.info("registered account \(r.user)")
         return try Self.json(201, ["user": r.user])
     }
@@ -557,13 +595,16 @@ final class ServerAPI: Sendable {
         // loop after each piece keeps a busy loop from letting pieces pile up unsent.
         let length = Int(to - from + 1)
         let start = from
+        // From an object store each read is a request: 1 MiB of it at a time, still
+        // handed to the connection 64 KiB at a time.
+        let readSize = storage.workingDirectory != nil ? 64 << 10 : 1 << 20
         let body = ResponseBody(contentLength: length) { writer in
             var offset = start
             var left = length
             while left > 0 {
-                let n = min(left, 64 << 10)
+                let n = min(left, readSize)
                 let at = offset
-                let piece = try await s.blocking {
+                var piece = try await s.blocking {
                     var piece = ByteBufferAllocator().buffer(capacity: n)
                     try piece.writeWithUnsafeMutableBytes(minimumWritableBytes: n) { (raw) throws in
                         try storage.read(kind, name, offset: at, length: n, into: raw.baseAddress!)
@@ -571,8 +612,10 @@ final class ServerAPI: Sendable {
                     }
                     return piece
                 }
-                try await writer.write(piece)
-                try await eventLoop.submit {}.get()
+                while let slice = piece.readSlice(length: min(piece.readableBytes, 64 << 10)), slice.readableBytes > 0 {
+                    try await writer.write(slice)
+                    try await eventLoop.submit {}.get()
+                }
                 offset += Int64(n)
                 left -= n
             }

@@ -19,6 +19,12 @@ struct ServerCommand: AsyncParsableCommand {
     var listen = "127.0.0.1:8443"
     @Option(name: .long, help: "Directory for accounts and spaces (created if missing).")
     var data: String
+    @Option(
+        name: .long,
+        help: ArgumentHelp(
+            "Keep the spaces' files in an S3 bucket instead of --data (credentials from AWS_*).",
+            valueName: "s3:http(s)://HOST[:PORT]/BUCKET[/PREFIX]"))
+    var storage: String?
     @Option(name: .long, help: "PEM certificate chain: serve HTTPS (with --tls-key).")
     var tlsCert: String?
     @Option(name: .long, help: "PEM private key of --tls-cert.")
@@ -65,6 +71,7 @@ struct ServerCommand: AsyncParsableCommand {
         if host.hasPrefix("[") && host.hasSuffix("]") { host = String(host.dropFirst().dropLast()) }
         var options = ServerOptions(
             host: host, port: Int(listen[listen.index(after: colon)...])!, dataDirectory: absolutePath(data))
+        options.storage = storage
         options.tlsCertificate = tlsCert
         options.tlsKey = tlsKey
         options.quotaBytes = quotaBytes

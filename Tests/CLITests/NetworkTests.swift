@@ -21,7 +21,7 @@ private func aliceThroughProxy(
 }
 
 /// `count` directories below `root`, each holding one small file of its own.
-private func makeDirectories(_ root: String, from first: Int, count: Int) throws {
+func makeDirectories(_ root: String, from first: Int, count: Int) throws {
     for i in first..<(first + count) {
         let dir = root + "/d\(i)"
         try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
@@ -30,7 +30,7 @@ private func makeDirectories(_ root: String, from first: Int, count: Int) throws
 }
 
 /// Whether two directory trees hold the same files with the same bytes.
-private func sameTree(_ a: String, _ b: String) throws -> Bool {
+func sameTree(_ a: String, _ b: String) throws -> Bool {
     let r = try run("/usr/bin/diff", ["-r", a, b])
     return r.status == 0
 }

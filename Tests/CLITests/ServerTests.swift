@@ -31,12 +31,12 @@ final class TestServer {
     let data: String
     var port: Int { Int(url.split(separator: ":").last!)! }
 
-    init(data: String, port: Int = 0, _ extra: [String] = []) throws {
+    init(data: String, port: Int = 0, _ extra: [String] = [], env: [String: String] = [:]) throws {
         self.data = data
         process = Process()
         process.executableURL = URL(fileURLWithPath: cabackupBinary)
         process.arguments = ["server", "--listen", "127.0.0.1:\(port)", "--data", data] + extra
-        process.environment = childEnvironment([:])
+        process.environment = childEnvironment(env)
         url = try startListening(process, what: "server")
     }
 

@@ -103,7 +103,10 @@ final class BlobSaver: @unchecked Sendable {
         // A local disk takes one pack at a time; over a network several are in flight,
         // so the link is not idle while a pack's answer is awaited.
         let remote = repository.storage.workingDirectory == nil
-        let asks = repository.storage.space != nil
+        // A snapshot skips packs whose blobs the space holds already (another device
+        // stored them). Prune must not: the blobs it rewrites are in the very packs it
+        // deletes next, so the space always says it holds them.
+        let asks = snapshot && repository.storage.space != nil
         if asks { asker = startThread { [self] in self.askerLoop() } }
         for _ in 0..<(remote ? Self.uploadsInFlight : 1) {
             writers.append(startThread { [self] in self.writerLoop(from: asks ? uploads : queue) })

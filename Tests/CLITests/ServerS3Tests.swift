@@ -1,0 +1,123 @@
+import CABackupRemote
+import Foundation
+import Testing
+
+/// The server with its spaces' files in its data directory or in an S3 bucket (SeaweedFS
+/// here; the accounts and the spaces' indexes stay in the data directory): the same API,
+/// the same client, the same results.
+@Suite("the server's spaces in a directory or in an S3 bucket")
+struct ServerS3Tests {
+    enum Where: String, CaseIterable, CustomTestStringConvertible {
+        case directory, bucket
+        var testDescription: String { rawValue }
+    }
+
+    @Test(
+        "two accounts: snapshots, restore, forget --prune, check --read-data; each space under its own name",
+        arguments: Where.allCases)
+    func spaces(in place: Where) throws {
+        let store = try SeaweedFS()
+        try store.createBucket("spaces")
+        let s = Scratch()
+        let server = try TestServer(
+            data: s.file("server"), place == .bucket ? ["--storage", "s3:\(store.endpoint)/spaces/prod"] : [],
+            env: store.environment)
+        let bucket = try store.client(bucket: "spaces")
+        /// A space's files of one kind, wherever they are, with their sizes.
+        func files(_ user: String, _ kind: String) throws -> [String: Int] {
+            if place == .bucket {
+                let objects = try bucket.list(prefix: "prod/spaces/\(user)/\(kind)/")
+                return Dictionary(uniqueKeysWithValues: objects.map { ($0.key, $0.size) })
+            }
+            let dir = server.data + "/spaces/\(user)/\(kind)"
+            let paths =
+                kind == "data"
+                ? try spacePacks(server.data, user)
+                : try FileManager.default.contentsOfDirectory(atPath: dir).map { dir + "/" + $0 }
+            return Dictionary(
+                uniqueKeysWithValues: try paths.map {
+                    ($0, try FileManager.default.attributesOfItem(atPath: $0)[.size] as? Int ?? 0)
+                })
+        }
+        let health = try http("GET", server.url + "/healthz")
+        #expect(health.0 == 200, "\(health.1)")
+
+        let alice = device(s, "alice", password: "alice password")
+        let bob = device(s, "bob", password: "bob password")
+        try signUp(server, "alice", env: alice)
+        try signUp(server, "bob", env: bob)
+        let src = s.file("src")
+        try writeRandom(src + "/big.bin", megabytes: 20)
+        try makeDirectories(src, from: 0, count: 20)
+        try writeRandom(s.file("bob-src/b.bin"), megabytes: 2)
+
+        let first = try cabackup("snapshot", "--repo", server.repo("alice"), "--json", src, env: alice)
+        #expect(first.status == 0, "\(first.stderr)")
+        #expect(try cabackup("snapshot", "--repo", server.repo("bob"), s.file("bob-src"), env: bob).status == 0)
+        let unchanged = try cabackup("snapshot", "--repo", server.repo("alice"), "--json", src, env: alice)
+        #expect(unchanged.status == 0, "\(unchanged.stderr)")
+        #expect(jsonObject(unchanged.stdout)?["chunks_added"] as? Int == 0, "\(unchanged.stdout)")
+
+        let out = s.file("out")
+        let restore = try cabackup("restore", "--repo", server.repo("alice"), "latest", "--target", out, env: alice)
+        #expect(restore.status == 0, "\(restore.stderr)")
+        #expect(try sameTree(src, out + src))
+        let check = try cabackup("check", "--repo", server.repo("alice"), "--read-data", env: alice)
+        #expect(check.status == 0, "\(check.stderr)")
+
+        // Each account's files are under its own name; in a bucket, none on the server's disk.
+        let alicePacks = try files("alice", "data").values.reduce(0, +)
+        #expect(try files("alice", "data").count >= 2)
+        #expect(try files("bob", "data").count >= 1)
+        #expect(try files("alice", "snapshots").count == 2)
+        #expect(try files("bob", "snapshots").count == 1)
+        #expect(FileManager.default.fileExists(atPath: server.data + "/spaces/alice/data") == (place == .directory))
+
+        // Deleting goes through too: forget and prune leave one snapshot (and the record of
+        // the removal), still whole; the packs only the removed ones used are gone.
+        try FileManager.default.removeItem(atPath: src + "/big.bin")
+        #expect(try cabackup("snapshot", "--repo", server.repo("alice"), src, env: alice).status == 0)
+        let prune = try cabackup(
+            "forget", "--repo", server.repo("alice"), "--keep-last", "1", "--prune", env: alice)
+        #expect(prune.status == 0, "\(prune.stderr)")
+        #expect(try cabackup("snapshots", "--repo", server.repo("alice"), env: alice).stdout.contains("1 snapshots"))
+        let left = try files("alice", "data").values.reduce(0, +)
+        #expect(left < alicePacks - 15 << 20, "\(left) of \(alicePacks) bytes left")
+        let after = try cabackup("check", "--repo", server.repo("alice"), "--read-data", env: alice)
+        #expect(after.status == 0, "\(after.stdout) \(after.stderr)")
+        let again = s.file("again")
+        let restoreAgain = try cabackup(
+            "restore", "--repo", server.repo("alice"), "latest", "--target", again, env: alice)
+        #expect(restoreAgain.status == 0, "\(restoreAgain.stderr)")
+        #expect(try sameTree(src, again + src))
+    }
+
+    @Test("a bucket that does not exist stops the server at its start, with one line saying so")
+    func missingBucket() throws {
+        let store = try SeaweedFS()
+        try store.waitUntilReady()
+        let s = Scratch()
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: cabackupBinary)
+        p.arguments = [
+            "server", "--listen", "127.0.0.1:0", "--data", s.file("server"), "--storage",
+            "s3:\(store.endpoint)/no-such-bucket",
+        ]
+        p.environment = childEnvironment(store.environment)
+        let errors = Pipe()
+        p.standardOutput = FileHandle.nullDevice
+        p.standardError = errors
+        try p.run()
+        let exited = eventually(within: 60) { !p.isRunning }
+        if !exited { p.terminate() }
+        p.waitUntilExit()
+        let r = (
+            status: p.terminationStatus,
+            stderr: String(decoding: errors.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        )
+        #expect(exited, "the server kept running on a bucket that does not exist")
+        #expect(r.status != 0, "\(r.stderr)")
+        #expect(r.stderr.contains("'no-such-bucket' does not exist"), "\(r.stderr)")
+        #expect(r.stderr.split(separator: "\n").count == 1, "\(r.stderr)")
+    }
+}
