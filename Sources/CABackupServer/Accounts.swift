@@ -26,6 +26,9 @@ struct Caller: Sendable {
     /// False for an append-only token: it may read, add and lock, never delete or change
     /// the account.
     let canDelete: Bool
+    /// The account's own quota, set by the operator (`server admin quota`); nil for the
+    /// server's `--quota-bytes`.
+    var quotaBytes: Int64? = nil
 
     /// Refuses an append-only token with 403.
     func requireFullRights(_ what: String) throws {
@@ -53,6 +56,29 @@ struct NewAccount: Sendable {
     let email: String
     let secret: StoredSecret
     let createdNs: Int64
+}
+
+/// What the operator set for an account (`cabackup server admin`).
+struct AccountState: Sendable {
+    /// A disabled account's devices get 403 on every request, and it cannot log in.
+    let disabled: Bool
+    /// Its own quota; nil for the server's.
+    let quotaBytes: Int64?
+}
+
+/// One account as the operator lists it.
+public struct AccountSummary: Sendable, Encodable {
+    public let name: String
+    public let email: String
+    public let createdNs: Int64
+    /// The last time one of its devices was seen (tokens note it at most once a minute);
+    /// nil when it has none.
+    public let lastActivityNs: Int64?
+    public let devices: Int
+    public let disabled: Bool
+    public let quotaBytes: Int64?
+    /// Bytes its space holds (filled in from the space's files).
+    public var usedBytes: Int64 = 0
 }
 
 /// A device token as stored: its SHA-256, never the token.
@@ -93,6 +119,22 @@ protocol AccountRecords: Sendable {
     func removeToken(hash: [UInt8], of user: String) async throws
     /// Throws when the store cannot be reached or read (for `/healthz`).
     func checkReachable() async throws
+
+    // The operator's (`cabackup server admin`); every instance reads them per request.
+
+    /// What the operator set for `user`; nil for no such account.
+    func state(of user: String) async throws -> AccountState?
+    /// Every account, by name.
+    func summaries() async throws -> [AccountSummary]
+    /// Sets or clears (nil) an account's own quota; false for no such account.
+    func setQuota(of user: String, bytes: Int64?) async throws -> Bool
+    /// Disables or enables an account; false for no such account.
+    func setDisabled(_ user: String, _ disabled: Bool) async throws -> Bool
+    /// Removes an account and its tokens; false for no such account.
+    func deleteAccount(_ user: String) async throws -> Bool
+    /// A server-wide setting (`registration`: `open` or `closed`); nil when never set.
+    func setting(_ key: String) async throws -> String?
+    func setSetting(_ key: String, _ value: String) async throws
 }
 
 /// Accounts and device tokens, over an ``AccountRecords`` store.
@@ -165,6 +207,9 @@ final class Accounts: Sendable {
 
     /// Creates an account. - Throws: 400 for invalid fields, 409 for a taken name.
     func register(user: String, email: String, secret: String, scheme: Int, origin: String) async throws {
+        if try await records.setting("registration") == "closed" {
+            throw APIError(403, "registration is closed on this server: ask its operator for an account")
+        }
         guard scheme == 1 || scheme == 2, origin.utf8.count <= 300 else {
             throw APIError(400, "unknown login scheme or origin: upgrade cabackup")
         }
@@ -206,6 +251,7 @@ final class Accounts: Sendable {
             throw APIError(401, "wrong user name or password")
         }
         backoff.succeeded(key)
+        if try await records.state(of: user)?.disabled == true { throw Self.disabled(user) }
         let now = Self.nowNs()
         let token = hexString(secureRandomBytes(32))
         let record = TokenRecord(
@@ -261,8 +307,17 @@ final class Accounts: Sendable {
         }
         let now = Self.nowNs()
         guard now < t.expiresNs else { throw APIError(401, "the token has expired: log in again") }
+        // Read on every request, so what the operator changes holds at once on every instance.
+        guard let state = try await records.state(of: t.user) else {
+            throw APIError(401, "the account is gone: register again or ask the server's operator")
+        }
+        if state.disabled { throw Self.disabled(t.user) }
         if now - t.lastUsedNs > 60_000_000_000 { try await records.touch(hash: hash, ns: now) }
-        return Caller(user: t.user, tokenHash: hash, canDelete: t.canDelete)
+        return Caller(user: t.user, tokenHash: hash, canDelete: t.canDelete, quotaBytes: state.quotaBytes)
+    }
+
+    static func disabled(_ user: String) -> APIError {
+        APIError(403, "the account '\(user)' is disabled by the server's operator: ask them to enable it")
     }
 
     struct Device: Encodable {

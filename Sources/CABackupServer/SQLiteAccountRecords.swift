@@ -44,6 +44,15 @@ final class SQLiteAccountRecords: AccountRecords {
                 ALTER TABLE users ADD COLUMN origin TEXT NOT NULL DEFAULT '';
                 """)
         }
+        // What the operator sets (`server admin`), added after the first release.
+        if !columns.contains("disabled") {
+            try d.execute(
+                """
+                ALTER TABLE users ADD COLUMN disabled INTEGER NOT NULL DEFAULT 0;
+                ALTER TABLE users ADD COLUMN quota_bytes INTEGER;
+                """)
+        }
+        try d.execute("CREATE TABLE IF NOT EXISTS settings(key TEXT PRIMARY KEY, value TEXT NOT NULL);")
         for suffix in ["-wal", "-shm"] { chmod(path + suffix, 0o600) }
         db = Mutex(d)
     }
@@ -180,6 +189,83 @@ final class SQLiteAccountRecords: AccountRecords {
             let q = try db.prepare("SELECT count(*) FROM users")
             _ = try q.step()
             q.reset()
+        }
+    }
+
+    func state(of user: String) throws -> AccountState? {
+        try db.withLock { db in
+            let q = try db.prepare("SELECT disabled, quota_bytes FROM users WHERE name = ?")
+            q.bind(1, user)
+            defer { q.reset() }
+            guard try q.step() else { return nil }
+            return AccountState(disabled: q.int(0) != 0, quotaBytes: q.isNull(1) ? nil : q.int(1))
+        }
+    }
+
+    func summaries() throws -> [AccountSummary] {
+        try db.withLock { db in
+            let q = try db.prepare(
+                """
+                SELECT u.name, u.email, u.created_ns, max(t.last_used_ns), count(t.hash), u.disabled, u.quota_bytes
+                FROM users u LEFT JOIN tokens t ON t.user = u.name GROUP BY u.name ORDER BY u.name
+                """)
+            var out: [AccountSummary] = []
+            while try q.step() {
+                out.append(
+                    AccountSummary(
+                        name: q.text(0), email: q.text(1), createdNs: q.int(2), lastActivityNs: q.isNull(3) ? nil : q.int(3),
+                        devices: Int(q.int(4)), disabled: q.int(5) != 0, quotaBytes: q.isNull(6) ? nil : q.int(6)))
+            }
+            return out
+        }
+    }
+
+    /// Runs one UPDATE or DELETE with `user` bound last; true when it changed a row.
+    private func change(_ sql: String, _ bind: (SQLiteStatement) -> Void = { _ in }, user: String, at index: Int32)
+        throws -> Bool
+    {
+        try db.withLock { db in
+            // SQL-safe: every caller passes a literal; values are bound.
+            let u = try db.prepare(sql)
+            bind(u)
+            u.bind(index, user)
+            try u.run()
+            return db.changes > 0
+        }
+    }
+
+    func setQuota(of user: String, bytes: Int64?) throws -> Bool {
+        try change(
+            "UPDATE users SET quota_bytes = ? WHERE name = ?",
+            { u in
+                if let bytes { u.bind(1, bytes) } else { u.bindNull(1) }
+            }, user: user, at: 2)
+    }
+
+    func setDisabled(_ user: String, _ disabled: Bool) throws -> Bool {
+        try change("UPDATE users SET disabled = ? WHERE name = ?", { $0.bind(1, disabled ? 1 : 0) }, user: user, at: 2)
+    }
+
+    func deleteAccount(_ user: String) throws -> Bool {
+        _ = try change("DELETE FROM tokens WHERE user = ?", user: user, at: 1)
+        return try change("DELETE FROM users WHERE name = ?", user: user, at: 1)
+    }
+
+    func setting(_ key: String) throws -> String? {
+        try db.withLock { db in
+            let q = try db.prepare("SELECT value FROM settings WHERE key = ?")
+            q.bind(1, key)
+            defer { q.reset() }
+            return try q.step() ? q.text(0) : nil
+        }
+    }
+
+    func setSetting(_ key: String, _ value: String) throws {
+        try db.withLock { db in
+            let u = try db.prepare("INSERT INTO settings(key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value")
+            u.bind(1, key)
+            u.bind(2, value)
+            try u.run()
         }
     }
 }

@@ -146,6 +146,14 @@ struct DrainOnShutdown: Service {
     }
 }
 
+/// Where the files of `user`'s space live: `DATA/spaces/NAME/`, or `PREFIX/spaces/NAME/` in
+/// the bucket.
+func spaceStorage(of user: String, dataDirectory: String, bucket: S3Location?) throws -> any Storage {
+    guard var location = bucket else { return LocalStorage(path: dataDirectory + "/spaces/" + user) }
+    location.prefix = (location.prefix.isEmpty ? "" : location.prefix + "/") + "spaces/" + user
+    return try S3Storage(location)
+}
+
 /// Raises the soft descriptor limit to the hard one and returns how many connections can
 /// be served at once: `wanted`, or fewer when the descriptors would not suffice (each
 /// connection holds one, an upload a second; 64 stay for files and the databases).
@@ -286,14 +294,12 @@ final class ServerAPI: Sendable {
         }
     }
 
-    /// Where the files of `user`'s space live: `DATA/spaces/NAME/`, or `PREFIX/spaces/NAME/`
-    /// in the bucket.
     func storage(of user: String) throws -> any Storage {
-        guard let bucket else { return LocalStorage(path: options.dataDirectory + "/spaces/" + user) }
-        var location = bucket.base
-        location.prefix = (location.prefix.isEmpty ? "" : location.prefix + "/") + "spaces/" + user
-        return try S3Storage(location)
+        try spaceStorage(of: user, dataDirectory: options.dataDirectory, bucket: bucket?.base)
     }
+
+    /// The quota of the caller's space: the account's own, else `--quota-bytes`.
+    func quota(of caller: Caller) -> Int64? { caller.quotaBytes ?? options.quotaBytes }
 
     func install(on router: Router<ServerContext>) {
         router.get("/healthz") { req, _ in await self.handle(req) { try await self.health() } }
@@ -526,6 +532,8 @@ final class ServerAPI: Sendable {
         try await accounts.register(
             user: r.user, email: r.email, secret: r.secret, scheme: r.scheme ?? 1, origin: r.origin ?? "")
         let root = options.dataDirectory + "/spaces/" + r.user
+        // A space of a deleted account of the same name may still be open here.
+        spaces.withLock { _ = $0.removeValue(forKey: r.user) }
         if bucket == nil { try LocalStorage(path: root).create() } else { try makeDirectories(root) }
         logger.info("registered account \(r.user)")
         return try Self.json(201, ["user": r.user])
@@ -654,7 +662,7 @@ final class ServerAPI: Sendable {
         switch kind {
         case .pack:
             let reservation: Reservation
-            do { reservation = try await s.records.reserve(declared, quota: options.quotaBytes) } catch {
+            do { reservation = try await s.records.reserve(declared, quota: quota(of: caller)) } catch {
                 // Read and drop the body, so the client sees this answer rather than a
                 // connection closed under its upload.
                 for try await _ in req.body {}
@@ -668,7 +676,7 @@ final class ServerAPI: Sendable {
             }
             await s.records.release(reservation)  // a no-op once stored
         case .snapshot:
-            try await receiveSnapshot(&req, space: s, name: name)
+            try await receiveSnapshot(&req, space: s, name: name, quota: quota(of: caller))
         case .lock:
             throw APIError(404, "a space keeps no lock objects: it leases its lock (POST /v1/space/locks)")
         case .key, .config:
@@ -691,7 +699,7 @@ final class ServerAPI: Sendable {
                 }
             }
             try await s.storeFile(
-                kind, name, bytes, quota: options.quotaBytes, maxKeySlots: options.maxKeySlotsPerSpace)
+                kind, name, bytes, quota: quota(of: caller), maxKeySlots: options.maxKeySlotsPerSpace)
         }
         logger.info("\(caller.user) stored \(kind) \(name.prefix(12))")
         return Self.empty(201)
@@ -732,7 +740,7 @@ final class ServerAPI: Sendable {
 
     /// A snapshot record, accepted only when the space holds every blob it declares.
     /// Body: `u32 LE record length ‖ record ‖ n × 32-byte blob ids`.
-    func receiveSnapshot(_ req: inout Request, space s: Space, name: String) async throws {
+    func receiveSnapshot(_ req: inout Request, space s: Space, name: String, quota: Int64?) async throws {
         let body: ByteBuffer
         do { body = try await req.collectBody(upTo: Self.smallBodyLimit) } catch {
             throw APIError(413, "a snapshot upload is at most \(Self.smallBodyLimit) bytes")
@@ -762,7 +770,7 @@ final class ServerAPI: Sendable {
             )
         }
         try await s.storeFile(
-            .snapshot, name, record, quota: options.quotaBytes, maxKeySlots: options.maxKeySlotsPerSpace)
+            .snapshot, name, record, quota: quota, maxKeySlots: options.maxKeySlotsPerSpace)
     }
 
     func delete(_ req: Request, _ kind: FileKind, _ name: String) async throws -> Response {

@@ -12,8 +12,9 @@ struct ServerCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "server", abstract: "Run the private-data-space server.",
         discussion: discussion(
-            "Hosts one encrypted repository (a private data space) per registered user in the --data directory. Devices register and log in with 'cabackup register' and 'cabackup login', then use --repo http://NAME@HOST:PORT. The API is documented in docs/http-api.md."
-        ))
+            "Hosts one encrypted repository (a private data space) per registered user in the --data directory. Devices register and log in with 'cabackup register' and 'cabackup login', then use --repo http://NAME@HOST:PORT. The API is documented in docs/http-api.md; running it in docs/operations.md."
+        ),
+        subcommands: [ServerAdminCommand.self])
 
     @Option(name: .long, help: "Address and port to listen on (port 0: any free port).")
     var listen = "127.0.0.1:8443"

@@ -56,4 +56,83 @@ struct ServerOperationsTests {
         let check = try cabackup("check", "--repo", server.repo("alice"), "--read-data", env: alice)
         #expect(check.status == 0, "\(check.stderr)")
     }
+
+    @Test("server admin: accounts with usage, a quota, disable and enable, closed registration, delete; the running server obeys at once")
+    func admin() throws {
+        let (s, server, alice) = try aliceOnServer()
+        let bob = device(s, "bob", password: "bob password")
+        try signUp(server, "bob", env: bob)
+        try writeRandom(s.file("src/a.bin"), megabytes: 2)
+        #expect(try cabackup("snapshot", "--repo", server.repo("alice"), s.file("src"), env: alice).status == 0)
+        let data = ["--data", server.data]
+        func admin(_ args: String...) throws -> RunResult {
+            try run(cabackupBinary, ["server", "admin"] + args + data)
+        }
+
+        // The listing: both accounts, one device each, alice's bytes as her space holds them.
+        let listed = try admin("accounts", "--json")
+        #expect(listed.status == 0, "\(listed.stderr)")
+        let rows = listed.stdout.split(separator: "\n").compactMap { jsonObject(String($0)) }
+        #expect(rows.map { $0["name"] as? String } == ["alice", "bob"])
+        let stored = try spaceBytes(server.data + "/spaces/alice")
+        #expect(rows.first?["used_bytes"] as? Int == stored, "\(listed.stdout) vs \(stored)")
+        #expect(rows.allSatisfy { $0["devices"] as? Int == 1 && $0["disabled"] as? Bool == false })
+        let table = try admin("accounts")
+        #expect(table.stdout.contains("alice") && table.stdout.contains("2 accounts"), "\(table.stdout)")
+
+        // A quota for alice alone stops her next upload; cleared, it goes through.
+        #expect(try admin("quota", "alice", "1M").status == 0)
+        try writeRandom(s.file("src/b.bin"), megabytes: 3)
+        let over = try cabackup("snapshot", "--repo", server.repo("alice"), s.file("src"), env: alice)
+        #expect(over.status != 0 && over.stderr.contains("quota"), "\(over.stderr)")
+        try writeRandom(s.file("bob/b.bin"), megabytes: 3)
+        #expect(try cabackup("snapshot", "--repo", server.repo("bob"), s.file("bob"), env: bob).status == 0)
+        #expect(try admin("quota", "alice", "none").status == 0)
+        #expect(try cabackup("snapshot", "--repo", server.repo("alice"), s.file("src"), env: alice).status == 0)
+
+        // Disabled: her devices are refused at once and she cannot log in; bob goes on.
+        #expect(try admin("disable", "alice").status == 0)
+        let refused = try cabackup("snapshots", "--repo", server.repo("alice"), env: alice)
+        #expect(refused.status != 0 && refused.stderr.contains("disabled"), "\(refused.stderr)")
+        let login = try cabackup("login", "--server", server.url, "--user", "alice", env: alice)
+        #expect(login.status != 0 && login.stderr.contains("disabled"), "\(login.stderr)")
+        #expect(try cabackup("snapshots", "--repo", server.repo("bob"), env: bob).status == 0)
+        #expect(try admin("enable", "alice").status == 0)
+        #expect(try cabackup("snapshots", "--repo", server.repo("alice"), env: alice).status == 0)
+
+        // Closed registration refuses newcomers until opened again.
+        #expect(try admin("registration", "closed").stdout.contains("registration: closed"))
+        let carol = device(s, "carol", password: "carol password")
+        let closed = try cabackup(
+            "register", "--server", server.url, "--user", "carol", "--email", "carol@example.org", env: carol)
+        #expect(closed.status != 0 && closed.stderr.contains("registration is closed"), "\(closed.stderr)")
+        #expect(try admin("registration", "open").status == 0)
+        try signUp(server, "carol", env: carol)
+
+        // Delete asks, and without a terminal does nothing unless told --yes.
+        let unasked = try admin("delete", "bob")
+        #expect(unasked.status != 0 && unasked.stderr.contains("--yes"), "\(unasked.stderr)")
+        #expect(FileManager.default.fileExists(atPath: server.data + "/spaces/bob"))
+        #expect(try admin("delete", "bob", "--yes").status == 0)
+        #expect(!FileManager.default.fileExists(atPath: server.data + "/spaces/bob"))
+        let gone = try cabackup("snapshots", "--repo", server.repo("bob"), env: bob)
+        #expect(gone.status == 13, "\(gone.stderr)")
+        #expect(try admin("accounts").stdout.contains("2 accounts"))
+        let unknown = try admin("disable", "nobody")
+        #expect(unknown.status != 0 && unknown.stderr.contains("no account named 'nobody'"), "\(unknown.stderr)")
+        // Alice's data is untouched by all of it.
+        #expect(try cabackup("check", "--repo", server.repo("alice"), "--read-data", env: alice).status == 0)
+    }
+}
+
+/// The bytes of a space's repository files (not the server's index or uploads).
+func spaceBytes(_ root: String) throws -> Int {
+    var total = 0
+    let e = FileManager.default.enumerator(atPath: root)
+    while let path = e?.nextObject() as? String {
+        if path.hasPrefix("index") || path.hasPrefix("tmp") { continue }
+        let a = try FileManager.default.attributesOfItem(atPath: root + "/" + path)
+        if a[.type] as? FileAttributeType == .typeRegular { total += a[.size] as? Int ?? 0 }
+    }
+    return total
 }

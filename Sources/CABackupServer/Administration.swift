@@ -1,0 +1,87 @@
+import CABackup
+import CABackupRemote
+import Foundation
+
+/// What `cabackup server admin` does, on the server's stores directly (its data directory,
+/// and with `storage` the bucket of the spaces' files) while instances run: they read
+/// what is set here on every request, so a change holds at once.
+public final class ServerAdministration: Sendable {
+    let records: any AccountRecords
+    let dataDirectory: String
+    let bucket: S3Location?
+
+    /// Opens the stores of a server that ran with `--data dataDirectory` (and
+    /// `--storage storage`). Creates nothing.
+    /// - Throws: `CABackupError.invalidArgument` when the directory holds no server's data.
+    public init(dataDirectory: String, storage: String? = nil) throws {
+        let path = dataDirectory + "/accounts.sqlite"
+        guard FileManager.default.fileExists(atPath: path) else {
+            throw CABackupError.invalidArgument(
+                "\(dataDirectory) holds no server's accounts: give the --data directory the server runs with")
+        }
+        records = try SQLiteAccountRecords(path: path)
+        self.dataDirectory = dataDirectory
+        bucket = try storage.map { try S3Location(parsing: $0) }
+    }
+
+    /// Every account with its devices, last activity, quota and the bytes its space holds.
+    public func accounts() async throws -> [AccountSummary] {
+        var out = try await records.summaries()
+        for i in out.indices {
+            let storage = try spaceStorage(of: out[i].name, dataDirectory: dataDirectory, bucket: bucket)
+            out[i].usedBytes = try Self.bytes(in: storage)
+        }
+        return out
+    }
+
+    /// The bytes of every file of a space (0 for a space never initialized).
+    static func bytes(in storage: any Storage) throws -> Int64 {
+        var total: Int64 = 0
+        for kind in [FileKind.config, .key, .snapshot, .pack] {
+            for name in try storage.list(kind) { total += try storage.stat(kind, name) ?? 0 }
+        }
+        return total
+    }
+
+    private func require(_ found: Bool, _ user: String) throws {
+        guard found else {
+            throw CABackupError.invalidArgument(
+                "there is no account named '\(user)': 'cabackup server admin accounts' lists them")
+        }
+    }
+
+    /// Sets an account's own quota in bytes, or clears it (nil: the server's
+    /// `--quota-bytes` applies again).
+    public func setQuota(_ user: String, bytes: Int64?) async throws {
+        try require(try await records.setQuota(of: user, bytes: bytes), user)
+    }
+
+    /// Disables an account (its devices get 403 on their next request and it cannot log
+    /// in) or enables it again.
+    public func setDisabled(_ user: String, _ disabled: Bool) async throws {
+        try require(try await records.setDisabled(user, disabled), user)
+    }
+
+    /// Deletes an account with all its data: first disabled (its devices are refused at
+    /// once), then its space's files removed, then the account. Run again after a failure
+    /// part way, it finishes.
+    public func deleteAccount(_ user: String) async throws {
+        try require(try await records.setDisabled(user, true), user)
+        let storage = try spaceStorage(of: user, dataDirectory: dataDirectory, bucket: bucket)
+        for kind in [FileKind.snapshot, .key, .pack, .lock, .config] {
+            for name in try storage.list(kind) { try storage.remove(kind, name) }
+        }
+        let local = dataDirectory + "/spaces/" + user
+        if FileManager.default.fileExists(atPath: local) { try FileManager.default.removeItem(atPath: local) }
+        _ = try await records.deleteAccount(user)
+    }
+
+    /// Opens or closes registration: closed, `POST /v1/register` gets 403.
+    public func setRegistration(open: Bool) async throws {
+        try await records.setSetting("registration", open ? "open" : "closed")
+    }
+
+    public func registrationIsOpen() async throws -> Bool {
+        try await records.setting("registration") != "closed"
+    }
+}

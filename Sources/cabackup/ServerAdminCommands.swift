@@ -1,0 +1,177 @@
+import ArgumentParser
+import CABackup
+import CABackupServer
+import Foundation
+
+#if canImport(Glibc)
+    import Glibc
+#endif
+
+/// `cabackup server admin …`: the operator's tools, on the server's stores directly.
+struct ServerAdminCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "admin", abstract: "Manage the server's accounts (while it runs, or not).",
+        discussion: discussion(
+            "Works on the server's data directory (and with --storage its bucket) directly; a running server reads what is set here on every request, so a change holds at once. See docs/operations.md."
+        ),
+        subcommands: [
+            AdminAccounts.self, AdminQuota.self, AdminDisable.self, AdminEnable.self, AdminDelete.self,
+            AdminRegistration.self,
+        ])
+}
+
+/// Where the server keeps its state: the options `cabackup server` was started with.
+struct ServerStoreOptions: ParsableArguments {
+    @Option(name: .long, help: "The server's data directory (its --data).")
+    var data: String
+    @Option(
+        name: .long,
+        help: ArgumentHelp(
+            "The bucket of the spaces' files, when the server runs with --storage.",
+            valueName: "s3:http(s)://HOST[:PORT]/BUCKET[/PREFIX]"))
+    var storage: String?
+
+    func open() throws -> ServerAdministration {
+        try ServerAdministration(dataDirectory: absolutePath(data), storage: storage)
+    }
+}
+
+struct AdminAccounts: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "accounts", abstract: "List the accounts: devices, last activity, bytes stored, quota, state.")
+    @OptionGroup var store: ServerStoreOptions
+    @Flag(name: .long, help: "One JSON object per account.") var json = false
+
+    func run() async throws {
+        let accounts = try await store.open().accounts()
+        if json {
+            struct Line: Encodable {
+                let name, email, created: String
+                let last_activity: String?
+                let devices: Int
+                let used_bytes: Int64
+                let quota_bytes: Int64?
+                let disabled: Bool
+            }
+            for a in accounts {
+                print(
+                    jsonLine(
+                        Line(
+                            name: a.name, email: a.email, created: formatRFC3339(ns: a.createdNs),
+                            last_activity: a.lastActivityNs.map { formatRFC3339(ns: $0) }, devices: a.devices,
+                            used_bytes: a.usedBytes, quota_bytes: a.quotaBytes, disabled: a.disabled)))
+            }
+            return
+        }
+        let header = ["NAME", "E-MAIL", "CREATED", "LAST SEEN", "DEVICES", "STORED", "QUOTA", "STATE"]
+        let rows = accounts.map { a in
+            [
+                a.name, a.email, String(formatRFC3339(ns: a.createdNs).prefix(10)),
+                a.lastActivityNs.map { String(formatRFC3339(ns: $0).prefix(16)) } ?? "never", String(a.devices),
+                formatBytes(a.usedBytes), a.quotaBytes.map(formatBytes) ?? "server's",
+                a.disabled ? "disabled" : "active",
+            ]
+        }
+        let widths = header.indices.map { i in ([header] + rows).map { $0[i].count }.max() ?? 0 }
+        for row in [header] + rows {
+            print(
+                row.indices.map { i in row[i].padding(toLength: widths[i], withPad: " ", startingAt: 0) }
+                    .joined(separator: "  ").trimmingCharacters(in: .whitespaces))
+        }
+        print("\(accounts.count) accounts")
+    }
+}
+
+struct AdminQuota: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "quota", abstract: "Set an account's own quota, or 'none' for the server's --quota-bytes.")
+    @OptionGroup var store: ServerStoreOptions
+    @Argument(help: "The account.") var user: String
+    @Argument(help: "A size such as 50G or 500M, or 'none'.") var size: String
+
+    func validate() throws {
+        if size != "none", (parseSize(size) ?? 0) <= 0 {
+            throw ValidationError("'\(size)' is not a size: give one such as 50G or 500M, or 'none'")
+        }
+    }
+
+    func run() async throws {
+        let bytes = size == "none" ? nil : parseSize(size)
+        try await store.open().setQuota(user, bytes: bytes)
+        print(bytes.map { "\(user): quota \(formatBytes($0))" } ?? "\(user): the server's quota applies")
+    }
+}
+
+struct AdminDisable: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "disable", abstract: "Disable an account: its devices are refused (403) from their next request.")
+    @OptionGroup var store: ServerStoreOptions
+    @Argument(help: "The account.") var user: String
+
+    func run() async throws {
+        try await store.open().setDisabled(user, true)
+        print("\(user): disabled")
+    }
+}
+
+struct AdminEnable: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "enable", abstract: "Enable a disabled account again.")
+    @OptionGroup var store: ServerStoreOptions
+    @Argument(help: "The account.") var user: String
+
+    func run() async throws {
+        try await store.open().setDisabled(user, false)
+        print("\(user): active")
+    }
+}
+
+struct AdminDelete: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "delete", abstract: "Delete an account with all its data (asks first).")
+    @OptionGroup var store: ServerStoreOptions
+    @Argument(help: "The account.") var user: String
+    @Flag(name: .long, help: "Do not ask (for scripts).") var yes = false
+
+    func run() async throws {
+        let admin = try store.open()
+        guard let account = try await admin.accounts().first(where: { $0.name == user }) else {
+            throw CABackupError.invalidArgument(
+                "there is no account named '\(user)': 'cabackup server admin accounts' lists them")
+        }
+        if !yes {
+            guard isatty(0) == 1 else {
+                throw CABackupError.invalidArgument(
+                    "deleting '\(user)' needs a yes: give --yes, or run it in a terminal to be asked")
+            }
+            let question =
+                "Delete the account '\(user)' (\(account.email)), its \(account.devices) devices and \(formatBytes(account.usedBytes)) of data? This cannot be undone. Type the account's name to confirm: "
+            FileHandle.standardOutput.write(Data(question.utf8))
+            guard readLine()?.trimmingCharacters(in: .whitespaces) == user else {
+                print("not deleted")
+                return
+            }
+        }
+        try await admin.deleteAccount(user)
+        print("\(user): deleted with \(formatBytes(account.usedBytes)) of data")
+    }
+}
+
+struct AdminRegistration: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "registration", abstract: "Open or close registration of new accounts, or show which it is.")
+    @OptionGroup var store: ServerStoreOptions
+    @Argument(help: "open or closed (none: show it).") var state: String?
+
+    func validate() throws {
+        if let state, !["open", "closed"].contains(state) {
+            throw ValidationError("'\(state)' is neither 'open' nor 'closed'")
+        }
+    }
+
+    func run() async throws {
+        let admin = try store.open()
+        if let state { try await admin.setRegistration(open: state == "open") }
+        print("registration: \(try await admin.registrationIsOpen() ? "open" : "closed")")
+    }
+}
