@@ -151,6 +151,8 @@ struct AccountRecordsTests {
             #expect(try await a.loginSaltKey() == key)
             try await store.postgres?.restart()
             #expect(try await store.instance().loginSaltKey() == key)
+            // An instance open across the restart reconnects.
+            #expect(try await a.loginSaltKey() == key)
         }
     }
 
