@@ -137,4 +137,57 @@ final class PostgresAccountRecords: AccountRecords {
     func removeToken(hash: [UInt8], of user: String) async throws {
         try await db.query("DELETE FROM tokens WHERE hash = \(ByteBuffer(bytes: hash)) AND user_name = \(user)")
     }
+
+    func checkReachable() async throws {
+        _ = try await db.query("SELECT 1")
+    }
+
+    func state(of user: String) async throws -> AccountState? {
+        try await db.query("SELECT disabled, quota_bytes FROM accounts WHERE name = \(user)").first.map { row in
+            let (disabled, quota) = try row.decode((Bool, Int64?).self)
+            return AccountState(disabled: disabled, quotaBytes: quota)
+        }
+    }
+
+    func summaries() async throws -> [AccountSummary] {
+        try await db.query(
+            """
+            SELECT a.name, a.email, a.created_ns, max(t.last_used_ns), count(t.hash), a.disabled, a.quota_bytes
+            FROM accounts a LEFT JOIN tokens t ON t.user_name = a.name GROUP BY a.name ORDER BY a.name
+            """
+        ).map { row in
+            let (name, email, created, last, devices, disabled, quota) = try row.decode(
+                (String, String, Int64, Int64?, Int, Bool, Int64?).self)
+            return AccountSummary(
+                name: name, email: email, createdNs: created, lastActivityNs: last, devices: devices,
+                disabled: disabled, quotaBytes: quota)
+        }
+    }
+
+    func setQuota(of user: String, bytes: Int64?) async throws -> Bool {
+        try await !db.query("UPDATE accounts SET quota_bytes = \(bytes) WHERE name = \(user) RETURNING 1").isEmpty
+    }
+
+    func setDisabled(_ user: String, _ disabled: Bool) async throws -> Bool {
+        try await !db.query("UPDATE accounts SET disabled = \(disabled) WHERE name = \(user) RETURNING 1").isEmpty
+    }
+
+    func deleteAccount(_ user: String) async throws -> Bool {
+        // Its tokens go with it (ON DELETE CASCADE).
+        try await !db.query("DELETE FROM accounts WHERE name = \(user) RETURNING 1").isEmpty
+    }
+
+    func setting(_ key: String) async throws -> String? {
+        try await db.query("SELECT value FROM settings WHERE key = \(key)").first.map { row in
+            String(decoding: try row.decode(ByteBuffer.self).readableBytesView, as: UTF8.self)
+        }
+    }
+
+    func setSetting(_ key: String, _ value: String) async throws {
+        try await db.query(
+            """
+            INSERT INTO settings(key, value) VALUES (\(key), \(ByteBuffer(bytes: Array(value.utf8))))
+            ON CONFLICT (key) DO UPDATE SET value = excluded.value
+            """)
+    }
 }

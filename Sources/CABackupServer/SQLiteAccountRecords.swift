@@ -213,7 +213,8 @@ final class SQLiteAccountRecords: AccountRecords {
             while try q.step() {
                 out.append(
                     AccountSummary(
-                        name: q.text(0), email: q.text(1), createdNs: q.int(2), lastActivityNs: q.isNull(3) ? nil : q.int(3),
+                        name: q.text(0), email: q.text(1), createdNs: q.int(2),
+                        lastActivityNs: q.isNull(3) ? nil : q.int(3),
                         devices: Int(q.int(4)), disabled: q.int(5) != 0, quotaBytes: q.isNull(6) ? nil : q.int(6)))
             }
             return out
@@ -221,7 +222,9 @@ final class SQLiteAccountRecords: AccountRecords {
     }
 
     /// Runs one UPDATE or DELETE with `user` bound last; true when it changed a row.
-    private func change(_ sql: String, _ bind: (SQLiteStatement) -> Void = { _ in }, user: String, at index: Int32)
+    private func change(
+        _ sql: String, _ bind: (SQLiteStatement) -> Void = { _ in }, user: String, at index: Int32
+    )
         throws -> Bool
     {
         try db.withLock { db in
@@ -262,7 +265,8 @@ final class SQLiteAccountRecords: AccountRecords {
 
     func setSetting(_ key: String, _ value: String) throws {
         try db.withLock { db in
-            let u = try db.prepare("INSERT INTO settings(key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value")
+            let u = try db.prepare(
+                "INSERT INTO settings(key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value")
             u.bind(1, key)
             u.bind(2, value)
             try u.run()

@@ -8,13 +8,22 @@ import Foundation
     import Glibc
 #endif
 
+/// `cabackup server`: runs the server (`server run`, the default), or manages it.
 struct ServerCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
-        commandName: "server", abstract: "Run the private-data-space server.",
+        commandName: "server", abstract: "Run the private-data-space server, or manage its accounts.",
+        discussion: discussion(
+            "'cabackup server --data DIR [options]' runs it (the same as 'cabackup server run'; its options: 'cabackup server run --help'); 'cabackup server admin' manages its accounts. Running it: docs/operations.md."
+        ),
+        subcommands: [ServerRunCommand.self, ServerAdminCommand.self], defaultSubcommand: ServerRunCommand.self)
+}
+
+struct ServerRunCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "run", abstract: "Run the private-data-space server.",
         discussion: discussion(
             "Hosts one encrypted repository (a private data space) per registered user in the --data directory. Devices register and log in with 'cabackup register' and 'cabackup login', then use --repo http://NAME@HOST:PORT. The API is documented in docs/http-api.md; running it in docs/operations.md."
-        ),
-        subcommands: [ServerAdminCommand.self])
+        ))
 
     @Option(name: .long, help: "Address and port to listen on (port 0: any free port).")
     var listen = "127.0.0.1:8443"

@@ -98,6 +98,47 @@ struct AccountRecordsTests {
         }
     }
 
+    @Test(
+        "the operator's state: quota, disabled, summaries with devices, settings, delete with its tokens",
+        arguments: RecordsKind.allCases)
+    func operatorState(kind: RecordsKind) async throws {
+        try await RecordsStore.with(kind) { store in
+            let r = try await store.instance()
+            #expect(try await r.insert(account("alice")))
+            #expect(try await r.insert(account("bob")))
+            _ = try await r.add(token(1, of: "alice", created: 5_000), limit: 9)
+            _ = try await r.add(token(2, of: "alice", created: 6_000), limit: 9)
+            let fresh = try #require(try await r.state(of: "alice"))
+            #expect(!fresh.disabled && fresh.quotaBytes == nil)
+            #expect(try await r.state(of: "carol") == nil)
+
+            #expect(try await r.setQuota(of: "alice", bytes: 1 << 30))
+            #expect(try await r.setDisabled("alice", true))
+            #expect(try await !r.setDisabled("carol", true))
+            let set = try #require(try await r.state(of: "alice"))
+            #expect(set.disabled && set.quotaBytes == 1 << 30)
+            #expect(try await r.setQuota(of: "alice", bytes: nil))
+            #expect(try await r.state(of: "alice")?.quotaBytes == nil)
+
+            let all = try await r.summaries()
+            #expect(all.map(\.name) == ["alice", "bob"])
+            #expect(all[0].devices == 2 && all[0].lastActivityNs == 6_000 && all[0].disabled)
+            #expect(all[1].devices == 0 && all[1].lastActivityNs == nil && !all[1].disabled)
+
+            #expect(try await r.setting("registration") == nil)
+            try await r.setSetting("registration", "closed")
+            try await r.setSetting("registration", "open")
+            #expect(try await r.setting("registration") == "open")
+
+            #expect(try await r.deleteAccount("alice"))
+            #expect(try await !r.deleteAccount("alice"))
+            #expect(try await r.state(of: "alice") == nil)
+            #expect(try await r.tokens(of: "alice").isEmpty)
+            #expect(try await r.token(hash: token(1, of: "alice").hash) == nil)
+            try await r.checkReachable()
+        }
+    }
+
     @Test("tokens are added up to the limit, then refused with the count held", arguments: RecordsKind.allCases)
     func tokenLimit(kind: RecordsKind) async throws {
         try await RecordsStore.with(kind) { store in

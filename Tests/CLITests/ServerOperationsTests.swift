@@ -57,7 +57,9 @@ struct ServerOperationsTests {
         #expect(check.status == 0, "\(check.stderr)")
     }
 
-    @Test("server admin: accounts with usage, a quota, disable and enable, closed registration, delete; the running server obeys at once")
+    @Test(
+        "server admin: accounts with usage, a quota, disable and enable, closed registration, delete; the running server obeys at once"
+    )
     func admin() throws {
         let (s, server, alice) = try aliceOnServer()
         let bob = device(s, "bob", password: "bob password")
