@@ -186,7 +186,8 @@ final class PostgresDatabase: Sendable {
     /// The schema, version by version. Append a step to change it; never edit one that has
     /// shipped (databases that ran it will not run it again).
     static let migrations: [Migration] = [
-        Migration(version: 1, statements: PostgresAccountRecords.schema)
+        Migration(version: 1, statements: PostgresAccountRecords.schema),
+        Migration(version: 2, statements: PostgresSpaceRecords.schema),
     ]
 
     /// Any number, the same in every instance: the advisory lock that lets one instance at a

@@ -4,9 +4,9 @@ import Testing
 
 @testable import CABackupServer
 
-/// Where a test keeps account records: each store's tests only say how to make one.
+/// Where a test keeps account or space records: each store's tests only say how to make one.
 enum RecordsKind: String, CaseIterable, CustomTestStringConvertible {
-    /// `accounts.sqlite` in a temporary directory.
+    /// SQLite files in a temporary directory.
     case sqlite
     /// A real PostgreSQL cluster of the test's own (``PostgresServer``).
     case postgres
@@ -41,10 +41,20 @@ final class RecordsStore {
 
     /// Another instance over the store: a second server sharing the same accounts.
     func instance() async throws -> any AccountRecords {
-        guard let postgres else { return try SQLiteAccountRecords(path: dir.file("accounts.sqlite")) }
+        guard postgres != nil else { return try SQLiteAccountRecords(path: file("accounts.sqlite")) }
+        return PostgresAccountRecords(try await database())
+    }
+
+    /// A file in the store's temporary directory.
+    func file(_ name: String) -> String { dir.file(name) }
+
+    /// A connection of its own to the PostgreSQL database, as another server instance
+    /// opens, closed with the store.
+    func database() async throws -> PostgresDatabase {
+        guard let postgres else { throw CABackupError.invalidArgument("a SQLite store has no PostgreSQL database") }
         let db = try await postgres.open()
         databases.append(db)
-        return PostgresAccountRecords(db)
+        return db
     }
 
     private func close() async {
@@ -276,7 +286,7 @@ struct PostgresAccountRecordsTests {
             let db = try await server.open()
             try await db.migrate()
             let versions = try await db.query("SELECT version FROM schema_version").map { try $0.decode(Int.self) }
-            #expect(versions == [1])
+            #expect(versions == PostgresDatabase.migrations.map(\.version))
             #expect(try await PostgresAccountRecords(db).secret(of: "alice") != nil)
             await db.close()
         }
