@@ -9,20 +9,28 @@ public final class ServerAdministration: Sendable {
     let records: any AccountRecords
     let dataDirectory: String
     let bucket: S3Location?
+    let database: PostgresDatabase?
 
     /// Opens the stores of a server that ran with `--data dataDirectory` (and
-    /// `--storage storage`). Creates nothing.
-    /// - Throws: `CABackupError.invalidArgument` when the directory holds no server's data.
-    public init(dataDirectory: String, storage: String? = nil) throws {
-        let path = dataDirectory + "/accounts.sqlite"
-        guard FileManager.default.fileExists(atPath: path) else {
+    /// `--storage storage`, `--database database`). Creates nothing; ``close()`` when done.
+    /// - Throws: `CABackupError.invalidArgument` when the directory holds no server's
+    ///   accounts, or the database cannot be used.
+    public init(
+        dataDirectory: String, storage: String? = nil, database url: String? = nil, databasePassword: String? = nil
+    ) async throws {
+        if url == nil, !FileManager.default.fileExists(atPath: dataDirectory + "/accounts.sqlite") {
             throw CABackupError.invalidArgument(
                 "\(dataDirectory) holds no server's accounts: give the --data directory the server runs with")
         }
-        records = try SQLiteAccountRecords(path: path)
+        database = try await url.asyncMap { try await PostgresDatabase.open($0, password: databasePassword) }
+        try await database?.migrate()
+        records = try accountRecords(dataDirectory: dataDirectory, database: database)
         self.dataDirectory = dataDirectory
         bucket = try storage.map { try S3Location(parsing: $0) }
     }
+
+    /// Closes the database connection, if any.
+    public func close() async { await database?.close() }
 
     /// Every account with its devices, last activity, quota and the bytes its space holds.
     public func accounts() async throws -> [AccountSummary] {

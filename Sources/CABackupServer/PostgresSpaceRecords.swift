@@ -111,10 +111,20 @@ final class PostgresSpaceRecords: SpaceRecords {
     func stored(_ kind: FileKind, _ name: String, size: Int64, blobs: [BlobID], reservation: Reservation) async throws {
         let space = space
         try await db.transaction { c in
-            try await Self.addUsed(c, space, size)
+            _ = try await Self.lockUsage(c, space)
+            // A pack counts once: stored again (a retry after an answer lost, on this or
+            // another instance) it is only indexed, in case the first store was not.
+            var new = true
             if kind == .pack, let pack = ObjectID(hex: name) {
+                new = try await !c.rows(
+                    """
+                    INSERT INTO space_packs(space, pack, size) VALUES (\(space), \(ByteBuffer(bytes: pack.bytes)), \(size))
+                    ON CONFLICT DO NOTHING RETURNING 1
+                    """
+                ).isEmpty
                 try await Self.index(c, space, [(pack, size, blobs)])
             }
+            if new { try await Self.addUsed(c, space, size) }
             try await c.rows("DELETE FROM space_reservations WHERE id = \(reservation.id)")
         }
         _ = reservation.settle()
@@ -197,7 +207,7 @@ final class PostgresSpaceRecords: SpaceRecords {
     }
 
     func reconcile(
-        add: [(name: String, size: Int64, blobs: [BlobID])], drop: Set<String>, usedBytes: Int64, hasConfig: Bool
+        add: [(name: String, size: Int64, blobs: [BlobID])], drop: Set<String>, usedBytes: Int64?, hasConfig: Bool?
     ) async throws {
         let space = space
         let packs: [(id: ObjectID, size: Int64, blobs: [BlobID])] = add.compactMap { p in
@@ -208,7 +218,8 @@ final class PostgresSpaceRecords: SpaceRecords {
             _ = try await Self.lockUsage(c, space)
             try await c.rows(
                 """
-                UPDATE space_usage SET used_bytes = \(usedBytes), config_claimed = \(hasConfig)
+                UPDATE space_usage SET used_bytes = coalesce(\(usedBytes), used_bytes),
+                    config_claimed = coalesce(\(hasConfig), config_claimed)
                 WHERE space = \(space)
                 """)
             // SQL-safe: now is a literal.
@@ -218,6 +229,8 @@ final class PostgresSpaceRecords: SpaceRecords {
             try await Self.unindex(c, space, dropped)
         }
     }
+
+    var shared: Bool { true }
 
     // MARK: Helpers (in a transaction)
 

@@ -29,6 +29,11 @@ public struct ServerOptions: Sendable {
     /// each under `PREFIX/spaces/NAME/`; nil keeps them in ``dataDirectory``. The
     /// credentials come from `AWS_*` in the environment.
     public var storage: String?
+    /// A PostgreSQL database (`postgresql://USER@HOST[:PORT]/DB`) for the accounts, shared
+    /// by every instance that names it; nil keeps them in ``dataDirectory``.
+    public var database: String?
+    /// The database user's password (from `PGPASSWORD` or a file, never the command line).
+    public var databasePassword: String?
     /// PEM certificate chain and private key: serve HTTPS.
     public var tlsCertificate: String?
     public var tlsKey: String?
@@ -130,6 +135,7 @@ func serve(_ app: some Service, api: ServerAPI, logger: Logger) async throws {
             services: [.init(service: app), .init(service: DrainOnShutdown(api: api, logger: logger))],
             gracefulShutdownSignals: [.sigterm, .sigint], logger: logger))
     try await group.run()
+    await api.database?.close()
     logger.info("stopped")
 }
 
@@ -143,6 +149,21 @@ struct DrainOnShutdown: Service {
         try? await gracefulShutdown()
         api.draining.store(true, ordering: .relaxed)
         logger.info("stopping: no new connections; finishing the requests in flight")
+    }
+}
+
+/// The account records: in the shared database when there is one, else in
+/// `DATA/accounts.sqlite`.
+func accountRecords(dataDirectory: String, database: PostgresDatabase?) throws -> any AccountRecords {
+    if let database { return PostgresAccountRecords(database) }
+    return try SQLiteAccountRecords(path: dataDirectory + "/accounts.sqlite")
+}
+
+extension Optional {
+    /// `map` with an async transform.
+    func asyncMap<T>(_ transform: (Wrapped) async throws -> T) async rethrows -> T? {
+        guard let value = self else { return nil }
+        return try await transform(value)
     }
 }
 
@@ -213,6 +234,8 @@ final class ServerAPI: Sendable {
     let io: NIOThreadPool
     /// Set when a graceful shutdown begins: `/healthz` answers 503.
     let draining = Atomic(false)
+    /// The database shared with other instances, when there is one.
+    let database: PostgresDatabase?
     /// Where the spaces' files live when not in the data directory, and a storage at its
     /// root that health checks ask.
     let bucket: (base: S3Location, probe: S3Storage)?
@@ -230,8 +253,12 @@ final class ServerAPI: Sendable {
         umask(0o077)
         try makeDirectories(options.dataDirectory + "/spaces")
         chmod(options.dataDirectory, 0o700)
+        database = try await options.database.asyncMap {
+            try await PostgresDatabase.open($0, password: options.databasePassword)
+        }
+        try await database?.migrate()
         accounts = try await Accounts(
-            records: try SQLiteAccountRecords(path: options.dataDirectory + "/accounts.sqlite"),
+            records: try accountRecords(dataDirectory: options.dataDirectory, database: database),
             tokenLifetimeSeconds: options.tokenLifetimeSeconds, maxTokensPerAccount: options.maxTokensPerAccount)
         io = NIOThreadPool(numberOfThreads: 16)
         io.start()
@@ -276,11 +303,15 @@ final class ServerAPI: Sendable {
             }
             let io = self.io
             let storage = try self.storage(of: user)
+            let database = self.database
             let opening = Task {
                 try makeDirectories(root + "/index")
+                let records: any SpaceRecords =
+                    if let database { PostgresSpaceRecords(database, space: user) } else {
+                        try SQLiteSpaceRecords(indexPath: root + "/index/server.sqlite")
+                    }
                 return try await Space(
-                    user: user, storage: storage,
-                    records: try SQLiteSpaceRecords(indexPath: root + "/index/server.sqlite"),
+                    user: user, storage: storage, records: records,
                     uploadDirectory: root + "/tmp", io: io)
             }
             all[user] = opening

@@ -42,13 +42,17 @@ final class Space: Sendable {
         for name in (try? readDirectory(Array(uploadDirectory.utf8))) ?? [] {
             unlink(uploadDirectory + "/" + String(decoding: name, as: UTF8.self))
         }
-        try await reconcile()
+        try await reconcile(full: !records.shared)
     }
 
     /// Brings the records in line with the files the storage holds: packs stored but not
-    /// indexed (a crash between the two) are indexed from their clear headers, rows of
-    /// packs that are gone are dropped, and the bytes used are counted again.
-    func reconcile() async throws {
+    /// indexed (a crash between the two) are indexed from their clear headers; with
+    /// `full`, rows of packs that are gone are dropped and the bytes used are counted
+    /// again. Records shared with other instances get only the additions when a space is
+    /// opened: a full pass while another instance stores a pack could drop it from the
+    /// index. (A crash between storing and recording a pack then leaves its bytes
+    /// uncounted against the quota until a full pass.)
+    func reconcile(full: Bool) async throws {
         let storage = self.storage
         let files = try await blocking { () throws -> (packs: [String: Int64], used: Int64, config: Bool) in
             var packs: [String: Int64] = [:]
@@ -68,7 +72,8 @@ final class Space: Sendable {
             add.append((name, size, ids))
         }
         try await records.reconcile(
-            add: add, drop: indexed.subtracting(files.packs.keys), usedBytes: files.used, hasConfig: files.config)
+            add: add, drop: full ? indexed.subtracting(files.packs.keys) : [], usedBytes: full ? files.used : nil,
+            hasConfig: full ? files.config : nil)
     }
 
     /// Runs a blocking storage call on the I/O threads.
@@ -120,15 +125,17 @@ final class Space: Sendable {
             throw APIError(400, "pack is malformed (\(error)): upload it again")
         }
         let storage = self.storage
-        let stored = try await blocking { () throws -> Bool in
+        try await blocking {
             if (try? storage.size(.pack, name)) != nil {  // stored already: harmless
                 unlink(temporary)
-                return false
+            } else {
+                try storage.put(.pack, name, file: temporary)
             }
-            try storage.put(.pack, name, file: temporary)
-            return true
         }
-        if stored { try await records.stored(.pack, name, size: size, blobs: ids, reservation: reservation) }
+        // Recorded even when it was stored already: the first upload may have been cut
+        // (an instance killed) between storing the pack and recording it. A pack counts
+        // once.
+        try await records.stored(.pack, name, size: size, blobs: ids, reservation: reservation)
     }
 
     /// Stores a small file (config, key slot, snapshot record) atomically and durably.

@@ -39,7 +39,8 @@ protocol SpaceRecords: Sendable {
     /// Gives a reservation's bytes back (a no-op when it was recorded as stored).
     func release(_ reservation: Reservation) async
     /// Records a file the storage now holds: its bytes count as stored instead of the
-    /// reservation's, and a pack's blob ids are indexed.
+    /// reservation's, and a pack's blob ids are indexed. A pack recorded before counts
+    /// once; recording it again only completes its index.
     func stored(
         _ kind: FileKind, _ name: String, size: Int64, blobs: [BlobID], reservation: Reservation)
         async throws
@@ -62,10 +63,14 @@ protocol SpaceRecords: Sendable {
     func indexedPacks() async throws -> Set<String>
     /// Brings the records in line with the files the storage holds (after a crash between
     /// storing a file and recording it, or records lost): indexes the packs in `add`,
-    /// drops the packs in `drop`, and sets the bytes stored and whether a config is.
+    /// drops the packs in `drop`, and sets the bytes stored and whether a config is (nil:
+    /// leaves them).
     func reconcile(
-        add: [(name: String, size: Int64, blobs: [BlobID])], drop: Set<String>, usedBytes: Int64, hasConfig: Bool)
+        add: [(name: String, size: Int64, blobs: [BlobID])], drop: Set<String>, usedBytes: Int64?, hasConfig: Bool?)
         async throws
+    /// Whether other server instances share these records: then a space opened here is
+    /// only added to (see ``Space/reconcile(full:)``).
+    var shared: Bool { get }
 }
 
 /// How long a lease lasts without renewal (clients renew every 20 s).
@@ -133,9 +138,10 @@ final class SQLiteSpaceRecords: SpaceRecords, @unchecked Sendable {
 
     func stored(_ kind: FileKind, _ name: String, size: Int64, blobs: [BlobID], reservation: Reservation) throws {
         try withLock {
-            if kind == .pack { try index(pack: name, size: size, ids: blobs) }
+            // A pack counts once; stored again, it is only indexed.
+            let new = kind == .pack ? try index(pack: name, size: size, ids: blobs) : true
             if reservation.settle() { reservedBytes -= reservation.bytes }
-            usedBytes += size
+            if new { usedBytes += size }
         }
     }
 
@@ -193,24 +199,30 @@ final class SQLiteSpaceRecords: SpaceRecords, @unchecked Sendable {
     }
 
     func reconcile(
-        add: [(name: String, size: Int64, blobs: [BlobID])], drop: Set<String>, usedBytes used: Int64, hasConfig: Bool
+        add: [(name: String, size: Int64, blobs: [BlobID])], drop: Set<String>, usedBytes used: Int64?,
+        hasConfig: Bool?
     ) throws {
         try withLock {
             for pack in add { try index(pack: pack.name, size: pack.size, ids: pack.blobs) }
             for name in drop { try unindex(pack: name) }
-            usedBytes = used
-            configClaimed = hasConfig
+            if let used { usedBytes = used }
+            if let hasConfig { configClaimed = hasConfig }
         }
     }
 
-    private func index(pack name: String, size: Int64, ids: [BlobID]) throws {
-        guard let pack = ObjectID(hex: name) else { return }
+    var shared: Bool { false }
+
+    /// Indexes a pack; returns whether it was not indexed before.
+    @discardableResult
+    private func index(pack name: String, size: Int64, ids: [BlobID]) throws -> Bool {
+        guard let pack = ObjectID(hex: name) else { return false }
         try db.execute("BEGIN")
         do {
             let p = try db.prepare("INSERT OR IGNORE INTO packs(id, size) VALUES (?, ?)")
             p.bind(1, pack)
             p.bind(2, size)
             try p.run()
+            let new = db.changes > 0
             let b = try db.prepare("INSERT OR IGNORE INTO blobs(id, pack) VALUES (?, ?)")
             for id in ids {
                 b.reset()
@@ -219,6 +231,7 @@ final class SQLiteSpaceRecords: SpaceRecords, @unchecked Sendable {
                 try b.run()
             }
             try db.execute("COMMIT")
+            return new
         } catch {
             try? db.execute("ROLLBACK")
             throw error

@@ -20,19 +20,59 @@ struct ServerAdminCommand: AsyncParsableCommand {
         ])
 }
 
-/// Where the server keeps its state: the options `cabackup server` was started with.
-struct ServerStoreOptions: ParsableArguments {
-    @Option(name: .long, help: "The server's data directory (its --data).")
-    var data: String
+/// Where a server keeps its state besides `--data`: the options of `server run` that
+/// `server admin` needs too.
+struct ServerStateOptions: ParsableArguments {
     @Option(
         name: .long,
         help: ArgumentHelp(
-            "The bucket of the spaces' files, when the server runs with --storage.",
+            "Keep the spaces' files in an S3 bucket instead of --data (credentials from AWS_*).",
             valueName: "s3:http(s)://HOST[:PORT]/BUCKET[/PREFIX]"))
     var storage: String?
+    @Option(
+        name: .long,
+        help: ArgumentHelp(
+            "Keep the accounts in a PostgreSQL database that several instances share (password from PGPASSWORD or --database-password-file).",
+            valueName: "postgresql://USER@HOST[:PORT]/DB"))
+    var database: String?
+    @Option(name: .long, help: "Read the database user's password from the first line of this file.")
+    var databasePasswordFile: String?
 
-    func open() throws -> ServerAdministration {
-        try ServerAdministration(dataDirectory: absolutePath(data), storage: storage)
+    /// The database password: the file's first line, else `PGPASSWORD`, else none.
+    func databasePassword() throws -> String? {
+        guard let file = databasePasswordFile else { return ProcessInfo.processInfo.environment["PGPASSWORD"] }
+        guard let text = try? String(contentsOfFile: file, encoding: .utf8) else {
+            throw CABackupError.invalidArgument("cannot read the database password file \(file): check the path")
+        }
+        return String(text.split(separator: "\n", omittingEmptySubsequences: false).first ?? "")
+    }
+
+    func validate() throws {
+        if databasePasswordFile != nil && database == nil {
+            throw ValidationError("--database-password-file needs --database")
+        }
+    }
+}
+
+/// The server whose accounts `server admin` manages.
+struct ServerStoreOptions: ParsableArguments {
+    @Option(name: .long, help: "The server's data directory (its --data).")
+    var data: String
+    @OptionGroup var state: ServerStateOptions
+
+    /// Runs `body` on the server's stores, closing them after.
+    func with<T>(_ body: (ServerAdministration) async throws -> T) async throws -> T {
+        let admin = try await ServerAdministration(
+            dataDirectory: absolutePath(data), storage: state.storage, database: state.database,
+            databasePassword: state.databasePassword())
+        do {
+            let result = try await body(admin)
+            await admin.close()
+            return result
+        } catch {
+            await admin.close()
+            throw error
+        }
     }
 }
 
@@ -43,7 +83,7 @@ struct AdminAccounts: AsyncParsableCommand {
     @Flag(name: .long, help: "One JSON object per account.") var json = false
 
     func run() async throws {
-        let accounts = try await store.open().accounts()
+        let accounts = try await store.with { try await $0.accounts() }
         if json {
             struct Line: Encodable {
                 let name, email, created: String
@@ -97,7 +137,7 @@ struct AdminQuota: AsyncParsableCommand {
 
     func run() async throws {
         let bytes = size == "none" ? nil : parseSize(size)
-        try await store.open().setQuota(user, bytes: bytes)
+        try await store.with { try await $0.setQuota(user, bytes: bytes) }
         print(bytes.map { "\(user): quota \(formatBytes($0))" } ?? "\(user): the server's quota applies")
     }
 }
@@ -109,7 +149,7 @@ struct AdminDisable: AsyncParsableCommand {
     @Argument(help: "The account.") var user: String
 
     func run() async throws {
-        try await store.open().setDisabled(user, true)
+        try await store.with { try await $0.setDisabled(user, true) }
         print("\(user): disabled")
     }
 }
@@ -121,7 +161,7 @@ struct AdminEnable: AsyncParsableCommand {
     @Argument(help: "The account.") var user: String
 
     func run() async throws {
-        try await store.open().setDisabled(user, false)
+        try await store.with { try await $0.setDisabled(user, false) }
         print("\(user): active")
     }
 }
@@ -134,7 +174,10 @@ struct AdminDelete: AsyncParsableCommand {
     @Flag(name: .long, help: "Do not ask (for scripts).") var yes = false
 
     func run() async throws {
-        let admin = try store.open()
+        try await store.with { admin in try await delete(with: admin) }
+    }
+
+    func delete(with admin: ServerAdministration) async throws {
         guard let account = try await admin.accounts().first(where: { $0.name == user }) else {
             throw CABackupError.invalidArgument(
                 "there is no account named '\(user)': 'cabackup server admin accounts' lists them")
@@ -170,8 +213,10 @@ struct AdminRegistration: AsyncParsableCommand {
     }
 
     func run() async throws {
-        let admin = try store.open()
-        if let state { try await admin.setRegistration(open: state == "open") }
-        print("registration: \(try await admin.registrationIsOpen() ? "open" : "closed")")
+        let open = try await store.with { admin in
+            if let state { try await admin.setRegistration(open: state == "open") }
+            return try await admin.registrationIsOpen()
+        }
+        print("registration: \(open ? "open" : "closed")")
     }
 }

@@ -29,12 +29,7 @@ struct ServerRunCommand: AsyncParsableCommand {
     var listen = "127.0.0.1:8443"
     @Option(name: .long, help: "Directory for accounts and spaces (created if missing).")
     var data: String
-    @Option(
-        name: .long,
-        help: ArgumentHelp(
-            "Keep the spaces' files in an S3 bucket instead of --data (credentials from AWS_*).",
-            valueName: "s3:http(s)://HOST[:PORT]/BUCKET[/PREFIX]"))
-    var storage: String?
+    @OptionGroup var state: ServerStateOptions
     @Option(name: .long, help: "PEM certificate chain: serve HTTPS (with --tls-key).")
     var tlsCert: String?
     @Option(name: .long, help: "PEM private key of --tls-cert.")
@@ -81,7 +76,9 @@ struct ServerRunCommand: AsyncParsableCommand {
         if host.hasPrefix("[") && host.hasSuffix("]") { host = String(host.dropFirst().dropLast()) }
         var options = ServerOptions(
             host: host, port: Int(listen[listen.index(after: colon)...])!, dataDirectory: absolutePath(data))
-        options.storage = storage
+        options.storage = state.storage
+        options.database = state.database
+        options.databasePassword = try state.databasePassword()
         options.tlsCertificate = tlsCert
         options.tlsKey = tlsKey
         options.quotaBytes = quotaBytes

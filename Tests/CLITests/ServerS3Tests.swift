@@ -3,29 +3,43 @@ import Foundation
 import Testing
 
 /// The server with its spaces' files in its data directory or in an S3 bucket (SeaweedFS
-/// here; the accounts and the spaces' indexes stay in the data directory): the same API,
-/// the same client, the same results.
-@Suite("the server's spaces in a directory or in an S3 bucket")
+/// here), and its accounts in the data directory or in PostgreSQL: the same API, the same
+/// client, the same results.
+@Suite("the server's state in a directory, an S3 bucket, PostgreSQL")
 struct ServerS3Tests {
-    enum Where: String, CaseIterable, CustomTestStringConvertible {
-        case directory, bucket
+    enum Where: String, CaseIterable, CustomTestStringConvertible, Sendable {
+        /// Everything in the data directory.
+        case directory
+        /// The spaces' files in a bucket.
+        case bucket
+        /// The spaces' files in a bucket, the accounts in PostgreSQL.
+        case database
         var testDescription: String { rawValue }
     }
 
     @Test(
         "two accounts: snapshots, restore, forget --prune, check --read-data; each space under its own name",
         arguments: Where.allCases)
-    func spaces(in place: Where) throws {
+    func spaces(in place: Where) async throws {
+        let postgres = place == .database ? try await PostgresServer() : nil
+        let url = postgres?.url
+        try await offPool { try Self.spaces(in: place, database: url) }
+        withExtendedLifetime(postgres) {}
+    }
+
+    static func spaces(in place: Where, database: String?) throws {
         let store = try SeaweedFS()
         try store.createBucket("spaces")
         let s = Scratch()
+        var args = place == .directory ? [] : ["--storage", "s3:\(store.endpoint)/spaces/prod"]
+        if let database { args += ["--database", database] }
         let server = try TestServer(
-            data: s.file("server"), place == .bucket ? ["--storage", "s3:\(store.endpoint)/spaces/prod"] : [],
-            env: store.environment)
+            data: s.file("server"), args, env: store.environment.merging(["PGPASSWORD": PostgresServer.password]) { $1 }
+        )
         let bucket = try store.client(bucket: "spaces")
         /// A space's files of one kind, wherever they are, with their sizes.
         func files(_ user: String, _ kind: String) throws -> [String: Int] {
-            if place == .bucket {
+            if place != .directory {
                 let objects = try bucket.list(prefix: "prod/spaces/\(user)/\(kind)/")
                 return Dictionary(uniqueKeysWithValues: objects.map { ($0.key, $0.size) })
             }
@@ -72,6 +86,7 @@ struct ServerS3Tests {
         #expect(try files("alice", "snapshots").count == 2)
         #expect(try files("bob", "snapshots").count == 1)
         #expect(FileManager.default.fileExists(atPath: server.data + "/spaces/alice/data") == (place == .directory))
+        #expect(FileManager.default.fileExists(atPath: server.data + "/accounts.sqlite") == (database == nil))
 
         // Deleting goes through too: forget and prune leave one snapshot (and the record of
         // the removal), still whole; the packs only the removed ones used are gone.
@@ -120,4 +135,10 @@ struct ServerS3Tests {
         #expect(r.stderr.contains("'no-such-bucket' does not exist"), "\(r.stderr)")
         #expect(r.stderr.split(separator: "\n").count == 1, "\(r.stderr)")
     }
+}
+
+/// Runs blocking work (child processes) on a thread of its own, off the cooperative pool,
+/// whose two threads would otherwise wait on it.
+func offPool<T: Sendable>(_ body: @escaping @Sendable () throws -> T) async throws -> T {
+    try await withCheckedThrowingContinuation { c in Thread { c.resume(with: Result { try body() }) }.start() }
 }
