@@ -49,6 +49,16 @@ final class PostgresAccountRecords: AccountRecords {
         return key
     }
 
+    /// Replaces the login-salt key (a migration brings the one the devices' secrets were
+    /// made with).
+    func setLoginSaltKey(_ key: [UInt8]) async throws {
+        try await db.query(
+            """
+            INSERT INTO settings(key, value) VALUES ('login-salt-key', \(ByteBuffer(bytes: key)))
+            ON CONFLICT (key) DO UPDATE SET value = excluded.value
+            """)
+    }
+
     func insert(_ account: NewAccount) async throws -> Bool {
         let s = account.secret
         return try await !db.query(

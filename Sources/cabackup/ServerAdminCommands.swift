@@ -220,3 +220,32 @@ struct AdminRegistration: AsyncParsableCommand {
         print("registration: \(open ? "open" : "closed")")
     }
 }
+
+/// `cabackup server migrate`: a single server's data directory into shared stores.
+struct ServerMigrateCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "migrate",
+        abstract: "Move a single server's data directory into PostgreSQL and an S3 bucket.",
+        discussion: discussion(
+            "Copies every account (with its login and device tokens, so devices need not log in again if the address stays) into --database and every space's files into --storage, then indexes them. The source is only read; stop the server first. Run again after a failure, it finishes. See docs/operations.md."
+        ))
+    @Option(name: .long, help: "The single server's data directory.") var from: String
+    @Option(name: .long, help: "The new instance's data directory (files pass through it).") var data: String
+    @OptionGroup var state: ServerStateOptions
+
+    func validate() throws {
+        if state.storage == nil || state.database == nil {
+            throw ValidationError("give --storage and --database: where the accounts and the spaces' files go")
+        }
+    }
+
+    func run() async throws {
+        let migration = try ServerMigration(
+            from: absolutePath(from), scratch: absolutePath(data), storage: state.storage!, database: state.database!,
+            databasePassword: try state.databasePassword())
+        let summary = try await migration.run { print($0) }
+        print(
+            "moved \(summary.accounts) accounts, \(summary.tokens) device tokens, \(summary.files) files (\(formatBytes(summary.bytes)))"
+        )
+    }
+}

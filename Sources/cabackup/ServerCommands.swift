@@ -15,7 +15,8 @@ struct ServerCommand: AsyncParsableCommand {
         discussion: discussion(
             "'cabackup server --data DIR [options]' runs it (the same as 'cabackup server run'; its options: 'cabackup server run --help'); 'cabackup server admin' manages its accounts. Running it: docs/operations.md."
         ),
-        subcommands: [ServerRunCommand.self, ServerAdminCommand.self], defaultSubcommand: ServerRunCommand.self)
+        subcommands: [ServerRunCommand.self, ServerAdminCommand.self, ServerMigrateCommand.self],
+        defaultSubcommand: ServerRunCommand.self)
 }
 
 struct ServerRunCommand: AsyncParsableCommand {

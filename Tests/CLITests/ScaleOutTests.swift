@@ -111,4 +111,64 @@ struct ScaleOutTests {
         #expect(quotaResults.contains { $0?.status != 0 && $0?.stderr.contains("quota") == true })
         withExtendedLifetime((restarted, second)) {}
     }
+
+    @Test(
+        "server migrate: a single server's directory moves into PostgreSQL and a bucket; devices keep their tokens; check, restore and password logins work"
+    )
+    func migrate() async throws {
+        let postgres = try await PostgresServer()
+        let url = postgres.url
+        try await offPool { try Self.migrate(database: url) }
+        withExtendedLifetime(postgres) {}
+    }
+
+    static func migrate(database: String) throws {
+        let store = try SeaweedFS()
+        try store.createBucket("spaces")
+        let s = Scratch()
+        var server = try TestServer(data: s.file("single"))
+        let port = server.port
+        let (alice, bob) = try aliceAndBob(s, on: server)
+        let src = s.file("alice-src")
+        try writeRandom(src + "/a.bin", megabytes: 6)
+        try makeDirectories(src, from: 0, count: 12)
+        #expect(try cabackup("snapshot", "--repo", server.repo("alice"), src, env: alice).status == 0)
+        try writeRandom(src + "/b.bin", megabytes: 2)
+        #expect(try cabackup("snapshot", "--repo", server.repo("alice"), src, env: alice).status == 0)
+        try writeRandom(s.file("bob-src/c.bin"), megabytes: 3)
+        #expect(try cabackup("snapshot", "--repo", server.repo("bob"), s.file("bob-src"), env: bob).status == 0)
+        #expect(try run(cabackupBinary, ["server", "admin", "quota", "bob", "1G", "--data", server.data]).status == 0)
+        #expect(server.stop() == 0)
+
+        let env = store.environment.merging(["PGPASSWORD": PostgresServer.password]) { $1 }
+        let shared = ["--storage", "s3:\(store.endpoint)/spaces", "--database", database]
+        let migrate = ["server", "migrate", "--from", s.file("single"), "--data", s.file("new")] + shared
+        let moved = try run(cabackupBinary, migrate, env: env)
+        #expect(moved.status == 0, "\(moved.stderr)")
+        #expect(moved.stdout.contains("moved 2 accounts, 2 device tokens"), "\(moved.stdout)")
+        let again = try run(cabackupBinary, migrate, env: env)
+        #expect(again.stdout.contains("moved 0 accounts, 0 device tokens, 0 files"), "\(again.stdout)")
+
+        // The same address: the devices' tokens still work, with no login.
+        server = try TestServer(data: s.file("new"), port: port, shared, env: env)
+        let check = try cabackup("check", "--repo", server.repo("alice"), "--read-data", env: alice)
+        #expect(check.status == 0, "\(check.stdout) \(check.stderr)")
+        let out = s.file("out")
+        let restore = try cabackup("restore", "--repo", server.repo("alice"), "latest", "--target", out, env: alice)
+        #expect(restore.status == 0, "\(restore.stderr)")
+        #expect(try sameTree(src, out + src))
+        #expect(try cabackup("check", "--repo", server.repo("bob"), "--read-data", env: bob).status == 0)
+        // An unchanged snapshot finds its parent's data indexed: nothing is uploaded again.
+        let unchanged = try cabackup("snapshot", "--repo", server.repo("alice"), "--json", src, env: alice)
+        #expect(jsonObject(unchanged.stdout)?["chunks_added"] as? Int == 0, "\(unchanged.stdout) \(unchanged.stderr)")
+        // A new device logs in with the password (the login-salt key came along).
+        let tablet = device(s, "alice-tablet", password: "alice password")
+        let login = try cabackup("login", "--server", server.url, "--user", "alice", env: tablet)
+        #expect(login.status == 0, "\(login.stderr)")
+        #expect(try cabackup("snapshots", "--repo", server.repo("alice"), env: tablet).status == 0)
+        // The operator's settings came along.
+        let accounts = try run(
+            cabackupBinary, ["server", "admin", "accounts", "--json", "--data", s.file("new")] + shared, env: env)
+        #expect(accounts.stdout.contains(#""quota_bytes":1073741824"#), "\(accounts.stdout) \(accounts.stderr)")
+    }
 }

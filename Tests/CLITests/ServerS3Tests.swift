@@ -56,10 +56,7 @@ struct ServerS3Tests {
         let health = try http("GET", server.url + "/healthz")
         #expect(health.0 == 200, "\(health.1)")
 
-        let alice = device(s, "alice", password: "alice password")
-        let bob = device(s, "bob", password: "bob password")
-        try signUp(server, "alice", env: alice)
-        try signUp(server, "bob", env: bob)
+        let (alice, bob) = try aliceAndBob(s, on: server)
         let src = s.file("src")
         try writeRandom(src + "/big.bin", megabytes: 20)
         try makeDirectories(src, from: 0, count: 20)

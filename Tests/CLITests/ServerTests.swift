@@ -152,6 +152,15 @@ func aliceOnServer(_ extra: [String] = []) throws -> (Scratch, TestServer, [Stri
     return (s, server, alice)
 }
 
+/// Two accounts on `server`, each with one device and its repository.
+func aliceAndBob(_ s: Scratch, on server: TestServer) throws -> (alice: [String: String], bob: [String: String]) {
+    let alice = device(s, "alice", password: "alice password")
+    let bob = device(s, "bob", password: "bob password")
+    try signUp(server, "alice", env: alice)
+    try signUp(server, "bob", env: bob)
+    return (alice, bob)
+}
+
 /// Registers `user` (logging this device in) and creates the repository in the space.
 func signUp(_ server: TestServer, _ user: String, env: [String: String]) throws {
     let reg = try cabackup(

@@ -211,11 +211,13 @@ struct PostgresSpaceRecordsTests {
     @Test("a reservation past its lifetime no longer counts against the quota")
     func expiredReservation() async throws {
         try await RecordsStore.with(.postgres) { store in
-            let crashing = try await store.space(reservationLifetime: .milliseconds(300))
+            // Long enough that a loaded machine does not let it lapse between the next two
+            // calls (it did at 300 ms in a full run).
+            let crashing = try await store.space(reservationLifetime: .seconds(10))
             let other = try await store.space()
             _ = try await crashing.reserve(10 * mb, quota: 10 * mb)  // never released
             #expect(await refusal { try await other.reserve(1, quota: 10 * mb) } == 413)
-            try await Task.sleep(for: .milliseconds(500))
+            try await Task.sleep(for: .milliseconds(10_500))
             _ = try await other.reserve(10 * mb, quota: 10 * mb)
         }
     }
