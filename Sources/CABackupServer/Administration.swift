@@ -81,6 +81,7 @@ public final class ServerAdministration: Sendable {
         }
         let local = dataDirectory + "/spaces/" + user
         if FileManager.default.fileExists(atPath: local) { try FileManager.default.removeItem(atPath: local) }
+        if let database { try await PostgresSpaceRecords.forget(space: user, in: database) }
         _ = try await records.deleteAccount(user)
     }
 

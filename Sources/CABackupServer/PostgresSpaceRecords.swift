@@ -232,6 +232,17 @@ final class PostgresSpaceRecords: SpaceRecords {
 
     var shared: Bool { true }
 
+    /// Forgets every record of `space` (its account was deleted): a new account of the same
+    /// name must not find an index claiming blobs its space does not hold.
+    static func forget(space: String, in db: PostgresDatabase) async throws {
+        try await db.transaction { c in
+            // SQL-safe: table is one of the literals below; the space is bound.
+            for table in ["space_leases", "space_reservations", "space_blobs", "space_packs", "space_usage"] {
+                try await c.rows("DELETE FROM \(unescaped: table) WHERE space = \(space)")
+            }
+        }
+    }
+
     // MARK: Helpers (in a transaction)
 
     /// Makes the space's usage row if it has none, locks it until the commit (instances

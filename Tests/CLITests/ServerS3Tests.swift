@@ -33,9 +33,8 @@ struct ServerS3Tests {
         let s = Scratch()
         var args = place == .directory ? [] : ["--storage", "s3:\(store.endpoint)/spaces/prod"]
         if let database { args += ["--database", database] }
-        let server = try TestServer(
-            data: s.file("server"), args, env: store.environment.merging(["PGPASSWORD": PostgresServer.password]) { $1 }
-        )
+        let env = store.environment.merging(["PGPASSWORD": PostgresServer.password]) { $1 }
+        let server = try TestServer(data: s.file("server"), args, env: env)
         let bucket = try store.client(bucket: "spaces")
         /// A space's files of one kind, wherever they are, with their sizes.
         func files(_ user: String, _ kind: String) throws -> [String: Int] {
@@ -44,6 +43,7 @@ struct ServerS3Tests {
                 return Dictionary(uniqueKeysWithValues: objects.map { ($0.key, $0.size) })
             }
             let dir = server.data + "/spaces/\(user)/\(kind)"
+            guard FileManager.default.fileExists(atPath: dir) else { return [:] }
             let paths =
                 kind == "data"
                 ? try spacePacks(server.data, user)
@@ -102,6 +102,18 @@ struct ServerS3Tests {
             "restore", "--repo", server.repo("alice"), "latest", "--target", again, env: alice)
         #expect(restoreAgain.status == 0, "\(restoreAgain.stderr)")
         #expect(try sameTree(src, again + src))
+
+        // The operator deletes bob with all his data; a new bob starts from nothing, and
+        // his first snapshot stores all of its data (no index left claims it).
+        let delete = try run(
+            cabackupBinary, ["server", "admin", "delete", "bob", "--yes", "--data", server.data] + args, env: env)
+        #expect(delete.status == 0, "\(delete.stderr)")
+        #expect(try files("bob", "data").isEmpty && files("bob", "snapshots").isEmpty)
+        let newBob = device(s, "new-bob", password: "new bob password")
+        try signUp(server, "bob", env: newBob)
+        #expect(try cabackup("snapshot", "--repo", server.repo("bob"), s.file("bob-src"), env: newBob).status == 0)
+        let bobCheck = try cabackup("check", "--repo", server.repo("bob"), "--read-data", env: newBob)
+        #expect(bobCheck.status == 0, "\(bobCheck.stdout) \(bobCheck.stderr)")
     }
 
     @Test("a bucket that does not exist stops the server at its start, with one line saying so")

@@ -235,11 +235,21 @@ struct PostgresSpaceRecordsTests {
             #expect(try await alice.claimConfig())
             #expect(try await bob.claimConfig())
             let lease = try #require(try await alice.acquire(exclusive: true, key: "k"))
-            #expect(try #require(try await bob.acquire(exclusive: true, key: "k")) != lease)
+            let bobLease = try #require(try await bob.acquire(exclusive: true, key: "k"))
+            #expect(bobLease != lease)
             #expect(try await !bob.renew(lease))
             #expect(try await !bob.releaseLease(lease))
             try await bob.reconcile(add: [], drop: [pack(1)], usedBytes: 0, hasConfig: false)
             #expect(try await alice.indexedPacks() == [pack(1)])
+
+            // A deleted account's space is forgotten: a new account of that name starts empty.
+            try await PostgresSpaceRecords.forget(space: "alice", in: try await store.database())
+            #expect(try await alice.missing([blob(1)]) == [blob(1)])
+            #expect(try await alice.indexedPacks().isEmpty)
+            _ = try await alice.reserve(10 * mb, quota: 10 * mb)
+            #expect(try await alice.acquire(exclusive: true, key: nil) != nil)
+            // Bob's records are untouched: his lease is still held.
+            #expect(try await bob.acquire(exclusive: true, key: "k") == bobLease)
         }
     }
 }
