@@ -76,6 +76,15 @@ public struct ServerMigration: Sendable {
                 NewAccount(name: name, email: account.email, secret: secret, createdNs: account.createdNs))
             {
                 summary.accounts += 1
+            } else {
+                // There already: this migration's earlier run, or somebody else who took the
+                // name on the new instances, whose space must not get these devices or files.
+                let there = try await to.secret(of: name)
+                guard there?.salt == secret.salt, there?.hash == secret.hash else {
+                    throw CABackupError.invalidArgument(
+                        "the database already holds another account named '\(name)': nothing of it was moved; rename or delete that account, then run the migration again"
+                    )
+                }
             }
             _ = try await to.setQuota(of: name, bytes: state.quotaBytes)
             _ = try await to.setDisabled(name, state.disabled)

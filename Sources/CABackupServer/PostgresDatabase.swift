@@ -30,8 +30,9 @@ struct PostgresLocation: Sendable, Equatable, CustomStringConvertible {
     ///   holding a password (whose text the message leaves out).
     init(_ url: String) throws {
         // Checked on the raw text, before anything else, so no message ever repeats a password.
-        let authority = url.split(separator: "://", maxSplits: 1).last?.prefix { $0 != "/" && $0 != "?" } ?? ""
-        if let at = authority.lastIndex(of: "@"), authority[..<at].contains(":") {
+        // A password may hold '/' or '?': look at everything before the last '@'.
+        let rest = url.split(separator: "://", maxSplits: 1).last ?? ""
+        if let at = rest.lastIndex(of: "@"), rest[..<at].contains(":") {
             throw CABackupError.invalidArgument(
                 "the database URL holds a password, which would show in process lists: remove it from the URL and give it with PGPASSWORD or --database-password-file"
             )

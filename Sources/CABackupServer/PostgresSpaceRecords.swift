@@ -133,8 +133,21 @@ final class PostgresSpaceRecords: SpaceRecords {
     func removed(_ kind: FileKind, _ name: String, size: Int64) async throws {
         let space = space
         try await db.transaction { c in
-            try await Self.addUsed(c, space, -size, unclaimingConfig: kind == .config)
-            if kind == .pack, let pack = ObjectID(hex: name) { try await Self.unindex(c, space, [pack]) }
+            _ = try await Self.lockUsage(c, space)
+            // A pack's bytes leave with its row, once: never counted twice off by two
+            // removals, nor off for a pack whose bytes were never counted.
+            var freed = size
+            if kind == .pack, let pack = ObjectID(hex: name) {
+                freed =
+                    try await c.rows(
+                        """
+                        DELETE FROM space_packs WHERE space = \(space) AND pack = \(ByteBuffer(bytes: pack.bytes))
+                        RETURNING size
+                        """
+                    ).first?.decode(Int64.self) ?? 0
+                try await Self.unindex(c, space, [pack])
+            }
+            try await Self.addUsed(c, space, -freed, unclaimingConfig: kind == .config)
         }
     }
 
@@ -225,6 +238,18 @@ final class PostgresSpaceRecords: SpaceRecords {
             // SQL-safe: now is a literal.
             try await c.rows(
                 "DELETE FROM space_reservations WHERE space = \(space) AND expires_ns <= \(unescaped: Self.now)")
+            if usedBytes == nil, !packs.isEmpty {
+                // Adding only: the packs this pass indexes first count their bytes here (a
+                // later record of the same pack finds its row and adds nothing).
+                let added = try await c.rows(
+                    """
+                    INSERT INTO space_packs(space, pack, size)
+                    SELECT \(space), p, s FROM unnest(\(Self.buffers(packs.map(\.id)))::bytea[], \(packs.map(\.size))::bigint[]) AS q(p, s)
+                    ON CONFLICT DO NOTHING RETURNING size
+                    """
+                ).reduce(Int64(0)) { try $0 + $1.decode(Int64.self) }
+                try await Self.addUsed(c, space, added)
+            }
             try await Self.index(c, space, packs)
             try await Self.unindex(c, space, dropped)
         }

@@ -54,17 +54,23 @@ final class Space: Sendable {
     /// uncounted against the quota until a full pass.)
     func reconcile(full: Bool) async throws {
         let storage = self.storage
+        let indexed = try await records.indexedPacks()
+        // An addition-only pass needs the sizes of the packs the index lacks alone (over
+        // S3 each size is a request); a full one counts every file.
         let files = try await blocking { () throws -> (packs: [String: Int64], used: Int64, config: Bool) in
             var packs: [String: Int64] = [:]
-            for name in try storage.list(.pack) { packs[name] = try storage.size(.pack, name) }
-            var used = packs.values.reduce(0, +)
+            var used: Int64 = 0
+            for name in try storage.list(.pack) where full || !indexed.contains(name) {
+                packs[name] = try storage.size(.pack, name)
+                used += packs[name]!
+            }
+            guard full else { return (packs, 0, false) }
             for kind in [FileKind.snapshot, .key] {
                 for name in try storage.list(kind) { used += try storage.size(kind, name) }
             }
             let config = try storage.stat(.config, "config")
             return (packs, used + (config ?? 0), config != nil)
         }
-        let indexed = try await records.indexedPacks()
         var add: [(name: String, size: Int64, blobs: [BlobID])] = []
         for (name, size) in files.packs where !indexed.contains(name) {
             guard let ids = try? await blocking({ try Self.clearEntries(of: name, size: size, in: storage) })
@@ -190,15 +196,14 @@ final class Space: Sendable {
         try await records.stored(kind, name, size: Int64(bytes.count), blobs: [], reservation: reservation)
     }
 
+    /// Removes a file: first from the records, then from the storage, so a failure between
+    /// the two leaves a file the index does not list (it costs an upload again), never an
+    /// index listing blobs whose pack is gone (a snapshot would skip storing them).
     func remove(_ kind: FileKind, _ name: String) async throws -> Bool {
         let storage = self.storage
-        let size = try await blocking { () throws -> Int64? in
-            guard let size = try storage.stat(kind, name) else { return nil }
-            try storage.remove(kind, name)
-            return size
-        }
-        guard let size else { return false }
+        guard let size = try await blocking({ try storage.stat(kind, name) }) else { return false }
         try await records.removed(kind, name, size: size)
+        try await blocking { try storage.remove(kind, name) }
         return true
     }
 }

@@ -147,9 +147,10 @@ final class SQLiteSpaceRecords: SpaceRecords, @unchecked Sendable {
 
     func removed(_ kind: FileKind, _ name: String, size: Int64) throws {
         try withLock {
-            if kind == .pack { try unindex(pack: name) }
+            // A pack's bytes leave with its row, once (two removals at once count one).
+            let counted = kind == .pack ? try unindex(pack: name) : true
             if kind == .config { configClaimed = false }
-            usedBytes -= size
+            if counted { usedBytes -= size }
         }
     }
 
@@ -238,13 +239,18 @@ final class SQLiteSpaceRecords: SpaceRecords, @unchecked Sendable {
         }
     }
 
-    private func unindex(pack name: String) throws {
-        guard let pack = ObjectID(hex: name) else { return }
+    /// Drops a pack from the index; returns whether it was indexed.
+    @discardableResult
+    private func unindex(pack name: String) throws -> Bool {
+        guard let pack = ObjectID(hex: name) else { return false }
+        var indexed = false
         for sql in ["DELETE FROM blobs WHERE pack = ?", "DELETE FROM packs WHERE id = ?"] {
             // SQL-safe: sql is one of the two literals above.
             let s = try db.prepare(sql)
             s.bind(1, pack)
             try s.run()
+            indexed = db.changes > 0
         }
+        return indexed
     }
 }

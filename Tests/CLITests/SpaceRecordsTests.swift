@@ -95,6 +95,19 @@ struct SpaceRecordsTests {
         }
     }
 
+    @Test("a pack removed twice (two deletes at once) frees its bytes once", arguments: RecordsKind.allCases)
+    func removedTwice(kind: RecordsKind) async throws {
+        try await RecordsStore.with(kind) { store in
+            let r = try await store.space()
+            try await record(r, .pack, pack(1), size: 6 * mb, blobs: [blob(1)])
+            try await r.removed(.pack, pack(1), size: 6 * mb)
+            try await r.removed(.pack, pack(1), size: 6 * mb)
+            // At -6 MiB stored, 11 MiB would fit under 10.
+            #expect(await refusal { try await r.reserve(11 * mb, quota: 10 * mb) } == 413)
+            _ = try await r.reserve(10 * mb, quota: 10 * mb)
+        }
+    }
+
     @Test("the config is claimed once, again after an unclaim or its removal", arguments: RecordsKind.allCases)
     func configClaim(kind: RecordsKind) async throws {
         try await RecordsStore.with(kind) { store in
@@ -205,6 +218,18 @@ struct PostgresSpaceRecordsTests {
             #expect(try await a.releaseLease(try #require(try await a.acquire(exclusive: false, key: nil))))
             #expect(try await concurrently(20, a, b) { try await $0.acquire(exclusive: true, key: nil) != nil } == 1)
             #expect(try await concurrently(2, a, b) { try await $0.claimConfig() } == 1)
+        }
+    }
+
+    @Test("a pack an instance's open indexes, then recorded by the upload's retry, counts once")
+    func addOnlyThenStored() async throws {
+        try await RecordsStore.with(.postgres) { store in
+            let (a, b) = (try await store.space(), try await store.space())
+            try await a.reconcile(add: [(pack(1), 4 * mb, [blob(1)])], drop: [], usedBytes: nil, hasConfig: nil)
+            #expect(try await a.missing([blob(1)]).isEmpty)
+            try await record(b, .pack, pack(1), size: 4 * mb, blobs: [blob(1)])
+            #expect(await refusal { try await b.reserve(7 * mb, quota: 10 * mb) } == 413)
+            _ = try await b.reserve(6 * mb, quota: 10 * mb)
         }
     }
 
