@@ -57,20 +57,25 @@ enum StorageUnderTest: String, CaseIterable, CustomTestStringConvertible, Sendab
                 scratch: s, storage: LocalStorage(path: s.file("repo"), durable: true), server: nil, token: nil,
                 store: nil)
         case .server:
+            // This process remembers the config of every location it opens (in the real
+            // ~/.config): a name of its own keeps a later server on a reused port from
+            // looking like this one with its config changed.
+            let user = "alice-" + hexString(secureRandomBytes(6))
             let server = try TestServer(data: s.file("server"))
             let env = device(s, "alice", password: "alice password")
             let reg = try cabackup(
-                "register", "--server", server.url, "--user", "alice", "--email", "alice@example.org", env: env)
+                "register", "--server", server.url, "--user", user, "--email", "alice@example.org", env: env)
             #expect(reg.status == 0, "\(reg.stderr)")
             let token = try storedToken(env)
-            let storage = try HTTPStorage(try RemoteLocation(parsing: server.repo("alice")), token: token)
+            let storage = try HTTPStorage(try RemoteLocation(parsing: server.repo(user)), token: token)
             return Harness(scratch: s, storage: storage, server: server, token: token, store: nil)
         case .s3:
             // A bucket that does not exist yet: create() makes it.
             let store = try SeaweedFS()
             try store.waitUntilReady()
             let storage = try S3Storage(
-                S3Location(parsing: "s3:\(store.endpoint)/conformance/repo"), lookup: .path,
+                S3Location(parsing: "s3:\(store.endpoint)/conformance/repo-\(hexString(secureRandomBytes(6)))"),
+                lookup: .path,
                 environment: store.environment)
             return Harness(scratch: s, storage: storage, server: nil, token: nil, store: store)
         }
