@@ -87,10 +87,7 @@ final class PostgresSpaceRecords: SpaceRecords {
                     "SELECT coalesce(sum(bytes), 0)::bigint FROM space_reservations WHERE space = \(space)"
                 ).first?.decode(Int64.self) ?? 0
             if let quota, used + reserved + bytes > quota {
-                throw APIError(
-                    413,
-                    "quota exceeded: the space holds \(used) of \(quota) bytes (\(reserved) more promised to uploads in progress) and this upload needs \(bytes) more"
-                )
+                throw APIError.quotaExceeded(used: used, quota: quota, promised: reserved, asked: bytes)
             }
             // SQL-safe: now is a literal.
             try await c.rows(

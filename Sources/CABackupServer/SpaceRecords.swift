@@ -73,6 +73,16 @@ protocol SpaceRecords: Sendable {
     var shared: Bool { get }
 }
 
+extension APIError {
+    /// The 413 every ``SpaceRecords`` refuses a reservation with.
+    static func quotaExceeded(used: Int64, quota: Int64, promised: Int64, asked: Int64) -> APIError {
+        APIError(
+            413,
+            "quota exceeded: the space holds \(used) of \(quota) bytes (\(promised) more promised to uploads in progress) and this upload needs \(asked) more"
+        )
+    }
+}
+
 /// How long a lease lasts without renewal (clients renew every 20 s).
 let leaseSeconds: Int64 = 60
 
@@ -122,10 +132,7 @@ final class SQLiteSpaceRecords: SpaceRecords, @unchecked Sendable {
     func reserve(_ bytes: Int64, quota: Int64?) throws -> Reservation {
         try withLock {
             if let quota, usedBytes + reservedBytes + bytes > quota {
-                throw APIError(
-                    413,
-                    "quota exceeded: the space holds \(usedBytes) of \(quota) bytes (\(reservedBytes) more promised to uploads in progress) and this upload needs \(bytes) more"
-                )
+                throw APIError.quotaExceeded(used: usedBytes, quota: quota, promised: reservedBytes, asked: bytes)
             }
             reservedBytes += bytes
             return Reservation(id: "", bytes: bytes)

@@ -136,7 +136,5 @@ final class PostgresServer {
 /// the cooperative pool (two threads on two cores) can starve the queue that reports its
 /// exit, and then nothing moves.
 func runOffPool(_ executable: String, _ args: [String]) async throws -> RunResult {
-    try await withCheckedThrowingContinuation { c in
-        Thread { c.resume(with: Result { try run(executable, args) }) }.start()
-    }
+    try await offPool { try run(executable, args) }
 }
