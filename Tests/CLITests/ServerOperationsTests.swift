@@ -87,8 +87,8 @@ struct ServerOperationsTests {
         try writeRandom(s.file("src/b.bin"), megabytes: 3)
         let over = try cabackup("snapshot", "--repo", server.repo("alice"), s.file("src"), env: alice)
         #expect(over.status != 0 && over.stderr.contains("quota"), "\(over.stderr)")
-        try writeRandom(s.file("bob/b.bin"), megabytes: 3)
-        #expect(try cabackup("snapshot", "--repo", server.repo("bob"), s.file("bob"), env: bob).status == 0)
+        try writeRandom(s.file("bob-src/b.bin"), megabytes: 3)
+        #expect(try cabackup("snapshot", "--repo", server.repo("bob"), s.file("bob-src"), env: bob).status == 0)
         #expect(try admin("quota", "alice", "none").status == 0)
         #expect(try cabackup("snapshot", "--repo", server.repo("alice"), s.file("src"), env: alice).status == 0)
 
