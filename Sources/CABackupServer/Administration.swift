@@ -85,6 +85,71 @@ public final class ServerAdministration: Sendable {
         _ = try await records.deleteAccount(user)
     }
 
+    /// What a reconciliation pass did to one space's records.
+    public struct Reconciled: Sendable {
+        public let user: String
+        /// False when a device held the space's lock: the space was left alone.
+        public let done: Bool
+        /// The bytes stored the records counted before, and the bytes the space's files hold.
+        public let countedBytes, storedBytes: Int64
+        /// Packs indexed that were not, and rows of packs that are gone, dropped.
+        public let packsAdded, packsDropped: Int
+    }
+
+    /// Brings the records of every space (or `user`'s) in line with the files its storage
+    /// holds — the full pass an instance's start does only for additions: packs stored but
+    /// not indexed (an instance killed between the two) are indexed, rows of packs gone are
+    /// dropped, and the quota counter is set to the bytes stored. Each space is held under
+    /// an exclusive lease of its lock for its pass, so no device prunes it meanwhile; a
+    /// space whose lock a device holds is left alone (run again later).
+    /// - Throws: `CABackupError.invalidArgument` for a single server's data directory,
+    ///   which reconciles its spaces whenever it starts.
+    public func reconcile(_ user: String? = nil) async throws -> [Reconciled] {
+        guard let database else {
+            throw CABackupError.invalidArgument(
+                "a single server reconciles its spaces whenever it starts: restart it (this is for instances sharing --database)"
+            )
+        }
+        let names = try await records.summaries().map(\.name).filter { user == nil || $0 == user }
+        if let user { try require(!names.isEmpty, user) }
+        var out: [Reconciled] = []
+        for name in names {
+            let storage = try spaceStorage(of: name, dataDirectory: dataDirectory, bucket: bucket)
+            let space = PostgresSpaceRecords(database, space: name)
+            guard let lease = try await space.acquire(exclusive: true, key: nil) else {
+                out.append(
+                    Reconciled(user: name, done: false, countedBytes: 0, storedBytes: 0, packsAdded: 0, packsDropped: 0)
+                )
+                continue
+            }
+            let found = FoundBox()
+            do {
+                let before = try await space.reconcile(holding: { indexed in
+                    let f = try Space.scan(storage, indexed: indexed, full: true)
+                    found.value = f
+                    return f
+                })
+                _ = try? await space.releaseLease(lease)
+                let f = found.value ?? ReconcileFound()
+                out.append(
+                    Reconciled(
+                        user: name, done: true, countedBytes: before, storedBytes: f.usedBytes ?? 0,
+                        packsAdded: f.add.count, packsDropped: f.drop.count))
+            } catch {
+                _ = try? await space.releaseLease(lease)
+                throw error
+            }
+        }
+        return out
+    }
+
+    /// The bytes stored and promised to uploads that a space's quota counts (nil for a
+    /// single server: it counts in its memory).
+    public func quotaUsage(of user: String) async throws -> (used: Int64, reserved: Int64)? {
+        guard let database else { return nil }
+        return try await PostgresSpaceRecords(database, space: user).usage()
+    }
+
     /// Opens or closes registration: closed, `POST /v1/register` gets 403.
     public func setRegistration(open: Bool) async throws {
         try await records.setSetting("registration", open ? "open" : "closed")
@@ -93,4 +158,11 @@ public final class ServerAdministration: Sendable {
     public func registrationIsOpen() async throws -> Bool {
         try await records.setting("registration") != "closed"
     }
+}
+
+/// What the scan of a reconciliation found, kept for its report (the scan runs once, in
+/// the records' transaction).
+private final class FoundBox: @unchecked Sendable {
+    // Safe: written by the scan, read after the transaction that ran it returned.
+    var value: ReconcileFound?
 }

@@ -220,36 +220,36 @@ final class PostgresSpaceRecords: SpaceRecords {
         add: [(name: String, size: Int64, blobs: [BlobID])], drop: Set<String>, usedBytes: Int64?, hasConfig: Bool?
     ) async throws {
         let space = space
-        let packs: [(id: ObjectID, size: Int64, blobs: [BlobID])] = add.compactMap { p in
-            ObjectID(hex: p.name).map { ($0, p.size, p.blobs) }
-        }
-        let dropped = drop.compactMap { ObjectID(hex: $0) }
+        let found = ReconcileFound(add: add, drop: drop, usedBytes: usedBytes, hasConfig: hasConfig)
         try await db.transaction { c in
             _ = try await Self.lockUsage(c, space)
-            try await c.rows(
-                """
-                UPDATE space_usage SET used_bytes = coalesce(\(usedBytes), used_bytes),
-                    config_claimed = coalesce(\(hasConfig), config_claimed)
-                WHERE space = \(space)
-                """)
-            // SQL-safe: now is a literal.
-            try await c.rows(
-                "DELETE FROM space_reservations WHERE space = \(space) AND expires_ns <= \(unescaped: Self.now)")
-            if usedBytes == nil, !packs.isEmpty {
-                // Adding only: the packs this pass indexes first count their bytes here (a
-                // later record of the same pack finds its row and adds nothing).
-                let added = try await c.rows(
-                    """
-                    INSERT INTO space_packs(space, pack, size)
-                    SELECT \(space), p, s FROM unnest(\(Self.buffers(packs.map(\.id)))::bytea[], \(packs.map(\.size))::bigint[]) AS q(p, s)
-                    ON CONFLICT DO NOTHING RETURNING size
-                    """
-                ).reduce(Int64(0)) { try $0 + $1.decode(Int64.self) }
-                try await Self.addUsed(c, space, added)
-            }
-            try await Self.index(c, space, packs)
-            try await Self.unindex(c, space, dropped)
+            try await Self.apply(found, c, space)
         }
+    }
+
+    func reconcile(holding scan: @Sendable (Set<String>) async throws -> ReconcileFound) async throws -> Int64 {
+        let space = space
+        return try await db.transaction { c in
+            let before = try await Self.lockUsage(c, space)
+            let indexed = try await c.rows("SELECT pack FROM space_packs WHERE space = \(space)").map {
+                try Self.id($0.decode(ByteBuffer.self)).hex
+            }
+            try await Self.apply(try await scan(Set(indexed)), c, space)
+            return before
+        }
+    }
+
+    func usage() async throws -> (used: Int64, reserved: Int64) {
+        // SQL-safe: now is a literal.
+        let row = try await db.query(
+            """
+            SELECT coalesce((SELECT used_bytes FROM space_usage WHERE space = \(space)), 0),
+                coalesce((SELECT sum(bytes) FROM space_reservations
+                    WHERE space = \(space) AND expires_ns > \(unescaped: Self.now)), 0)::bigint
+            """)
+        guard let r = row.first else { return (0, 0) }
+        let (used, reserved) = try r.decode((Int64, Int64).self)
+        return (used, reserved)
     }
 
     var shared: Bool { true }
@@ -273,6 +273,36 @@ final class PostgresSpaceRecords: SpaceRecords {
         try await c.rows("INSERT INTO space_usage(space) VALUES (\(space)) ON CONFLICT (space) DO NOTHING")
         return try await c.rows("SELECT used_bytes FROM space_usage WHERE space = \(space) FOR UPDATE")
             .first?.decode(Int64.self) ?? 0
+    }
+
+    /// Applies a reconciliation pass's findings, the usage row locked.
+    private static func apply(_ found: ReconcileFound, _ c: PostgresConnection, _ space: String) async throws {
+        let packs: [(id: ObjectID, size: Int64, blobs: [BlobID])] = found.add.compactMap { p in
+            ObjectID(hex: p.name).map { ($0, p.size, p.blobs) }
+        }
+        try await c.rows(
+            """
+            UPDATE space_usage SET used_bytes = coalesce(\(found.usedBytes), used_bytes),
+                config_claimed = coalesce(\(found.hasConfig), config_claimed)
+            WHERE space = \(space)
+            """)
+        // SQL-safe: now is a literal.
+        try await c.rows(
+            "DELETE FROM space_reservations WHERE space = \(space) AND expires_ns <= \(unescaped: Self.now)")
+        if found.usedBytes == nil, !packs.isEmpty {
+            // Adding only: the packs this pass indexes first count their bytes here (a
+            // later record of the same pack finds its row and adds nothing).
+            let added = try await c.rows(
+                """
+                INSERT INTO space_packs(space, pack, size)
+                SELECT \(space), p, s FROM unnest(\(Self.buffers(packs.map(\.id)))::bytea[], \(packs.map(\.size))::bigint[]) AS q(p, s)
+                ON CONFLICT DO NOTHING RETURNING size
+                """
+            ).reduce(Int64(0)) { try $0 + $1.decode(Int64.self) }
+            try await Self.addUsed(c, space, added)
+        }
+        try await Self.index(c, space, packs)
+        try await Self.unindex(c, space, found.drop.compactMap { ObjectID(hex: $0) })
     }
 
     /// Adds `bytes` to the bytes stored (subtracts, when negative), and gives up the config

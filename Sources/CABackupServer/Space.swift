@@ -49,37 +49,44 @@ final class Space: Sendable {
     /// indexed (a crash between the two) are indexed from their clear headers; with
     /// `full`, rows of packs that are gone are dropped and the bytes used are counted
     /// again. Records shared with other instances get only the additions when a space is
-    /// opened: a full pass while another instance stores a pack could drop it from the
-    /// index. (A crash between storing and recording a pack then leaves its bytes
-    /// uncounted against the quota until a full pass.)
+    /// opened: a full pass while another instance removes a pack could index it again
+    /// just before it goes. (A crash between storing and recording a pack then leaves its
+    /// bytes uncounted against the quota until `cabackup server admin reconcile`, which
+    /// holds the space's lock for its full pass.)
     func reconcile(full: Bool) async throws {
-        let storage = self.storage
-        let indexed = try await records.indexedPacks()
+        let storage = storage
+        _ = try await records.reconcile(holding: { indexed in
+            try await self.blocking { try Self.scan(storage, indexed: indexed, full: full) }
+        })
+    }
+
+    /// What a reconciliation pass finds in `storage`, whose records index the packs
+    /// `indexed`: the packs to index (their blob ids from their clear headers; a pack
+    /// whose header cannot be read is left out) and, with `full`, the packs to drop, the
+    /// bytes stored and whether a config is. Blocks.
+    static func scan(_ storage: any Storage, indexed: Set<String>, full: Bool) throws -> ReconcileFound {
+        var found = ReconcileFound()
         // An addition-only pass needs the sizes of the packs the index lacks alone (over
         // S3 each size is a request); a full one counts every file.
-        let files = try await blocking { () throws -> (packs: [String: Int64], used: Int64, config: Bool) in
-            var packs: [String: Int64] = [:]
-            var used: Int64 = 0
-            for name in try storage.list(.pack) where full || !indexed.contains(name) {
-                packs[name] = try storage.size(.pack, name)
-                used += packs[name]!
+        var used: Int64 = 0
+        var listed = Set<String>()
+        for name in try storage.list(.pack) where full || !indexed.contains(name) {
+            let size = try storage.size(.pack, name)
+            listed.insert(name)
+            used += size
+            if !indexed.contains(name), let ids = try? clearEntries(of: name, size: size, in: storage) {
+                found.add.append((name, size, ids))
             }
-            guard full else { return (packs, 0, false) }
-            for kind in [FileKind.snapshot, .key] {
-                for name in try storage.list(kind) { used += try storage.size(kind, name) }
-            }
-            let config = try storage.stat(.config, "config")
-            return (packs, used + (config ?? 0), config != nil)
         }
-        var add: [(name: String, size: Int64, blobs: [BlobID])] = []
-        for (name, size) in files.packs where !indexed.contains(name) {
-            guard let ids = try? await blocking({ try Self.clearEntries(of: name, size: size, in: storage) })
-            else { continue }
-            add.append((name, size, ids))
+        guard full else { return found }
+        for kind in [FileKind.snapshot, .key] {
+            for name in try storage.list(kind) { used += try storage.size(kind, name) }
         }
-        try await records.reconcile(
-            add: add, drop: full ? indexed.subtracting(files.packs.keys) : [], usedBytes: full ? files.used : nil,
-            hasConfig: full ? files.config : nil)
+        let config = try storage.stat(.config, "config")
+        found.drop = indexed.subtracting(listed)
+        found.usedBytes = used + (config ?? 0)
+        found.hasConfig = config != nil
+        return found
     }
 
     /// Runs a blocking storage call on the I/O threads.

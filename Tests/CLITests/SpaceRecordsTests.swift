@@ -233,6 +233,30 @@ struct PostgresSpaceRecordsTests {
         }
     }
 
+    @Test("a full pass holds the space: a pack recorded meanwhile waits, then counts on top of what the pass set")
+    func heldReconcile() async throws {
+        try await RecordsStore.with(.postgres) { store in
+            let (a, b) = (try await store.space(), try await store.space())
+            try await record(a, .pack, pack(1), size: 4 * mb, blobs: [blob(1)])
+            try await record(a, .pack, pack(3), size: 1 * mb, blobs: [blob(3)])
+            final class Later: @unchecked Sendable { var task: Task<Void, any Error>? }
+            let later = Later()
+            let before = try await a.reconcile(holding: { indexed in
+                #expect(indexed == [pack(1), pack(3)])
+                // Another instance records a pack the pass's listing did not see.
+                later.task = Task { try await record(b, .pack, pack(2), size: 2 * mb, blobs: [blob(2)]) }
+                try await Task.sleep(for: .milliseconds(500))
+                // The listing found pack 1 alone (pack 3 is gone) and a config.
+                return ReconcileFound(drop: [pack(3)], usedBytes: 4 * mb + 100, hasConfig: true)
+            })
+            #expect(before == 5 * mb)
+            try await later.task?.value
+            #expect(try await a.usage().used == 6 * mb + 100)
+            #expect(try await a.indexedPacks() == [pack(1), pack(2)])
+            #expect(try await !a.claimConfig())
+        }
+    }
+
     @Test("a reservation past its lifetime no longer counts against the quota")
     func expiredReservation() async throws {
         try await RecordsStore.with(.postgres) { store in
