@@ -189,6 +189,11 @@ final class PostgresDatabase: Sendable {
     static let migrations: [Migration] = [
         Migration(version: 1, statements: PostgresAccountRecords.schema),
         Migration(version: 2, statements: PostgresSpaceRecords.schema),
+        // When a space's config was claimed, so a claim left by a dead instance lapses.
+        Migration(
+            version: 3,
+            statements: ["ALTER TABLE space_usage ADD COLUMN IF NOT EXISTS config_claimed_ns bigint NOT NULL DEFAULT 0"]
+        ),
     ]
 
     /// Any number, the same in every instance: the advisory lock that lets one instance at a

@@ -16,12 +16,13 @@ import PostgresNIO
 /// instance's: instances whose clocks disagree still agree on when a lease lapsed.
 ///
 /// A reservation whose upload never settled it (an instance that crashed, or lost the
-/// database while releasing it) lapses after `reservationLifetime`, and its bytes count no
-/// longer.
+/// database while releasing it) lapses `reservationLifetime` after its upload last
+/// extended it (uploads do about once a minute), and its bytes count no longer.
 final class PostgresSpaceRecords: SpaceRecords {
     private let db: PostgresDatabase
     private let space: String
     private let reservationLifetimeNs: Int64
+    private let configClaimLifetimeNs: Int64
 
     /// The tables, created by ``PostgresDatabase/migrate()``.
     static let schema = [
@@ -50,17 +51,26 @@ final class PostgresSpaceRecords: SpaceRecords {
         "CREATE INDEX IF NOT EXISTS space_leases_by_space ON space_leases(space, expires_ns)",
     ]
 
+    /// The claim time of a config stored: never taken over.
+    private static let storedClaim = Int64.max
+
     /// The database's clock, in nanoseconds since 1970, as the statement runs.
     private static let now = "(extract(epoch FROM clock_timestamp()) * 1000000000)::bigint"
 
     /// The records of `space` in `db`, whose schema ``PostgresDatabase/migrate()`` has
-    /// made. An upload's reservation lapses after `reservationLifetime` (longer than any
-    /// upload takes).
-    init(_ db: PostgresDatabase, space: String, reservationLifetime: Duration = .seconds(2 * 3600)) {
+    /// made. An upload's reservation lapses `reservationLifetime` after it was last
+    /// extended; a config claim can be taken over after `configClaimLifetime`.
+    init(
+        _ db: PostgresDatabase, space: String, reservationLifetime: Duration = .seconds(15 * 60),
+        configClaimLifetime: Duration = .seconds(120)
+    ) {
         self.db = db
         self.space = space
-        let (seconds, attoseconds) = reservationLifetime.components
-        reservationLifetimeNs = seconds * 1_000_000_000 + attoseconds / 1_000_000_000
+        func nanoseconds(_ d: Duration) -> Int64 {
+            d.components.seconds * 1_000_000_000 + d.components.attoseconds / 1_000_000_000
+        }
+        reservationLifetimeNs = nanoseconds(reservationLifetime)
+        configClaimLifetimeNs = nanoseconds(configClaimLifetime)
     }
 
     func missing(_ ids: [BlobID]) async throws -> [BlobID] {
@@ -99,6 +109,16 @@ final class PostgresSpaceRecords: SpaceRecords {
         return Reservation(id: id, bytes: bytes)
     }
 
+    func extend(_ reservation: Reservation) async {
+        if reservation.settled.load(ordering: .acquiring) { return }
+        // SQL-safe: now is a literal.
+        _ = try? await db.query(
+            """
+            UPDATE space_reservations SET expires_ns = \(unescaped: Self.now) + \(reservationLifetimeNs)
+            WHERE id = \(reservation.id)
+            """)
+    }
+
     /// Never fails: when the database cannot be reached, the reservation lapses by itself.
     func release(_ reservation: Reservation) async {
         guard reservation.settle() else { return }
@@ -122,6 +142,10 @@ final class PostgresSpaceRecords: SpaceRecords {
                 try await Self.index(c, space, [(pack, size, blobs)])
             }
             if new { try await Self.addUsed(c, space, size) }
+            if kind == .config {  // stored: the claim is no longer one to take over
+                try await c.rows(
+                    "UPDATE space_usage SET config_claimed_ns = \(Self.storedClaim) WHERE space = \(space)")
+            }
             try await c.rows("DELETE FROM space_reservations WHERE id = \(reservation.id)")
         }
         _ = reservation.settle()
@@ -148,13 +172,19 @@ final class PostgresSpaceRecords: SpaceRecords {
         }
     }
 
+    /// A claim older than `configClaimLifetime` is taken over: its instance died between
+    /// claiming and storing the config (the caller then finds whether a config is stored).
     func claimConfig() async throws -> Bool {
         // One statement: of two instances claiming at once, the second waits for the
         // first's row and then finds it claimed.
+        // SQL-safe: now is a literal.
         try await !db.query(
             """
-            INSERT INTO space_usage(space, used_bytes, config_claimed) VALUES (\(space), 0, true)
-            ON CONFLICT (space) DO UPDATE SET config_claimed = true WHERE NOT space_usage.config_claimed
+            INSERT INTO space_usage(space, used_bytes, config_claimed, config_claimed_ns)
+            VALUES (\(space), 0, true, \(unescaped: Self.now))
+            ON CONFLICT (space) DO UPDATE SET config_claimed = true, config_claimed_ns = \(unescaped: Self.now)
+            WHERE NOT space_usage.config_claimed
+                OR space_usage.config_claimed_ns < \(unescaped: Self.now) - \(configClaimLifetimeNs)
             RETURNING 1
             """
         ).isEmpty
@@ -283,7 +313,8 @@ final class PostgresSpaceRecords: SpaceRecords {
         try await c.rows(
             """
             UPDATE space_usage SET used_bytes = coalesce(\(found.usedBytes), used_bytes),
-                config_claimed = coalesce(\(found.hasConfig), config_claimed)
+                config_claimed = coalesce(\(found.hasConfig), config_claimed),
+                config_claimed_ns = CASE WHEN \(found.hasConfig) THEN \(Self.storedClaim) ELSE config_claimed_ns END
             WHERE space = \(space)
             """)
         // SQL-safe: now is a literal.

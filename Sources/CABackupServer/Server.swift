@@ -752,7 +752,12 @@ final class ServerAPI: Sendable {
         }
         let hasher = SHA256Hasher()
         var size: Int64 = 0
+        var extended = ContinuousClock.now
         for try await buffer in req.body {
+            if ContinuousClock.now - extended > .seconds(60) {
+                await s.records.extend(reservation)
+                extended = .now
+            }
             size += Int64(buffer.readableBytes)
             if size > declared {
                 throw APIError(400, "the pack is longer than its Content-Length of \(declared) bytes")

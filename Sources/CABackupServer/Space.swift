@@ -138,6 +138,7 @@ final class Space: Sendable {
             throw APIError(400, "pack is malformed (\(error)): upload it again")
         }
         let storage = self.storage
+        await records.extend(reservation)  // storing a large pack may take a while
         try await blocking {
             if (try? storage.size(.pack, name)) != nil {  // stored already: harmless
                 unlink(temporary)
@@ -175,17 +176,19 @@ final class Space: Sendable {
             guard try await records.claimConfig() else {
                 throw APIError(409, "the space already holds a repository: it is initialized once")
             }
+            // A claim taken over from a dead instance may find its config stored: the
+            // claim then stays, as the config does.
+            var stored = true
             do {
-                try await blocking {
-                    guard try storage.stat(.config, "config") == nil else {
-                        throw APIError(409, "the space already holds a repository: it is initialized once")
-                    }
-                    try bytes.withUnsafeBytes { try storage.put(.config, "config", bytes: $0) }
+                stored = try await blocking { try storage.stat(.config, "config") != nil }
+                if !stored {
+                    try await blocking { try bytes.withUnsafeBytes { try storage.put(.config, "config", bytes: $0) } }
                 }
             } catch {
                 try? await records.unclaimConfig()
                 throw error
             }
+            if stored { throw APIError(409, "the space already holds a repository: it is initialized once") }
         } else {
             let written = try await blocking { () throws -> Bool in
                 if try storage.stat(kind, name) != nil { return false }

@@ -38,6 +38,10 @@ protocol SpaceRecords: Sendable {
     func reserve(_ bytes: Int64, quota: Int64?) async throws -> Reservation
     /// Gives a reservation's bytes back (a no-op when it was recorded as stored).
     func release(_ reservation: Reservation) async
+    /// Keeps a reservation from lapsing while its upload still arrives (uploads call it
+    /// about once a minute). Never fails: a reservation that lapses only lets the quota be
+    /// passed by the bytes of uploads in progress.
+    func extend(_ reservation: Reservation) async
     /// Records a file the storage now holds: its bytes count as stored instead of the
     /// reservation's, and a pack's blob ids are indexed. A pack recorded before counts
     /// once; recording it again only completes its index.
@@ -170,6 +174,9 @@ final class SQLiteSpaceRecords: SpaceRecords, @unchecked Sendable {
     func release(_ reservation: Reservation) {
         withLock { if reservation.settle() { reservedBytes -= reservation.bytes } }
     }
+
+    /// Reservations here never lapse: the server that holds them counts them in memory.
+    func extend(_ reservation: Reservation) {}
 
     func stored(_ kind: FileKind, _ name: String, size: Int64, blobs: [BlobID], reservation: Reservation) throws {
         try withLock {

@@ -9,12 +9,15 @@ extension RecordsStore {
     /// leases in this instance's memory); in PostgreSQL, another server instance's, on a
     /// connection of its own.
     func space(
-        _ name: String = "alice", reservationLifetime: Duration = .seconds(7200)
+        _ name: String = "alice", reservationLifetime: Duration = .seconds(7200),
+        configClaimLifetime: Duration = .seconds(120)
     ) async throws
         -> any SpaceRecords
     {
         guard postgres != nil else { return try SQLiteSpaceRecords(indexPath: file("\(name).sqlite")) }
-        return PostgresSpaceRecords(try await database(), space: name, reservationLifetime: reservationLifetime)
+        return PostgresSpaceRecords(
+            try await database(), space: name, reservationLifetime: reservationLifetime,
+            configClaimLifetime: configClaimLifetime)
     }
 }
 
@@ -254,6 +257,35 @@ struct PostgresSpaceRecordsTests {
             #expect(try await a.usage().used == 6 * mb + 100)
             #expect(try await a.indexedPacks() == [pack(1), pack(2)])
             #expect(try await !a.claimConfig())
+        }
+    }
+
+    @Test("a config claim left by a dead instance is taken over after its lifetime, not before")
+    func staleConfigClaim() async throws {
+        try await RecordsStore.with(.postgres) { store in
+            let dead = try await store.space(configClaimLifetime: .seconds(2))
+            let other = try await store.space(configClaimLifetime: .seconds(2))
+            #expect(try await dead.claimConfig())  // and never stores the config
+            #expect(try await !other.claimConfig())
+            try await Task.sleep(for: .milliseconds(2500))
+            #expect(try await other.claimConfig())
+            #expect(try await !dead.claimConfig())
+        }
+    }
+
+    @Test("an extended reservation outlives its first lifetime; one never extended lapses")
+    func extendedReservation() async throws {
+        try await RecordsStore.with(.postgres) { store in
+            let a = try await store.space(reservationLifetime: .seconds(4))
+            let kept = try await a.reserve(5 * mb, quota: 10 * mb)
+            _ = try await a.reserve(5 * mb, quota: 10 * mb)  // an upload on an instance that died
+            for _ in 0..<3 {
+                try await Task.sleep(for: .seconds(2))
+                await a.extend(kept)
+            }
+            // 6 s on: the other lapsed, the extended one still counts.
+            #expect(await refusal { try await a.reserve(6 * mb, quota: 10 * mb) } == 413)
+            _ = try await a.reserve(5 * mb, quota: 10 * mb)
         }
     }
 
