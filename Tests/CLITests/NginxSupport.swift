@@ -84,12 +84,15 @@ final class Nginx {
             .map(String.init)
     }
 
-    deinit {
+    /// Stops nginx (a no-op once stopped).
+    func stop() {
         if process.isRunning {
             kill(process.processIdentifier, SIGTERM)
             process.waitUntilExit()
         }
     }
+
+    deinit { stop() }
 }
 
 /// Whether something accepts TCP connections on 127.0.0.1:`port`.

@@ -168,11 +168,16 @@ final class SeaweedFS {
         try client(bucket: bucket).createBucket()
     }
 
-    deinit {
+    /// Kills every process of the store (a no-op once stopped).
+    func stop() {
         for process in processes.values where process.isRunning {
             kill(process.processIdentifier, SIGKILL)
             process.waitUntilExit()
         }
+    }
+
+    deinit {
+        stop()
         // The gRPC sockets weed puts in /tmp whatever its options.
         for p in ports {
             for kind in ["master-grpc", "volume-grpc", "filer-grpc", "s3", "s3-grpc"] {

@@ -19,6 +19,9 @@ struct ScaleOutTests {
         let postgres = try await PostgresServer()
         let url = postgres.url
         let rig = try await offPool { try FaultRig(database: url) }
+        // Stopped here, not by whichever thread drops the rig last (perhaps as the test
+        // process exits, leaving servers behind).
+        defer { rig.stop() }
         // The devices start 1.5 s apart, so uploads arrive throughout (a device uploads
         // most of its packs at its end); the faults strike 8 s apart meanwhile.
         try await rig.wait(untilSecondsIn: 8)
@@ -100,8 +103,7 @@ struct ScaleOutTests {
 /// /usr/lib and /usr/share, dealt out in turn), and their twenty snapshots running (started
 /// 1.5 s apart, so several run at any time).
 private final class FaultRig: @unchecked Sendable {
-    // Safe: the test calls one method at a time; `results` is written by the thread that
-    // runs the snapshots before `finished` turns true.
+    // Safe: the test calls one method at a time.
     let store: SeaweedFS
     let s = Scratch()
     let env: [String: String]
@@ -110,7 +112,12 @@ private final class FaultRig: @unchecked Sendable {
     let balancer: Nginx
     let users = (0..<5).map { "user\($0)" }
     var devices: [(user: String, env: [String: String], src: String)] = []
-    var results: [RunResult?] = []
+    final class Results: @unchecked Sendable {
+        // Safe: written by the thread that runs the snapshots before it finishes, read after.
+        var results: [RunResult?] = []
+    }
+    private let box = Results()
+    var results: [RunResult?] { box.results }
     var running = Thread {}
     var started = Date()
     /// The bytes the bucket held at each fault.
@@ -148,10 +155,18 @@ private final class FaultRig: @unchecked Sendable {
                 jobs.append((["snapshot", "--repo", repo(user), src], env))
             }
         }
-        let all = jobs
-        running = Thread { self.results = runAtOnce(all, startingEvery: 1.5) }
+        let (all, box) = (jobs, box)
+        // The thread holds the box, not the rig: the rig's servers stop when it goes.
+        running = Thread { box.results = runAtOnce(all, startingEvery: 1.5) }
         started = Date()
         running.start()
+    }
+
+    /// Kills the instances, nginx and SeaweedFS (the snapshots are done or failed).
+    func stop() {
+        for instance in instances { instance.kill() }
+        balancer.stop()
+        store.stop()
     }
 
     func repo(_ user: String) -> String { balancer.url.replacingOccurrences(of: "://", with: "://\(user)@") }
