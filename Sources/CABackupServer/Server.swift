@@ -71,6 +71,8 @@ public struct ServerOptions: Sendable {
     /// `onMetricsListening`).
     public var metricsHost: String?
     public var metricsPort = 9464
+    /// How the log lines on stderr look.
+    public var logFormat = ServerLogFormat.text
 
     public init(host: String, port: Int, dataDirectory: String) {
         self.host = host
@@ -86,7 +88,7 @@ public func runServer(
     _ options: ServerOptions, onListening: @escaping @Sendable (String) -> Void,
     onMetricsListening: @escaping @Sendable (String) -> Void = { _ in }
 ) async throws {
-    var logger = Logger(label: "cabackup.server")
+    var logger = options.logFormat.logger(label: "cabackup.server")
     logger.logLevel = .info
     let metrics = ServerMetrics()
     let api = try await ServerAPI(options: options, metrics: metrics, logger: logger)

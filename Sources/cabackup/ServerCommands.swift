@@ -61,6 +61,8 @@ struct ServerRunCommand: AsyncParsableCommand {
             "Address and port to serve Prometheus metrics on (GET /metrics), apart from the API (default: none). Keep it private: 127.0.0.1 or an internal network."
     )
     var metricsListen: String?
+    @Option(name: .long, help: "Log lines on stderr: 'text', or 'json' (one object per line).")
+    var logFormat = ServerLogFormat.text
 
     func validate() throws {
         if (tlsCert == nil) != (tlsKey == nil) { throw ValidationError("give --tls-cert and --tls-key together") }
@@ -104,6 +106,7 @@ struct ServerRunCommand: AsyncParsableCommand {
             (options.metricsHost, options.metricsPort) = try hostAndPort(
                 metricsListen, option: "--metrics-listen", example: "127.0.0.1:9464")
         }
+        options.logFormat = logFormat
         // Written with write(2), unbuffered: a script waiting for these lines sees them at once.
         @Sendable func say(_ line: String) { _ = line.withCString { Glibc.write(1, $0, strlen($0)) } }
         try await runServer(options) { url in
@@ -125,6 +128,8 @@ struct ServerRunCommand: AsyncParsableCommand {
         return (host, port)
     }
 }
+
+extension ServerLogFormat: ExpressibleByArgument {}
 
 /// `--password-file` of the account commands.
 struct AccountPasswordOptions: ParsableArguments {

@@ -1,8 +1,9 @@
 import Foundation
 import Testing
 
-/// What an operator watches: Prometheus metrics on an address of their own.
-@Suite("server operations: metrics")
+/// What an operator watches: Prometheus metrics on an address of their own, and log lines
+/// a collector can parse that never hold a password or a token.
+@Suite("server operations: metrics and JSON logs")
 struct ServerMetricsTests {
     @Test("/metrics on its own port counts requests by route, bytes, uploads, leases, storage calls and quota refusals")
     func metrics() throws {
@@ -83,6 +84,45 @@ struct ServerMetricsTests {
             #expect(sample(text, "cabackup_storage_calls_total", ["operation": "list"]) > 0)
         }
         withExtendedLifetime(postgres) {}
+    }
+
+    @Test("--log-format json: every stderr line is a JSON object; no password or token is ever logged")
+    func jsonLogs() throws {
+        let s = Scratch()
+        let log = s.file("server.log")
+        let server = try TestServer(data: s.file("server"), ["--log-format", "json"], log: log)
+        let laptop = device(s, "laptop", password: "alice password")
+        try signUp(server, "alice", env: laptop)
+        let phone = device(s, "phone", password: "alice password")
+        let login = try cabackup("login", "--server", server.url, "--user", "alice", env: phone)
+        #expect(login.status == 0, "\(login.stderr)")
+        try writeRandom(s.file("src/a.bin"), megabytes: 1)
+        let snapshot = try cabackup("snapshot", "--repo", server.repo("alice"), s.file("src"), env: laptop)
+        #expect(snapshot.status == 0, "\(snapshot.stderr)")
+        let forged = "forged-token-0123456789abcdef"
+        #expect(try http("GET", server.url + "/v1/space/packs", token: forged).0 == 401)
+        let bad = try http("POST", server.url + "/v1/login", data: #"{"user":"alice","secret":"wrong secret 42"}"#)
+        #expect(bad.0 >= 400, "\(bad)")
+        #expect(server.stop() == 0)
+
+        let text = try String(contentsOfFile: log, encoding: .utf8)
+        let lines = text.split(separator: "\n")
+        #expect(lines.count > 10)
+        for line in lines {
+            let entry = jsonObject(String(line))
+            #expect(entry?["level"] is String && entry?["message"] is String, "\(line)")
+            #expect((entry?["time"] as? String)?.hasSuffix("Z") == true, "\(line)")
+        }
+        // The request lines carry their route and status as fields.
+        #expect(
+            lines.contains {
+                let e = jsonObject(String($0))
+                return e?["route"] as? String == "/v1/space/packs/{name}" && e?["status"] as? Int == 201
+            })
+        for secret in ["alice password", try storedToken(laptop), try storedToken(phone), forged, "wrong secret 42"] {
+            #expect(!text.contains(secret), "the log holds '\(secret)'")
+        }
+        #expect(!text.lowercased().contains("bearer"))
     }
 }
 
