@@ -12,6 +12,8 @@ import Synchronization
 struct APIError: Error {
     let status: Int
     let message: String
+    /// Set on the refusal of an upload that would exceed the space's quota.
+    var refusesQuota = false
 
     init(_ status: Int, _ message: String) {
         self.status = status

@@ -5,6 +5,7 @@ import NIOCore
 import NIOPosix
 import NIOSSL
 import PostgresNIO
+import Prometheus
 import Synchronization
 
 /// Where a shared PostgreSQL database is: `postgresql://USER@HOST[:PORT]/DATABASE`, or
@@ -84,6 +85,11 @@ struct PostgresLocation: Sendable, Equatable, CustomStringConvertible {
 final class PostgresDatabase: Sendable {
     let location: PostgresLocation
     private let client: PostgresClient
+    /// Where statements and transactions are counted, for the server's metrics.
+    private let metrics: ServerMetrics?
+    /// The round-trip counter of the transaction running in this task, which
+    /// ``PostgresConnection/rows(_:)`` counts each statement in.
+    @TaskLocal static var roundTrips: Counter?
     /// The task running the client's pool; nil once closed.
     private let running: Mutex<Task<Void, Never>?>
     /// Logs nothing: the server reports failures through the errors thrown.
@@ -94,10 +100,10 @@ final class PostgresDatabase: Sendable {
 
     /// Connects to the database at `url` as its user with `password` (nil: the server
     /// must not ask for one), checks that it answers, and starts the connection pool.
-    /// Call ``close()`` when done.
+    /// Statements and transactions are counted in `metrics`. Call ``close()`` when done.
     /// - Throws: ``CABackupError/invalidArgument(_:)`` for a bad URL, a refused login or a
     ///   missing database, ``CABackupError/network(_:)`` when the server cannot be reached.
-    static func open(_ url: String, password: String?) async throws -> PostgresDatabase {
+    static func open(_ url: String, password: String?, metrics: ServerMetrics? = nil) async throws -> PostgresDatabase {
         let location = try PostgresLocation(url)
         // The pool retries a failing connection for a minute before it fails a query; one
         // connection made here fails at once, with the reason.
@@ -106,11 +112,12 @@ final class PostgresDatabase: Sendable {
                 configuration: try connectionConfiguration(location, password: password), id: 0, logger: logger)
         }
         try? await probe.close()
-        return PostgresDatabase(location, password: password)
+        return PostgresDatabase(location, password: password, metrics: metrics)
     }
 
-    private init(_ location: PostgresLocation, password: String?) {
+    private init(_ location: PostgresLocation, password: String?, metrics: ServerMetrics?) {
         self.location = location
+        self.metrics = metrics
         var configuration = PostgresClient.Configuration(
             host: location.host, port: location.port, username: location.user, password: password,
             database: location.database, tls: Self.clientTLS(location.tls))
@@ -161,7 +168,8 @@ final class PostgresDatabase: Sendable {
     /// Runs one statement and returns all its rows.
     @discardableResult
     func query(_ query: PostgresQuery) async throws -> [PostgresRow] {
-        try await Self.describingErrors(at: location) {
+        metrics?.databaseRoundTrips.increment()
+        return try await Self.describingErrors(at: location) {
             try await client.query(query, logger: Self.logger).collect()
         }
     }
@@ -171,8 +179,12 @@ final class PostgresDatabase: Sendable {
     func transaction<Result: Sendable>(
         _ body: (PostgresConnection) async throws -> Result
     ) async throws -> Result {
-        try await Self.describingErrors(at: location) {
-            try await client.withTransaction(logger: Self.logger) { try await body($0) }
+        metrics?.databaseTransactions.increment()
+        metrics?.databaseRoundTrips.increment(by: Int64(2))  // BEGIN and COMMIT (or ROLLBACK)
+        return try await Self.$roundTrips.withValue(metrics?.databaseRoundTrips) {
+            try await Self.describingErrors(at: location) {
+                try await client.withTransaction(logger: Self.logger) { try await body($0) }
+            }
         }
     }
 
@@ -314,6 +326,7 @@ extension PostgresConnection {
     /// returns all its rows.
     @discardableResult
     func rows(_ query: PostgresQuery) async throws -> [PostgresRow] {
-        try await self.query(query, logger: PostgresDatabase.logger).collect()
+        PostgresDatabase.roundTrips?.increment()
+        return try await self.query(query, logger: PostgresDatabase.logger).collect()
     }
 }

@@ -66,6 +66,13 @@ public struct ServerOptions: Sendable {
     public var maxTokensPerAccount = 100
     /// Key slots one space may hold (each costs every device's open a derivation).
     public var maxKeySlotsPerSpace = 10
+    /// Address and port to serve `GET /metrics` on (Prometheus text format), apart from
+    /// the API; nil serves none. Port 0 picks a free one (reported through
+    /// `onMetricsListening`).
+    public var metricsHost: String?
+    public var metricsPort = 9464
+    /// How the log lines on stderr look.
+    public var logFormat = ServerLogFormat.text
 
     public init(host: String, port: Int, dataDirectory: String) {
         self.host = host
@@ -75,12 +82,18 @@ public struct ServerOptions: Sendable {
 }
 
 /// The private-data-space server: runs until the process is stopped. `onListening` gets
-/// the URL it serves (with the real port when `port` was 0).
-public func runServer(_ options: ServerOptions, onListening: @escaping @Sendable (String) -> Void) async throws {
-    var logger = Logger(label: "cabackup.server")
+/// the URL it serves (with the real port when `port` was 0), `onMetricsListening` the URL
+/// of its metrics when ``ServerOptions/metricsHost`` is set.
+public func runServer(
+    _ options: ServerOptions, onListening: @escaping @Sendable (String) -> Void,
+    onMetricsListening: @escaping @Sendable (String) -> Void = { _ in }
+) async throws {
+    var logger = options.logFormat.logger(label: "cabackup.server")
     logger.logLevel = .info
-    let api = try await ServerAPI(options: options, logger: logger)
+    let metrics = ServerMetrics()
+    let api = try await ServerAPI(options: options, metrics: metrics, logger: logger)
     let router = Router(context: ServerContext.self)
+    router.add(middleware: RequestMetrics(metrics: metrics, logger: logger))
     api.install(on: router)
     let scheme = options.tlsCertificate == nil ? "http" : "https"
     let host = options.host
@@ -96,7 +109,12 @@ public func runServer(_ options: ServerOptions, onListening: @escaping @Sendable
     let idle = TimeAmount.seconds(options.idleTimeoutSeconds)
     let http1 = HTTPServerBuilder.http1(
         configuration: .init(
-            additionalChannelHandlers: [IdleStateHandler(allTimeout: idle), CloseWhenIdle()], idleTimeout: idle))
+            additionalChannelHandlers: [IdleStateHandler(allTimeout: idle), CloseWhenIdle(), BodyByteCounter(metrics)],
+            idleTimeout: idle))
+    let metricsApp = options.metricsHost.map {
+        metricsApplication(
+            metrics, host: $0, port: options.metricsPort, logger: quiet, onListening: onMetricsListening)
+    }
     if let cert = options.tlsCertificate, let key = options.tlsKey {
         var tls: TLSConfiguration
         do {
@@ -116,11 +134,11 @@ public func runServer(_ options: ServerOptions, onListening: @escaping @Sendable
         let app = Application(
             router: router, server: try .tls(http1, tlsConfiguration: tls), configuration: configuration,
             onServerRunning: onRunning, logger: quiet)
-        try await serve(app, api: api, logger: logger)
+        try await serve(app, metrics: metricsApp, api: api, logger: logger)
     } else {
         let app = Application(
             router: router, server: http1, configuration: configuration, onServerRunning: onRunning, logger: quiet)
-        try await serve(app, api: api, logger: logger)
+        try await serve(app, metrics: metricsApp, api: api, logger: logger)
     }
 }
 
@@ -129,11 +147,15 @@ public func runServer(_ options: ServerOptions, onListening: @escaping @Sendable
 /// accepted, idle keep-alive connections are closed, and the requests in flight finish
 /// (an upload in progress is received and stored whole, or, stalled, cut at the idle
 /// timeout and its temporary file removed) before the process exits with 0.
-func serve(_ app: some Service, api: ServerAPI, logger: Logger) async throws {
+/// The metrics listener, when there is one, stops last: it can be scraped while the
+/// requests in flight finish.
+func serve(_ app: some Service, metrics: (some Service)?, api: ServerAPI, logger: Logger) async throws {
+    let services: [ServiceGroupConfiguration.ServiceConfiguration] =
+        (metrics.map { [.init(service: $0)] } ?? []) + [
+            .init(service: app), .init(service: DrainOnShutdown(api: api, logger: logger)),
+        ]
     let group = ServiceGroup(
-        configuration: .init(
-            services: [.init(service: app), .init(service: DrainOnShutdown(api: api, logger: logger))],
-            gracefulShutdownSignals: [.sigterm, .sigint], logger: logger))
+        configuration: .init(services: services, gracefulShutdownSignals: [.sigterm, .sigint], logger: logger))
     try await group.run()
     await api.database?.close()
     logger.info("stopped")
@@ -228,6 +250,7 @@ struct ServerContext: RequestContext {
 final class ServerAPI: Sendable {
     let options: ServerOptions
     let accounts: Accounts
+    let metrics: ServerMetrics
     let logger: Logger
     private let spaces = Mutex<[String: Task<Space, any Error>]>([:])
     /// Threads for blocking storage calls (disk, or an object store over the network).
@@ -238,7 +261,7 @@ final class ServerAPI: Sendable {
     let database: PostgresDatabase?
     /// Where the spaces' files live when not in the data directory, and a storage at its
     /// root that health checks ask.
-    let bucket: (base: S3Location, probe: S3Storage)?
+    let bucket: (base: S3Location, probe: any Storage)?
     let logins: RateLimiter
     let registrations: RateLimiter
     static let sizeHeader = HTTPField.Name("X-Cabackup-Size")!
@@ -246,15 +269,16 @@ final class ServerAPI: Sendable {
     static let idempotencyKey = HTTPField.Name("Idempotency-Key")!
     static let smallBodyLimit = 64 << 20
 
-    init(options: ServerOptions, logger: Logger) async throws {
+    init(options: ServerOptions, metrics: ServerMetrics, logger: Logger) async throws {
         self.options = options
+        self.metrics = metrics
         self.logger = logger
         // Accounts and spaces are the server's alone: 0700 directories, 0600 files.
         umask(0o077)
         try makeDirectories(options.dataDirectory + "/spaces")
         chmod(options.dataDirectory, 0o700)
         database = try await options.database.asyncMap {
-            try await PostgresDatabase.open($0, password: options.databasePassword)
+            try await PostgresDatabase.open($0, password: options.databasePassword, metrics: metrics)
         }
         try await database?.migrate()
         accounts = try await Accounts(
@@ -264,7 +288,7 @@ final class ServerAPI: Sendable {
         io.start()
         if let storage = options.storage {
             let base = try S3Location(parsing: storage)
-            let probe = try S3Storage(base)
+            let probe = MeteredStorage(try S3Storage(base), calls: metrics.storageCalls)
             do {
                 _ = try await io.runIfActive { try probe.list(.snapshot) }
             } catch CABackupError.repositoryNotFound {
@@ -326,7 +350,9 @@ final class ServerAPI: Sendable {
     }
 
     func storage(of user: String) throws -> any Storage {
-        try spaceStorage(of: user, dataDirectory: options.dataDirectory, bucket: bucket?.base)
+        MeteredStorage(
+            try spaceStorage(of: user, dataDirectory: options.dataDirectory, bucket: bucket?.base),
+            calls: metrics.storageCalls)
     }
 
     /// The quota of the caller's space: the account's own, else `--quota-bytes`.
@@ -419,6 +445,7 @@ final class ServerAPI: Sendable {
                 guard try await s.records.renew(ctx.parameters.get("id") ?? "") else {
                     throw APIError(404, "no such lock (it lapsed)")
                 }
+                self.metrics.leasesRenewed.increment()
                 return Self.empty(204)
             }
         }
@@ -428,6 +455,7 @@ final class ServerAPI: Sendable {
                 guard try await s.records.releaseLease(ctx.parameters.get("id") ?? "") else {
                     throw APIError(404, "no such lock")
                 }
+                self.metrics.leasesReleased.increment()
                 return Self.empty(204)
             }
         }
@@ -460,8 +488,8 @@ final class ServerAPI: Sendable {
         return try Self.json(200, Health(status: "ok", error: nil))
     }
 
-    /// Runs a handler, turning every error into a JSON `{"error": …}` answer, and logs
-    /// the request line and status (never headers or bodies: no token reaches the log).
+    /// Runs a handler, turning every error into a JSON `{"error": …}` answer (the request
+    /// is logged and counted by ``RequestMetrics``).
     func handle(_ req: Request, _ body: () async throws -> Response) async -> Response {
         let response: Response
         do {
@@ -478,7 +506,6 @@ final class ServerAPI: Sendable {
             response = Self.error(
                 500, "the server failed to do that (reference \(reference) in its log): try again later")
         }
-        logger.info("\(req.method) \(req.uri.path) \(response.status.code)")
         return response
     }
 
@@ -674,7 +701,20 @@ final class ServerAPI: Sendable {
         return (a, b)
     }
 
+    /// Stores an upload, timing the stored ones and counting quota refusals.
     func put(_ request: Request, _ kind: FileKind, _ name: String) async throws -> Response {
+        let start = ContinuousClock.now
+        do {
+            let response = try await store(request, kind, name)
+            metrics.uploaded(kind, seconds: (ContinuousClock.now - start).inSeconds)
+            return response
+        } catch let e as APIError where e.refusesQuota {
+            metrics.quotaRefusals.increment()
+            throw e
+        }
+    }
+
+    func store(_ request: Request, _ kind: FileKind, _ name: String) async throws -> Response {
         var req = request
         let caller = try await accounts.authenticate(req.headers[.authorization])
         let s = try await space(caller)
@@ -849,6 +889,7 @@ final class ServerAPI: Sendable {
         guard let id = try await s.records.acquire(exclusive: l.exclusive, key: key) else {
             throw APIError(409, l.exclusive ? "the space is in use (a snapshot or prune runs)" : "a prune runs")
         }
+        metrics.leasesGranted.increment()
         return try Self.json(201, ["id": id])
     }
 }

@@ -108,10 +108,12 @@ extension SpaceRecords {
 extension APIError {
     /// The 413 every ``SpaceRecords`` refuses a reservation with.
     static func quotaExceeded(used: Int64, quota: Int64, promised: Int64, asked: Int64) -> APIError {
-        APIError(
+        var e = APIError(
             413,
             "quota exceeded: the space holds \(used) of \(quota) bytes (\(promised) more promised to uploads in progress) and this upload needs \(asked) more"
         )
+        e.refusesQuota = true
+        return e
     }
 }
 

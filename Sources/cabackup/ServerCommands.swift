@@ -55,11 +55,25 @@ struct ServerRunCommand: AsyncParsableCommand {
     var trustedProxy: [String] = []
     @Option(name: .long, help: "Device tokens one account may hold.")
     var maxTokensPerAccount = 100
+    @Option(
+        name: .long,
+        help:
+            "Address and port to serve Prometheus metrics on (GET /metrics), apart from the API (default: none). Keep it private: 127.0.0.1 or an internal network."
+    )
+    var metricsListen: String?
+    @Option(name: .long, help: "Log lines on stderr: 'text', or 'json' (one object per line).")
+    var logFormat = ServerLogFormat.text
 
     func validate() throws {
         if (tlsCert == nil) != (tlsKey == nil) { throw ValidationError("give --tls-cert and --tls-key together") }
-        guard let colon = listen.lastIndex(of: ":"), Int(listen[listen.index(after: colon)...]) != nil else {
-            throw ValidationError("--listen takes HOST:PORT, for example 127.0.0.1:8443")
+        let api = try hostAndPort(listen, option: "--listen", example: "127.0.0.1:8443")
+        if let metricsListen {
+            let metrics = try hostAndPort(metricsListen, option: "--metrics-listen", example: "127.0.0.1:9464")
+            if metrics.port != 0 && metrics == api {
+                throw ValidationError(
+                    "--metrics-listen \(metricsListen) is the API's own address: give the metrics a port of their own, for example 127.0.0.1:9464"
+                )
+            }
         }
         if let q = quotaBytes, q <= 0 { throw ValidationError("--quota-bytes must be positive") }
         for (name, value) in [
@@ -72,11 +86,8 @@ struct ServerRunCommand: AsyncParsableCommand {
     }
 
     func run() async throws {
-        let colon = listen.lastIndex(of: ":")!
-        var host = String(listen[..<colon])
-        if host.hasPrefix("[") && host.hasSuffix("]") { host = String(host.dropFirst().dropLast()) }
-        var options = ServerOptions(
-            host: host, port: Int(listen[listen.index(after: colon)...])!, dataDirectory: absolutePath(data))
+        let (host, port) = try hostAndPort(listen, option: "--listen", example: "127.0.0.1:8443")
+        var options = ServerOptions(host: host, port: port, dataDirectory: absolutePath(data))
         options.storage = state.storage
         options.database = state.database
         options.databasePassword = try state.databasePassword()
@@ -91,13 +102,34 @@ struct ServerRunCommand: AsyncParsableCommand {
         options.registrationsPerHour = registrationsPerHour
         options.trustedProxies = Set(trustedProxy)
         options.maxTokensPerAccount = maxTokensPerAccount
+        if let metricsListen {
+            (options.metricsHost, options.metricsPort) = try hostAndPort(
+                metricsListen, option: "--metrics-listen", example: "127.0.0.1:9464")
+        }
+        options.logFormat = logFormat
+        // Written with write(2), unbuffered: a script waiting for these lines sees them at once.
+        @Sendable func say(_ line: String) { _ = line.withCString { Glibc.write(1, $0, strlen($0)) } }
         try await runServer(options) { url in
-            // Written with write(2), unbuffered: a script waiting for this line sees it at once.
-            let line = "cabackup server listening on \(url)\n"
-            _ = line.withCString { Glibc.write(1, $0, strlen($0)) }
+            say("cabackup server listening on \(url)\n")
+        } onMetricsListening: { url in
+            say("cabackup server metrics at \(url)\n")
         }
     }
+
+    /// `HOST:PORT` (`[::1]:PORT` for IPv6) split in two, or a message naming the option.
+    func hostAndPort(_ value: String, option: String, example: String) throws -> (host: String, port: Int) {
+        guard let colon = value.lastIndex(of: ":"), let port = Int(value[value.index(after: colon)...]),
+            (0...65535).contains(port), colon > value.startIndex
+        else {
+            throw ValidationError("\(option) takes HOST:PORT, for example \(example); '\(value)' is not one")
+        }
+        var host = String(value[..<colon])
+        if host.hasPrefix("[") && host.hasSuffix("]") { host = String(host.dropFirst().dropLast()) }
+        return (host, port)
+    }
 }
+
+extension ServerLogFormat: ExpressibleByArgument {}
 
 /// `--password-file` of the account commands.
 struct AccountPasswordOptions: ParsableArguments {

@@ -4,29 +4,42 @@ import Testing
 let httptool = packageRoot + "/Tests/CLITests/httptool.py"
 
 /// Starts `process` (a server) and returns the URL from the "listening on URL" line it
-/// prints first; stderr is appended to `log`, or discarded.
-func startListening(_ process: Process, what: String, log: String? = nil) throws -> String {
+/// prints first; stderr is discarded.
+func startListening(_ process: Process, what: String) throws -> String {
+    try startListening(process, what: what, markers: ["listening on "])[0]
+}
+
+/// Starts `process` and returns what follows each of `markers` on the lines it prints,
+/// in any order; stderr goes to the file `stderr` (created), else nowhere.
+func startListening(_ process: Process, what: String, markers: [String], stderr: String? = nil) throws -> [String] {
     let out = Pipe()
     process.standardOutput = out
-    if let log, !FileManager.default.fileExists(atPath: log) {
-        _ = FileManager.default.createFile(atPath: log, contents: nil)
-    }
-    let errors = FileHandle(forWritingAtPath: log ?? "/dev/null")
-    errors?.seekToEndOfFile()
-    process.standardError = errors
+    if let stderr { FileManager.default.createFile(atPath: stderr, contents: nil) }
+    process.standardError = FileHandle(forWritingAtPath: stderr ?? "/dev/null")
     try process.run()
     var text = ""
+    func found() -> [String]? {
+        let lines = text.split(separator: "\n", omittingEmptySubsequences: false).dropLast()
+        var values: [String] = []
+        for marker in markers {
+            guard let line = lines.first(where: { $0.contains(marker) }), let r = line.range(of: marker) else {
+                return nil
+            }
+            values.append(String(line[r.upperBound...]))
+        }
+        return values
+    }
     let deadline = Date().addingTimeInterval(30)
-    while !text.contains("\n") && Date() < deadline {
+    while found() == nil && Date() < deadline {
         let chunk = out.fileHandleForReading.availableData
         if chunk.isEmpty { break }
         text += String(decoding: chunk, as: UTF8.self)
     }
-    guard let r = text.range(of: "listening on ") else {
+    guard let values = found() else {
         process.terminate()
         throw CocoaError(.fileReadUnknown, userInfo: [NSLocalizedDescriptionKey: "\(what) did not start: \(text)"])
     }
-    return String(text[r.upperBound...].prefix { !$0.isNewline })
+    return values
 }
 
 /// A `cabackup server` started from the test on 127.0.0.1 (a free port unless given).
@@ -34,16 +47,28 @@ final class TestServer {
     let process: Process
     let url: String
     let data: String
+    /// Where `GET /metrics` answers, when started with `metrics`.
+    let metricsURL: String?
     var port: Int { Int(url.split(separator: ":").last!)! }
 
-    /// Starts a server on `data`; its log (stderr) goes to `log` when given.
-    init(data: String, port: Int = 0, _ extra: [String] = [], env: [String: String] = [:], log: String? = nil) throws {
+    /// - Parameters:
+    ///   - metrics: serve metrics on a free port of their own (``metricsURL``).
+    ///   - log: a file for the server's stderr (its log), else it is discarded.
+    init(
+        data: String, port: Int = 0, _ extra: [String] = [], env: [String: String] = [:], metrics: Bool = false,
+        log: String? = nil
+    ) throws {
         self.data = data
         process = Process()
         process.executableURL = URL(fileURLWithPath: cabackupBinary)
-        process.arguments = ["server", "--listen", "127.0.0.1:\(port)", "--data", data] + extra
+        process.arguments =
+            ["server", "--listen", "127.0.0.1:\(port)", "--data", data] + extra
+            + (metrics ? ["--metrics-listen", "127.0.0.1:0"] : [])
         process.environment = childEnvironment(env)
-        url = try startListening(process, what: "server", log: log)
+        let urls = try startListening(
+            process, what: "server", markers: ["listening on "] + (metrics ? ["metrics at "] : []), stderr: log)
+        url = urls[0]
+        metricsURL = metrics ? urls[1] : nil
     }
 
     /// A repository URL for `user` on this server.
