@@ -1,6 +1,7 @@
 import CABackup
 import CABackupRemote
 import Foundation
+import Synchronization
 import Testing
 
 #if canImport(Glibc)
@@ -22,9 +23,10 @@ struct ScaleOutTests {
         // Stopped here, not by whichever thread drops the rig last (perhaps as the test
         // process exits, leaving servers behind).
         defer { rig.stop() }
-        // The devices start 1.5 s apart (the last at 28.5 s), so uploads arrive
-        // throughout (a device uploads most of its packs at its end); the faults strike
-        // meanwhile, and the bytes stored are noted after each.
+        // The devices start 1.5 s apart, so uploads arrive throughout (a device uploads
+        // most of its packs at its end); the faults strike meanwhile, and the packs stored
+        // are noted after each. The last four start only after the last fault, so however
+        // slow the machine, data still arrives after every fault.
         try await rig.wait(untilSecondsIn: 8)
         #expect(!rig.finished, "the snapshots finished before the first fault")
         try await offPool { try rig.killAndRestartInstance() }
@@ -36,6 +38,7 @@ struct ScaleOutTests {
         try await rig.wait(untilSecondsIn: 22)
         #expect(!rig.finished, "the snapshots finished before the volume server was restarted")
         try await offPool { try rig.store.restart(.volume) }
+        rig.faultsDone.value.store(true, ordering: .releasing)
         rig.note()
         try await offPool { try rig.verify() }
         for problem in rig.problems { Issue.record(Comment(rawValue: problem)) }
@@ -124,6 +127,12 @@ private final class FaultRig: @unchecked Sendable {
     private let box = Results()
     var results: [RunResult?] { box.results }
     var running = Thread {}
+    /// Set once the last fault struck: the last four devices start then.
+    let faultsDone = Flag()
+
+    final class Flag: Sendable {
+        let value = Atomic(false)
+    }
     /// What failed, recorded by the test's own task: an issue recorded on another thread
     /// belongs to no test.
     private(set) var problems: [String] = []
@@ -169,7 +178,12 @@ private final class FaultRig: @unchecked Sendable {
         }
         let (all, box) = (jobs, box)
         // The thread holds the box, not the rig: the rig's servers stop when it goes.
-        running = Thread { box.results = runAtOnce(all, startingEvery: 1.5) }
+        let faultsDone = faultsDone
+        running = Thread {
+            box.results = runAtOnce(all, startingEvery: 1.5, gatedFrom: 16) {
+                faultsDone.value.load(ordering: .acquiring)
+            }
+        }
         started = Date()
         running.start()
     }

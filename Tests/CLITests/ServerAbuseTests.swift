@@ -30,8 +30,12 @@ func startAbuse(_ args: String...) throws -> (Process, Pipe) {
 }
 
 /// Runs the built `cabackup` once per job, all at the same time (or each `startingEvery`
-/// seconds after the one before); returns their results in order.
-func runAtOnce(_ jobs: [([String], [String: String])], startingEvery interval: Double = 0) -> [RunResult?] {
+/// seconds after the one before, and jobs from `gatedFrom` on not before `gate` is true);
+/// returns their results in order.
+func runAtOnce(
+    _ jobs: [([String], [String: String])], startingEvery interval: Double = 0, gatedFrom: Int = .max,
+    gate: @escaping @Sendable () -> Bool = { true }
+) -> [RunResult?] {
     final class Results: @unchecked Sendable {
         // Safe: `values` is only touched with `lock` held.
         var values: [RunResult?]
@@ -42,6 +46,7 @@ func runAtOnce(_ jobs: [([String], [String: String])], startingEvery interval: D
     let threads = jobs.enumerated().map { (i, job) in
         Thread {
             if interval > 0 { usleep(UInt32(Double(i) * interval * 1_000_000)) }
+            while i >= gatedFrom && !gate() { usleep(50_000) }
             let r = try? run(cabackupBinary, job.0, env: job.1)
             results.lock.withLock { results.values[i] = r }
         }

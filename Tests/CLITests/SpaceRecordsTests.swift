@@ -276,14 +276,15 @@ struct PostgresSpaceRecordsTests {
     @Test("an extended reservation outlives its first lifetime; one never extended lapses")
     func extendedReservation() async throws {
         try await RecordsStore.with(.postgres) { store in
-            let a = try await store.space(reservationLifetime: .seconds(4))
+            // Margins of seconds: a loaded machine delays sleeps and round trips.
+            let a = try await store.space(reservationLifetime: .seconds(8))
             let kept = try await a.reserve(5 * mb, quota: 10 * mb)
             _ = try await a.reserve(5 * mb, quota: 10 * mb)  // an upload on an instance that died
-            for _ in 0..<3 {
-                try await Task.sleep(for: .seconds(2))
+            for _ in 0..<4 {
+                try await Task.sleep(for: .seconds(3))
                 await a.extend(kept)
             }
-            // 6 s on: the other lapsed, the extended one still counts.
+            // 12 s on: the other lapsed, the extended one still counts.
             #expect(await refusal { try await a.reserve(6 * mb, quota: 10 * mb) } == 413)
             _ = try await a.reserve(5 * mb, quota: 10 * mb)
         }
