@@ -276,17 +276,17 @@ struct PostgresSpaceRecordsTests {
     @Test("an extended reservation outlives its first lifetime; one never extended lapses")
     func extendedReservation() async throws {
         try await RecordsStore.with(.postgres) { store in
-            // Margins of seconds: a loaded machine delays sleeps and round trips.
-            let a = try await store.space(reservationLifetime: .seconds(8))
-            let kept = try await a.reserve(5 * mb, quota: 10 * mb)
-            _ = try await a.reserve(5 * mb, quota: 10 * mb)  // an upload on an instance that died
-            for _ in 0..<4 {
-                try await Task.sleep(for: .seconds(3))
-                await a.extend(kept)
-            }
-            // 12 s on: the other lapsed, the extended one still counts.
-            #expect(await refusal { try await a.reserve(6 * mb, quota: 10 * mb) } == 413)
-            _ = try await a.reserve(5 * mb, quota: 10 * mb)
+            // Extended by an instance whose lifetime is an hour, so no delay of a loaded
+            // machine (a full run starves sleeps for seconds) lets it lapse.
+            let short = try await store.space(reservationLifetime: .seconds(3))
+            let long = try await store.space()
+            let kept = try await short.reserve(5 * mb, quota: 10 * mb)
+            _ = try await short.reserve(5 * mb, quota: 10 * mb)  // an upload on an instance that died
+            await long.extend(kept)
+            try await Task.sleep(for: .seconds(4))
+            // The other lapsed, the extended one still counts.
+            #expect(await refusal { try await short.reserve(6 * mb, quota: 10 * mb) } == 413)
+            _ = try await short.reserve(5 * mb, quota: 10 * mb)
         }
     }
 
