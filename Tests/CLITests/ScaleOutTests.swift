@@ -215,9 +215,14 @@ private final class FaultRig: @unchecked Sendable {
         balancer.accessLog.filter { $0.hasPrefix("PUT /v1/space/packs/") && $0.contains(" 201 ") }.count
     }
 
+    /// The requests nginx answered with a 5xx status (its log: method, path, status, upstream).
+    func serverErrors() -> [String] {
+        balancer.accessLog.filter { $0.split(separator: " ").dropFirst(2).first?.hasPrefix("5") == true }
+    }
+
     /// Notes the packs stored just after a fault.
     func note() {
-        let errors = balancer.accessLog.filter { $0.split(separator: " ").dropFirst(2).first?.hasPrefix("5") == true }
+        let errors = serverErrors()
         packsAtFaults.append(packsStored())
         print(
             "fault rig: \(Int(Date().timeIntervalSince(started))) s in: \(packsAtFaults.last!) packs stored, \(errors.count) answers 5xx so far"
@@ -234,7 +239,7 @@ private final class FaultRig: @unchecked Sendable {
 
     func verify() throws {
         check(eventually(within: 540) { finished })
-        let errors = balancer.accessLog.filter { $0.split(separator: " ").dropFirst(2).first?.hasPrefix("5") == true }
+        let errors = serverErrors()
         print("fault rig: all done \(Int(Date().timeIntervalSince(started))) s in; 5xx answers: \(errors)")
         for (i, instance) in instances.enumerated() {
             let log = (try? String(contentsOfFile: s.file("log\(i)"), encoding: .utf8)) ?? ""
