@@ -36,6 +36,8 @@ let package = Package(
         .systemLibrary(name: "CSQLite", providers: [.apt(["libsqlite3-dev"])]),
         // scrypt's ROMix in C with SSE2 (Swift's SIMD types do not compile its shuffles).
         .target(name: "CScrypt"),
+        // <sys/xattr.h> (extended attributes), which Swift's Glibc module leaves out.
+        .target(name: "CFileMetadata"),
         // The engine, in layers whose imports point one way (docs/architecture.md):
         // core (ids, errors, bytes, threads, POSIX, SQLite) ← format (pure codecs),
         // storage (the seam) ← CABackup (repository, snapshots; re-exports the layers below).
@@ -58,7 +60,7 @@ let package = Package(
         ),
         .target(
             name: "CABackup",
-            dependencies: ["CABackupCore", "CABackupFormat", "CABackupStorage", "CSQLite", "COpenSSL"],
+            dependencies: ["CABackupCore", "CABackupFormat", "CABackupStorage", "CSQLite", "COpenSSL", "CFileMetadata"],
             swiftSettings: testHooks
         ),
         // The client of a private data space: HTTPStorage, accounts, tokens. The only

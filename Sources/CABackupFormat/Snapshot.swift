@@ -72,6 +72,18 @@ public struct Snapshot: Sendable, Equatable {
     /// The root tree.
     public var tree: BlobID
     public var summary: SnapshotSummary
+    /// What its trees record beyond the base fields (``Snapshot/extendedMetadata``);
+    /// empty for snapshots made before extended attributes were kept.
+    public var metadata: [String] = []
+
+    /// A snapshot whose trees record extended attributes, inode flags and holes: a
+    /// missing attribute there means the entry had none (in an older snapshot it means
+    /// nothing).
+    public var recordsExtendedMetadata: Bool { Self.extendedMetadata.allSatisfy(metadata.contains) }
+
+    /// The `metadata` of snapshots whose trees record extended attributes, inode flags
+    /// and data ranges.
+    public static let extendedMetadata = ["xattrs", "flags", "holes"]
 }
 
 struct SnapshotRecord: Codable {
@@ -85,6 +97,7 @@ struct SnapshotRecord: Codable {
     var tree: String
     var summary: SnapshotSummary
     var program: String
+    var metadata: [String]?
 }
 
 extension Snapshot {
@@ -95,7 +108,8 @@ extension Snapshot {
     ) -> [UInt8] {
         let rec = SnapshotRecord(
             version: 1, time: time, hostname: hostname, username: username, paths: paths, tags: tags,
-            parent: parent?.hex, tree: tree.hex, summary: summary, program: "cabackup \(cabackupVersion)")
+            parent: parent?.hex, tree: tree.hex, summary: summary, program: "cabackup \(cabackupVersion)",
+            metadata: Snapshot.extendedMetadata)
         let enc = JSONEncoder()
         enc.outputFormatting = [.sortedKeys]
         return Array(try! enc.encode(rec))
@@ -119,7 +133,7 @@ extension Snapshot {
         }
         return Snapshot(
             id: id, time: rec.time, timeNs: ns, hostname: rec.hostname, username: rec.username, paths: rec.paths,
-            tags: rec.tags, parent: parent, tree: tree, summary: rec.summary)
+            tags: rec.tags, parent: parent, tree: tree, summary: rec.summary, metadata: rec.metadata ?? [])
     }
 }
 

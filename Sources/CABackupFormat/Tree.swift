@@ -53,6 +53,16 @@ public struct Node: Sendable, Equatable {
     /// For directories: the tree blobs holding its entries, in name order (one for
     /// most directories; large directories are split).
     public var subtrees: [BlobID] = []
+    /// Extended attributes, sorted by name: `user.*`, and where the reader was permitted,
+    /// `security.*` (file capabilities, SELinux labels), `trusted.*` and `system.*`
+    /// (POSIX ACLs are `system.posix_acl_access` and `system.posix_acl_default`).
+    public var xattrs: [ExtendedAttribute] = []
+    /// For a file with holes: its data extents, in order. The rest of `0..<size` is
+    /// holes. Empty for a file without holes. A hint for restore only: `content` covers
+    /// the whole file, holes included (their zero chunks deduplicate).
+    public var dataRanges: [FileRange] = []
+    /// Linux inode flags kept (``InodeFlags/kept``): immutable, append-only, nodump.
+    public var flags: UInt32 = 0
 
     public init(name: [UInt8], type: NodeType) {
         self.name = name
@@ -61,6 +71,45 @@ public struct Node: Sendable, Equatable {
 
     /// The name as text: invalid UTF-8 is escaped as `\xNN`.
     public var displayName: String { displayPath(name) }
+}
+
+/// One extended attribute: its full name (with the namespace, e.g. `user.comment`) and
+/// its value, both raw bytes.
+public struct ExtendedAttribute: Sendable, Equatable {
+    public var name: [UInt8]
+    public var value: [UInt8]
+
+    public init(name: [UInt8], value: [UInt8]) {
+        self.name = name
+        self.value = value
+    }
+
+    /// The name as text.
+    public var displayName: String { displayPath(name) }
+}
+
+/// A range of bytes of a file.
+public struct FileRange: Sendable, Equatable {
+    public var offset: UInt64
+    public var length: UInt64
+
+    public init(offset: UInt64, length: UInt64) {
+        self.offset = offset
+        self.length = length
+    }
+}
+
+/// The Linux inode flags (`FS_IOC_GETFLAGS`) a snapshot keeps.
+public enum InodeFlags {
+    /// `FS_IMMUTABLE_FL`: no change, rename, link or removal, even by root.
+    public static let immutable: UInt32 = 0x10
+    /// `FS_APPEND_FL`: written only by appending.
+    public static let appendOnly: UInt32 = 0x20
+    /// `FS_NODUMP_FL`: backup programs may skip it (`snapshot --exclude-nodump`).
+    public static let nodump: UInt32 = 0x40
+    /// The flags stored and restored; others (compression, no-COW, …) belong to the file
+    /// system the file lives on, not to the file.
+    public static let kept: UInt32 = immutable | appendOnly | nodump
 }
 
 /// Tree blob encoding: how a directory's entries are stored.
@@ -75,8 +124,13 @@ public enum TreeCodec {
 
     enum Tag: UInt64 {
         case name = 1, type, mode, uid, gid, size, mtime, ctime, inode, device, links, rdev, linkTarget, content,
-            subtrees
+            subtrees, xattrs, dataRanges, flags
     }
+
+    /// At most this many extended attributes per entry, and data ranges per file, are
+    /// accepted from a tree (Linux lists at most 64 KiB of attribute names).
+    static let maxXattrs = 1 << 14
+    static let maxDataRanges = 1 << 20
 
     /// A tree blob is closed at this many encoded bytes; a larger directory is split
     /// over several tree blobs so one blob stays bounded.
@@ -129,6 +183,25 @@ public enum TreeCodec {
         case .fifo, .socket:
             break
         }
+        if !n.xattrs.isEmpty {
+            var v = ByteWriter()
+            for x in n.xattrs {
+                v.varint(UInt64(x.name.count))
+                v.append(x.name)
+                v.varint(UInt64(x.value.count))
+                v.append(x.value)
+            }
+            field(.xattrs, bytes: v.bytes)
+        }
+        if !n.dataRanges.isEmpty && n.type == .file {
+            var v = ByteWriter()
+            for r in n.dataRanges {
+                v.varint(r.offset)
+                v.varint(r.length)
+            }
+            field(.dataRanges, bytes: v.bytes)
+        }
+        if n.flags != 0 { field(.flags, UInt64(n.flags)) }
         w.varint(UInt64(f.bytes.count))
         w.append(f.bytes)
     }
@@ -201,6 +274,34 @@ public enum TreeCodec {
             case .subtrees:
                 guard v.remaining % 32 == 0 else { throw FormatError.malformed("subtree length not a multiple of 32") }
                 while !v.isAtEnd { n.subtrees.append(try v.id()) }
+            case .xattrs:
+                while !v.isAtEnd {
+                    guard n.xattrs.count < maxXattrs else { throw FormatError.malformed("too many extended attributes") }
+                    let nameLength = try v.varint()
+                    guard nameLength > 0, nameLength <= UInt64(v.remaining) else { throw FormatError.truncated }
+                    let name = Array(try v.bytes(Int(nameLength)))
+                    let valueLength = try v.varint()
+                    guard valueLength <= UInt64(v.remaining) else { throw FormatError.truncated }
+                    let value = Array(try v.bytes(Int(valueLength)))
+                    guard !name.contains(0), n.xattrs.last.map({ $0.name.lexicographicallyPrecedes(name) }) ?? true
+                    else {
+                        throw FormatError.malformed("extended attributes not sorted, repeated or with a NUL in a name")
+                    }
+                    n.xattrs.append(ExtendedAttribute(name: name, value: value))
+                }
+            case .dataRanges:
+                var end: UInt64 = 0
+                while !v.isAtEnd {
+                    guard n.dataRanges.count < maxDataRanges else { throw FormatError.malformed("too many data ranges") }
+                    let offset = try v.varint()
+                    let length = try v.varint()
+                    guard offset >= end, length > 0, offset <= UInt64.max - length else {
+                        throw FormatError.malformed("data ranges overlap or are out of order")
+                    }
+                    end = offset + length
+                    n.dataRanges.append(FileRange(offset: offset, length: length))
+                }
+            case .flags: n.flags = UInt32(truncatingIfNeeded: try uint()) & InodeFlags.kept
             case nil:
                 break  // A field from a newer version: skipped.
             }

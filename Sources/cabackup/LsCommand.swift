@@ -34,6 +34,12 @@ struct LsCommand: ParsableCommand {
         let size: UInt64
         let mtime: String
         let link_target: String?
+        /// Names of the extended attributes (values stay in the snapshot).
+        let xattrs: [String]?
+        /// Kept inode flags: immutable, append-only, nodump.
+        let flags: [String]?
+        /// The file has holes (restored as holes).
+        let sparse: Bool?
     }
 
     func run() throws {
@@ -48,7 +54,9 @@ struct LsCommand: ParsableCommand {
                         Item(
                             path: jp.path, path_b64: jp.pathB64, type: n.type.description, mode: n.mode, uid: n.uid,
                             gid: n.gid, size: n.size, mtime: formatRFC3339(ns: n.mtimeNs),
-                            link_target: n.type == .symlink ? String(decoding: n.linkTarget, as: UTF8.self) : nil)))
+                            link_target: n.type == .symlink ? String(decoding: n.linkTarget, as: UTF8.self) : nil,
+                            xattrs: n.xattrs.isEmpty ? nil : n.xattrs.map(\.displayName),
+                            flags: n.flags == 0 ? nil : flagNames(n.flags), sparse: n.dataRanges.isEmpty ? nil : true)))
             } else if long {
                 let target = n.type == .symlink ? " -> " + displayPath(n.linkTarget) : ""
                 let time = formatRFC3339(ns: n.mtimeNs).replacingOccurrences(of: "T", with: " ").prefix(19)
@@ -61,6 +69,12 @@ struct LsCommand: ParsableCommand {
             }
         }
     }
+}
+
+/// The names of kept inode flags, as `chattr` calls them in words.
+func flagNames(_ flags: UInt32) -> [String] {
+    [(InodeFlags.immutable, "immutable"), (InodeFlags.appendOnly, "append-only"), (InodeFlags.nodump, "nodump")]
+        .filter { flags & $0.0 != 0 }.map(\.1)
 }
 
 /// `drwxr-xr-x`-style mode text.

@@ -42,6 +42,7 @@ struct RestoreCommand: ParsableCommand {
                     + "\(formatBytes(Int64(rate)))/s\(eta)")
         }
         line.clear()
+        for w in result.warnings { printError("warning: \(w)") }
         for f in result.failures { printError("error: \(f)") }
         let links = result.hardLinksRestored > 0 ? " (\(result.hardLinksRestored) as hard links)" : ""
         print(

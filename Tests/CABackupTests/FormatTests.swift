@@ -97,6 +97,65 @@ struct FormatTests {
         #expect(try TreeCodec.decode(framed.bytes) == [node])
     }
 
+    @Test("tree: extended attributes, data ranges and inode flags round-trip; unset ones cost no bytes")
+    func treeExtendedMetadata() throws {
+        var file = Node(name: Array("sparse.img".utf8), type: .file)
+        file.size = 1 << 30
+        file.xattrs = [
+            ExtendedAttribute(name: Array("security.capability".utf8), value: [1, 0, 0, 2, 0x20, 0, 0, 0]),
+            ExtendedAttribute(name: Array("user.empty".utf8), value: []),
+            ExtendedAttribute(name: Array("user.x".utf8), value: Array(repeating: 0xFF, count: 300)),
+        ]
+        file.dataRanges = [FileRange(offset: 0, length: 4096), FileRange(offset: 1 << 29, length: 8192)]
+        file.flags = InodeFlags.immutable | InodeFlags.nodump
+        var link = Node(name: Array("link".utf8), type: .symlink)
+        link.linkTarget = Array("sparse.img".utf8)
+        link.xattrs = [ExtendedAttribute(name: Array("trusted.t".utf8), value: Array("v".utf8))]
+        let plain = sampleNodes()[0]
+        let nodes = [plain, file, link].sorted { $0.name.lexicographicallyPrecedes($1.name) }
+        #expect(try TreeCodec.decode(TreeCodec.encodeSingle(nodes)) == nodes)
+        // A node without them encodes exactly as before they existed.
+        var bare = ByteWriter()
+        TreeCodec.encode(plain, into: &bare)
+        var withEmpty = plain
+        withEmpty.xattrs = []
+        withEmpty.dataRanges = []
+        var again = ByteWriter()
+        TreeCodec.encode(withEmpty, into: &again)
+        #expect(bare.bytes == again.bytes)
+        // Flags outside the kept set are dropped on decode.
+        var odd = plain
+        odd.flags = 0x80 | InodeFlags.appendOnly
+        #expect(try TreeCodec.decode(TreeCodec.encodeSingle([odd]))[0].flags == InodeFlags.appendOnly)
+    }
+
+    @Test("tree: unsorted or repeated attributes, overlapping ranges and short values are refused")
+    func treeExtendedMetadataMalformed() throws {
+        func entry(_ tag: UInt8, _ value: [UInt8]) -> [UInt8] {
+            var fields = ByteWriter()
+            fields.append([1, 1, 0x61, 2, 1, 1])  // name "a", type file
+            fields.varint(UInt64(tag))
+            fields.varint(UInt64(value.count))
+            fields.append(value)
+            var w = ByteWriter()
+            w.u8(1)
+            w.varint(UInt64(fields.bytes.count))
+            w.append(fields.bytes)
+            return w.bytes
+        }
+        let b = Array("b".utf8)
+        let a = Array("a".utf8)
+        #expect(try TreeCodec.decode(entry(16, [1] + a + [0] + [1] + b + [1, 7]))[0].xattrs.count == 2)
+        #expect(throws: FormatError.self) { try TreeCodec.decode(entry(16, [1] + b + [0] + [1] + a + [0])) }
+        #expect(throws: FormatError.self) { try TreeCodec.decode(entry(16, [1] + a + [0] + [1] + a + [0])) }
+        #expect(throws: FormatError.self) { try TreeCodec.decode(entry(16, [1] + a + [5, 1])) }
+        #expect(throws: FormatError.self) { try TreeCodec.decode(entry(16, [0, 0])) }
+        #expect(try TreeCodec.decode(entry(17, [0, 10, 20, 5]))[0].dataRanges.count == 2)
+        #expect(throws: FormatError.self) { try TreeCodec.decode(entry(17, [0, 10, 5, 5])) }
+        #expect(throws: FormatError.self) { try TreeCodec.decode(entry(17, [0, 0])) }
+        #expect(throws: (any Error).self) { try TreeCodec.decode(entry(17, [0])) }
+    }
+
     @Test("tree: large directories are split into bounded parts")
     func treeSplitting() throws {
         let nodes = (0..<20000).map { i -> Node in

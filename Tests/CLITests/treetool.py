@@ -5,10 +5,17 @@ cabackup's own metadata code.
 
   treetool.py make DIR          create a tree with every kind of entry cabackup keeps
   treetool.py compare SRC DST   exit 0 when DST reproduces SRC (names, types, bytes,
-                                modes, mtimes in ns, symlink targets, hard links);
-                                otherwise print every difference and exit 1
+                                modes, mtimes in ns, symlink targets, hard links,
+                                extended attributes (ACLs and capabilities among them),
+                                inode flags, and holes: every hole of a source file
+                                is a hole in its restore); otherwise print every
+                                difference and exit 1
+  treetool.py holes FILE        print FILE's data extents as JSON [[offset, length], ...]
 """
+import errno
+import fcntl
 import hashlib
+import json
 import os
 import random
 import stat
@@ -75,6 +82,78 @@ def make(root):
         os.utime(e, ns=(ns + i * 1001, ns + i * 1_000_003), follow_symlinks=False)
 
 
+FS_IOC_GETFLAGS = 0x80086601
+KEPT_FLAGS = 0x10 | 0x20 | 0x40  # immutable, append-only, nodump
+
+
+def xattrs(path):
+    """Every extended attribute this process can read, not following a symlink."""
+    try:
+        names = os.listxattr(path, follow_symlinks=False)
+    except OSError as e:
+        if e.errno in (errno.ENOTSUP, errno.EOPNOTSUPP):
+            return {}
+        raise
+    return {n: os.getxattr(path, n, follow_symlinks=False).hex() for n in sorted(names)}
+
+
+def inode_flags(path):
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return 0
+    try:
+        buf = fcntl.ioctl(fd, FS_IOC_GETFLAGS, b"\0" * 8)
+        return int.from_bytes(buf[:4], "little") & KEPT_FLAGS
+    except OSError:
+        return 0
+    finally:
+        os.close(fd)
+
+
+def data_extents(path):
+    """The file's data extents [(offset, length)], from SEEK_DATA/SEEK_HOLE."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        out, offset = [], 0
+        while offset < size:
+            try:
+                data = os.lseek(fd, offset, os.SEEK_DATA)
+            except OSError as e:
+                if e.errno == errno.ENXIO:
+                    break
+                raise
+            hole = min(os.lseek(fd, data, os.SEEK_HOLE), size)
+            out.append((data, hole - data))
+            offset = hole
+        return out
+    finally:
+        os.close(fd)
+
+
+def holes(path):
+    """The file's holes [(offset, length)] (the complement of its data extents)."""
+    size = os.lstat(path).st_size
+    out, pos = [], 0
+    for off, length in data_extents(path):
+        if off > pos:
+            out.append((pos, off - pos))
+        pos = off + length
+    if pos < size:
+        out.append((pos, size - pos))
+    return out
+
+
+def covered(hole, restored_holes):
+    """Whether the hole (offset, length) lies inside the restore's holes."""
+    off, length = hole
+    for roff, rlength in restored_holes:
+        if roff <= off and off + length <= roff + rlength:
+            return True
+    return False
+
+
 def describe(root):
     """Maps relative path bytes to a tuple describing the entry."""
     out = {}
@@ -102,6 +181,9 @@ def describe(root):
                     inode_names.setdefault((st.st_dev, st.st_ino), []).append(rel)
             if os.geteuid() == 0:
                 d["uid"], d["gid"] = st.st_uid, st.st_gid
+            d["xattrs"] = xattrs(full)
+            if stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode):
+                d["flags"] = inode_flags(full)
             out[rel] = d
     # Hard-link groups: each name records the sorted names sharing its inode.
     for names in inode_names.values():
@@ -120,6 +202,14 @@ def compare(src, dst):
             problems.append("extra in restore: %r" % k)
         elif a[k] != b[k]:
             problems.append("differs: %r\n  source:  %r\n  restore: %r" % (k, a[k], b[k]))
+        elif a[k].get("size"):
+            # Holes: each of the source's is a hole in the restore (the restore may leave
+            # more, all-zero data unwritten); block-aligned on both sides.
+            src_holes = holes(os.path.join(os.fsencode(src), k))
+            dst_holes = holes(os.path.join(os.fsencode(dst), k))
+            missing = [h for h in src_holes if not covered(h, dst_holes)]
+            if missing:
+                problems.append("holes not restored: %r %r (restore has %r)" % (k, missing, dst_holes))
     for p in problems:
         print(p)
     print("%d entries compared, %d differences" % (len(a), len(problems)))
@@ -129,6 +219,8 @@ def compare(src, dst):
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "make":
         make(sys.argv[2])
+    elif len(sys.argv) == 3 and sys.argv[1] == "holes":
+        print(json.dumps(data_extents(sys.argv[2])))
     elif len(sys.argv) == 4 and sys.argv[1] == "compare":
         sys.exit(compare(sys.argv[2], sys.argv[3]))
     else:

@@ -89,6 +89,9 @@ final class Archiver: @unchecked Sendable {
     private var hardLinks: [HardLinkKey: (job: FileJob, seen: UInt64)] = [:]
     /// Every chunk of the parent snapshot is known to be indexed.
     private var parentIsComplete = false
+    /// The parent snapshot records extended attributes, flags and holes, so an entry it
+    /// has unchanged takes them from it; an older parent's are read again.
+    private var parentHasMetadata = false
     private var warnings: [SnapshotWarning] = []
     private var summary = SnapshotSummary()
     private let start = monotonicSeconds()
@@ -184,6 +187,7 @@ final class Archiver: @unchecked Sendable {
         if let parentSnapshot, !options.force, (try? repo.index.isComplete(parentSnapshot.id)) == true {
             parentIsComplete = true
         }
+        parentHasMetadata = parentSnapshot?.recordsExtendedMetadata ?? false
         // Without a parent every file is read and stated again before reading: listings
         // made ahead would only hold memory.
         if parentSnapshot == nil || options.force { options.prefetch?.finish() }
@@ -318,13 +322,23 @@ extension Archiver: FileSystemVisitor {
     ) throws
         -> BackupDirectory?
     {
-        let pd = PendingDirectory(node: makeNode(name: directory.name, st: directory.stat), isRoot: directory.isRoot)
-        if directory.isRoot {
-            pd.parent = rootParent
-        } else if var parent {
+        var node = makeNode(name: directory.name, st: directory.stat)
+        var parentNode: Node?
+        if !directory.isRoot, var parent {
             // nil with --force: walkRoot passes no parent.
-            pd.parent = parentDirectory(parent.parentEntry(directory.name))
+            parentNode = parent.parentEntry(directory.name)
         }
+        if parentHasMetadata, let p = parentNode, p.hasUnchangedMetadata(since: node) {
+            node.xattrs = p.xattrs
+            node.flags = p.flags
+        } else if let handle = directory.handle {
+            node.xattrs = FileMetadata.xattrs(fd: handle.fd)
+            node.flags = FileMetadata.flags(fd: handle.fd)
+        } else {
+            node.xattrs = FileMetadata.xattrs(of: directory.entry)
+        }
+        let pd = PendingDirectory(node: node, isRoot: directory.isRoot)
+        pd.parent = directory.isRoot ? rootParent : parentDirectory(parentNode)
         if let error = listing.error {
             warn(directory.path, errnoText(error), outcome: .storedEmpty)
         }
@@ -346,6 +360,15 @@ extension Archiver: FileSystemVisitor {
         case .file:
             if let content = unchangedContent(node, parent: parent, missing: directory.missing) {
                 node.content = content
+                // The same ctime: its attributes and flags are unchanged too (setting
+                // either moves the ctime). A parent from before they were kept has none.
+                if parentHasMetadata, let parent {
+                    node.xattrs = parent.xattrs
+                    node.flags = parent.flags
+                    node.dataRanges = parent.dataRanges
+                } else {
+                    readExtras(of: &node, entry: entry.entry)
+                }
                 summary.filesUnchanged += 1
                 summary.bytesUnchanged += Int64(node.size)
                 reportProgress(path)
@@ -400,12 +423,40 @@ extension Archiver: FileSystemVisitor {
                 return .next
             }
             node.linkTarget = target
+            addXattrs(to: &node, entry: entry.entry, parent: parent)
             try add(.done(node), to: directory)
             return .next
         default:
+            addXattrs(to: &node, entry: entry.entry, parent: parent)
             try add(.done(node), to: directory)
             return .next
         }
+    }
+
+    /// A symlink's or special file's extended attributes: the parent snapshot's when its
+    /// ctime is the same, else read (by path, without opening it).
+    private func addXattrs(to node: inout Node, entry: EntryRef, parent: Node?) {
+        if parentHasMetadata, let parent, parent.hasUnchangedMetadata(since: node) {
+            node.xattrs = parent.xattrs
+        } else {
+            node.xattrs = FileMetadata.xattrs(of: entry)
+        }
+    }
+
+    /// An unchanged file's attributes, flags and holes, read once when the parent snapshot
+    /// predates them (the file is opened, not read).
+    private func readExtras(of node: inout Node, entry: EntryRef) {
+        let flags = O_RDONLY | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK
+        let fd = openAt(entry.fd, entry.relative, { open($0, flags) }, at: { openat($0, $1, flags) })
+        guard fd >= 0 else {
+            node.xattrs = FileMetadata.xattrs(of: entry)
+            return
+        }
+        defer { close(fd) }
+        let extras = FileExtras(fd: fd, size: Int64(node.size))
+        node.xattrs = extras.xattrs
+        node.flags = extras.flags
+        node.dataRanges = extras.dataRanges
     }
 
     func cannotStat(_ path: [UInt8], name: [UInt8], reason: String, in directory: inout BackupDirectory) {

@@ -9,4 +9,11 @@ extension Node {
         type == .file && earlier.type == .file && size == earlier.size && mtimeNs == earlier.mtimeNs
             && ctimeNs == earlier.ctimeNs && inode == earlier.inode
     }
+
+    /// Whether an entry's extended attributes and inode flags can be taken from an
+    /// earlier snapshot's unread: the same type, inode and ctime (setting an attribute or
+    /// a flag moves the ctime).
+    func hasUnchangedMetadata(since earlier: Node) -> Bool {
+        type == earlier.type && ctimeNs == earlier.ctimeNs && inode == earlier.inode
+    }
 }

@@ -47,6 +47,7 @@ extension Repository {
     /// skipping subtrees whose tree blobs are identical.
     public func diff(_ old: Snapshot, _ new: Snapshot) throws -> ChangeSet {
         var differ = SnapshotDiff()
+        differ.comparesExtendedMetadata = old.recordsExtendedMetadata && new.recordsExtendedMetadata
         try SnapshotTreeWalker(self).compare([old.tree], [new.tree], path: [], &differ)
         var changes = differ.changes
         changes.base = old.id
@@ -72,13 +73,17 @@ private struct SnapshotDiff: TreePairVisitor {
     var old = Collector()
     var new = Collector()
     var changes = ChangeSet()
+    /// Both snapshots record extended attributes and flags (an older one has none).
+    var comparesExtendedMetadata = false
 
     mutating func visit(old a: Node, new b: Node, path: [UInt8]) throws -> TreeDecision {
-        let sameMeta = a.mode == b.mode && a.uid == b.uid && a.gid == b.gid && a.mtimeNs == b.mtimeNs
+        let sameExtended = !comparesExtendedMetadata || (a.xattrs == b.xattrs && a.flags == b.flags)
+        let sameMeta =
+            a.mode == b.mode && a.uid == b.uid && a.gid == b.gid && a.mtimeNs == b.mtimeNs && sameExtended
         switch a.type {
         case .directory:
             // A directory's own mtime moves with its entries: those are reported, not it.
-            if a.mode != b.mode || a.uid != b.uid || a.gid != b.gid {
+            if a.mode != b.mode || a.uid != b.uid || a.gid != b.gid || !sameExtended {
                 changes.metadataOnly.append(ChangedEntry(path: path, size: 0, type: .directory))
             }
             return .descend
@@ -137,6 +142,7 @@ extension Repository {
         let parent = try parentSnapshot(paths: absolute, hostname: hostname)
         var visitor = StatusVisitor(repository: self, excludes: rules)
         visitor.changes.base = parent?.id
+        visitor.comparesExtendedMetadata = parent?.recordsExtendedMetadata ?? false
         visitor.rootEntries = try parent.map { try loadTree($0.tree) } ?? []
         if var root = try FileSystemWalker(excludes: rules).walk(PathTrie(paths: absolute), &visitor) {
             try visitor.reportRemaining(in: &root)
@@ -165,6 +171,8 @@ struct StatusVisitor: FileSystemVisitor {
     var changes = ChangeSet()
     /// The snapshot's root directory.
     var rootEntries: [Node] = []
+    /// The snapshot records extended attributes and flags (an older one has none).
+    var comparesExtendedMetadata = false
     /// The snapshot's entries of the directory the walk is about to enter.
     private var descending: [Node] = []
 
@@ -230,7 +238,11 @@ struct StatusVisitor: FileSystemVisitor {
             descending = []
             return now.type == .directory ? .descend : .next
         }
-        let sameOwnerAndMode = old.mode == now.mode && old.uid == now.uid && old.gid == now.gid
+        var sameOwnerAndMode = old.mode == now.mode && old.uid == now.uid && old.gid == now.gid
+        if comparesExtendedMetadata && now.type != .file && !now.hasUnchangedMetadata(since: old) {
+            // Attributes and flags move the ctime; a file's are compared with its content.
+            sameOwnerAndMode = sameOwnerAndMode && sameExtendedMetadata(old, entry.entry, type: now.type)
+        }
         switch now.type {
         case .directory:
             // A directory's own mtime moves with its entries: those are reported, not it.
@@ -256,6 +268,19 @@ struct StatusVisitor: FileSystemVisitor {
             }
         }
         return .next
+    }
+
+    /// Whether an entry's extended attributes and flags are those of `old`.
+    private func sameExtendedMetadata(_ old: Node, _ entry: EntryRef, type: NodeType) -> Bool {
+        guard type == .directory else { return FileMetadata.xattrs(of: entry) == old.xattrs }
+        let fd = openAt(entry.fd, entry.relative) {
+            open($0, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC)
+        } at: {
+            openat($0, $1, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC)
+        }
+        guard fd >= 0 else { return true }
+        defer { close(fd) }
+        return FileMetadata.xattrs(fd: fd) == old.xattrs && FileMetadata.flags(fd: fd) == old.flags
     }
 
     /// An entry that is gone by the time it is stated: what the snapshot had is removed.

@@ -16,7 +16,25 @@ final class FileJob: @unchecked Sendable {
     var sealed = false
     var size: Int64 = 0
     var failed = false
+    /// What the file carries besides its bytes, read from the open file.
+    var extras = FileExtras()
     var isComplete: Bool { sealed && pending == 0 }
+}
+
+/// A file's extended attributes, inode flags and data extents (when it has holes), read
+/// through the descriptor its content is read from.
+struct FileExtras: Sendable {
+    var xattrs: [ExtendedAttribute] = []
+    var flags: UInt32 = 0
+    var dataRanges: [FileRange] = []
+
+    init() {}
+
+    init(fd: Int32, size: Int64) {
+        xattrs = FileMetadata.xattrs(fd: fd)
+        flags = FileMetadata.flags(fd: fd)
+        dataRanges = FileMetadata.dataRanges(fd: fd, size: size)
+    }
 }
 
 struct ChunkJob: Sendable {
@@ -148,6 +166,7 @@ final class FileSaver: @unchecked Sendable {
         }
         progress(0)
         let job = FileJob()
+        let extras = FileExtras(fd: fd, size: Int64(st.st_size))
         let reader = ChunkingReader(
             chunker: chunker, fd: fd, path: path, sizeHint: Int64(st.st_size), windowSize: pool.bufferSize,
             pool: pool)
@@ -192,6 +211,7 @@ final class FileSaver: @unchecked Sendable {
         filesRead += 1
         cond.locked {
             job.size = reader.bytesRead
+            job.extras = extras
             job.sealed = true
         }
         return .queued(job)
@@ -213,9 +233,10 @@ final class FileSaver: @unchecked Sendable {
                 if job.file.isComplete { cond.broadcast() }
                 cond.unlock()
             case .smallFile(let job):
-                let (ids, size) = readSmallFile(job, into: small, codec: codec) ?? ([], -1)
+                let (ids, size, extras) = readSmallFile(job, into: small, codec: codec) ?? ([], -1, FileExtras())
                 cond.lock()
                 job.file.ids = ids
+                job.file.extras = extras
                 job.file.size = max(0, size)
                 job.file.failed = size < 0
                 job.file.sealed = true
@@ -240,12 +261,13 @@ final class FileSaver: @unchecked Sendable {
         return id
     }
 
-    /// Opens, reads and stores a small file on a worker; returns its chunk ids and size,
-    /// or `nil` (with a warning) when it cannot be read or changed while it was read.
+    /// Opens, reads and stores a small file on a worker; returns its chunk ids, size and
+    /// extras, or `nil` (with a warning) when it cannot be read or changed while it was
+    /// read.
     private func readSmallFile(
         _ job: SmallFileJob, into buffer: UnsafeMutableRawPointer, codec: BlobCodec
-    ) -> ([BlobID], Int64)? {
-        func skip(_ message: String) -> ([BlobID], Int64)? {
+    ) -> ([BlobID], Int64, FileExtras)? {
+        func skip(_ message: String) -> ([BlobID], Int64, FileExtras)? {
             workerWarnings.withLock { $0.append(SnapshotWarning(path: displayPath(job.path), message: message)) }
             return nil
         }
@@ -256,6 +278,7 @@ final class FileSaver: @unchecked Sendable {
         if fstat(fd, &st) != 0 || (st.st_mode & S_IFMT) != S_IFREG {
             return skip("changed type while being backed up")
         }
+        let extras = FileExtras(fd: fd, size: job.size)
         // One byte more than expected: a file that grew is seen without a second read.
         let n: Int
         do {
@@ -279,7 +302,7 @@ final class FileSaver: @unchecked Sendable {
         }
         smallFilesRead.add(1, ordering: .relaxed)
         smallBytesRead.add(Int64(n), ordering: .relaxed)
-        return (ids, Int64(n))
+        return (ids, Int64(n), extras)
     }
 
     // MARK: Helpers

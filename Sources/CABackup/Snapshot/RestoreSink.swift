@@ -26,8 +26,11 @@ protocol RestoreSink: Sendable {
     /// Makes `path` another name of the file restored at `first`; called after every
     /// file is committed.
     func hardLink(_ path: [UInt8], to first: [UInt8]) throws
-    /// Applies directory metadata, deepest first, once everything is written.
+    /// Applies directory metadata, deepest first, once everything is written, then the
+    /// inode flags of every entry (an immutable file cannot be linked or changed after).
     func finish() throws
+    /// Entries restored without some of their metadata (see ``RestoreResult/warnings``).
+    var warnings: [RestoreFailure] { get }
 }
 
 /// A regular file being restored.

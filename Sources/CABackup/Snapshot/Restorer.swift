@@ -50,6 +50,10 @@ public struct RestoreResult: Sendable {
     public var bytesWritten: Int64
     /// Entries that failed; a damaged file is removed rather than left with wrong bytes.
     public var failures: [RestoreFailure]
+    /// Entries restored without some of their metadata: an extended attribute or inode
+    /// flag this process has no right to set (`security.capability` needs root), or one
+    /// the target's file system does not support. Their bytes are restored.
+    public var warnings: [RestoreFailure] = []
 }
 
 /// One entry met while walking a snapshot: its absolute path in the snapshot (bytes)
@@ -190,7 +194,7 @@ struct Restorer<Sink: RestoreSink>: TreeVisitor {
         let t = pipeline.totals
         return RestoreResult(
             filesRestored: t.files + links, hardLinksRestored: links, directoriesRestored: directoriesRestored,
-            bytesWritten: t.bytes, failures: t.failures)
+            bytesWritten: t.bytes, failures: t.failures, warnings: sink.warnings)
     }
 
     /// Whether `path` is included, and whether its children must be filtered.

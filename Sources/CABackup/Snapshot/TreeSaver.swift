@@ -158,13 +158,16 @@ final class TreeSaver {
                     return
                 }
                 while !job.isComplete { cond.wait() }
-                let (ids, size, failed) = (job.ids, job.size, job.failed)
+                let (ids, size, failed, extras) = (job.ids, job.size, job.failed, job.extras)
                 cond.unlock()
                 if failed {
                     node = nil
                 } else {
                     n.content = ids
                     n.size = UInt64(size)
+                    n.xattrs = extras.xattrs
+                    n.flags = extras.flags
+                    n.dataRanges = extras.dataRanges
                     node = n
                     filesTotal += 1
                 }
