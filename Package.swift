@@ -118,7 +118,7 @@ let package = Package(
         .testTarget(
             name: "CLITests",
             dependencies: ["cabackup", "library-example", "CABackup", "CABackupRemote", "CABackupServer"],
-            exclude: ["treetool.py", "httptool.py", "hostileproxy.py", "abusetool.py"]
+            exclude: ["treetool.py", "httptool.py", "hostileproxy.py", "abusetool.py", "repotool.py"]
         ),
     ],
     swiftLanguageModes: [.v6]
