@@ -276,7 +276,9 @@ public enum TreeCodec {
                 while !v.isAtEnd { n.subtrees.append(try v.id()) }
             case .xattrs:
                 while !v.isAtEnd {
-                    guard n.xattrs.count < maxXattrs else { throw FormatError.malformed("too many extended attributes") }
+                    guard n.xattrs.count < maxXattrs else {
+                        throw FormatError.malformed("too many extended attributes")
+                    }
                     let nameLength = try v.varint()
                     guard nameLength > 0, nameLength <= UInt64(v.remaining) else { throw FormatError.truncated }
                     let name = Array(try v.bytes(Int(nameLength)))
@@ -292,7 +294,9 @@ public enum TreeCodec {
             case .dataRanges:
                 var end: UInt64 = 0
                 while !v.isAtEnd {
-                    guard n.dataRanges.count < maxDataRanges else { throw FormatError.malformed("too many data ranges") }
+                    guard n.dataRanges.count < maxDataRanges else {
+                        throw FormatError.malformed("too many data ranges")
+                    }
                     let offset = try v.varint()
                     let length = try v.varint()
                     guard offset >= end, length > 0, offset <= UInt64.max - length else {

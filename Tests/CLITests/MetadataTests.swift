@@ -98,6 +98,15 @@ struct MetadataTests {
         #expect(item("journal.log")?["flags"] as? [String] == ["append-only"])
         #expect(item("sparse.img")?["sparse"] as? Bool == true)
         #expect(item("docs/nested/random.bin")?["xattrs"] == nil)
+        // The tree fields themselves, read by the independent reader from a plaintext
+        // repository's packs and compared with the disk: attributes, holes and flags.
+        let plain = s.file("plain")
+        #expect(try cabackup("init", "--repo", plain, "--no-encryption").status == 0)
+        #expect(try cabackup("snapshot", "--repo", plain, src).status == 0)
+        let fields = try python(repotool, "compare", plain, "latest", src)
+        #expect(fields.status == 0, "\(fields.stdout)\(fields.stderr)")
+        let entries = try python(repotool, "entries", plain)
+        #expect(entries.stdout.contains("security.capability") && entries.stdout.contains("\"flags\": 16"))
     }
 
     @Test("status and diff see an attribute change; an unchanged snapshot lists no attributes")
@@ -141,7 +150,8 @@ struct MetadataTests {
         #expect(Set(meta) == [src + "/docs", src + "/many-7"], "\(status.stdout)")
         #expect(try cabackup("snapshot", "--repo", repo, src).status == 0)
         let snaps = try #require(
-            try JSONSerialization.jsonObject(with: Data(try cabackup("snapshots", "--repo", repo, "--json").stdout.utf8))
+            try JSONSerialization.jsonObject(
+                with: Data(try cabackup("snapshots", "--repo", repo, "--json").stdout.utf8))
                 as? [[String: Any]])
         let ids = snaps.compactMap { $0["id"] as? String }
         let diff = try cabackup("diff", "--repo", repo, ids[ids.count - 2], ids[ids.count - 1], "--json")
@@ -219,7 +229,8 @@ struct MetadataTests {
         #expect(restore.status == 0, "\(restore.stderr)")
         let after = try tool("getcap", "-r", out + src).stdout.replacingOccurrences(of: out + src, with: src)
         #expect(
-            Set(after.split(separator: "\n")) == Set(before.split(separator: "\n")), "before:\n\(before)\nafter:\n\(after)")
+            Set(after.split(separator: "\n")) == Set(before.split(separator: "\n")),
+            "before:\n\(before)\nafter:\n\(after)")
         let cmp = try python(treetool, "compare", src, out + src)
         #expect(cmp.status == 0 && cmp.stdout.contains(" 0 differences"), "\(cmp.stdout)")
     }
