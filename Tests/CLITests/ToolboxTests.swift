@@ -1,0 +1,63 @@
+import Foundation
+import Testing
+
+/// The commands around snapshot and restore that restic users reach for (issue 24).
+@Suite("the toolbox: stats")
+struct ToolboxTests {
+    /// `stats --json` of `repo` with `args`.
+    private func stats(_ repo: String, _ args: String...) throws -> [String: Any] {
+        let r = try run(cabackupBinary, ["stats", "--repo", repo, "--json"] + args)
+        #expect(r.status == 0, "\(r.stderr)")
+        return jsonObject(r.stdout) ?? [:]
+    }
+
+    @Test("stats: restore size counts every snapshot's files, raw data counts each unique blob once")
+    func statsModes() throws {
+        let s = Scratch()
+        let src = s.file("src")
+        try FileManager.default.createDirectory(atPath: src + "/sub", withIntermediateDirectories: true)
+        // 3 MiB of random bytes twice (one copy deduplicates), a hard link, a small text.
+        var random = [UInt8](repeating: 0, count: 3 << 20)
+        for i in random.indices { random[i] = UInt8.random(in: 0...255) }
+        try Data(random).write(to: URL(fileURLWithPath: src + "/a.bin"))
+        try Data(random).write(to: URL(fileURLWithPath: src + "/sub/copy.bin"))
+        try FileManager.default.linkItem(atPath: src + "/a.bin", toPath: src + "/sub/link.bin")
+        try Data("hello\n".utf8).write(to: URL(fileURLWithPath: src + "/hello.txt"))
+        let repo = s.file("repo")
+        #expect(try cabackup("init", "--repo", repo).status == 0)
+        #expect(try cabackup("snapshot", "--repo", repo, src).status == 0)
+        #expect(try cabackup("snapshot", "--repo", repo, "--force", src).status == 0)
+
+        let one = try stats(repo, "latest")
+        #expect(one["snapshots_count"] as? Int == 1)
+        #expect(one["total_file_count"] as? Int == 4)
+        // The hard link's bytes once: a.bin, copy.bin and hello.txt.
+        #expect(one["total_size"] as? Int == 2 * (3 << 20) + 6)
+        let all = try stats(repo)
+        #expect(all["snapshots_count"] as? Int == 2 && all["total_size"] as? Int == 2 * (2 * (3 << 20) + 6))
+
+        // raw-data: the random bytes once, the text, and the trees; two identical
+        // snapshots reference the same blobs as one.
+        let raw = try stats(repo, "--mode", "raw-data")
+        let rawOne = try stats(repo, "--mode", "raw-data", "latest")
+        let uncompressed = try #require(raw["total_uncompressed_size"] as? Int)
+        #expect(uncompressed > (3 << 20) + 6 && uncompressed < (3 << 20) + 6 + 64 * 1024, "\(raw)")
+        #expect(raw["total_blob_count"] as? Int == rawOne["total_blob_count"] as? Int)
+        #expect(raw["total_uncompressed_size"] as? Int == rawOne["total_uncompressed_size"] as? Int)
+        // Stored bytes are what the packs hold, less their headers.
+        let stored = try #require(raw["total_size"] as? Int)
+        let packs = try run("/usr/bin/du", ["-sb", "--apparent-size", repo + "/data"]).stdout
+        let packBytes = Int(packs.split(separator: "\t").first ?? "") ?? 0
+        #expect(stored > 3 << 20 && stored <= packBytes, "\(stored) of \(packBytes)")
+        #expect((raw["space_saving"] as? Double ?? 0) > 0.7)
+
+        // Bad input: one line, usage exit code.
+        let bad = try cabackup("stats", "--repo", repo, "--mode", "everything")
+        #expect(bad.status == 64 && bad.stderr.contains("restore-size or raw-data"))
+        let missing = try cabackup("stats", "--repo", repo, "deadbeef00")
+        #expect(missing.status != 0 && missing.stderr.contains("deadbeef00"))
+        // Text mode names the figures.
+        let text = try cabackup("stats", "--repo", repo, "--mode", "raw-data")
+        #expect(text.stdout.contains("Total Blob Count:") && text.stdout.contains("Compression Ratio:"))
+    }
+}
