@@ -75,6 +75,8 @@ public struct Snapshot: Sendable, Equatable {
     /// What its trees record beyond the base fields (``Snapshot/extendedMetadata``);
     /// empty for snapshots made before extended attributes were kept.
     public var metadata: [String] = []
+    /// For a record rewritten by `tag`: the id of the snapshot as first written.
+    public var original: SnapshotID?
 
     /// A snapshot whose trees record extended attributes, inode flags and holes: a
     /// missing attribute there means the entry had none (in an older snapshot it means
@@ -98,6 +100,7 @@ struct SnapshotRecord: Codable {
     var summary: SnapshotSummary
     var program: String
     var metadata: [String]?
+    var original: String?
 }
 
 extension Snapshot {
@@ -109,7 +112,21 @@ extension Snapshot {
         let rec = SnapshotRecord(
             version: 1, time: time, hostname: hostname, username: username, paths: paths, tags: tags,
             parent: parent?.hex, tree: tree.hex, summary: summary, program: "cabackup \(cabackupVersion)",
-            metadata: Snapshot.extendedMetadata)
+            metadata: Snapshot.extendedMetadata, original: nil)
+        let enc = JSONEncoder()
+        enc.outputFormatting = [.sortedKeys]
+        return Array(try! enc.encode(rec))
+    }
+
+    /// The record of `snapshot` with other tags: everything else as it was, and
+    /// `original` naming the snapshot as first written.
+    package static func encodeRecord(retagging snapshot: Snapshot, tags: [String]) -> [UInt8] {
+        let rec = SnapshotRecord(
+            version: 1, time: snapshot.time, hostname: snapshot.hostname, username: snapshot.username,
+            paths: snapshot.paths, tags: tags, parent: snapshot.parent?.hex, tree: snapshot.tree.hex,
+            summary: snapshot.summary, program: "cabackup \(cabackupVersion)",
+            metadata: snapshot.metadata.isEmpty ? nil : snapshot.metadata,
+            original: (snapshot.original ?? snapshot.id).hex)
         let enc = JSONEncoder()
         enc.outputFormatting = [.sortedKeys]
         return Array(try! enc.encode(rec))
@@ -131,9 +148,15 @@ extension Snapshot {
             guard let pid = ObjectID(hex: p) else { throw CABackupError.corrupt(what: what, reason: "bad parent id") }
             parent = pid
         }
+        var original: SnapshotID?
+        if let o = rec.original {
+            guard let oid = ObjectID(hex: o) else { throw CABackupError.corrupt(what: what, reason: "bad original id") }
+            original = oid
+        }
         return Snapshot(
             id: id, time: rec.time, timeNs: ns, hostname: rec.hostname, username: rec.username, paths: rec.paths,
-            tags: rec.tags, parent: parent, tree: tree, summary: rec.summary, metadata: rec.metadata ?? [])
+            tags: rec.tags, parent: parent, tree: tree, summary: rec.summary, metadata: rec.metadata ?? [],
+            original: original)
     }
 }
 

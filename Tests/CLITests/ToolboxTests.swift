@@ -2,7 +2,7 @@ import Foundation
 import Testing
 
 /// The commands around snapshot and restore that restic users reach for (issue 24).
-@Suite("the toolbox: stats")
+@Suite("the toolbox: stats, tag")
 struct ToolboxTests {
     /// `stats --json` of `repo` with `args`.
     private func stats(_ repo: String, _ args: String...) throws -> [String: Any] {
@@ -59,5 +59,49 @@ struct ToolboxTests {
         // Text mode names the figures.
         let text = try cabackup("stats", "--repo", repo, "--mode", "raw-data")
         #expect(text.stdout.contains("Total Blob Count:") && text.stdout.contains("Compression Ratio:"))
+    }
+
+    @Test("tag: add, remove and set rewrite the record under a new id; other devices see no rollback")
+    func tags() throws {
+        let s = Scratch()
+        try Data("x".utf8).write(to: URL(fileURLWithPath: s.file("f")))
+        let repo = s.file("repo")
+        #expect(try cabackup("init", "--repo", repo).status == 0)
+        #expect(try cabackup("snapshot", "--repo", repo, "--tag", "first", s.file("f")).status == 0)
+        #expect(try cabackup("snapshot", "--repo", repo, s.file("f")).status == 0)
+        // A second device, with its own record of what it saw.
+        let laptop = ["XDG_CONFIG_HOME": s.file("laptop/config"), "XDG_CACHE_HOME": s.file("laptop/cache")]
+        #expect(try cabackup("snapshots", "--repo", repo, env: laptop).status == 0)
+        func tagsByTime() throws -> [[String]] {
+            let out = try cabackup("snapshots", "--repo", repo, "--json").stdout
+            let list = try JSONSerialization.jsonObject(with: Data(out.utf8)) as? [[String: Any]] ?? []
+            return list.map { $0["tags"] as? [String] ?? [] }
+        }
+        let added = try cabackup("tag", "--repo", repo, "--add", "keep,daily", "latest")
+        #expect(added.status == 0 && added.stdout.contains("1 snapshots changed"), "\(added.stdout)\(added.stderr)")
+        #expect(try tagsByTime() == [["first"], ["keep", "daily"]])
+        #expect(try cabackup("tag", "--repo", repo, "--tag", "daily", "--remove", "keep").status == 0)
+        #expect(try tagsByTime() == [["first"], ["daily"]])
+        #expect(try cabackup("tag", "--repo", repo, "--tag", "first", "--set", "archive").status == 0)
+        #expect(try tagsByTime() == [["archive"], ["daily"]])
+        // Nothing to change: no new record.
+        let same = try cabackup("tag", "--repo", repo, "--add", "daily", "latest")
+        #expect(same.stdout.contains("no snapshot changed"))
+        // The rewritten records are intact.
+        let records = try cabackup("snapshots", "--repo", repo, "--json").stdout
+        #expect(try cabackup("check", "--repo", repo).status == 0)
+        let quiet = try cabackup("snapshots", "--repo", repo, env: laptop)
+        #expect(quiet.status == 0 && !quiet.stderr.contains("is gone"), "\(quiet.stderr)")
+        // The same removal without the forget record is noticed (the check is live).
+        let newest = try #require(
+            (try JSONSerialization.jsonObject(with: Data(records.utf8)) as? [[String: Any]])?.last?["id"] as? String)
+        #expect(try cabackup("snapshots", "--repo", repo, env: laptop).status == 0)
+        try FileManager.default.removeItem(atPath: repo + "/snapshots/" + newest)
+        let noticed = try cabackup("snapshots", "--repo", repo, env: laptop)
+        #expect(noticed.stderr.contains("is gone"), "\(noticed.stderr)")
+        // Bad input changes nothing.
+        #expect(try cabackup("tag", "--repo", repo, "latest").status == 64)
+        #expect(try cabackup("tag", "--repo", repo, "--add", "x").status == 64)
+        #expect(try cabackup("tag", "--repo", repo, "--set", "a", "--add", "b", "latest").status == 64)
     }
 }
