@@ -44,7 +44,8 @@ struct CABackupCommand: AsyncParsableCommand {
         subcommands: [
             InitCommand.self, SnapshotCommand.self, SnapshotsCommand.self, LsCommand.self, RestoreCommand.self,
             StatusCommand.self, DiffCommand.self, WatchCommand.self, CheckCommand.self, ForgetCommand.self,
-            PruneCommand.self, StatsCommand.self, TagCommand.self, RepairCommand.self, KeyCommand.self,
+            PruneCommand.self, StatsCommand.self, TagCommand.self, DumpCommand.self, RepairCommand.self,
+            KeyCommand.self,
             ServerCommand.self,
             RegisterCommand.self,
             LoginCommand.self, LogoutCommand.self, DevicesCommand.self, RebindCommand.self, TrustCommand.self,

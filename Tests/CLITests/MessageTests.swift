@@ -4,9 +4,8 @@ import Testing
 /// Every command below the root, as typed after `cabackup`.
 let leafCommands = [
     "init", "snapshot", "snapshots", "ls", "restore", "status", "diff", "watch", "check", "forget", "prune",
-    "repair index", "key list", "key add", "key remove", "key passwd", "server", "register", "login", "logout", "stats",
-    "tag",
-    "devices", "rebind", "trust",
+    "repair index", "key list", "key add", "key remove", "key passwd", "server", "register", "login", "logout",
+    "stats", "tag", "dump", "devices", "rebind", "trust",
 ]
 
 /// `cabackup <command> --help` at a terminal width of `columns`.

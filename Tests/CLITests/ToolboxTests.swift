@@ -2,7 +2,7 @@ import Foundation
 import Testing
 
 /// The commands around snapshot and restore that restic users reach for (issue 24).
-@Suite("the toolbox: stats, tag")
+@Suite("the toolbox: stats, tag, dump")
 struct ToolboxTests {
     /// `stats --json` of `repo` with `args`.
     private func stats(_ repo: String, _ args: String...) throws -> [String: Any] {
@@ -103,5 +103,51 @@ struct ToolboxTests {
         #expect(try cabackup("tag", "--repo", repo, "latest").status == 64)
         #expect(try cabackup("tag", "--repo", repo, "--add", "x").status == 64)
         #expect(try cabackup("tag", "--repo", repo, "--set", "a", "--add", "b", "latest").status == 64)
+    }
+
+    @Test("dump: a file's bytes to stdout; a directory as a tar stream that GNU tar unpacks to the same tree")
+    func dump() throws {
+        let s = Scratch()
+        let src = s.file("src")
+        #expect(try python(treetool, "make", src).status == 0)
+        let xattr = try python(
+            "-c", "import os,sys; os.setxattr(sys.argv[1], 'user.note', b'kept in the tar')", src + "/docs/hello.txt")
+        #expect(xattr.status == 0)
+        let repo = s.file("repo")
+        #expect(try cabackup("init", "--repo", repo).status == 0)
+        #expect(try cabackup("snapshot", "--repo", repo, src).status == 0)
+        // A file: its bytes.
+        let big = try run(
+            "/bin/sh",
+            [
+                "-c", "\"$0\" dump --repo \"$1\" latest \"$2\" > \"$3\"", cabackupBinary, repo,
+                src + "/docs/nested/random.bin", s.file("random.out"),
+            ])
+        #expect(big.status == 0, "\(big.stderr)")
+        #expect(try run("/usr/bin/cmp", [src + "/docs/nested/random.bin", s.file("random.out")]).status == 0)
+        // A directory: a tar stream; GNU tar unpacks it; the independent reader compares.
+        let tar = try run(
+            "/bin/sh",
+            [
+                "-c", "\"$0\" dump --repo \"$1\" latest \"$2\" > \"$3\"", cabackupBinary, repo, src,
+                s.file("src.tar"),
+            ])
+        #expect(tar.status == 0, "\(tar.stderr)")
+        try FileManager.default.createDirectory(atPath: s.file("x"), withIntermediateDirectories: true)
+        let untar = try run(
+            "/usr/bin/tar", ["-x", "--xattrs", "--xattrs-include=*", "-f", s.file("src.tar"), "-C", s.file("x")])
+        #expect(untar.status == 0, "\(untar.stderr)")
+        let cmp = try python(treetool, "compare", src, s.file("x/src"))
+        #expect(cmp.status == 0 && cmp.stdout.contains(" 0 differences"), "\(cmp.stdout)")
+        // A path the snapshot lacks: one line, nothing written.
+        let missing = try run(
+            "/bin/sh",
+            [
+                "-c", "\"$0\" dump --repo \"$1\" latest /no/such > \"$2\"", cabackupBinary, repo,
+                s.file("none"),
+            ])
+        #expect(missing.status == 1 && missing.stderr.contains("/no/such is not in the snapshot"), "\(missing.stderr)")
+        #expect((try? FileManager.default.attributesOfItem(atPath: s.file("none"))[.size] as? Int) == 0)
+        #expect(try cabackup("dump", "--repo", repo, "--archive", "rar", "latest", src).status == 64)
     }
 }
