@@ -44,7 +44,8 @@ struct CABackupCommand: AsyncParsableCommand {
         subcommands: [
             InitCommand.self, SnapshotCommand.self, SnapshotsCommand.self, LsCommand.self, RestoreCommand.self,
             StatusCommand.self, DiffCommand.self, WatchCommand.self, CheckCommand.self, ForgetCommand.self,
-            PruneCommand.self, StatsCommand.self, TagCommand.self, DumpCommand.self, RepairCommand.self,
+            PruneCommand.self, StatsCommand.self, TagCommand.self, DumpCommand.self, FindCommand.self,
+            RepairCommand.self,
             KeyCommand.self,
             ServerCommand.self,
             RegisterCommand.self,
@@ -277,6 +278,14 @@ struct FilterOptions: ParsableArguments {
     var path: [String] = []
 
     var filter: SnapshotFilter { SnapshotFilter(hosts: host, tags: tag, paths: path) }
+
+    /// The snapshots named by `references` (ids, prefixes, `latest`), each once, or with
+    /// none every snapshot matching the filters.
+    func select(_ references: [String], in repo: Repository) throws -> [Snapshot] {
+        guard !references.isEmpty else { return try repo.snapshots(matching: filter) }
+        var seen = Set<SnapshotID>()
+        return try references.map { try repo.findSnapshot($0, matching: filter) }.filter { seen.insert($0.id).inserted }
+    }
 }
 
 func printError(_ s: String) {

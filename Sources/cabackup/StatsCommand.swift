@@ -44,13 +44,8 @@ struct StatsCommand: ParsableCommand {
     func run() throws {
         let mode = StatsMode(rawValue: mode)!
         let repo = try repository.open()
-        let selected =
-            snapshots.isEmpty
-            ? try repo.snapshots(matching: filters.filter)
-            : try snapshots.map { try repo.findSnapshot($0, matching: filters.filter) }
-        var seen = Set<String>()
-        let unique = selected.filter { seen.insert($0.id.hex).inserted }
-        let s = try repo.stats(unique, mode: mode)
+        let selected = try filters.select(snapshots, in: repo)
+        let s = try repo.stats(selected, mode: mode)
         let raw = mode == .rawData
         let ratio = s.storedBytes > 0 ? Double(s.rawBytes) / Double(s.storedBytes) : 0
         if json {

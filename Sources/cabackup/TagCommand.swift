@@ -43,10 +43,7 @@ struct TagCommand: ParsableCommand {
 
     func run() throws {
         let repo = try repository.open()
-        let selected =
-            snapshots.isEmpty
-            ? try repo.snapshots(matching: filters.filter)
-            : try snapshots.map { try repo.findSnapshot($0, matching: filters.filter) }
+        let selected = try filters.select(snapshots, in: repo)
         let change = TagChange(add: split(add), remove: split(remove), set: set.isEmpty ? nil : split(set))
         let changed = try repo.changeTags(selected, change)
         for (old, new) in changed {

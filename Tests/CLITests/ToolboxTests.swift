@@ -2,7 +2,7 @@ import Foundation
 import Testing
 
 /// The commands around snapshot and restore that restic users reach for (issue 24).
-@Suite("the toolbox: stats, tag, dump")
+@Suite("the toolbox: stats, tag, dump, find")
 struct ToolboxTests {
     /// `stats --json` of `repo` with `args`.
     private func stats(_ repo: String, _ args: String...) throws -> [String: Any] {
@@ -149,5 +149,73 @@ struct ToolboxTests {
         #expect(missing.status == 1 && missing.stderr.contains("/no/such is not in the snapshot"), "\(missing.stderr)")
         #expect((try? FileManager.default.attributesOfItem(atPath: s.file("none"))[.size] as? Int) == 0)
         #expect(try cabackup("dump", "--repo", repo, "--archive", "rar", "latest", src).status == 64)
+    }
+
+    @Test("find: which snapshots hold a pattern; --history lists every version from the cache's index, reading no pack")
+    func find() throws {
+        let s = Scratch()
+        let src = s.file("src")
+        try FileManager.default.createDirectory(atPath: src + "/docs", withIntermediateDirectories: true)
+        try Data("a".utf8).write(to: URL(fileURLWithPath: src + "/docs/a-unmistakable-name.txt"))
+        try Data("jpg".utf8).write(to: URL(fileURLWithPath: src + "/docs/b.jpg"))
+        let notes = src + "/notes.txt"
+        let repo = s.file("repo")
+        let env = ["XDG_CACHE_HOME": s.file("cache")]
+        #expect(try cabackup("init", "--repo", repo, env: env).status == 0)
+        // Four snapshots: notes.txt in versions 1, 2, 2 (unchanged), 3.
+        for version in ["one", "two", "two", "three"] {
+            if (try? String(contentsOfFile: notes, encoding: .utf8)) != version {
+                try Data(version.utf8).write(to: URL(fileURLWithPath: notes))
+            }
+            #expect(try cabackup("snapshot", "--repo", repo, src, env: env).status == 0)
+        }
+        func lines(_ r: RunResult) -> [[String: Any]] {
+            r.stdout.split(separator: "\n").compactMap { jsonObject(String($0)) }
+        }
+        let txt = try cabackup("find", "--repo", repo, "--json", "*.txt", env: env)
+        #expect(txt.status == 0, "\(txt.stderr)")
+        let matches = lines(txt)
+        #expect(matches.count == 8 && matches.allSatisfy { $0["message_type"] as? String == "match" })
+        #expect(Set(matches.compactMap { $0["path"] as? String }) == [src + "/docs/a-unmistakable-name.txt", notes])
+        // A directory that matches is listed, not what is below it.
+        let dirs = lines(try cabackup("find", "--repo", repo, "--json", "-s", "latest", "docs", env: env))
+        #expect(dirs.count == 1 && dirs.first?["type"] as? String == "dir")
+        // --history: every version of one file, oldest first; the content id tells them apart.
+        func historyReadingPacks() throws -> (entries: [[String: Any]], packOpens: Int) {
+            let trace = s.file("trace")
+            let r = try run(
+                "/usr/bin/strace",
+                ["-f", "-e", "trace=open,openat", "-o", trace, cabackupBinary, "find", "--repo", repo, "--json"]
+                    + ["--history", notes],
+                env: env)
+            #expect(r.status == 0, "\(r.stderr)")
+            // Packs are data/XY/<64 hex>; opening data/XY alone is a listing.
+            let opens = try String(contentsOfFile: trace, encoding: .utf8).split(separator: "\n")
+                .compactMap { $0.components(separatedBy: repo + "/data/").dropFirst().first }
+                .filter { $0.prefix { $0 != "\"" }.count == 67 }.count
+            return (lines(r), opens)
+        }
+        let (versions, opens) = try historyReadingPacks()
+        #expect(versions.count == 4)
+        let contents = versions.compactMap { $0["content"] as? String }
+        #expect(contents.count == 4 && contents[1] == contents[2] && Set(contents).count == 3, "\(contents)")
+        #expect(versions.compactMap { $0["size"] as? Int } == [3, 3, 3, 5])
+        #expect(opens == 0, "find --history opened \(opens) packs with the index up to date")
+        // A new snapshot is indexed on the next query (its trees read once).
+        try Data("four!!".utf8).write(to: URL(fileURLWithPath: notes))
+        #expect(try cabackup("snapshot", "--repo", repo, src, env: env).status == 0)
+        let (more, indexingOpens) = try historyReadingPacks()
+        #expect(more.count == 5 && more.last?["size"] as? Int == 6)
+        #expect(indexingOpens > 0, "the count of pack reads sees the new snapshot's trees read")
+        let text = try cabackup("find", "--repo", repo, "--history", notes, env: env)
+        #expect(text.stdout.split(separator: "\n").filter { $0.contains(" * ") }.count == 3, "\(text.stdout)")
+        // The names are in the cache, never in the (encrypted) repository's files.
+        let inRepo = try run("/usr/bin/grep", ["-r", "-l", "unmistakable", repo])
+        #expect(inRepo.status == 1, "a file name appears in \(inRepo.stdout)")
+        let inCache = try run("/usr/bin/grep", ["-r", "-l", "unmistakable", s.file("cache")])
+        #expect(inCache.status == 0 && inCache.stdout.contains("paths.sqlite"))
+        let none = try cabackup("find", "--repo", repo, "*.doc", env: env)
+        #expect(none.status == 0 && none.stdout.contains("no entry matches"))
+        #expect(try cabackup("find", "--repo", repo, "[", env: env).status != 0)
     }
 }
