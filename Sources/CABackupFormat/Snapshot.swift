@@ -118,12 +118,12 @@ extension Snapshot {
         return Array(try! enc.encode(rec))
     }
 
-    /// The record of `snapshot` with other tags: everything else as it was, and
-    /// `original` naming the snapshot as first written.
-    package static func encodeRecord(retagging snapshot: Snapshot, tags: [String]) -> [UInt8] {
+    /// The record of `snapshot` with other tags (and, rewritten, another root tree):
+    /// everything else as it was, and `original` naming the snapshot as first written.
+    package static func encodeRecord(retagging snapshot: Snapshot, tags: [String], tree: BlobID? = nil) -> [UInt8] {
         let rec = SnapshotRecord(
             version: 1, time: snapshot.time, hostname: snapshot.hostname, username: snapshot.username,
-            paths: snapshot.paths, tags: tags, parent: snapshot.parent?.hex, tree: snapshot.tree.hex,
+            paths: snapshot.paths, tags: tags, parent: snapshot.parent?.hex, tree: (tree ?? snapshot.tree).hex,
             summary: snapshot.summary, program: "cabackup \(cabackupVersion)",
             metadata: snapshot.metadata.isEmpty ? nil : snapshot.metadata,
             original: (snapshot.original ?? snapshot.id).hex)
