@@ -53,7 +53,7 @@ struct SnapshotCommand: ParsableCommand {
     @Option(
         name: .long,
         help: ArgumentHelp(
-            "Back up the paths listed in FILE, separated by NUL bytes, exactly as they are (repeatable).",
+            "Back up the paths listed in FILE, separated by NUL bytes, exactly as they are (UTF-8; repeatable).",
             valueName: "FILE"))
     var filesFromRaw: [String] = []
 
@@ -170,17 +170,20 @@ struct SnapshotCommand: ParsableCommand {
         let line = ProgressLine()
         let counts = FileCounts()
         let json = json
-        options.onFile = { event in
-            counts.add(event.action)
-            guard level >= (event.action == .unchanged ? 3 : 2) else { return }
-            if json {
-                JSONMessages.emit(
-                    "verbose_status",
-                    VerboseStatus(action: event.action.rawValue, item: event.path, data_size: event.size))
-            } else {
-                line.clear()
-                let word = ["new": "new", "changed": "modified", "unchanged": "unchanged"][event.action.rawValue]!
-                print("\(word) \(event.path)")
+        // Only when asked for: a plain run keeps the walk free of a call per file.
+        if json || dryRun || level >= 2 {
+            options.onFile = { event in
+                counts.add(event.action)
+                guard level >= (event.action == .unchanged ? 3 : 2) else { return }
+                if json {
+                    JSONMessages.emit(
+                        "verbose_status",
+                        VerboseStatus(action: event.action.rawValue, item: event.path, data_size: event.size))
+                } else {
+                    line.clear()
+                    let word = ["new": "new", "changed": "modified", "unchanged": "unchanged"][event.action.rawValue]!
+                    print("\(word) \(event.path)")
+                }
             }
         }
         let status = json && level >= 1 ? StatusStream() : nil
@@ -340,7 +343,10 @@ final class StatusStream: Sendable {
         let bytes = p.bytesRead + p.bytesUnchanged
         let totalFiles = max(p.totalFiles, files)
         let totalBytes = max(p.totalBytes, bytes)
-        let done = totalBytes > 0 ? Double(bytes) / Double(totalBytes) : (p.scanFinished ? 1 : 0)
+        // While the totals are still being counted (or unknown, as for stdin) the share
+        // of what is counted so far; 0 when nothing is.
+        let known = p.scanFinished ? totalBytes : p.totalBytes
+        let done = known > 0 ? Double(bytes) / Double(known) : (p.scanFinished ? 1 : 0)
         var remaining: Int?
         if p.scanFinished && bytes > 0 && p.elapsedSeconds > 0 {
             remaining = Int((Double(totalBytes - bytes) / (Double(bytes) / p.elapsedSeconds)).rounded())

@@ -341,7 +341,7 @@ extension Archiver: FileSystemVisitor {
                 node.content = content
                 summary.filesUnchanged += 1
                 summary.bytesUnchanged += Int64(node.size)
-                options.onFile?(SnapshotFileEvent(action: .unchanged, path: displayPath(path), size: Int64(node.size)))
+                options.onFile?(SnapshotFileEvent(action: .unchanged, pathBytes: path, size: Int64(node.size)))
                 reportProgress(path)
                 try add(.done(node), to: directory)
                 return .next
@@ -365,7 +365,7 @@ extension Archiver: FileSystemVisitor {
                 return .next
             }
             let action: SnapshotFileEvent.Action = parent == nil ? .new : .changed
-            options.onFile?(SnapshotFileEvent(action: action, path: displayPath(path), size: Int64(node.size)))
+            options.onFile?(SnapshotFileEvent(action: action, pathBytes: path, size: Int64(node.size)))
             let job: FileJob
             if entry.stat.st_size <= FileSaver.smallFileLimit {
                 job = FileJob()

@@ -71,10 +71,14 @@ public struct SnapshotFileEvent: Sendable {
     }
 
     public var action: Action
-    /// The absolute path (names that are not UTF-8 escaped as `\xNN`).
-    public var path: String
+    /// The absolute path's bytes.
+    public var pathBytes: [UInt8]
     /// Its size in bytes.
     public var size: Int64
+
+    /// The absolute path, names that are not UTF-8 escaped as `\xNN` (made when asked
+    /// for: the walk only passes the bytes it has).
+    public var path: String { displayPath(pathBytes) }
 }
 
 /// Progress of a running snapshot, reported a few times a second.

@@ -46,10 +46,10 @@ extension Repository {
                         SnapshotProgress(
                             filesDone: 0, bytesRead: read, bytesAdded: saver.bytesAdded.load(ordering: .relaxed),
                             elapsedSeconds: monotonicSeconds() - start, currentPath: displayPath(path), totalFiles: 1,
-                            totalBytes: read, scanFinished: false))
+                            totalBytes: 0, scanFinished: false))
                 }
                 options.onFile?(
-                    SnapshotFileEvent(action: parent == nil ? .new : .changed, path: displayPath(path), size: bytes))
+                    SnapshotFileEvent(action: parent == nil ? .new : .changed, pathBytes: path, size: bytes))
                 var st = stat()
                 st.st_mode = mode_t(S_IFREG | 0o644)
                 st.st_uid = getuid()
