@@ -174,7 +174,13 @@ struct SnapshotOptionsTests {
         #expect(try snapshotCount(repo) == 1)
     }
 
-    @Test("-x/--one-file-system stores a mount point as an empty directory")
+    /// Whether this machine lets a process mount a tmpfs in a mount namespace of its own.
+    static let canMount: Bool = {
+        let r = try? run("/usr/bin/unshare", ["-rm", "/bin/sh", "-c", "mount -t tmpfs none /mnt"])
+        return r?.status == 0
+    }()
+
+    @Test("-x/--one-file-system stores a mount point as an empty directory", .enabled(if: canMount))
     func oneFileSystem() throws {
         let s = Scratch()
         let repo = try initRepo(s)
@@ -188,7 +194,7 @@ struct SnapshotOptionsTests {
             return try run("/usr/bin/unshare", ["-rm", "/bin/sh", "-c", script, "sh", src, cabackupBinary, repo])
         }
         let plain = try inNamespace("")
-        try #require(plain.status == 0, "no mount namespace here: \(plain.stderr)")
+        try #require(plain.status == 0, "\(plain.stderr)")
         #expect(try stored(repo, below: src) == ["keep.txt", "mnt", "mnt/inside.txt"])
         let x = try inNamespace("-x")
         #expect(x.status == 0, "\(x.stderr)")
