@@ -181,8 +181,7 @@ struct SnapshotCommand: ParsableCommand {
                         VerboseStatus(action: event.action.rawValue, item: event.path, data_size: event.size))
                 } else {
                     line.clear()
-                    let word = ["new": "new", "changed": "modified", "unchanged": "unchanged"][event.action.rawValue]!
-                    print("\(word) \(event.path)")
+                    print("\(event.action == .changed ? "modified" : event.action.rawValue) \(event.path)")
                 }
             }
         }
@@ -213,7 +212,11 @@ struct SnapshotCommand: ParsableCommand {
         if json {
             for w in result.warnings {
                 JSONMessages.emit(
-                    "error", ErrorMessage(error: .init(message: w.description), during: "archival", item: w.path))
+                    "error",
+                    ErrorMessage(
+                        error: .init(
+                            message: w.message + (w.outcome == .storedEmpty ? " (stored as an empty directory)" : "")),
+                        during: "archival", item: w.path))
             }
             JSONMessages.emit(
                 "summary",

@@ -78,6 +78,10 @@ struct SnapshotOptionsTests {
         #expect(missing.status == 64, "\(missing.stderr)")
         #expect(missing.stderr.hasPrefix("Error: --files-from: cannot read \(s.file("nope.txt"))"), "\(missing.stderr)")
         #expect(!FileManager.default.fileExists(atPath: s.file("repo2")))
+        // Snapshot paths are text: a name that is not UTF-8 is refused, not mangled.
+        try Data(Array((src + "/latin1-").utf8) + [0xE9, 0]).write(to: URL(fileURLWithPath: s.file("bad.raw")))
+        let latin1 = try cabackup("snapshot", "--repo", repo, "--files-from-raw", s.file("bad.raw"))
+        #expect(latin1.status == 64 && latin1.stderr.contains("is not UTF-8"), "\(latin1.stderr)")
         try write(s.file("empty.txt"), "# nothing\n")
         let empty = try cabackup("snapshot", "--repo", repo, "--files-from", s.file("empty.txt"))
         #expect(empty.status == 64 && empty.stderr.contains("name at least one PATH"), "\(empty.stderr)")
