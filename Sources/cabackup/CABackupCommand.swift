@@ -251,7 +251,8 @@ struct RepositoryOptions: ParsableArguments {
     }
 }
 
-/// `--exclude` and `--iexclude`, with restic's pattern rules (docs/excludes.md).
+/// `--exclude` and `--iexclude`, with restic's pattern rules (docs/excludes.md), and the
+/// files `--exclude-file` and `--iexclude-file` that hold more of them.
 struct ExcludeOptions: ParsableArguments {
     @Option(
         name: [.short, .long],
@@ -259,13 +260,40 @@ struct ExcludeOptions: ParsableArguments {
     var exclude: [String] = []
     @Option(name: .long, help: "Like --exclude, ignoring case (repeatable).")
     var iexclude: [String] = []
+    @Option(
+        name: .long,
+        help: ArgumentHelp(
+            "Read --exclude patterns from FILE, one per line; blank lines and lines starting with # are ignored (repeatable).",
+            valueName: "FILE"))
+    var excludeFile: [String] = []
+    @Option(
+        name: .long,
+        help: ArgumentHelp("Like --exclude-file, for --iexclude patterns (repeatable).", valueName: "FILE"))
+    var iexcludeFile: [String] = []
 
     func validate() throws {
         do {
-            _ = try ExcludeRules(excludes: exclude, caseInsensitiveExcludes: iexclude)
+            let p = try patterns()
+            _ = try ExcludeRules(excludes: p.exclude, caseInsensitiveExcludes: p.iexclude)
         } catch let error as CABackupError {
             throw ValidationError("\(error)")
         }
+    }
+
+    /// The patterns of the options and of the files they name, in that order.
+    func patterns() throws -> (exclude: [String], iexclude: [String]) {
+        func read(_ files: [String], _ option: String) throws -> [String] {
+            try files.flatMap { file in
+                do {
+                    return try ListFile.patterns(file)
+                } catch CABackupError.unreadableSource(_, let reason) {
+                    throw CABackupError.invalidArgument("\(option): cannot read \(file): \(reason)")
+                }
+            }
+        }
+        return (
+            exclude + (try read(excludeFile, "--exclude-file")), iexclude + (try read(iexcludeFile, "--iexclude-file"))
+        )
     }
 }
 

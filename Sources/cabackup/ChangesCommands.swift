@@ -96,11 +96,12 @@ struct StatusCommand: ParsableCommand {
     }
 
     func run() throws {
+        let patterns = try excludes.patterns()
         let repo = try repository.open()
         let changes = try repo.status(
             paths: paths,
             options: StatusOptions(
-                excludes: excludes.exclude, caseInsensitiveExcludes: excludes.iexclude, hostname: host))
+                excludes: patterns.exclude, caseInsensitiveExcludes: patterns.iexclude, hostname: host))
         // Without a parent everything shows as added: say why.
         let from = host.map { "host \($0)" } ?? "this host"
         let note =
@@ -173,6 +174,7 @@ struct WatchCommand: ParsableCommand {
 
     func run() throws {
         let interval = parseDuration(every)!
+        let patterns = try excludes.patterns()
         let repo = try repository.open()
         var warned = false
         while true {
@@ -180,7 +182,7 @@ struct WatchCommand: ParsableCommand {
             let changes = try repo.status(
                 paths: paths,
                 options: StatusOptions(
-                    excludes: excludes.exclude, caseInsensitiveExcludes: excludes.iexclude))
+                    excludes: patterns.exclude, caseInsensitiveExcludes: patterns.iexclude))
             let stamp = formatRFC3339(ns: Int64(Date().timeIntervalSince1970 * 1e9)).prefix(19)
             if changes.isEmpty {
                 print("\(stamp) no changes since snapshot \(changes.base?.shortHex ?? "-")")
@@ -203,7 +205,7 @@ struct WatchCommand: ParsableCommand {
                     let result = try repo.snapshot(
                         paths: paths,
                         options: SnapshotOptions(
-                            tags: tag, excludes: excludes.exclude, caseInsensitiveExcludes: excludes.iexclude))
+                            tags: tag, excludes: patterns.exclude, caseInsensitiveExcludes: patterns.iexclude))
                     for w in result.warnings { printError("warning: cannot read \(w)") }
                     let s = result.snapshot.summary
                     print(

@@ -35,12 +35,14 @@ extension Repository {
         // takes the lock exclusively and cannot run beside one.
         let rules = try ExcludeRules(
             excludes: options.excludes, caseInsensitiveExcludes: options.caseInsensitiveExcludes)
+        let filter = try WalkFilter(options)
         let lock = try self.lock(exclusive: false)
         defer { withExtendedLifetime(lock) {} }
         return try index.sharingReads {
-            let ((archiver, root), written) = try withBlobWriter(forSnapshot: true) { saver in
+            let ((archiver, root), written) = try withBlobWriter(forSnapshot: true, dryRun: options.dryRun) { saver in
                 let archiver = Archiver(
                     repository: self, saver: saver, options: options, excludes: rules, progress: progress)
+                archiver.filter = filter
                 return (archiver, try archiver.walk(paths: paths))
             }
             return try archiver.commit(root: root, written: written)
@@ -77,6 +79,7 @@ final class Archiver: @unchecked Sendable {
     private let repo: Repository
     private let options: SnapshotOptions
     private let excludes: ExcludeRules
+    var filter = WalkFilter.none
     private let progress: ((SnapshotProgress) -> Void)?
     private let saver: BlobSaver
     /// Reads files and stores their chunks; its `cond` guards every ``FileJob``.
@@ -173,9 +176,9 @@ final class Archiver: @unchecked Sendable {
                 parentTotals = (sum.filesTotal, sum.bytesTotal + sum.bytesUnchanged)
             } else {
                 let scanner = scanner
-                let excludes = excludes
+                let (excludes, filter) = (excludes, filter)
                 let roots = absolute
-                scanThread = startThread { scanner.scan(PathTrie(paths: roots), excludes: excludes) }
+                scanThread = startThread { scanner.scan(PathTrie(paths: roots), excludes: excludes, filter: filter) }
             }
         }
         defer {
@@ -212,20 +215,10 @@ final class Archiver: @unchecked Sendable {
         summary.bytesTotal = files.bytesRead + files.smallBytesRead.load(ordering: .relaxed)
         summary.errors = warnings.count
         summary.durationSeconds = monotonicSeconds() - start
-        // bytes_added counts the record itself too; its size depends on the number, so
-        // settle it by iterating until it is stable.
-        var added = written.bytesAdded
-        var record: [UInt8] = []
-        for _ in 0..<4 {
-            summary.bytesAdded = added
-            record = Snapshot.encodeRecord(
-                time: formatRFC3339(ns: startNs), hostname: hostname, username: currentUsername(), paths: absolute,
-                tags: options.tags, parent: parent, tree: root.subtrees[0], summary: summary)
-            let total = written.bytesAdded + Int64(record.count)
-            if total == added { break }
-            added = total
-        }
-        let snap = try repo.commitSnapshot(record, references: written.references)
+        let snap = try repo.commitRecord(
+            time: startNs, hostname: hostname, paths: absolute, tags: options.tags, parent: parent,
+            tree: root.subtrees[0], summary: summary, written: written, dryRun: options.dryRun)
+        if options.dryRun { return SnapshotResult(snapshot: snap, warnings: warnings) }
         // Every chunk it names was indexed when found, or stored and indexed by now. Only
         // an optimization for the next run: the snapshot is saved whatever happens here.
         if let packsAtStart { try? repo.index.markComplete(snap.id, since: packsAtStart) }
@@ -239,7 +232,7 @@ final class Archiver: @unchecked Sendable {
             (try? repo.loadTree(p.tree)).map { ParentDirectory(entries: $0, trees: [p.tree]) }
         }
         var visitor = self
-        guard let root = try FileSystemWalker(excludes: excludes).walk(trie, &visitor) else {
+        guard let root = try FileSystemWalker(excludes: excludes, filter: filter).walk(trie, &visitor) else {
             throw CABackupError.invalidArgument("internal error: root directory not walked")
         }
         return try trees.finish(root: root.pending)
@@ -371,6 +364,7 @@ extension Archiver: FileSystemVisitor {
                 }
                 summary.filesUnchanged += 1
                 summary.bytesUnchanged += Int64(node.size)
+                options.onFile?(SnapshotFileEvent(action: .unchanged, pathBytes: path, size: Int64(node.size)))
                 reportProgress(path)
                 try add(.done(node), to: directory)
                 return .next
@@ -393,6 +387,8 @@ extension Archiver: FileSystemVisitor {
                 try add(.file(node, known.job), to: directory)
                 return .next
             }
+            let action: SnapshotFileEvent.Action = parent == nil ? .new : .changed
+            options.onFile?(SnapshotFileEvent(action: action, pathBytes: path, size: Int64(node.size)))
             let job: FileJob
             if entry.stat.st_size <= FileSaver.smallFileLimit {
                 job = FileJob()

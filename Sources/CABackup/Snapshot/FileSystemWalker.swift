@@ -27,6 +27,8 @@ import Synchronization
 /// entry on the backup's hot path.
 struct FileSystemWalker {
     let excludes: ExcludeRules
+    /// Size, file system and tag-file exclusions (``WalkFilter``).
+    var filter = WalkFilter.none
 
     /// Walks the paths of `roots` from `/`; returns the state of `/` (`nil` when the
     /// visitor skipped it).
@@ -35,7 +37,7 @@ struct FileSystemWalker {
         if stat("/", &st) != 0 { throw ioError("stat", "/") }
         let root = WalkDirectory(
             path: [0x2F], name: [0x2F], stat: st, entry: EntryRef(path: [0x2F]), isAncestor: !roots.isLeaf,
-            isRoot: true)
+            isRoot: true, fileSystem: UInt64(st.st_dev))
         return try walk(root, trie: roots.isLeaf ? nil : roots, parent: nil, &visitor)
     }
 
@@ -43,6 +45,11 @@ struct FileSystemWalker {
         _ directory: WalkDirectory, trie: PathTrie?, parent: V.Directory?, _ visitor: inout V
     ) throws -> V.Directory? {
         if let trie { return try walkAncestor(directory, trie: trie, parent: parent, &visitor) }
+        var listing = DirectoryListing()
+        if filter.oneFileSystem && UInt64(directory.stat.st_dev) != directory.fileSystem {
+            // A mount point: stored as an empty directory, as restic's --one-file-system does.
+            return try visitor.enter(directory, listing: &listing, parent: parent)
+        }
         var directory = directory
         let entry = directory.entry
         let fd = openAt(entry.fd, entry.relative) {
@@ -51,7 +58,6 @@ struct FileSystemWalker {
             openat($0, $1, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC)
         }
         let openErrno = errno
-        var listing = DirectoryListing()
         if fd >= 0 {
             let handle = DirectoryHandle(fd)
             directory.handle = handle
@@ -65,6 +71,7 @@ struct FileSystemWalker {
                     listing.error = CABackupError(error)
                 }
             }
+            if !filter.tags.isEmpty && listing.error == nil { filter.applyTags(to: &listing, fd: fd) }
         } else {
             listing.error = ioError("open directory", directory.path, openErrno)
         }
@@ -88,9 +95,11 @@ struct FileSystemWalker {
                 visitor.cannotStat(path, name: name, reason: errnoDescription(errno), in: &state)
                 continue
             }
+            if filter.checksEntries && filter.excludes(st, fileSystem: directory.fileSystem) { continue }
             var e = WalkEntry(path: path, name: name, entry: ref, stat: st, statFromListing: fromListing)
             if try visitor.visit(&e, in: &state) == .descend, (e.stat.st_mode & S_IFMT) == S_IFDIR {
-                let sub = WalkDirectory(path: path, name: name, stat: e.stat, entry: ref)
+                let sub = WalkDirectory(
+                    path: path, name: name, stat: e.stat, entry: ref, fileSystem: directory.fileSystem)
                 if let child = try walk(sub, trie: nil, parent: state, &visitor) {
                     try visitor.leave(child, into: &state)
                 }
@@ -117,9 +126,12 @@ struct FileSystemWalker {
                     visitor.cannotStat(path, name: name, reason: errnoDescription(errno), in: &state)
                     continue
                 }
+                // A path to back up sets the file system its walk stays on.
+                let device = UInt64(st.st_dev)
+                if filter.checksEntries && filter.excludes(st, fileSystem: device) { continue }
                 var e = WalkEntry(path: path, name: name, entry: ref, stat: st, statFromListing: false)
                 if try visitor.visit(&e, in: &state) == .descend, (e.stat.st_mode & S_IFMT) == S_IFDIR {
-                    let sub = WalkDirectory(path: path, name: name, stat: e.stat, entry: ref)
+                    let sub = WalkDirectory(path: path, name: name, stat: e.stat, entry: ref, fileSystem: device)
                     if let s = try walk(sub, trie: nil, parent: state, &visitor) { try visitor.leave(s, into: &state) }
                 }
             } else {
@@ -198,6 +210,8 @@ struct WalkDirectory {
     var isRoot = false
     /// The directory, open (`nil` for ancestors, or when it could not be opened).
     var handle: DirectoryHandle?
+    /// The device of the path to back up it is below (see ``WalkFilter/oneFileSystem``).
+    var fileSystem: UInt64 = 0
 }
 
 /// The names of a directory, sorted bytewise, and their metadata when already known.
@@ -387,9 +401,9 @@ final class SizeScanner: Sendable {
         var isStopped: Bool { scanner.stop.load(ordering: .relaxed) }
     }
 
-    func scan(_ roots: PathTrie, excludes: ExcludeRules) {
+    func scan(_ roots: PathTrie, excludes: ExcludeRules, filter: WalkFilter = .none) {
         var visitor = Visitor(scanner: self)
-        _ = try? FileSystemWalker(excludes: excludes).walk(roots, &visitor)
+        _ = try? FileSystemWalker(excludes: excludes, filter: filter).walk(roots, &visitor)
         finished.store(true, ordering: .relaxed)
     }
 }

@@ -20,6 +20,24 @@ public struct SnapshotOptions: Sendable {
     /// Directory listings made ahead of the walk (see ``TreePrefetch``); finished when
     /// the walk is done.
     public var prefetch: TreePrefetch?
+    /// Leave out regular files larger than this many bytes (restic's `--exclude-larger-than`).
+    public var excludeLargerThan: Int64?
+    /// Do not cross into other file systems below the paths: a mount point is stored as
+    /// an empty directory (restic's `--one-file-system`).
+    public var oneFileSystem = false
+    /// Leave out the contents of directories tagged with a `CACHEDIR.TAG` file that starts
+    /// with the standard signature, keeping the tag file (restic's `--exclude-caches`).
+    public var excludeCaches = false
+    /// `NAME` or `NAME:HEADER`: leave out the contents of a directory holding a file
+    /// `NAME` (that starts with `HEADER`, when given), except that file (restic's
+    /// `--exclude-if-present`).
+    public var excludeIfPresent: [String] = []
+    /// Walk, read and chunk everything, count what would be added, but write nothing to
+    /// the repository: the result's snapshot is not stored.
+    public var dryRun = false
+    /// Called on the walking thread for each regular file: read (new or changed) or
+    /// found unchanged since the parent snapshot.
+    public var onFile: (@Sendable (SnapshotFileEvent) -> Void)?
 
     public init(
         tags: [String] = [], excludes: [String] = [], caseInsensitiveExcludes: [String] = [],
@@ -32,6 +50,35 @@ public struct SnapshotOptions: Sendable {
         self.force = force
         self.workers = workers ?? usableCPUCount()
     }
+
+    /// Checks the patterns and exclusion options without walking anything.
+    /// - Throws: ``CABackupError/invalidArgument(_:)`` naming the first bad one.
+    public func validate() throws {
+        _ = try ExcludeRules(excludes: excludes, caseInsensitiveExcludes: caseInsensitiveExcludes)
+        _ = try WalkFilter(self)
+    }
+}
+
+/// A regular file a snapshot reached (see ``SnapshotOptions/onFile``).
+public struct SnapshotFileEvent: Sendable {
+    public enum Action: String, Sendable {
+        /// Not in the parent snapshot: read.
+        case new
+        /// In the parent snapshot but changed since: read.
+        case changed
+        /// Unchanged since the parent snapshot: not read.
+        case unchanged
+    }
+
+    public var action: Action
+    /// The absolute path's bytes.
+    public var pathBytes: [UInt8]
+    /// Its size in bytes.
+    public var size: Int64
+
+    /// The absolute path, names that are not UTF-8 escaped as `\xNN` (made when asked
+    /// for: the walk only passes the bytes it has).
+    public var path: String { displayPath(pathBytes) }
 }
 
 /// Progress of a running snapshot, reported a few times a second.

@@ -34,14 +34,25 @@ public final class TreePrefetch: Sendable {
     /// Starts listing `paths` (as a snapshot of them would walk them), skipping what
     /// `excludes` and `caseInsensitiveExcludes` would exclude (malformed patterns exclude
     /// nothing here: the snapshot reports them).
-    public init(
+    public convenience init(
         paths: [String], excludes: [String] = [], caseInsensitiveExcludes: [String] = [], budget: Int = 16_384
     ) {
+        self.init(
+            paths: paths,
+            options: SnapshotOptions(excludes: excludes, caseInsensitiveExcludes: caseInsensitiveExcludes),
+            budget: budget)
+    }
+
+    /// Starts listing `paths` as a snapshot with `options` would walk them (its excludes
+    /// and other exclusions; invalid ones exclude nothing here: the snapshot reports them).
+    public init(paths: [String], options: SnapshotOptions, budget: Int = 16_384) {
         let state = PrefetchState(budget: budget)
         self.state = state
         let roots = paths.map { absolutePath($0) }
-        let excludes = try? ExcludeRules(excludes: excludes, caseInsensitiveExcludes: caseInsensitiveExcludes)
-        thread = Mutex(startThread { state.run(roots: roots, excludes: excludes) })
+        let excludes = try? ExcludeRules(
+            excludes: options.excludes, caseInsensitiveExcludes: options.caseInsensitiveExcludes)
+        let filter = (try? WalkFilter(options)) ?? .none
+        thread = Mutex(startThread { state.run(roots: roots, excludes: excludes, filter: filter) })
     }
 
     /// Stops the prefetch and drops what the walk did not take.
@@ -266,13 +277,13 @@ final class PrefetchState: @unchecked Sendable {
 
     /// Lists the directories of `roots` in walk order, through the walk a snapshot makes
     /// (``FileSystemWalker``), so both see the same directories in the same order.
-    func run(roots: [String], excludes: ExcludeRules?) {
+    func run(roots: [String], excludes: ExcludeRules?, filter: WalkFilter) {
         defer {
             cond.locked { done = true }
             cond.broadcast()
         }
         var visitor = Visitor(state: self, excludes: excludes)
-        _ = try? FileSystemWalker(excludes: excludes ?? .none).walk(PathTrie(paths: roots), &visitor)
+        _ = try? FileSystemWalker(excludes: excludes ?? .none, filter: filter).walk(PathTrie(paths: roots), &visitor)
     }
 
     /// States each listed directory's entries, publishes the listing, then descends.

@@ -71,6 +71,8 @@ final class BlobSaver: @unchecked Sendable {
     /// The thread asking a server which blobs it lacks, a batch of packs per question.
     private var asker: pthread_t?
     private var writers: [pthread_t] = []
+    /// Counts what it would store and stores nothing (a snapshot's `dryRun`).
+    private let dryRun: Bool
 
     /// Every blob id claimed or reused, for a snapshot commit that names its references
     /// (see ``Repository/commitNeedsReferences``); nil when nothing needs them. Touched
@@ -95,8 +97,10 @@ final class BlobSaver: @unchecked Sendable {
 
     /// - Parameter snapshot: the saver writes a snapshot, so it remembers what the
     ///   snapshot references when the commit needs that.
-    fileprivate init(repository: Repository, snapshot: Bool = false) {
+    fileprivate init(repository: Repository, snapshot: Bool = false, dryRun: Bool = false) {
         self.repo = repository
+        self.dryRun = dryRun
+        if dryRun { return }  // no threads, no files: add() only counts
         if snapshot && repository.commitNeedsReferences { referenced = [] }
         // What a killed writer left; a running one's files are locked and stay.
         TemporaryFiles.removeStale(in: repository.stagingDirectory)
@@ -145,6 +149,10 @@ final class BlobSaver: @unchecked Sendable {
         throws
     {
         if let failure = lock.locked({ failure }) { throw failure }
+        if dryRun {
+            bytesAdded.add(Int64(bytes.count), ordering: .relaxed)
+            return
+        }
         let t = Int(type.rawValue)
         let pack: OpenPack
         do {
@@ -390,10 +398,12 @@ extension Repository {
     ///
     /// - Parameter forSnapshot: the blobs make up a snapshot, so the writer remembers
     ///   what it references when the commit needs that.
+    ///   - dryRun: nothing is stored: blobs the repository lacks are only counted, as
+    ///     ``BlobWriterTotals/bytesAdded`` (their stored size, without pack headers).
     func withBlobWriter<R>(
-        forSnapshot: Bool = false, _ body: (BlobSaver) throws -> R
+        forSnapshot: Bool = false, dryRun: Bool = false, _ body: (BlobSaver) throws -> R
     ) throws -> (R, BlobWriterTotals) {
-        let saver = BlobSaver(repository: self, snapshot: forSnapshot)
+        let saver = BlobSaver(repository: self, snapshot: forSnapshot, dryRun: dryRun)
         let result: R
         do {
             result = try body(saver)
