@@ -35,6 +35,9 @@ struct SnapshotCommand: ParsableCommand {
     )
     var excludeCaches = false
 
+    @Flag(name: .long, help: "Leave out files and directories with the nodump flag (chattr +d).")
+    var excludeNodump = false
+
     @Option(name: .long, help: ArgumentHelp("Leave out files larger than SIZE (such as 512K, 2G).", valueName: "SIZE"))
     var excludeLargerThan: String?
 
@@ -137,6 +140,7 @@ struct SnapshotCommand: ParsableCommand {
             force: force)
         options.excludeLargerThan = excludeLargerThan.flatMap(parseSize)
         options.oneFileSystem = oneFileSystem
+        options.excludeNodump = excludeNodump
         options.excludeCaches = excludeCaches
         options.excludeIfPresent = excludeIfPresent
         options.dryRun = dryRun

@@ -160,6 +160,30 @@ struct MetadataTests {
         #expect(Set(diffMeta) == [src + "/docs", src + "/many-7"], "\(diff.stdout)")
     }
 
+    @Test("--exclude-nodump leaves out files and directories flagged nodump, also when unchanged since the parent")
+    func excludeNodump() throws {
+        #expect(isRoot, "these tests set root-only metadata: run them as root")
+        let s = Scratch()
+        let src = s.file("src")
+        defer { unfreeze(s.path) }
+        try makeMetadataTree(src)
+        try tool("chattr", "+d", src + "/docs/nested")
+        let repo = s.file("repo")
+        #expect(try cabackup("init", "--repo", repo).status == 0)
+        func names() throws -> String { try cabackup("ls", "--repo", repo, "latest").stdout }
+        // Without the option, nodump entries are kept (with their flag).
+        #expect(try cabackup("snapshot", "--repo", repo, src).status == 0)
+        #expect(try names().contains(src + "/scratch.tmp") && names().contains(src + "/docs/nested/random.bin"))
+        // With it they are left out, also when the parent has them unchanged.
+        for _ in 0..<2 {
+            let r = try cabackup("snapshot", "--repo", repo, "--exclude-nodump", src)
+            #expect(r.status == 0, "\(r.stderr)")
+            let listed = try names()
+            #expect(!listed.contains(src + "/scratch.tmp") && !listed.contains(src + "/docs/nested"), "\(listed)")
+            #expect(listed.contains(src + "/docs/hello.txt") && listed.contains(src + "/frozen"))
+        }
+    }
+
     @Test("without the rights, restore reports each attribute and flag it cannot set, and restores the bytes")
     func unprivilegedRestore() throws {
         #expect(isRoot, "these tests set root-only metadata: run them as root")

@@ -349,6 +349,16 @@ extension Archiver: FileSystemVisitor {
         let parent = directory.parentEntry(entry.name)
         let path = entry.path
         var node = makeNode(name: entry.name, st: entry.stat)
+        if options.excludeNodump && (node.type == .file || node.type == .directory) {
+            // The parent's flags when its ctime is the same (chattr moves the ctime).
+            let nodump =
+                if parentHasMetadata, let parent, parent.hasUnchangedMetadata(since: node) {
+                    parent.flags & InodeFlags.nodump != 0
+                } else {
+                    FileMetadata.isNodump(entry.entry, directory: node.type == .directory)
+                }
+            if nodump { return .next }
+        }
         switch node.type {
         case .file:
             if let content = unchangedContent(node, parent: parent, missing: directory.missing) {

@@ -61,6 +61,16 @@ enum FileMetadata {
         #endif
     }
 
+    /// Whether a file or directory, not opened yet, has the nodump flag: it is opened
+    /// without following a link, its flags read, and closed.
+    static func isNodump(_ entry: EntryRef, directory: Bool) -> Bool {
+        let flags = O_RDONLY | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK | (directory ? O_DIRECTORY : 0)
+        let fd = openAt(entry.fd, entry.relative, { open($0, flags) }, at: { openat($0, $1, flags) })
+        guard fd >= 0 else { return false }
+        defer { close(fd) }
+        return self.flags(fd: fd) & InodeFlags.nodump != 0
+    }
+
     /// The data extents of an open regular file of `size` bytes, or `[]` when it has no
     /// holes (the usual case costs two `lseek`s). The file offset is left at 0.
     static func dataRanges(fd: Int32, size: Int64) -> [FileRange] {

@@ -32,6 +32,9 @@ public struct SnapshotOptions: Sendable {
     /// `NAME` (that starts with `HEADER`, when given), except that file (restic's
     /// `--exclude-if-present`).
     public var excludeIfPresent: [String] = []
+    /// Leave out files and directories with the Linux nodump flag (`chattr +d`), as
+    /// borg's `--exclude-nodump` and dump(8) do.
+    public var excludeNodump = false
     /// Walk, read and chunk everything, count what would be added, but write nothing to
     /// the repository: the result's snapshot is not stored.
     public var dryRun = false
