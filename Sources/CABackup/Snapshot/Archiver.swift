@@ -459,7 +459,9 @@ extension Archiver: FileSystemVisitor {
             return
         }
         defer { close(fd) }
-        let extras = FileExtras(fd: fd, size: Int64(node.size))
+        var st = stat()
+        guard fstat(fd, &st) == 0 else { return }
+        let extras = FileExtras(fd: fd, st: st)
         node.xattrs = extras.xattrs
         node.flags = extras.flags
         node.dataRanges = extras.dataRanges

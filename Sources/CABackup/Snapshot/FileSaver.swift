@@ -30,10 +30,15 @@ struct FileExtras: Sendable {
 
     init() {}
 
-    init(fd: Int32, size: Int64) {
+    /// Reads them from the open file `fd`, whose `fstat` is `st`.
+    init(fd: Int32, st: stat) {
         xattrs = FileMetadata.xattrs(fd: fd)
         flags = FileMetadata.flags(fd: fd)
-        dataRanges = FileMetadata.dataRanges(fd: fd, size: size)
+        // Only a file with fewer blocks than bytes can have holes: the others cost no
+        // lseek (a file stored inline in its inode has no blocks and is looked at).
+        if Int64(st.st_blocks) * 512 < Int64(st.st_size) {
+            dataRanges = FileMetadata.dataRanges(fd: fd, size: Int64(st.st_size))
+        }
     }
 }
 
@@ -166,7 +171,7 @@ final class FileSaver: @unchecked Sendable {
         }
         progress(0)
         let job = FileJob()
-        let extras = FileExtras(fd: fd, size: Int64(st.st_size))
+        let extras = FileExtras(fd: fd, st: fst)
         let reader = ChunkingReader(
             chunker: chunker, fd: fd, path: path, sizeHint: Int64(st.st_size), windowSize: pool.bufferSize,
             pool: pool)
@@ -278,7 +283,7 @@ final class FileSaver: @unchecked Sendable {
         if fstat(fd, &st) != 0 || (st.st_mode & S_IFMT) != S_IFREG {
             return skip("changed type while being backed up")
         }
-        let extras = FileExtras(fd: fd, size: job.size)
+        let extras = FileExtras(fd: fd, st: st)
         // One byte more than expected: a file that grew is seen without a second read.
         let n: Int
         do {
