@@ -7,6 +7,8 @@ cabackup's own metadata code.
   treetool.py compare SRC DST   exit 0 when DST reproduces SRC (names, types, bytes,
                                 modes, mtimes in ns, symlink targets, hard links);
                                 otherwise print every difference and exit 1
+  treetool.py describe DIR      print what compare compares of DIR (and DIR's own mode
+                                and mtime), one entry a line: equal output, equal trees
 """
 import hashlib
 import os
@@ -131,6 +133,12 @@ if __name__ == "__main__":
         make(sys.argv[2])
     elif len(sys.argv) == 4 and sys.argv[1] == "compare":
         sys.exit(compare(sys.argv[2], sys.argv[3]))
+    elif len(sys.argv) == 3 and sys.argv[1] == "describe":
+        root = os.fsencode(sys.argv[2])
+        st = os.lstat(root)
+        print("%r" % ((b".", {"mode": st.st_mode, "mtime_ns": st.st_mtime_ns}),))
+        for entry in sorted(describe(root).items()):
+            print("%r" % (entry,))
     else:
         print(__doc__)
         sys.exit(2)
