@@ -200,6 +200,9 @@ struct RestoreOptionsTests {
         #expect(!FileManager.default.fileExists(atPath: out + src + "/docs/deep/extra.md"))
         #expect(FileManager.default.fileExists(atPath: out + src + "/extra.txt"))
         #expect(FileManager.default.fileExists(atPath: out + src + "/docs/extra-dir/f.txt"))
+        // A directory where the snapshot has a file is replaced too.
+        try FileManager.default.removeItem(atPath: out + src + "/a1.txt")
+        try makeFiles(out + src, ["a1.txt/inside"])
         // Everything: the target becomes the snapshot (a copy of src).
         let all = try cabackup("restore", "--repo", repo, "latest", "--target", out, "--delete", "-v")
         #expect(all.status == 0, "\(all.stderr)")

@@ -401,6 +401,9 @@ struct Restorer<Sink: RestoreSink>: TreeVisitor {
         }
         guard choice.restore, let dir = directory() else { return .skip }
         do {
+            // `delete`: a directory standing where this entry goes goes too (overwrite only
+            // replaces non-directories).
+            if options.delete && !options.dryRun && node.type != .socket { try sink.remove(node.name, in: dir) }
             switch node.type {
             case .directory:
                 break  // above
