@@ -10,14 +10,16 @@ struct RestoreCommand: ParsableCommand {
             "The snapshot's absolute paths are recreated below the target: /home/a/docs becomes TARGET/home/a/docs. Every chunk is verified against its hash; a file that cannot be restored intact is removed and reported, and the exit code is 1.",
             "--include selects what to restore with the pattern rules of snapshot --exclude (docs/excludes.md): a selected directory comes with everything below it, and the directories above a selected entry are created. An absolute path such as /home/a/docs is also taken as written; without wildcards it must be in the snapshot. --exclude leaves out what its patterns match and everything below. Only the packs holding selected files are read.",
             "--delete makes the target equal to the snapshot: in every directory restored, entries the snapshot lacks are deleted (only those the patterns select), without following symlinks; it implies --overwrite. --verify reads every restored file back and compares it with the snapshot's chunk ids; each file that differs is reported and the exit code is 1. --dry-run says what would be restored (with -v, each entry) and deleted, and touches nothing.",
-            "--json prints one JSON object per line, each with a message_type: status (percent_done, total_files, files_restored, total_bytes, bytes_restored, files_deleted, seconds_elapsed) every second and once at the end, verbose_status for each entry with -v (action restored or deleted, item, size), error for each failure (during restore, delete or verify), and last a summary."
+            "--json prints one JSON object per line, each with a message_type: status (percent_done, total_files, files_restored, total_bytes, bytes_restored, files_deleted, seconds_elapsed) every second and once at the end, verbose_status for each entry with -v (action restored or deleted, item, size), error for each failure (during restore or verify), and last a summary."
         ))
 
     @OptionGroup var repository: RepositoryOptions
     @OptionGroup var filters: FilterOptions
     @OptionGroup var verbosity: VerbosityOptions
 
-    @Option(name: [.short, .long], help: "Directory to restore into (created if missing; must be empty).")
+    @Option(
+        name: [.short, .long],
+        help: "Directory to restore into (created if missing; empty unless --overwrite or --delete).")
     var target: String
 
     @Option(
