@@ -101,16 +101,22 @@ struct RestoreCommand: ParsableCommand {
         let snap = try repo.findSnapshot(snapshot, matching: filters.filter)
         let report = RestoreReport(json: json, level: verbosity.level, dryRun: dryRun)
         let line = ProgressLine()
-        let total = Int64(snap.summary.bytesTotal)
+        let options = try restoreOptions()
+        // With patterns the snapshot's total overstates the restore: count what the walk selects.
+        let filtered =
+            !(options.includes + options.caseInsensitiveIncludes + options.excludes
+            + options.caseInsensitiveExcludes).isEmpty
+        let snapshotTotal = Int64(snap.summary.bytesTotal)
         let showProgress = stderrIsTerminal && !json && verbosity.level > 0
         let ticker = json && verbosity.level > 0 ? Ticker(every: 1) { report.status() } : nil
         let result: RestoreResult
         do {
             defer { ticker?.stop() }
             result = try repo.restore(
-                snap, to: target, options: try restoreOptions(),
+                snap, to: target, options: options,
                 progress: { p in
                     guard showProgress else { return }
+                    let total = filtered ? report.selectedBytes : snapshotTotal
                     let rate = p.elapsedSeconds > 0 ? Double(p.bytesWritten) / p.elapsedSeconds : 0
                     let eta =
                         rate > 0 && total > p.bytesWritten
@@ -268,6 +274,9 @@ final class RestoreReport: @unchecked Sendable {
             lock.withLock { FileHandle.standardOutput.write(Data(line.utf8)) }
         }
     }
+
+    /// The bytes of the files selected so far.
+    var selectedBytes: Int64 { lock.withLock { totalBytes } }
 
     /// One status message.
     func status() {
