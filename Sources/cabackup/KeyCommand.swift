@@ -27,12 +27,34 @@ struct NewPasswordOptions: ParsableArguments {
 struct KeyListCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "list", abstract: "List the key slots; * marks the one the password opened.",
-        discussion: discussion())
+        discussion: discussion(
+            "--json prints one JSON array, restic's fields: current, id, userName, hostName, created."))
 
     @OptionGroup var repository: RepositoryOptions
 
+    @Flag(name: .long, help: "Print one JSON array.")
+    var json = false
+
+    struct Item: Encodable {
+        let current: Bool
+        let id: String
+        let userName: String
+        let hostName: String
+        let created: String
+    }
+
     func run() throws {
         let repo = try repository.open()
+        if json {
+            print(
+                jsonLine(
+                    try repo.keySlots().map {
+                        Item(
+                            current: $0.isCurrent, id: $0.id, userName: $0.username, hostName: $0.hostname,
+                            created: $0.created)
+                    }))
+            return
+        }
         print("   ID        CREATED                              HOST             USER")
         for k in try repo.keySlots() {
             let mark = k.isCurrent ? "*" : " "

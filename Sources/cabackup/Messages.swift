@@ -24,8 +24,8 @@ struct VerbosityOptions: ParsableArguments {
 /// `summary`, …). Lines are written whole with one `write(2)`, so lines from several
 /// threads never interleave.
 enum JSONMessages {
-    /// Writes `value` as one line with `message_type` first among its keys' values
-    /// (keys are sorted; `message_type` is added to the object).
+    /// Writes `value`, which must encode as a keyed object, as one line: its keys plus
+    /// `message_type`, all sorted.
     static func emit(_ type: String, _ value: some Encodable) {
         let enc = JSONEncoder()
         enc.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]

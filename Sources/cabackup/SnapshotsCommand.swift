@@ -23,6 +23,19 @@ struct SnapshotsCommand: ParsableCommand {
         let tree: String
         let summary: SnapshotSummary
 
+        init(_ s: Snapshot) {
+            id = s.id.hex
+            short_id = s.id.shortHex
+            time = s.time
+            hostname = s.hostname
+            username = s.username
+            paths = s.paths
+            tags = s.tags
+            parent = s.parent?.hex
+            tree = s.tree.hex
+            summary = s.summary
+        }
+
         func encode(to encoder: any Encoder) throws {
             enum K: String, CodingKey {
                 case id, short_id, time, hostname, username, paths, tags, parent, tree, summary
@@ -45,14 +58,7 @@ struct SnapshotsCommand: ParsableCommand {
         let repo = try repository.open()
         let snaps = try repo.snapshots(matching: filters.filter)
         if json {
-            print(
-                jsonLine(
-                    snaps.map {
-                        Item(
-                            id: $0.id.hex, short_id: $0.id.shortHex, time: $0.time, hostname: $0.hostname,
-                            username: $0.username, paths: $0.paths, tags: $0.tags, parent: $0.parent?.hex,
-                            tree: $0.tree.hex, summary: $0.summary)
-                    }))
+            print(jsonLine(snaps.map(Item.init)))
             return
         }
         let rows = snaps.map { s -> [String] in

@@ -1,4 +1,5 @@
 import Foundation
+import Synchronization
 import Testing
 
 @testable import CABackup
@@ -307,6 +308,41 @@ struct RepositoryTests {
             try repo.restore(snap, to: dir.file("out2"), options: RestoreOptions(includes: [src + "/nope"]))
         }
         #expect(!FileManager.default.fileExists(atPath: dir.file("out2")))
+    }
+
+    @Test("RestoreOptions: patterns, delete, verify and dry run through the library, with events")
+    func restoreOptions() throws {
+        let dir = TemporaryDirectory()
+        let src = makeTree(dir)
+        let repo = try smallRepo(dir)
+        let snap = try repo.snapshot(paths: [src]).snapshot
+        let out = dir.file("out")
+        let events = Mutex<[RestoreEvent]>([])
+        let record: @Sendable (RestoreEvent) -> Void = { e in events.withLock { $0.append(e) } }
+        let dry = try repo.restore(
+            snap, to: out, options: RestoreOptions(includes: ["*.log"], dryRun: true), events: record)
+        #expect(dry.filesRestored == 1 && dry.bytesWritten == 20000 * 9)
+        #expect(!FileManager.default.fileExists(atPath: out))
+        let r = try repo.restore(
+            snap, to: out, options: RestoreOptions(includes: ["*.log", src + "/a.txt"], verify: true), events: record)
+        #expect(r.filesRestored == 2 && r.filesVerified == 2 && r.verifyFailures.isEmpty)
+        #expect(!FileManager.default.fileExists(atPath: out + src + "/sub/b.bin"))
+        dir.write("out" + src + "/stray.txt", Array("x".utf8))
+        let d = try repo.restore(
+            snap, to: out, options: RestoreOptions(excludes: ["b.bin"], delete: true), events: record)
+        #expect(d.entriesDeleted == 1 && d.failures.isEmpty)
+        #expect(!FileManager.default.fileExists(atPath: out + src + "/stray.txt"))
+        #expect(!FileManager.default.fileExists(atPath: out + src + "/sub/b.bin"))
+        let deleted = events.withLock { list in
+            list.compactMap { e -> String? in
+                if case .deleted(let path) = e { return String(decoding: path, as: UTF8.self) }
+                return nil
+            }
+        }
+        #expect(deleted == [src + "/stray.txt"])
+        #expect(throws: CABackupError.self) {
+            try repo.restore(snap, to: dir.file("bad"), options: RestoreOptions(includes: ["[a-"]))
+        }
     }
 
     @Test("a tree with '..' or '/' in names is refused, nothing escapes the target")

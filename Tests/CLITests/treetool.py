@@ -11,6 +11,8 @@ cabackup's own metadata code.
                                 is a hole in its restore); otherwise print every
                                 difference and exit 1
   treetool.py holes FILE        print FILE's data extents as JSON [[offset, length], ...]
+  treetool.py describe DIR      print what compare compares of DIR (and DIR's own mode
+                                and mtime), one entry a line: equal output, equal trees
 """
 import errno
 import fcntl
@@ -223,6 +225,12 @@ if __name__ == "__main__":
         print(json.dumps(data_extents(sys.argv[2])))
     elif len(sys.argv) == 4 and sys.argv[1] == "compare":
         sys.exit(compare(sys.argv[2], sys.argv[3]))
+    elif len(sys.argv) == 3 and sys.argv[1] == "describe":
+        root = os.fsencode(sys.argv[2])
+        st = os.lstat(root)
+        print("%r" % ((b".", {"mode": st.st_mode, "mtime_ns": st.st_mtime_ns}),))
+        for entry in sorted(describe(root).items()):
+            print("%r" % (entry,))
     else:
         print(__doc__)
         sys.exit(2)

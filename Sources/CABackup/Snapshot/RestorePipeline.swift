@@ -65,6 +65,7 @@ final class RestorePipeline<File: RestoreFile>: @unchecked Sendable {
     private let repo: Repository
     private let snapshot: SnapshotID
     private let progress: (@Sendable (RestoreProgress) -> Void)?
+    private let events: (@Sendable (RestoreEvent) -> Void)?
     private let queue = BlockingQueue<RunJob<File>>(capacity: 256)
     private let start = monotonicSeconds()
 
@@ -99,10 +100,14 @@ final class RestorePipeline<File: RestoreFile>: @unchecked Sendable {
     static var maxGap: Int64 { 64 << 10 }
     static var maxRunBytes: Int { 4 << 20 }
 
-    init(repository: Repository, snapshot: SnapshotID, progress: (@Sendable (RestoreProgress) -> Void)?) {
+    init(
+        repository: Repository, snapshot: SnapshotID, progress: (@Sendable (RestoreProgress) -> Void)?,
+        events: (@Sendable (RestoreEvent) -> Void)? = nil
+    ) {
         self.repo = repository
         self.snapshot = snapshot
         self.progress = progress
+        self.events = events
     }
 
     /// Runs `body` (which adds files) beside the workers, and returns once every file is
@@ -126,7 +131,9 @@ final class RestorePipeline<File: RestoreFile>: @unchecked Sendable {
     var totals: Totals { shared.withLock { $0 } }
 
     func fail(_ path: [UInt8], _ message: String) {
-        shared.withLock { $0.failures.append(RestoreFailure(path: displayPath(path), message: message)) }
+        let failure = RestoreFailure(path: displayPath(path), message: message)
+        shared.withLock { $0.failures.append(failure) }
+        events?(.failed(failure))
     }
 
     /// Creates a file with `create` once fewer than ``maxOpenFiles`` are open, and plans
@@ -242,6 +249,7 @@ final class RestorePipeline<File: RestoreFile>: @unchecked Sendable {
             s.bytes += restore.written
             return (s.files, s.bytes)
         }
+        events?(.restored(path: restore.path, type: .file, size: restore.written))
         if let progress, files % 64 == 0 {
             progress(RestoreProgress(filesDone: files, bytesWritten: bytes, elapsedSeconds: monotonicSeconds() - start))
         }

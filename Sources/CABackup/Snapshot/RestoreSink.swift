@@ -31,6 +31,14 @@ protocol RestoreSink: Sendable {
     func finish() throws
     /// Entries restored without some of their metadata (see ``RestoreResult/warnings``).
     var warnings: [RestoreFailure] { get }
+    /// `delete`: the names in a directory of the target (restored or already there).
+    func names(in dir: Directory) throws -> [[UInt8]]
+    /// `delete`: removes an entry of a directory and everything below it, never following
+    /// a symlink and never leaving the directory.
+    func remove(_ name: [UInt8], in dir: Directory) throws
+    /// `verify`: opens the restored regular file at `path` for reading, without following
+    /// symlinks on the way; the caller closes the descriptor.
+    func openRestored(_ path: [UInt8]) throws -> Int32
 }
 
 /// A regular file being restored.

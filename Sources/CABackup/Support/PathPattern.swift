@@ -1,5 +1,6 @@
 import CABackupCore
 import CABackupFormat
+
 /// The `--exclude` and `--iexclude` patterns of one backup, compiled once and matched against
 /// absolute byte paths with restic's rules.
 ///
@@ -69,6 +70,41 @@ package struct ExcludeRules: Sendable {
     }
 }
 
+/// The `--include` and `--iinclude` patterns of a restore, with the rules of ``ExcludeRules``
+/// read the other way round (restic's restore `--include`): an entry is selected when a pattern
+/// matches it or one of its ancestors, so everything below a selected directory is selected; a
+/// `!` pattern deselects what earlier ones selected.
+package struct IncludeRules: Sendable {
+    /// The `--include` patterns, in order, matched byte for byte.
+    private let exact: PatternList
+    /// The `--iinclude` patterns, in order, lowercased and matched against the lowercased path.
+    private let folded: PatternList
+
+    /// Compiles the patterns.
+    ///
+    /// - Throws: ``CABackupError/invalidArgument(_:)`` naming the first malformed pattern, as
+    ///   ``ExcludeRules/init(excludes:caseInsensitiveExcludes:)`` does.
+    package init(includes: [String], caseInsensitiveIncludes: [String] = []) throws {
+        exact = try PatternList(includes, foldCase: false, option: "--include")
+        folded = try PatternList(caseInsensitiveIncludes, foldCase: true, option: "--iinclude")
+    }
+
+    /// Whether there are no patterns at all (which selects everything, as no filter does).
+    package var isEmpty: Bool { exact.patterns.isEmpty && folded.patterns.isEmpty }
+
+    /// Whether a pattern selects the entry at `path` (absolute) or one of its ancestors.
+    package func selects(path: [UInt8]) -> Bool {
+        exact.excludes(path) || folded.excludes(path)
+    }
+
+    /// Whether a pattern may select some path strictly below `directory`, so a walker must
+    /// look into a directory that is not selected itself. Errs towards true: a pattern that
+    /// does not start with `/` may match at any depth.
+    package func maySelectBelow(directory path: [UInt8]) -> Bool {
+        exact.mayMatchBelow(path) || folded.mayMatchBelow(path)
+    }
+}
+
 /// One ordered list of patterns, all case-sensitive or all case-insensitive.
 private struct PatternList: Sendable {
     /// The patterns, in the order given.
@@ -119,6 +155,12 @@ private struct PatternList: Sendable {
             }
             return false
         }
+    }
+
+    /// Whether a plain (not negated) pattern may match some path strictly below `directory`.
+    func mayMatchBelow(_ directory: [UInt8]) -> Bool {
+        guard patterns.contains(where: { !$0.negated }) else { return false }
+        return withSplitPath(directory) { split in patterns.contains { !$0.negated && $0.mayMatchBelow(split) } }
     }
 
     /// Splits `path` into components for `body`, lowercased first when this list folds case.
