@@ -225,8 +225,30 @@ struct PruneCommand: ParsableCommand {
     @Flag(name: .long, help: "Print the result as one JSON object.")
     var json = false
 
+    @Option(
+        name: .long,
+        help: ArgumentHelp(
+            "Repack a pack once more than this share of its bytes is unused: 0% repacks every pack holding unused data (all of a removed file's bytes go), 'unlimited' only deletes packs nothing uses.",
+            valueName: "N%"))
+    var maxUnused: String = "20%"
+
+    /// The used share below which a pack is repacked.
+    var repackBelow: Double? {
+        if maxUnused == "unlimited" { return 0 }
+        guard maxUnused.hasSuffix("%"), let n = Double(maxUnused.dropLast()), n >= 0, n < 100 else { return nil }
+        return 1 - n / 100
+    }
+
+    func validate() throws {
+        if repackBelow == nil {
+            throw ValidationError("--max-unused takes a percentage from 0% to 99%, or unlimited, not '\(maxUnused)'")
+        }
+    }
+
     func run() throws {
-        try runPrune(try repository.open(), dryRun: dryRun, json: json, quiet: verbosity.level == 0)
+        try runPrune(
+            try repository.open(), dryRun: dryRun, json: json, quiet: verbosity.level == 0,
+            repackBelow: repackBelow ?? 0.8)
     }
 }
 
@@ -244,9 +266,10 @@ struct PruneSummary: Encodable {
 }
 
 func runPrune(
-    _ repo: Repository, dryRun: Bool, assumingForgotten: Set<SnapshotID> = [], json: Bool = false, quiet: Bool = false
+    _ repo: Repository, dryRun: Bool, assumingForgotten: Set<SnapshotID> = [], json: Bool = false, quiet: Bool = false,
+    repackBelow: Double = 0.8
 ) throws {
-    let r = try repo.prune(dryRun: dryRun, assumingForgotten: assumingForgotten)
+    let r = try repo.prune(dryRun: dryRun, repackBelow: repackBelow, assumingForgotten: assumingForgotten)
     if json {
         JSONMessages.emit(
             "summary",

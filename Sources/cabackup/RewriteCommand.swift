@@ -6,7 +6,7 @@ struct RewriteCommand: ParsableCommand {
         commandName: "rewrite",
         abstract: "Remove files from existing snapshots (a leaked secret, a huge file).",
         discussion: discussion(
-            "Each snapshot (the named ones, or every snapshot matching --host, --tag and --path; at least one is required) that holds paths matching --exclude/--iexclude (the backup rules, docs/excludes.md) is written anew without them, under a new id naming its original; the trees above them are rewritten, everything else reused. --forget removes the originals (with an authenticated forget record); then `cabackup prune` deletes the removed files' data once no snapshot uses it. --dry-run lists what would be removed and writes nothing."
+            "Each snapshot (the named ones, or every snapshot matching --host, --tag and --path; at least one is required) that holds paths matching --exclude/--iexclude (the backup rules, docs/excludes.md) is written anew without them, under a new id naming its original; the trees above them are rewritten, everything else reused. --forget removes the originals (with an authenticated forget record); then `cabackup prune --max-unused 0%` deletes every byte of the removed files once no snapshot uses them (a plain prune leaves unused bytes in packs that are mostly used). --dry-run lists what would be removed and writes nothing."
         ))
 
     @OptionGroup var repository: RepositoryOptions
@@ -51,7 +51,7 @@ struct RewriteCommand: ParsableCommand {
         } else if dryRun {
             print("\(changed) snapshots would be rewritten")
         } else {
-            print("\(changed) snapshots rewritten" + (forget ? "; run 'cabackup prune' to free their data" : ""))
+            print("\(changed) snapshots rewritten" + (forget ? "; run 'cabackup prune --max-unused 0%' to delete their data" : ""))
         }
     }
 }
