@@ -51,7 +51,9 @@ struct RewriteCommand: ParsableCommand {
         } else if dryRun {
             print("\(changed) snapshots would be rewritten")
         } else {
-            print("\(changed) snapshots rewritten" + (forget ? "; run 'cabackup prune --max-unused 0%' to delete their data" : ""))
+            print(
+                "\(changed) snapshots rewritten"
+                    + (forget ? "; run 'cabackup prune --max-unused 0%' to delete their data" : ""))
         }
     }
 }
