@@ -2,7 +2,7 @@ import Foundation
 import Testing
 
 /// The commands around snapshot and restore that restic users reach for (issue 24).
-@Suite("the toolbox: stats, tag, dump, find, rewrite")
+@Suite("the toolbox: stats, tag, dump, find, rewrite, copy")
 struct ToolboxTests {
     /// `stats --json` of `repo` with `args`.
     private func stats(_ repo: String, _ args: String...) throws -> [String: Any] {
@@ -269,5 +269,52 @@ struct ToolboxTests {
         let none = try cabackup("rewrite", "--repo", repo, "--path", src, "--exclude", "*.pem")
         #expect(none.stdout.contains("no snapshot holds a matching path"))
         #expect(try cabackup("rewrite", "--repo", repo, "latest").status == 64)
+    }
+
+    @Test("copy: a second repository restores the same tree; copying again reads only what is new")
+    func copy() throws {
+        let s = Scratch()
+        let src = s.file("src")
+        #expect(try python(treetool, "make", src).status == 0)
+        let a = s.file("a")
+        let b = s.file("b")
+        let env = ["CABACKUP_FROM_PASSWORD": testPassword, "XDG_CACHE_HOME": s.file("cache")]
+        #expect(try cabackup("init", "--repo", a, env: env).status == 0)
+        #expect(try cabackup("init", "--repo", b, env: env).status == 0)
+        #expect(try cabackup("snapshot", "--repo", a, "--tag", "laptop", src, env: env).status == 0)
+        /// Copies a → b; returns the blobs read from a.
+        func copyAll() throws -> (copied: Int, read: Int) {
+            let r = try cabackup("copy", "--repo", b, "--from-repo", a, env: env)
+            #expect(r.status == 0, "\(r.stdout)\(r.stderr)")
+            let words = r.stdout.split(separator: " ")
+            let copied = words.firstIndex(of: "copied").flatMap { Int(words[$0 + 1]) } ?? -1
+            let read = words.firstIndex(of: "read").flatMap { Int(words[$0 + 1]) } ?? -1
+            return (copied, read)
+        }
+        let first = try copyAll()
+        #expect(first.copied == 1 && first.read > 20, "\(first)")
+        let restore = try cabackup("restore", "--repo", b, "latest", "--target", s.file("out"), env: env)
+        #expect(restore.status == 0, "\(restore.stderr)")
+        let cmp = try python(treetool, "compare", src, s.file("out") + src)
+        #expect(cmp.status == 0 && cmp.stdout.contains(" 0 differences"), "\(cmp.stdout)")
+        #expect(try cabackup("check", "--repo", b, "--read-data", env: env).status == 0)
+        let listed = try cabackup("snapshots", "--repo", b, "--json", env: env).stdout
+        #expect(listed.contains("\"laptop\""), "the copy keeps the tags")
+        // A new snapshot sharing almost everything: the copy reads only what is new.
+        try Data("one more file\n".utf8).write(to: URL(fileURLWithPath: src + "/docs/new.txt"))
+        #expect(try cabackup("snapshot", "--repo", a, src, env: env).status == 0)
+        let second = try copyAll()
+        #expect(second.copied == 1 && second.read <= 8, "\(second) after \(first)")
+        let again = try copyAll()
+        #expect(again.copied == 0 && again.read == 0, "\(again)")
+        // Chunker parameters copied: the destination deduplicates what it already has.
+        let c = s.file("c")
+        #expect(try cabackup("init", "--repo", c, "--copy-chunker-params", "--from-repo", a, env: env).status == 0)
+        let r = try cabackup("copy", "--repo", c, "--from-repo", a, "latest", env: env)
+        #expect(r.status == 0, "\(r.stderr)")
+        let snap = try cabackup("snapshot", "--repo", c, "--json", src, "--force", env: env)
+        #expect(jsonObject(snap.lastLine)?["chunks_added"] as? Int == 0, "\(snap.lastLine)")
+        let bad = try cabackup("copy", "--repo", b, "--from-repo", s.file("nothing"), env: env)
+        #expect(bad.status == 10, "\(bad.stderr)")
     }
 }
