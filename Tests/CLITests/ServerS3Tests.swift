@@ -67,7 +67,7 @@ struct ServerS3Tests {
         #expect(try cabackup("snapshot", "--repo", server.repo("bob"), s.file("bob-src"), env: bob).status == 0)
         let unchanged = try cabackup("snapshot", "--repo", server.repo("alice"), "--json", src, env: alice)
         #expect(unchanged.status == 0, "\(unchanged.stderr)")
-        #expect(jsonObject(unchanged.stdout)?["chunks_added"] as? Int == 0, "\(unchanged.stdout)")
+        #expect(jsonObject(unchanged.lastLine)?["chunks_added"] as? Int == 0, "\(unchanged.stdout)")
 
         let out = s.file("out")
         let restore = try cabackup("restore", "--repo", server.repo("alice"), "latest", "--target", out, env: alice)
