@@ -30,7 +30,7 @@ final class SeaweedFS {
     private var arguments: [String: [String]] = [:]
     private let weed: String
     let dir: Scratch
-    let ports: [Int]
+    private(set) var ports: [Int] = []
     var endpoint: String { "http://127.0.0.1:\(ports[6])" }
 
     init(separate: Bool = false) throws {
@@ -44,6 +44,24 @@ final class SeaweedFS {
             throw CABackupError.invalidArgument("weed not found")
         }
         self.weed = weed
+        // Ports are free when chosen but released before weed binds them: another test's
+        // process can take one meanwhile. A start that loses a port starts over on new ones.
+        for attempt in 1...3 {
+            try launch(separate: separate)
+            if (try? waitUntilReady(recording: false)) != nil { return }
+            stop()
+            let log = (try? String(contentsOfFile: dir.file("weed.log"), encoding: .utf8)) ?? ""
+            if attempt == 3 || !log.contains("address already in use") { break }
+            removeSockets()
+            for sub in ["weed.log", "data", "master", "volume", "filer"] {
+                try? FileManager.default.removeItem(atPath: dir.file(sub))
+            }
+        }
+        try waitUntilReady()
+    }
+
+    /// Starts the processes on new ports.
+    private func launch(separate: Bool) throws {
         // master, its gRPC, volume, its gRPC, filer, its gRPC, S3, its gRPC.
         ports = try freePorts(8)
         let config = """
@@ -141,8 +159,9 @@ final class SeaweedFS {
         ]
     }
 
-    /// Waits until the store answers S3 calls (at most 60 s, its start included).
-    func waitUntilReady() throws {
+    /// Waits until the store answers S3 calls (at most 60 s, its start included);
+    /// `recording`: a store that does not start is an issue of the test.
+    func waitUntilReady(recording: Bool = true) throws {
         let c = try client(bucket: "readiness-probe", maxAttempts: 1)
         let deadline = Date().addingTimeInterval(60)
         while true {
@@ -154,7 +173,7 @@ final class SeaweedFS {
             } catch {
                 guard Date() < deadline, processes.values.allSatisfy(\.isRunning) else {
                     let log = (try? String(contentsOfFile: dir.file("weed.log"), encoding: .utf8)) ?? ""
-                    Issue.record("SeaweedFS did not start: \(error)\n\(log.suffix(2000))")
+                    if recording { Issue.record("SeaweedFS did not start: \(error)\n\(log.suffix(2000))") }
                     throw error
                 }
                 usleep(200_000)
@@ -178,7 +197,11 @@ final class SeaweedFS {
 
     deinit {
         stop()
-        // The gRPC sockets weed puts in /tmp whatever its options.
+        removeSockets()
+    }
+
+    /// The gRPC sockets weed puts in /tmp whatever its options.
+    private func removeSockets() {
         for p in ports {
             for kind in ["master-grpc", "volume-grpc", "filer-grpc", "s3", "s3-grpc"] {
                 unlink("/tmp/seaweedfs-\(kind)-\(p).sock")
