@@ -22,6 +22,7 @@ final class PostgresSpaceRecords: SpaceRecords {
     private let db: PostgresDatabase
     private let space: String
     private let reservationLifetimeNs: Int64
+    private let leaseLifetimeNs: Int64
     private let configClaimLifetimeNs: Int64
 
     /// The tables, created by ``PostgresDatabase/migrate()``.
@@ -62,13 +63,11 @@ final class PostgresSpaceRecords: SpaceRecords {
     /// extended; a config claim can be taken over after `configClaimLifetime`.
     init(
         _ db: PostgresDatabase, space: String, reservationLifetime: Duration = .seconds(15 * 60),
-        configClaimLifetime: Duration = .seconds(120)
+        configClaimLifetime: Duration = .seconds(120), leaseLifetime: Duration = defaultLeaseLifetime
     ) {
         self.db = db
         self.space = space
-        func nanoseconds(_ d: Duration) -> Int64 {
-            d.components.seconds * 1_000_000_000 + d.components.attoseconds / 1_000_000_000
-        }
+        leaseLifetimeNs = nanoseconds(leaseLifetime)
         reservationLifetimeNs = nanoseconds(reservationLifetime)
         configClaimLifetimeNs = nanoseconds(configClaimLifetime)
     }
@@ -219,7 +218,7 @@ final class PostgresSpaceRecords: SpaceRecords {
             try await c.rows(
                 """
                 INSERT INTO space_leases(id, space, exclusive, expires_ns, idempotency_key)
-                VALUES (\(id), \(space), \(exclusive), \(unescaped: Self.now) + \(leaseSeconds * 1_000_000_000), \(key))
+                VALUES (\(id), \(space), \(exclusive), \(unescaped: Self.now) + \(leaseLifetimeNs), \(key))
                 """)
             return id
         }
@@ -229,7 +228,7 @@ final class PostgresSpaceRecords: SpaceRecords {
         // SQL-safe: now is a literal.
         try await !db.query(
             """
-            UPDATE space_leases SET expires_ns = \(unescaped: Self.now) + \(leaseSeconds * 1_000_000_000)
+            UPDATE space_leases SET expires_ns = \(unescaped: Self.now) + \(leaseLifetimeNs)
             WHERE id = \(id) AND space = \(space) AND expires_ns > \(unescaped: Self.now) RETURNING 1
             """
         ).isEmpty

@@ -55,7 +55,8 @@ protocol SpaceRecords: Sendable {
     func claimConfig() async throws -> Bool
     /// Gives up a claim whose config could not be stored.
     func unclaimConfig() async throws
-    /// Takes a lease on the repository lock for `leaseSeconds`, or nil when it conflicts.
+    /// Takes a lease on the repository lock for its lifetime (60 s unless the records were
+    /// made with another), or nil when it conflicts.
     /// A `key` the client sent with an earlier request that took a lease still held gets
     /// that lease again, so a retried request does not take a second one.
     func acquire(exclusive: Bool, key: String?) async throws -> String?
@@ -118,7 +119,12 @@ extension APIError {
 }
 
 /// How long a lease lasts without renewal (clients renew every 20 s).
-let leaseSeconds: Int64 = 60
+let defaultLeaseLifetime = Duration.seconds(60)
+
+/// `d` in nanoseconds.
+func nanoseconds(_ d: Duration) -> Int64 {
+    d.components.seconds * 1_000_000_000 + d.components.attoseconds / 1_000_000_000
+}
 
 /// The records of one space of a single server: the blob index in the space's
 /// `index/server.sqlite`; bytes used (recomputed from the files at every start),
@@ -131,8 +137,11 @@ final class SQLiteSpaceRecords: SpaceRecords, @unchecked Sendable {
     private var reservedBytes: Int64 = 0
     private var configClaimed = false
     private var leases: [String: (exclusive: Bool, expiresNs: Int64, key: String?)] = [:]
+    private let leaseLifetimeNs: Int64
 
-    init(indexPath: String) throws {
+    /// A lease lapses `leaseLifetime` after it was taken or last renewed.
+    init(indexPath: String, leaseLifetime: Duration = defaultLeaseLifetime) throws {
+        leaseLifetimeNs = nanoseconds(leaseLifetime)
         db = try SQLiteDatabase(path: indexPath)
         try db.execute(
             """
@@ -217,7 +226,7 @@ final class SQLiteSpaceRecords: SpaceRecords, @unchecked Sendable {
             }
             if exclusive ? !leases.isEmpty : leases.values.contains(where: \.exclusive) { return nil }
             let id = hexString(secureRandomBytes(16))
-            leases[id] = (exclusive, now + leaseSeconds * 1_000_000_000, key)
+            leases[id] = (exclusive, now + leaseLifetimeNs, key)
             return id
         }
     }
@@ -226,7 +235,7 @@ final class SQLiteSpaceRecords: SpaceRecords, @unchecked Sendable {
         withLock {
             let now = Accounts.nowNs()
             guard let l = leases[id], l.expiresNs > now else { return false }
-            leases[id] = (l.exclusive, now + leaseSeconds * 1_000_000_000, l.key)
+            leases[id] = (l.exclusive, now + leaseLifetimeNs, l.key)
             return true
         }
     }

@@ -8,16 +8,20 @@ extension RecordsStore {
     /// The records of `space`: in SQLite, the space's own index file (with its usage and
     /// leases in this instance's memory); in PostgreSQL, another server instance's, on a
     /// connection of its own.
+    /// Leases last 2 hours here, so a loaded machine's pauses never expire one in the
+    /// middle of a test.
     func space(
         _ name: String = "alice", reservationLifetime: Duration = .seconds(7200),
         configClaimLifetime: Duration = .seconds(120)
     ) async throws
         -> any SpaceRecords
     {
-        guard postgres != nil else { return try SQLiteSpaceRecords(indexPath: file("\(name).sqlite")) }
+        guard postgres != nil else {
+            return try SQLiteSpaceRecords(indexPath: file("\(name).sqlite"), leaseLifetime: .seconds(7200))
+        }
         return PostgresSpaceRecords(
             try await database(), space: name, reservationLifetime: reservationLifetime,
-            configClaimLifetime: configClaimLifetime)
+            configClaimLifetime: configClaimLifetime, leaseLifetime: .seconds(7200))
     }
 }
 
