@@ -34,7 +34,7 @@ public struct SnapshotFilter: Sendable {
 /// Open one with ``open(path:password:durable:)`` or create one with
 /// ``initialize(path:password:chunker:kdf:durable:compression:)``,
 /// then ``snapshot(paths:options:progress:)`` to back up, ``snapshots(matching:)`` to list,
-/// ``list(_:path:visit:)`` to walk a snapshot, ``restore(_:to:options:progress:)`` to restore.
+/// ``list(_:path:visit:)`` to walk a snapshot, ``restore(_:to:options:progress:events:)`` to restore.
 /// A repository object may be used from one thread at a time; the work inside each call
 /// runs on several threads.
 public final class Repository: @unchecked Sendable {

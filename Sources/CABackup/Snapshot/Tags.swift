@@ -1,7 +1,7 @@
 import CABackupCore
 import CABackupFormat
 
-/// How ``Repository/changeTags(_:add:remove:set:)`` changes a snapshot's tags.
+/// How ``Repository/changeTags(_:_:)`` changes a snapshot's tags.
 public struct TagChange: Sendable {
     public var add: [String]
     public var remove: [String]
