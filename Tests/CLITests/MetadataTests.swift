@@ -63,15 +63,26 @@ private func makeMetadataTree(_ src: String) throws {
     try tool("chattr", "+i", src + "/empty-dir")
 }
 
+/// A scratch directory holding ``makeMetadataTree(_:)`` at `src`; the caller unfreezes it.
+private func metadataTree() throws -> (Scratch, String) {
+    #expect(isRoot, "these tests set root-only metadata: run them as root")
+    let s = Scratch()
+    let src = s.file("src")
+    do {
+        try makeMetadataTree(src)
+    } catch {
+        unfreeze(s.path)
+        throw error
+    }
+    return (s, src)
+}
+
 @Suite("extended attributes, ACLs, capabilities, holes and inode flags", .serialized, .enabled(if: runsHere))
 struct MetadataTests {
     @Test("all of it survives backup and restore as root, checked by the independent reader")
     func roundTrip() throws {
-        #expect(isRoot, "these tests set root-only metadata: run them as root")
-        let s = Scratch()
-        let src = s.file("src")
+        let (s, src) = try metadataTree()
         defer { unfreeze(s.path) }
-        try makeMetadataTree(src)
         let repo = s.file("repo")
         #expect(try cabackup("init", "--repo", repo).status == 0)
         let snap = try cabackup("snapshot", "--repo", repo, src)
@@ -111,11 +122,8 @@ struct MetadataTests {
 
     @Test("status and diff see an attribute change; an unchanged snapshot lists no attributes")
     func changesAndUnchangedCost() throws {
-        #expect(isRoot, "these tests set root-only metadata: run them as root")
-        let s = Scratch()
-        let src = s.file("src")
+        let (s, src) = try metadataTree()
         defer { unfreeze(s.path) }
-        try makeMetadataTree(src)
         for i in 0..<300 { try Data("file \(i)\n".utf8).write(to: URL(fileURLWithPath: src + "/many-\(i)")) }
         let repo = s.file("repo")
         #expect(try cabackup("init", "--repo", repo).status == 0)
@@ -162,11 +170,8 @@ struct MetadataTests {
 
     @Test("--exclude-nodump leaves out files and directories flagged nodump, also when unchanged since the parent")
     func excludeNodump() throws {
-        #expect(isRoot, "these tests set root-only metadata: run them as root")
-        let s = Scratch()
-        let src = s.file("src")
+        let (s, src) = try metadataTree()
         defer { unfreeze(s.path) }
-        try makeMetadataTree(src)
         try tool("chattr", "+d", src + "/docs/nested")
         let repo = s.file("repo")
         #expect(try cabackup("init", "--repo", repo).status == 0)
@@ -186,11 +191,8 @@ struct MetadataTests {
 
     @Test("without the rights, restore reports each attribute and flag it cannot set, and restores the bytes")
     func unprivilegedRestore() throws {
-        #expect(isRoot, "these tests set root-only metadata: run them as root")
-        let s = Scratch()
-        let src = s.file("src")
+        let (s, src) = try metadataTree()
         defer { unfreeze(s.path) }
-        try makeMetadataTree(src)
         let repo = s.file("repo")
         #expect(try cabackup("init", "--repo", repo, "--no-encryption").status == 0)
         #expect(try cabackup("snapshot", "--repo", repo, src).status == 0)

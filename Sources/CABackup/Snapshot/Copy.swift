@@ -1,6 +1,7 @@
 import CABackupCore
 import CABackupFormat
 import CSQLite
+import Foundation
 
 /// What ``Repository/copy(_:from:)`` did.
 public struct CopyResult: Sendable, Equatable {
@@ -98,7 +99,7 @@ final class CopyMap {
     private let insert: SQLiteStatement
 
     init(path: String) throws {
-        try makeDirectories(NSStringLike(path).directory, mode: 0o700)
+        try makeDirectories((path as NSString).deletingLastPathComponent, mode: 0o700)
         db = try SQLiteDatabase(path: path)
         try db.execute(
             """
@@ -128,14 +129,4 @@ final class CopyMap {
     func commit() throws { try db.execute("COMMIT; BEGIN") }
 
     deinit { try? db.execute("COMMIT") }
-}
-
-/// The directory part of a path.
-private struct NSStringLike {
-    let path: String
-    init(_ path: String) { self.path = path }
-    var directory: String {
-        guard let slash = path.lastIndex(of: "/") else { return "." }
-        return String(path[..<slash])
-    }
 }

@@ -38,7 +38,7 @@ extension Repository {
     /// - Throws: ``CABackupError/corrupt(what:reason:)`` for a damaged tree; a blob the
     ///   index does not know (run `check`).
     public func stats(_ snapshots: [Snapshot], mode: StatsMode) throws -> RepositoryStats {
-        try synchronizeIndex()
+        // The index was brought up to date when the repository was opened.
         var counter = StatsCounter(repo: self, mode: mode, seen: SpillingIDSet(memoryLimit: 1_000_000))
         let walker = SnapshotTreeWalker(self)
         for s in snapshots {
