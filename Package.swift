@@ -13,6 +13,8 @@ let package = Package(
         .library(name: "CABackup", targets: ["CABackup"]),
         // Remote storages (a private data space on a cabackup server over HTTP(S)).
         .library(name: "CABackupRemote", targets: ["CABackupRemote"]),
+        // Snapshots as a read-only file system through FUSE (links libfuse 3 on Linux).
+        .library(name: "CABackupMount", targets: ["CABackupMount"]),
         .executable(name: "cabackup", targets: ["cabackup"]),
     ],
     dependencies: [
@@ -34,6 +36,7 @@ let package = Package(
         .systemLibrary(name: "CZstd", providers: [.apt(["libzstd-dev"])]),
         .systemLibrary(name: "COpenSSL", providers: [.apt(["libssl-dev"])]),
         .systemLibrary(name: "CSQLite", providers: [.apt(["libsqlite3-dev"])]),
+        .systemLibrary(name: "CFuse3", pkgConfig: "fuse3", providers: [.apt(["libfuse3-dev"])]),
         // scrypt's ROMix in C with SSE2 (Swift's SIMD types do not compile its shuffles).
         .target(name: "CScrypt"),
         // <sys/xattr.h> (extended attributes), which Swift's Glibc module leaves out.
@@ -62,6 +65,12 @@ let package = Package(
             name: "CABackup",
             dependencies: ["CABackupCore", "CABackupFormat", "CABackupStorage", "CSQLite", "COpenSSL", "CFileMetadata"],
             swiftSettings: testHooks
+        ),
+        // `cabackup mount`: the snapshot namespace and its FUSE server. Its own target, so
+        // neither library users nor systems without libfuse 3 (macOS) need it.
+        .target(
+            name: "CABackupMount",
+            dependencies: ["CABackup", .target(name: "CFuse3", condition: .when(platforms: [.linux]))]
         ),
         // The client of a private data space: HTTPStorage, accounts, tokens. The only
         // target of the engine's that links SwiftNIO and AsyncHTTPClient.
@@ -101,6 +110,7 @@ let package = Package(
                 "CABackup",
                 "CABackupRemote",
                 "CABackupServer",
+                "CABackupMount",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ],
             swiftSettings: testHooks
@@ -117,7 +127,9 @@ let package = Package(
         ),
         .testTarget(
             name: "CLITests",
-            dependencies: ["cabackup", "library-example", "CABackup", "CABackupRemote", "CABackupServer"],
+            dependencies: [
+                "cabackup", "library-example", "CABackup", "CABackupRemote", "CABackupServer", "CABackupMount",
+            ],
             exclude: ["treetool.py", "httptool.py", "hostileproxy.py", "abusetool.py", "repotool.py"]
         ),
     ],

@@ -491,6 +491,14 @@ public final class Repository: @unchecked Sendable {
         return Array(buffers.bytes(n))
     }
 
+    /// The length of a blob's content, from the index (nothing is read).
+    ///
+    /// - Throws: ``CABackupError/blobNotFound(_:)`` when no pack holds it.
+    public func blobSize(_ id: BlobID) throws -> Int {
+        guard let loc = try index.lookup(id) else { throw CABackupError.blobNotFound(id) }
+        return loc.rawLength
+    }
+
     /// Loads a blob into `buffers.output` (grown as needed, never zero-filled), verified
     /// against its id. Returns its length.
     func loadBlob(_ id: BlobID, into buffers: BlobBuffers, codec: BlobCodec) throws -> Int {

@@ -27,6 +27,10 @@ enum Interrupt {
         }
     }
 
+    /// When set, the first SIGINT or SIGTERM calls it instead of ending the process (a
+    /// mount unmounts and returns from its loop); a second one ends the process.
+    static let firstSignal = Mutex<(@Sendable () -> Void)?>(nil)
+
     /// Installs the handlers; call once, early in `main`.
     static func install() {
         var fds: [Int32] = [-1, -1]
@@ -38,6 +42,14 @@ enum Interrupt {
         _ = startThread {
             var signalNumber: UInt8 = 0
             while read(reader, &signalNumber, 1) != 1 {}
+            let first = firstSignal.withLock { f in
+                defer { f = nil }
+                return f
+            }
+            if let first {
+                first()
+                while read(reader, &signalNumber, 1) != 1 {}
+            }
             TemporaryFiles.removeAll()
             let text = message.withLock { $0 }(ProcessCounters.packBytesStored.load(ordering: .relaxed))
             printError("cabackup: " + text)

@@ -10,6 +10,10 @@ cabackup's own metadata code.
                                 inode flags, and holes: every hole of a source file
                                 is a hole in its restore); otherwise print every
                                 difference and exit 1
+  treetool.py compare-view SRC DST
+                                the same for a view that shows each name as its own
+                                inode (a FUSE mount): link counts instead of shared
+                                inodes, and no holes or inode flags
   treetool.py holes FILE        print FILE's data extents as JSON [[offset, length], ...]
   treetool.py describe DIR      print what compare compares of DIR (and DIR's own mode
                                 and mtime), one entry a line: equal output, equal trees
@@ -156,7 +160,7 @@ def covered(hole, restored_holes):
     return False
 
 
-def describe(root):
+def describe(root, view=False):
     """Maps relative path bytes to a tuple describing the entry."""
     out = {}
     inode_names = {}
@@ -179,12 +183,14 @@ def describe(root):
                         h.update(block)
                 d["size"] = st.st_size
                 d["sha256"] = h.hexdigest()
-                if st.st_nlink > 1:
+                if view:
+                    d["nlink"] = st.st_nlink
+                elif st.st_nlink > 1:
                     inode_names.setdefault((st.st_dev, st.st_ino), []).append(rel)
             if os.geteuid() == 0:
                 d["uid"], d["gid"] = st.st_uid, st.st_gid
             d["xattrs"] = xattrs(full)
-            if stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode):
+            if (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)) and not view:
                 d["flags"] = inode_flags(full)
             out[rel] = d
     # Hard-link groups: each name records the sorted names sharing its inode.
@@ -194,8 +200,8 @@ def describe(root):
     return out
 
 
-def compare(src, dst):
-    a, b = describe(os.fsencode(src)), describe(os.fsencode(dst))
+def compare(src, dst, view=False):
+    a, b = describe(os.fsencode(src), view), describe(os.fsencode(dst), view)
     problems = []
     for k in sorted(set(a) | set(b)):
         if k not in b:
@@ -204,7 +210,7 @@ def compare(src, dst):
             problems.append("extra in restore: %r" % k)
         elif a[k] != b[k]:
             problems.append("differs: %r\n  source:  %r\n  restore: %r" % (k, a[k], b[k]))
-        elif a[k].get("size"):
+        elif a[k].get("size") and not view:
             # Holes: each of the source's is a hole in the restore (the restore may leave
             # more, all-zero data unwritten); block-aligned on both sides.
             src_holes = holes(os.path.join(os.fsencode(src), k))
@@ -225,6 +231,8 @@ if __name__ == "__main__":
         print(json.dumps(data_extents(sys.argv[2])))
     elif len(sys.argv) == 4 and sys.argv[1] == "compare":
         sys.exit(compare(sys.argv[2], sys.argv[3]))
+    elif len(sys.argv) == 4 and sys.argv[1] == "compare-view":
+        sys.exit(compare(sys.argv[2], sys.argv[3], view=True))
     elif len(sys.argv) == 3 and sys.argv[1] == "describe":
         root = os.fsencode(sys.argv[2])
         st = os.lstat(root)
