@@ -93,12 +93,72 @@ public final class FuseMount: Sendable {
         guard st.st_mode & S_IFMT == S_IFDIR else {
             throw MountError("\(mountpoint) is not a directory: mount on an empty directory")
         }
+        try checkNotMounted()
         #if canImport(CFuse3)
             try serveFuse(ready: ready)
         #else
             throw MountError("this build of cabackup has no FUSE support (it needs libfuse 3 on Linux)")
         #endif
     }
+
+    /// Refuses a mount point that is itself a FUSE mount: a live one would be hidden under
+    /// the new mount, and one whose process died answers nothing (its attributes may
+    /// still come from the kernel's cache, so `statvfs`, which always asks, tells).
+    private func checkNotMounted() throws {
+        #if os(Linux)
+            var fs = statvfs()
+            if statvfs(mountpoint, &fs) != 0, errno == ENOTCONN {
+                throw MountError(
+                    "\(mountpoint) is left over from a mount whose process died: unmount it with fusermount3 -u \(mountpoint) (or umount -l as root) and try again"
+                )
+            }
+            guard let resolved = realpath(mountpoint, nil) else { return }
+            let path = String(cString: resolved)
+            free(resolved)
+            let mounts = (try? readMounts()) ?? []
+            if let type = mounts.last(where: { $0.point == path })?.type, type.hasPrefix("fuse") {
+                throw MountError(
+                    "\(mountpoint) is already a FUSE mount (\(type)): unmount it first or choose another directory")
+            }
+        #endif
+    }
+
+    #if os(Linux)
+        /// `/proc/self/mounts`: each mount's point (octal escapes undone) and type.
+        private func readMounts() throws -> [(point: String, type: String)] {
+            let fd = Glibc.open("/proc/self/mounts", O_RDONLY | O_CLOEXEC)
+            guard fd >= 0 else { return [] }
+            defer { close(fd) }
+            var bytes: [UInt8] = []
+            var buffer = [UInt8](repeating: 0, count: 65536)
+            while bytes.count < 64 << 20 {
+                let n = buffer.withUnsafeMutableBytes { Glibc.read(fd, $0.baseAddress, $0.count) }
+                if n <= 0 { break }
+                bytes += buffer[0..<n]
+            }
+            func unescape(_ field: ArraySlice<UInt8>) -> String {
+                var out: [UInt8] = []
+                var i = field.startIndex
+                while i < field.endIndex {
+                    if field[i] == 0x5C, i + 3 < field.endIndex,
+                        let v = UInt8(String(decoding: field[(i + 1)...(i + 3)], as: UTF8.self), radix: 8)
+                    {
+                        out.append(v)
+                        i += 4
+                    } else {
+                        out.append(field[i])
+                        i += 1
+                    }
+                }
+                return String(decoding: out, as: UTF8.self)
+            }
+            return bytes.split(separator: 0x0A).compactMap { line in
+                let fields = line.split(separator: 0x20)
+                guard fields.count > 2 else { return nil }
+                return (unescape(fields[1]), String(decoding: fields[2], as: UTF8.self))
+            }
+        }
+    #endif
 
     /// Unmounts (lazily, so a process using the mount does not block it); ``serve(ready:)``
     /// then returns. Safe from any thread, and more than once.

@@ -53,12 +53,22 @@ struct MountCommand: ParsableCommand {
             printError("cabackup: mount: \(message)")
         }
         Interrupt.firstSignal.withLock { $0 = { mount.stop() } }
+        do {
+            try serve(mount)
+        } catch let error as MountError {
+            Interrupt.firstSignal.withLock { $0 = nil }
+            printError("cabackup: \(error)")
+            throw ExitCode(1)
+        }
+        Interrupt.firstSignal.withLock { $0 = nil }
+        print("unmounted \(mountpoint)")
+    }
+
+    private func serve(_ mount: FuseMount) throws {
         try mount.serve {
             print("Now serving the repository at \(mountpoint)")
             print("Browse it from another terminal or program; quit with Ctrl-C here or umount \(mountpoint).")
             fflush(nil)
         }
-        Interrupt.firstSignal.withLock { $0 = nil }
-        print("unmounted \(mountpoint)")
     }
 }

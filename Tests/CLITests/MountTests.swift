@@ -174,5 +174,29 @@ struct MountTests {
         #expect(listing(point + "/hosts") == ["laptop"])
         #expect(try run("/bin/umount", [point]).status == 0)
         #expect(again.waitForExit() == 0, "\(again.output())")
+
+        // A mount whose process was killed leaves a dead mount point: a new mount there
+        // says how to clear it.
+        let killed = try mount(repo, at: point, in: s)
+        defer { killed.cleanUp() }
+        try #require(killed.isMounted, "not mounted: \(killed.output())")
+        kill(killed.process.processIdentifier, SIGKILL)
+        _ = killed.waitForExit()
+        let dead = try mount(repo, at: point, in: s)
+        defer { dead.cleanUp() }
+        #expect(dead.waitForExit() == 1, "\(dead.output())")
+        #expect(dead.output().err.contains("fusermount3 -u"), "\(dead.output())")
+        #expect(try run("/bin/umount", ["-l", point]).status == 0)
+        #expect(!killed.isMounted)
+        // Nor does a live mount get another one on top.
+        let live = try mount(repo, at: point, in: s)
+        defer { live.cleanUp() }
+        try #require(live.isMounted, "not mounted: \(live.output())")
+        let onTop = try mount(repo, at: point, in: s)
+        defer { onTop.cleanUp() }
+        #expect(onTop.waitForExit() == 1, "\(onTop.output())")
+        #expect(onTop.output().err.contains("already a FUSE mount"), "\(onTop.output())")
+        live.process.interrupt()
+        #expect(live.waitForExit() == 0 && !live.isMounted, "\(live.output())")
     }
 }
