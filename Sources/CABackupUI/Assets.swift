@@ -61,7 +61,8 @@ enum Assets {
         <ol id="snapshots" reversed></ol>
         <h3>Browse</h3>
         <p id="tree-path"></p>
-        <table id="tree"><thead><tr><th>Name</th><th>Size</th><th>Modified</th><th></th></tr></thead><tbody></tbody></table>
+        <label>Restore into (an empty or new folder) <input id="restore-target" placeholder="/tmp/restore"></label>
+        <table id="tree"><thead><tr><th>Name</th><th>Size</th><th>Modified</th><th></th><th></th></tr></thead><tbody></tbody></table>
         <form id="find-form"><label>Find <input name="pattern" placeholder="*.jpg"></label><button type="submit">Search</button></form>
         <ul id="found"></ul>
         </div>
@@ -177,7 +178,9 @@ enum Assets {
             const link = el("a", "download");
             link.href = repoPath("/snapshots/" + state.snapshot.id + "/download?path=" + encodeURIComponent(e.path));
             const get = el("td"); get.append(link);
-            row.append(name, el("td", e.type === "file" ? bytes(e.size) : ""), el("td", e.mtime.slice(0, 19).replace("T", " ")), get);
+            const put = el("td"); const restore = el("button", "restore"); restore.type = "button";
+            restore.addEventListener("click", guard(() => restoreEntry(e.path))); put.append(restore);
+            row.append(name, el("td", e.type === "file" ? bytes(e.size) : ""), el("td", e.mtime.slice(0, 19).replace("T", " ")), get, put);
             body.append(row);
           }
         }
@@ -194,6 +197,14 @@ enum Assets {
             if (j.state !== "running") { bar.hidden = true; return j; }
             await new Promise(r => setTimeout(r, 500));
           }
+        }
+
+        async function restoreEntry(path) {
+          const target = document.getElementById("restore-target").value.trim();
+          if (!target) throw new Error("Name a folder to restore into first.");
+          const { job } = await api("POST", repoPath("/restore"), { snapshot: state.snapshot.id, path, target });
+          const j = await follow(job);
+          if (j.state === "done") say("Restored " + path + " into " + target + ".");
         }
 
         function guard(f) { return async (event) => { if (event) event.preventDefault(); try { await f(event); } catch (e) { say(e.message); } }; }

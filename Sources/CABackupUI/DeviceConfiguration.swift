@@ -22,37 +22,37 @@ public struct DeviceConfiguration: Codable, Sendable, Equatable {
 
     /// Reads and checks the file at `path`; a missing file is an empty configuration.
     ///
-    /// - Throws: ``CABackupError/badConfig(path:reason:)`` naming what is wrong.
+    /// - Throws: ``CABackupError/invalidArgument(_:)`` naming the file and what is wrong.
     public static func load(_ path: String) throws -> DeviceConfiguration {
         let bytes: [UInt8]
         do {
             guard fileExists(path) else { return DeviceConfiguration() }
             bytes = try readSmallFile(path, limit: 1 << 20)
         } catch let error as CABackupError {
-            throw CABackupError.badConfig(path: path, reason: "cannot read it: \(error)")
+            throw bad(path, "cannot read it: \(error)")
         }
         let config: DeviceConfiguration
         do {
             config = try JSONDecoder().decode(DeviceConfiguration.self, from: Data(bytes))
         } catch let DecodingError.keyNotFound(key, context) {
-            throw CABackupError.badConfig(
-                path: path, reason: "\(where: context.codingPath)lacks the field '\(key.stringValue)'")
+            throw bad(
+                path, "\(where: context.codingPath)lacks the field '\(key.stringValue)'")
         } catch let DecodingError.typeMismatch(_, context) {
-            throw CABackupError.badConfig(
-                path: path, reason: "\(where: context.codingPath)has a field of the wrong type")
+            throw bad(
+                path, "\(where: context.codingPath)has a field of the wrong type")
         } catch {
-            throw CABackupError.badConfig(path: path, reason: "it is not valid JSON")
+            throw bad(path, "it is not valid JSON")
         }
         guard config.version == 1 else {
-            throw CABackupError.badConfig(path: path, reason: "version \(config.version) is not 1")
+            throw bad(path, "version \(config.version) is not 1")
         }
         var names = Set<String>()
         for r in config.repositories {
             if let problem = r.problem() {
-                throw CABackupError.badConfig(path: path, reason: "repository '\(r.name)': \(problem)")
+                throw bad(path, "repository '\(r.name)': \(problem)")
             }
             guard names.insert(r.name).inserted else {
-                throw CABackupError.badConfig(path: path, reason: "two repositories are named '\(r.name)'")
+                throw bad(path, "two repositories are named '\(r.name)'")
             }
         }
         return config
@@ -66,6 +66,11 @@ public struct DeviceConfiguration: Codable, Sendable, Equatable {
         try makeDirectories((path as NSString).deletingLastPathComponent)
         try writeFileAtomically(path, bytes, mode: 0o600)
     }
+}
+
+/// The error of a bad device configuration file: one line, the file and what is wrong.
+private func bad(_ path: String, _ reason: String) -> CABackupError {
+    .invalidArgument("the device configuration \(path) is not valid: \(reason) (its fields: docs/ui.md)")
 }
 
 extension String.StringInterpolation {

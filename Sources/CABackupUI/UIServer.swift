@@ -54,7 +54,7 @@ public final class UIServer: Sendable {
 
     /// Reads the device configuration.
     ///
-    /// - Throws: ``CABackupError/badConfig(path:reason:)`` for a bad file.
+    /// - Throws: ``CABackupError/invalidArgument(_:)`` for a bad file.
     public init(_ options: UIOptions) throws {
         self.options = options
         access = Access(directory: options.accessDirectory)
