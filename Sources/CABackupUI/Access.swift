@@ -33,10 +33,10 @@ final class Access: Sendable {
     /// `DIR/cabackup-ui-PORT.html`.
     var file: String { directory + "/cabackup-ui-\(port.load(ordering: .relaxed)).html" }
 
-    /// Writes the access file (mode 0600): a page that sends the browser to the login URL.
-    func writeFile() throws {
-        let url =
-            "http://127.0.0.1:\(port.load(ordering: .relaxed))/login?token=\(String(decoding: token, as: UTF8.self))"
+    /// Writes the access file (mode 0600): a page that sends the browser to the login URL
+    /// at `base` (`http://127.0.0.1:PORT`).
+    func writeFile(base: String) throws {
+        let url = base + "/login?token=" + String(decoding: token, as: UTF8.self)
         let page = """
             <!DOCTYPE html>
             <html><head><meta charset="utf-8"><meta http-equiv="refresh" content="0;url=\(url)">
@@ -140,6 +140,12 @@ struct AccessMiddleware: RouterMiddleware {
             }
             return Response(status: .seeOther, headers: [.location: "/locked"])
         }
-        return try await next(request, context)
+        do {
+            return try await next(request, context)
+        } catch let error as HTTPError {
+            // No route (404), no such method (405): JSON, with the headers.
+            return errorResponse(
+                Int(error.status.code), "no such page or API endpoint: the API is described in docs/ui.md")
+        }
     }
 }

@@ -71,17 +71,22 @@ public final class UIServer: Sendable {
         logger.logLevel = .warning
         let host = options.host == "localhost" ? "127.0.0.1" : options.host.trimmingCharacters(in: ["[", "]"])
         let access = self.access
+        let shown = host.contains(":") ? "[\(host)]" : host
         let app = Application(
-            router: router, configuration: .init(address: .hostname(host, port: options.port)),
+            router: router,
+            server: .http1(
+                configuration: .init(
+                    additionalChannelHandlers: [IdleStateHandler(allTimeout: Self.idleTimeout), CloseWhenIdle()])),
+            configuration: .init(address: .hostname(host, port: options.port)),
             onServerRunning: { channel in
                 access.port.store(channel.localAddress?.port ?? 0, ordering: .relaxed)
+                let base = "http://\(shown):\(access.port.load(ordering: .relaxed))"
                 do {
-                    try access.writeFile()
+                    try access.writeFile(base: base)
                 } catch {
                     FileHandle.standardError.write(Data("cabackup ui: cannot write the access file: \(error)\n".utf8))
                 }
-                let shown = host.contains(":") ? "[\(host)]" : host
-                onListening("http://\(shown):\(access.port.load(ordering: .relaxed))", access.file)
+                onListening(base, access.file)
             }, logger: logger)
         let scheduler = Scheduler(api: api, tick: options.scheduleTick)
         let group = ServiceGroup(
@@ -92,6 +97,11 @@ public final class UIServer: Sendable {
         defer { access.removeFile() }
         try await group.run()
     }
+
+    /// How long a connection may send and receive nothing before it is closed: a download
+    /// whose client stopped reading holds its repository's thread until then. Long enough
+    /// for a check of changes over a large tree, which answers only at its end.
+    static let idleTimeout = TimeAmount.minutes(10)
 
     /// Stops serving: the requests in flight finish, then ``run(onListening:)`` returns.
     public func stop() {
@@ -113,6 +123,19 @@ struct Scheduler: Service {
                 try? await Task.sleep(for: .seconds(tick))
             }
         }
+    }
+}
+
+/// Closes a connection on which ``IdleStateHandler`` saw nothing move for the idle timeout.
+final class CloseWhenIdle: ChannelInboundHandler, RemovableChannelHandler, Sendable {
+    typealias InboundIn = NIOAny
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if event is IdleStateHandler.IdleStateEvent {
+            context.close(promise: nil)
+            return
+        }
+        context.fireUserInboundEventTriggered(event)
     }
 }
 

@@ -142,6 +142,9 @@ struct UITests {
         #expect(listed.headers["x-content-type-options"] == "nosniff")
         #expect(listed.headers["x-frame-options"] == "DENY")
         #expect(listed.headers["content-security-policy"]?.contains("default-src 'self'") == true)
+        // An unknown route is 404, with the same headers.
+        let unknown = try ui.request("GET", "/api/nothing")
+        #expect(unknown.status == 404 && unknown.headers["cache-control"] == "no-store")
         // A forged cookie is no session.
         let saved = ui.cookie
         ui.cookie = String(repeating: "a", count: 64)
