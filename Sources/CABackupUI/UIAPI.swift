@@ -201,6 +201,10 @@ final class UIAPI: Sendable {
                 throw UIError(400, "give a password for the new repository")
             }
             try await worker.unlock(location: entry.repo, password: password, initialize: options.kdf)
+        } else if let password = body.password {
+            // An existing repository with its password: opened first, so a wrong password
+            // or location adds nothing.
+            try await worker.unlock(location: entry.repo, password: password, initialize: nil)
         }
         try await changeConfiguration { config in
             guard !config.repositories.contains(where: { $0.name == entry.name }) else {

@@ -236,6 +236,14 @@ struct UITests {
         let bad = try ui.request(
             "POST", "/api/repositories", json: #"{"name":"x y","repo":"/r","paths":["/tmp"]}"#)
         #expect(bad.status == 400 && (bad.object["error"] as? String)?.contains("name") == true)
+        // An existing repository is added with its password, checked first.
+        let existing = """
+            {"name":"again","repo":"\(s.file("repo"))","paths":["\(src)"],"password":"not it"}
+            """
+        #expect(try ui.request("POST", "/api/repositories", json: existing).status == 403)
+        let readded = try ui.request(
+            "POST", "/api/repositories", json: existing.replacingOccurrences(of: "not it", with: password))
+        #expect(readded.status == 201 && readded.object["unlocked"] as? Bool == true)
         // The configuration file: 0600, no password.
         #expect(fileMode(ui.config) == 0o600)
         let configText = try String(contentsOfFile: ui.config, encoding: .utf8)
