@@ -103,6 +103,13 @@ final class TestUI {
         return process.terminationStatus
     }
 
+    /// The server process's resident memory in bytes (VmRSS).
+    func residentBytes() throws -> Int {
+        let status = try String(contentsOfFile: "/proc/\(process.processIdentifier)/status", encoding: .utf8)
+        let line = try #require(status.split(separator: "\n").first { $0.hasPrefix("VmRSS:") })
+        return try #require(Int(line.split(separator: " ", omittingEmptySubsequences: true)[1])) * 1024
+    }
+
     deinit { _ = stop() }
 }
 
@@ -353,5 +360,50 @@ struct UITests {
         #expect(!(try String(contentsOfFile: ui.config, encoding: .utf8)).contains(password))
         #expect(!(try String(contentsOfFile: s.file("ui.log"), encoding: .utf8)).contains(password))
         #expect(fileMode(ui.config) == 0o600)
+    }
+
+    @Test("a download is streamed: a client that stops reading leaves the server holding little of the file")
+    func streamedDownload() throws {
+        let s = Scratch()
+        let size = 160 << 20
+        try writeRandom(s.file("src/big.bin"), megabytes: size >> 20)
+        let ui = try TestUI(s)
+        try ui.login()
+        let add = """
+            {"name":"big","repo":"\(s.file("repo"))","paths":["\(s.file("src"))"],"init":true,"password":"big password"}
+            """
+        #expect(try ui.request("POST", "/api/repositories", json: add).status == 201)
+        let sync = try ui.request("POST", "/api/repositories/big/sync")
+        #expect(try ui.waitForJob(try #require(sync.object["job"] as? String))["state"] as? String == "done")
+        let before = try ui.residentBytes()
+        // A client that reads 1 MiB, then nothing for 3 seconds.
+        let client = Process()
+        client.executableURL = URL(fileURLWithPath: "/usr/bin/env")
+        client.arguments = [
+            "python3", uitool, "GET",
+            ui.base + "/api/repositories/big/snapshots/latest/download?path=\(s.file("src/big.bin"))",
+            "--cookie", try #require(ui.cookie), "--out", s.file("big.out"), "--pause-after", "\(1 << 20)",
+            "--pause-seconds", "3",
+        ]
+        client.standardOutput = FileHandle.nullDevice
+        try client.run()
+        let deadline = Date().addingTimeInterval(30)
+        func received() -> Int {
+            ((try? FileManager.default.attributesOfItem(atPath: s.file("big.out")))?[.size] as? Int) ?? 0
+        }
+        while received() < 1 << 20 && Date() < deadline { usleep(20_000) }
+        // While it waits, the server holds the pipe, a window of the dump and the
+        // connection's buffers: far less than the file (a buffered body would be all of it).
+        var most = 0
+        for _ in 0..<10 {
+            most = max(most, try ui.residentBytes())
+            usleep(100_000)
+        }
+        #expect(most - before < 64 << 20, "grew by \(most - before) bytes")
+        client.waitUntilExit()
+        #expect(client.terminationStatus == 0)
+        #expect(
+            try Data(contentsOf: URL(fileURLWithPath: s.file("big.out")))
+                == Data(contentsOf: URL(fileURLWithPath: s.file("src/big.bin"))))
     }
 }

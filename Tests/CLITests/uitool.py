@@ -5,7 +5,12 @@ first line, the response headers as one JSON object on the second, then the body
 the body to --out).
 
   uitool.py METHOD URL [--cookie C] [--host H] [--origin O] [--ui] [--data JSON] [--out FILE]
+            [--pause-after BYTES --pause-seconds S]
+
+--pause-after stops reading the body for S seconds once BYTES of it are in --out (flushed),
+as a slow client would: the server must then hold the rest without buffering it.
 """
+import time
 import argparse
 import http.client
 import json
@@ -21,6 +26,8 @@ p.add_argument("--origin")
 p.add_argument("--ui", action="store_true", help="send X-CABackup-UI: 1")
 p.add_argument("--data")
 p.add_argument("--out")
+p.add_argument("--pause-after", type=int)
+p.add_argument("--pause-seconds", type=float, default=0)
 a = p.parse_args()
 u = urllib.parse.urlsplit(a.url)
 conn = http.client.HTTPConnection(u.hostname, u.port, timeout=60)
@@ -45,10 +52,17 @@ for k, v in r.getheaders():
 sys.stdout.write("%d\n%s\n" % (r.status, json.dumps(headers)))
 if a.out:
     with open(a.out, "wb") as f:
+        got = 0
+        paused = False
         while True:
             piece = r.read(65536)
             if not piece:
                 break
             f.write(piece)
+            got += len(piece)
+            if a.pause_after is not None and not paused and got >= a.pause_after:
+                f.flush()
+                paused = True
+                time.sleep(a.pause_seconds)
 else:
     sys.stdout.write(r.read().decode("utf-8", "replace"))
