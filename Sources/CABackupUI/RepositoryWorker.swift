@@ -18,6 +18,9 @@ final class RepositoryWorker: @unchecked Sendable {
     let lastCheck = Mutex<ChangesAnswer?>(nil)
     /// When the schedule last started a check, in monotonic seconds.
     let lastScheduled = Mutex<Double?>(nil)
+    /// Whether a scheduled check is queued or running (the next waits for its end, so slow
+    /// checks do not pile up).
+    let scheduledCheckRunning = Atomic(false)
 
     init(name: String) {
         self.name = name
@@ -32,9 +35,7 @@ final class RepositoryWorker: @unchecked Sendable {
     ///   `body` throws.
     func run<T: Sendable>(_ body: @escaping @Sendable (Repository) throws -> T) async throws -> T {
         try await withRepository { repository in
-            guard let repository else {
-                throw UIError(423, "the repository '\(self.name)' is locked: unlock it with its password first")
-            }
+            guard let repository else { throw UIError.locked(self.name) }
             return try body(repository)
         }
     }
@@ -87,6 +88,11 @@ struct UIError: Error, Sendable {
     init(_ status: Int, _ message: String) {
         self.status = status
         self.message = message
+    }
+
+    /// 423: the repository has not been unlocked in this process.
+    static func locked(_ name: String) -> UIError {
+        UIError(423, "the repository '\(name)' is locked: unlock it with its password first")
     }
 
     /// The status and message a library error is answered with.

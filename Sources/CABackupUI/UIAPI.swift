@@ -92,6 +92,7 @@ final class UIAPI: Sendable {
         router.post("/api/repositories/:name/sync") { _, ctx in
             await self.handle {
                 let (entry, worker) = try self.repository(ctx)
+                try Self.requireUnlocked(worker)
                 return jsonResponse(202, ["job": self.sync(entry, worker)])
             }
         }
@@ -258,18 +259,22 @@ final class UIAPI: Sendable {
         let now = monotonicSeconds()
         let due = state.withLock { s in
             s.config.repositories.compactMap { entry -> (ConfiguredRepository, RepositoryWorker)? in
-                guard let interval = entry.interval, let worker = s.workers[entry.name], worker.unlocked else {
-                    return nil
-                }
+                guard let interval = entry.interval, let worker = s.workers[entry.name], worker.unlocked,
+                    !worker.scheduledCheckRunning.load(ordering: .relaxed)
+                else { return nil }
                 return worker.lastScheduled.withLock { last in
                     if let last, now - last < interval { return nil }
                     last = now
+                    worker.scheduledCheckRunning.store(true, ordering: .relaxed)
                     return (entry, worker)
                 }
             }
         }
         for (entry, worker) in due {
-            Task { _ = try? await self.check(entry, worker) }
+            Task {
+                _ = try? await self.check(entry, worker)
+                worker.scheduledCheckRunning.store(false, ordering: .relaxed)
+            }
         }
     }
 
@@ -290,6 +295,12 @@ final class UIAPI: Sendable {
             return (result.snapshot.id.hex, result.warnings.map(\.description))
         }
         return id
+    }
+
+    /// Throws 423 for a repository not unlocked yet, so that a job is not started only to
+    /// fail.
+    static func requireUnlocked(_ worker: RepositoryWorker) throws {
+        guard worker.unlocked else { throw UIError.locked(worker.name) }
     }
 
     // MARK: Browsing
@@ -424,6 +435,7 @@ final class UIAPI: Sendable {
             let target: String
             let overwrite: Bool?
         }
+        try Self.requireUnlocked(worker)
         let body = try await decode(Restore.self, req)
         guard body.path.hasPrefix("/") else { throw UIError(400, "path must be an absolute path in the snapshot") }
         guard body.target.hasPrefix("/") else { throw UIError(400, "target must be an absolute directory") }

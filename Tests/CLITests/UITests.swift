@@ -260,6 +260,7 @@ struct UITests {
         // Locked: the password is forgotten; a wrong one is refused, the right one opens it.
         #expect(try ui.request("DELETE", "/api/repositories/home/unlock").object["unlocked"] as? Bool == false)
         #expect(try ui.request("GET", "/api/repositories/home/snapshots").status == 423)
+        #expect(try ui.request("POST", "/api/repositories/home/sync").status == 423)
         let wrong = try ui.request("POST", "/api/repositories/home/unlock", json: #"{"password":"not it"}"#)
         #expect(wrong.status == 403 && wrong.object["error"] is String)
         let right = try ui.request("POST", "/api/repositories/home/unlock", json: "{\"password\":\"\(password)\"}")
