@@ -104,6 +104,20 @@ let package = Package(
                 .product(name: "Prometheus", package: "swift-prometheus"),
             ]
         ),
+        // `cabackup ui`: the device's own web app on a loopback address (docs/ui.md): the
+        // device configuration, the page and its JSON API.
+        .target(
+            name: "CABackupUI",
+            dependencies: [
+                "CABackup",
+                "CABackupRemote",
+                .product(name: "Hummingbird", package: "hummingbird"),
+                .product(name: "HTTPTypes", package: "swift-http-types"),
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+            ]
+        ),
         .executableTarget(
             name: "cabackup",
             dependencies: [
@@ -111,6 +125,7 @@ let package = Package(
                 "CABackupRemote",
                 "CABackupServer",
                 "CABackupMount",
+                "CABackupUI",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ],
             swiftSettings: testHooks
@@ -129,8 +144,9 @@ let package = Package(
             name: "CLITests",
             dependencies: [
                 "cabackup", "library-example", "CABackup", "CABackupRemote", "CABackupServer", "CABackupMount",
+                "CABackupUI",
             ],
-            exclude: ["treetool.py", "httptool.py", "hostileproxy.py", "abusetool.py", "repotool.py"]
+            exclude: ["treetool.py", "httptool.py", "hostileproxy.py", "abusetool.py", "repotool.py", "uitool.py"]
         ),
     ],
     swiftLanguageModes: [.v6]

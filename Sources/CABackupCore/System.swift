@@ -492,3 +492,12 @@ package func raiseDescriptorLimit() -> Int? {
     }
     return Int(min(limit.rlim_cur, 1 << 20))
 }
+
+/// `90s`, `15m`, `24h`, `7d` or plain seconds, in seconds; nil for anything else (`watch
+/// --every` and the `every` of a repository in the device configuration).
+package func parseDuration(_ s: String) -> Double? {
+    let units: [Character: Double] = ["s": 1, "m": 60, "h": 3600, "d": 86400]
+    if let last = s.last, let unit = units[last], let v = Double(s.dropLast()), v > 0 { return v * unit }
+    if let v = Double(s), v > 0 { return v }
+    return nil
+}

@@ -45,7 +45,7 @@ struct CABackupCommand: AsyncParsableCommand {
             InitCommand.self, SnapshotCommand.self, SnapshotsCommand.self, LsCommand.self, RestoreCommand.self,
             StatusCommand.self, DiffCommand.self, WatchCommand.self, CheckCommand.self, ForgetCommand.self,
             PruneCommand.self, StatsCommand.self, TagCommand.self, DumpCommand.self, FindCommand.self,
-            RewriteCommand.self, CopyCommand.self, MountCommand.self,
+            RewriteCommand.self, CopyCommand.self, MountCommand.self, UICommand.self,
             RepairCommand.self,
             KeyCommand.self,
             ServerCommand.self,

@@ -218,11 +218,3 @@ struct WatchCommand: ParsableCommand {
         }
     }
 }
-
-/// `90s`, `15m`, `24h`, `7d` or plain seconds.
-func parseDuration(_ s: String) -> Double? {
-    let units: [Character: Double] = ["s": 1, "m": 60, "h": 3600, "d": 86400]
-    if let last = s.last, let unit = units[last], let v = Double(s.dropLast()), v > 0 { return v * unit }
-    if let v = Double(s), v > 0 { return v }
-    return nil
-}

@@ -5,7 +5,7 @@ import Testing
 let leafCommands = [
     "init", "snapshot", "snapshots", "ls", "restore", "status", "diff", "watch", "check", "forget", "prune",
     "repair index", "key list", "key add", "key remove", "key passwd", "server", "register", "login", "logout",
-    "stats", "tag", "dump", "find", "rewrite", "copy", "mount", "devices", "rebind", "trust",
+    "stats", "tag", "dump", "find", "rewrite", "copy", "mount", "ui", "devices", "rebind", "trust",
 ]
 
 /// `cabackup <command> --help` at a terminal width of `columns`.

@@ -1,0 +1,246 @@
+import HTTPTypes
+import Hummingbird
+import NIOCore
+
+/// The page, its script and its style, shipped in the binary: no CDN, no build step, works
+/// offline. The script is served as `/app.js` (the Content-Security-Policy allows no inline
+/// script), and talks to the JSON API with the `X-CABackup-UI: 1` header on every change.
+enum Assets {
+    static func response(_ text: String, type: String, status: Int = 200) -> Response {
+        Response(
+            status: HTTPResponse.Status(code: status), headers: [.contentType: type],
+            body: ResponseBody(byteBuffer: ByteBuffer(string: text)))
+    }
+
+    static let page = """
+        <!DOCTYPE html>
+        <html lang="en">
+        <head>
+        <meta charset="utf-8">
+        <meta name="viewport" content="width=device-width, initial-scale=1">
+        <title>cabackup</title>
+        <link rel="stylesheet" href="/app.css">
+        <script src="/app.js" defer></script>
+        </head>
+        <body>
+        <header><h1>cabackup</h1><p id="message" role="status" aria-live="polite"></p></header>
+        <main>
+        <section id="repositories" aria-labelledby="repositories-title">
+        <h2 id="repositories-title">Repositories</h2>
+        <ul id="repository-list"></ul>
+        <details id="add">
+        <summary>Add a repository</summary>
+        <form id="add-form">
+        <label>Name <input name="name" required pattern="[A-Za-z0-9._-]{1,64}"></label>
+        <label>Location <input name="repo" required placeholder="/backups/home, http://NAME@HOST:PORT or s3:…"></label>
+        <label>Paths to back up (one per line) <textarea name="paths" required rows="2"></textarea></label>
+        <label>Check every <input name="every" placeholder="1h"></label>
+        <label>Exclude (one pattern per line) <textarea name="exclude" rows="2"></textarea></label>
+        <label><input type="checkbox" name="init"> Create a new repository there</label>
+        <label>Password <input type="password" name="password" autocomplete="new-password"></label>
+        <button type="submit">Add</button>
+        </form>
+        </details>
+        </section>
+        <section id="repository" hidden aria-labelledby="repository-title">
+        <h2 id="repository-title"></h2>
+        <form id="unlock-form">
+        <label>Password <input type="password" name="password" autocomplete="current-password"></label>
+        <button type="submit">Unlock</button>
+        </form>
+        <button id="lock" type="button">Lock</button>
+        <div id="unlocked-view">
+        <h3>What changed since the last sync</h3>
+        <p id="changes-summary"></p>
+        <ul id="changes"></ul>
+        <button id="check" type="button">Check now</button>
+        <button id="sync" type="button">Sync now</button>
+        <progress id="job-progress" max="1" value="0" hidden></progress>
+        <p id="job-status" role="status"></p>
+        <h3>Snapshots</h3>
+        <ol id="snapshots" reversed></ol>
+        <h3>Browse</h3>
+        <p id="tree-path"></p>
+        <label>Restore into (an empty or new folder) <input id="restore-target" placeholder="/tmp/restore"></label>
+        <table id="tree"><thead><tr><th>Name</th><th>Size</th><th>Modified</th><th></th><th></th></tr></thead><tbody></tbody></table>
+        <form id="find-form"><label>Find <input name="pattern" placeholder="*.jpg"></label><button type="submit">Search</button></form>
+        <ul id="found"></ul>
+        </div>
+        </section>
+        </main>
+        </body>
+        </html>
+
+        """
+
+    static let style = """
+        * { box-sizing: border-box; }
+        body { font: 16px/1.4 system-ui, sans-serif; margin: 0 auto; max-width: 60rem; padding: 0 1rem; color: #222; }
+        h1 { font-size: 1.4rem; }
+        label { display: block; margin: .4rem 0; }
+        input, textarea { width: 100%; font: inherit; padding: .3rem; }
+        input[type=checkbox] { width: auto; }
+        button { font: inherit; padding: .3rem .8rem; margin: .2rem 0; }
+        #repository-list button { width: 100%; text-align: left; }
+        table { border-collapse: collapse; width: 100%; }
+        td, th { text-align: left; padding: .2rem .4rem; border-bottom: 1px solid #ddd; overflow-wrap: anywhere; }
+        progress { width: 100%; }
+        #message { color: #a00; min-height: 1.4em; }
+        ul, ol { padding-left: 1.2rem; overflow-wrap: anywhere; }
+
+        """
+
+    static let script = """
+        "use strict";
+        const state = { repositories: [], current: null, snapshot: null, path: "/" };
+
+        async function api(method, path, body) {
+          const init = { method, headers: { "X-CABackup-UI": "1" }, credentials: "same-origin" };
+          if (body !== undefined) { init.body = JSON.stringify(body); init.headers["Content-Type"] = "application/json"; }
+          const response = await fetch(path, init);
+          if (response.status === 204) return null;
+          const data = await response.json();
+          if (!response.ok) throw new Error(data.error || response.statusText);
+          return data;
+        }
+
+        function say(text) { document.getElementById("message").textContent = text || ""; }
+        function el(tag, text) { const e = document.createElement(tag); if (text !== undefined) e.textContent = text; return e; }
+        function bytes(n) {
+          const units = ["B", "KiB", "MiB", "GiB", "TiB"]; let i = 0;
+          while (n >= 1024 && i < units.length - 1) { n /= 1024; i++; }
+          return (i ? n.toFixed(1) : n) + " " + units[i];
+        }
+        function repoPath(rest) { return "/api/repositories/" + encodeURIComponent(state.current.name) + rest; }
+
+        async function loadRepositories() {
+          state.repositories = await api("GET", "/api/repositories");
+          const list = document.getElementById("repository-list");
+          list.replaceChildren();
+          for (const r of state.repositories) {
+            const item = el("li"); const button = el("button", r.name + " — " + r.repo + (r.unlocked ? "" : " (locked)"));
+            button.type = "button"; button.addEventListener("click", () => select(r.name));
+            item.append(button); list.append(item);
+          }
+          if (state.current) state.current = state.repositories.find(r => r.name === state.current.name) || null;
+        }
+
+        async function select(name) {
+          say("");
+          state.current = state.repositories.find(r => r.name === name);
+          state.snapshot = null; state.path = "/";
+          document.getElementById("repository").hidden = false;
+          document.getElementById("repository-title").textContent = name;
+          const unlocked = state.current.unlocked;
+          document.getElementById("unlock-form").hidden = unlocked;
+          document.getElementById("lock").hidden = !unlocked;
+          document.getElementById("unlocked-view").hidden = !unlocked;
+          if (unlocked) { await Promise.all([checkChanges(), loadSnapshots()]); }
+        }
+
+        async function checkChanges() {
+          const c = await api("GET", repoPath("/changes"));
+          document.getElementById("changes-summary").textContent =
+            c.added + " added, " + c.removed + " removed, " + c.modified + " modified; " + c.filesToSync +
+            " files (" + bytes(c.bytesToSync) + ") to sync — checked " + c.checkedAt.slice(0, 19).replace("T", " ");
+          const list = document.getElementById("changes"); list.replaceChildren();
+          for (const e of c.entries.slice(0, 50)) list.append(el("li", e.change + " " + e.path));
+        }
+
+        async function loadSnapshots() {
+          const snapshots = await api("GET", repoPath("/snapshots"));
+          const list = document.getElementById("snapshots"); list.replaceChildren();
+          for (const s of snapshots.slice().reverse()) {
+            const item = el("li"); const button = el("button",
+              s.time.slice(0, 19).replace("T", " ") + " " + s.shortId + " — " + s.filesNewOrChanged +
+              " files new or changed, " + bytes(s.bytesAdded) + " added");
+            button.type = "button"; button.addEventListener("click", () => { state.snapshot = s; browse("/"); });
+            item.append(button); list.append(item);
+          }
+          if (!state.snapshot && snapshots.length) { state.snapshot = snapshots[snapshots.length - 1]; await browse("/"); }
+        }
+
+        async function browse(path) {
+          state.path = path;
+          const t = await api("GET", repoPath("/snapshots/" + state.snapshot.id + "/tree?path=" + encodeURIComponent(path)));
+          document.getElementById("tree-path").textContent = state.snapshot.shortId + ":" + t.path;
+          const body = document.querySelector("#tree tbody"); body.replaceChildren();
+          if (t.path !== "/") {
+            const row = el("tr"); const cell = el("td"); const up = el("button", "..");
+            up.type = "button"; up.addEventListener("click", () => browse(t.path.replace(/\\/[^/]*$/, "") || "/"));
+            cell.append(up); row.append(cell); body.append(row);
+          }
+          for (const e of t.entries) {
+            const row = el("tr"); const name = el("td");
+            if (e.type === "dir") {
+              const b = el("button", e.name + "/"); b.type = "button"; b.addEventListener("click", () => browse(e.path)); name.append(b);
+            } else name.textContent = e.name;
+            const link = el("a", "download");
+            link.href = repoPath("/snapshots/" + state.snapshot.id + "/download?path=" + encodeURIComponent(e.path));
+            const get = el("td"); get.append(link);
+            const put = el("td"); const restore = el("button", "restore"); restore.type = "button";
+            restore.addEventListener("click", guard(() => restoreEntry(e.path))); put.append(restore);
+            row.append(name, el("td", e.type === "file" ? bytes(e.size) : ""), el("td", e.mtime.slice(0, 19).replace("T", " ")), get, put);
+            body.append(row);
+          }
+        }
+
+        async function follow(job) {
+          const bar = document.getElementById("job-progress"); const status = document.getElementById("job-status");
+          bar.hidden = false;
+          for (;;) {
+            const j = await api("GET", "/api/jobs/" + job);
+            bar.value = j.totalBytes ? j.bytes / j.totalBytes : 0;
+            status.textContent = j.kind + " " + j.state + ": " + j.files + " files, " + bytes(j.bytes) +
+              (j.totalBytes ? " of " + bytes(j.totalBytes) : "") + (j.rate ? ", " + bytes(j.rate) + "/s" : "") +
+              (j.etaSeconds ? ", " + Math.ceil(j.etaSeconds) + " s left" : "") + (j.error ? " — " + j.error : "");
+            if (j.state !== "running") { bar.hidden = true; return j; }
+            await new Promise(r => setTimeout(r, 500));
+          }
+        }
+
+        async function restoreEntry(path) {
+          const target = document.getElementById("restore-target").value.trim();
+          if (!target) throw new Error("Name a folder to restore into first.");
+          const { job } = await api("POST", repoPath("/restore"), { snapshot: state.snapshot.id, path, target });
+          const j = await follow(job);
+          if (j.state === "done") say("Restored " + path + " into " + target + ".");
+        }
+
+        function guard(f) { return async (event) => { if (event) event.preventDefault(); try { await f(event); } catch (e) { say(e.message); } }; }
+
+        document.addEventListener("DOMContentLoaded", () => {
+          document.getElementById("add-form").addEventListener("submit", guard(async (event) => {
+            const f = new FormData(event.target);
+            const lines = (name) => (f.get(name) || "").split("\\n").map(s => s.trim()).filter(s => s);
+            const body = { name: f.get("name"), repo: f.get("repo"), paths: lines("paths"), exclude: lines("exclude"),
+              init: f.get("init") === "on" };
+            if (f.get("every")) body.every = f.get("every");
+            if (f.get("password")) body.password = f.get("password");
+            await api("POST", "/api/repositories", body);
+            event.target.reset(); await loadRepositories(); await select(body.name);
+          }));
+          document.getElementById("unlock-form").addEventListener("submit", guard(async (event) => {
+            const password = new FormData(event.target).get("password");
+            await api("POST", repoPath("/unlock"), { password }); event.target.reset();
+            await loadRepositories(); await select(state.current.name);
+          }));
+          document.getElementById("lock").addEventListener("click", guard(async () => {
+            await api("DELETE", repoPath("/unlock")); await loadRepositories(); await select(state.current.name);
+          }));
+          document.getElementById("check").addEventListener("click", guard(checkChanges));
+          document.getElementById("sync").addEventListener("click", guard(async () => {
+            const { job } = await api("POST", repoPath("/sync"));
+            await follow(job); state.snapshot = null; await Promise.all([checkChanges(), loadSnapshots()]);
+          }));
+          document.getElementById("find-form").addEventListener("submit", guard(async (event) => {
+            const pattern = new FormData(event.target).get("pattern");
+            const r = await api("GET", repoPath("/find?pattern=" + encodeURIComponent(pattern)));
+            const list = document.getElementById("found"); list.replaceChildren();
+            for (const m of r.matches) list.append(el("li", m.shortId + " " + m.path + " (" + bytes(m.size) + ")"));
+          }));
+          guard(loadRepositories)();
+        });
+
+        """
+}

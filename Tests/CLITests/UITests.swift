@@ -1,0 +1,410 @@
+import Foundation
+import Testing
+
+let uitool = packageRoot + "/Tests/CLITests/uitool.py"
+
+/// One answer of `cabackup ui`, as uitool.py printed it.
+struct UIResponse {
+    var status: Int
+    var headers: [String: String]
+    var body: String
+    var json: Any? { try? JSONSerialization.jsonObject(with: Data(body.utf8)) }
+    var object: [String: Any] { json as? [String: Any] ?? [:] }
+}
+
+/// A `cabackup ui` started from the test on 127.0.0.1 with a free port, its runtime,
+/// config and cache directories in the scratch directory.
+final class TestUI {
+    let process = Process()
+    let port: Int
+    let base: String
+    let accessFile: String
+    let config: String
+    /// The session cookie, once logged in.
+    var cookie: String?
+
+    init(_ s: Scratch, config: String? = nil) throws {
+        self.config = config ?? s.file("device.json")
+        try FileManager.default.createDirectory(atPath: s.file("run"), withIntermediateDirectories: true)
+        process.executableURL = URL(fileURLWithPath: cabackupBinary)
+        process.arguments = ["ui", "--listen", "127.0.0.1:0", "--no-open", "--config", self.config]
+        process.environment = childEnvironment([
+            "XDG_RUNTIME_DIR": s.file("run"), "XDG_CONFIG_HOME": s.file("config"),
+            "XDG_CACHE_HOME": s.file("cache"), "CABACKUP_PASSWORD": "",
+        ])
+        let found = try startListening(
+            process, what: "cabackup ui", markers: ["listening on http://127.0.0.1:", "open "],
+            stderr: s.file("ui.log"))
+        port = try #require(Int(found[0]))
+        base = "http://127.0.0.1:\(port)"
+        accessFile = String(found[1].prefix(while: { $0 != " " }))
+    }
+
+    /// A request through uitool.py: with the session cookie (once there is one), the
+    /// X-CABackup-UI header and the right Host unless told otherwise.
+    @discardableResult
+    func request(
+        _ method: String, _ path: String, json: String? = nil, withCookie: Bool = true, host: String? = nil,
+        origin: String? = nil, uiHeader: Bool = true, out: String? = nil
+    ) throws -> UIResponse {
+        var args = [uitool, method, base + path]
+        if withCookie, let cookie { args += ["--cookie", cookie] }
+        if let host { args += ["--host", host] }
+        if let origin { args += ["--origin", origin] }
+        if uiHeader { args += ["--ui"] }
+        if let json { args += ["--data", json] }
+        if let out { args += ["--out", out] }
+        let r = try run("/usr/bin/env", ["python3"] + args)
+        let lines = r.stdout.split(separator: "\n", maxSplits: 2, omittingEmptySubsequences: false)
+        guard lines.count >= 2, let status = Int(lines[0]) else {
+            throw CocoaError(.fileReadUnknown, userInfo: [NSLocalizedDescriptionKey: "uitool failed: \(r.stderr)"])
+        }
+        let headers =
+            (try? JSONSerialization.jsonObject(with: Data(lines[1].utf8))) as? [String: String] ?? [:]
+        return UIResponse(status: status, headers: headers, body: lines.count > 2 ? String(lines[2]) : "")
+    }
+
+    /// The token in the access file (the test reads it as the browser would).
+    func token() throws -> String {
+        let page = try String(contentsOfFile: accessFile, encoding: .utf8)
+        let r = try #require(page.range(of: "token="))
+        return String(page[r.upperBound...].prefix(while: { $0.isHexDigit }))
+    }
+
+    /// Exchanges the access file's token for the session cookie.
+    func login() throws {
+        let r = try request("GET", "/login?token=\(try token())", withCookie: false)
+        #expect(r.status == 303)
+        let setCookie = try #require(r.headers["set-cookie"])
+        let value = try #require(setCookie.split(separator: ";").first?.split(separator: "=", maxSplits: 1).last)
+        cookie = String(value)
+    }
+
+    /// Polls a job until it is no longer running (at most 60 s).
+    func waitForJob(_ id: String) throws -> [String: Any] {
+        let deadline = Date().addingTimeInterval(60)
+        while true {
+            let job = try request("GET", "/api/jobs/\(id)").object
+            if job["state"] as? String != "running" || Date() > deadline { return job }
+            usleep(100_000)
+        }
+    }
+
+    /// SIGTERM, then the exit status (SIGKILL after 10 s).
+    func stop() -> Int32 {
+        guard process.isRunning else { return process.terminationStatus }
+        kill(process.processIdentifier, SIGTERM)
+        let deadline = Date().addingTimeInterval(10)
+        while process.isRunning && Date() < deadline { usleep(10_000) }
+        if process.isRunning {
+            kill(process.processIdentifier, SIGKILL)
+            process.waitUntilExit()
+        }
+        return process.terminationStatus
+    }
+
+    /// The server process's resident memory in bytes (VmRSS).
+    func residentBytes() throws -> Int {
+        let status = try String(contentsOfFile: "/proc/\(process.processIdentifier)/status", encoding: .utf8)
+        let line = try #require(status.split(separator: "\n").first { $0.hasPrefix("VmRSS:") })
+        return try #require(Int(line.split(separator: " ", omittingEmptySubsequences: true)[1])) * 1024
+    }
+
+    deinit { _ = stop() }
+}
+
+func fileMode(_ path: String) -> mode_t? {
+    var st = stat()
+    return stat(path, &st) == 0 ? st.st_mode & 0o7777 : nil
+}
+
+@Suite("cabackup ui: the local web app and its JSON API", .serialized)
+struct UITests {
+    @Test("the access file is 0600 and its token, and only it, gives a session cookie")
+    func access() throws {
+        let s = Scratch()
+        let ui = try TestUI(s)
+        #expect(ui.accessFile.hasPrefix(s.file("run/cabackup-ui-\(ui.port).html")))
+        #expect(fileMode(ui.accessFile) == 0o600)
+        // Nothing without the cookie: the API answers 401, the page sends to /locked.
+        let noCookie = try ui.request("GET", "/api/repositories")
+        #expect(noCookie.status == 401)
+        #expect(noCookie.object["error"] is String)
+        let page = try ui.request("GET", "/")
+        #expect(page.status == 303 && page.headers["location"] == "/locked")
+        // A wrong token gets no cookie.
+        let wrong = try ui.request("GET", "/login?token=" + String(repeating: "0", count: 64))
+        #expect(wrong.status == 403)
+        #expect(wrong.headers["set-cookie"] == nil)
+        // The right one does: HttpOnly, SameSite=Strict, for the whole site.
+        let right = try ui.request("GET", "/login?token=\(try ui.token())")
+        #expect(right.status == 303 && right.headers["location"] == "/")
+        let setCookie = try #require(right.headers["set-cookie"])
+        #expect(setCookie.hasPrefix("cabackup_ui="))
+        for attribute in ["HttpOnly", "SameSite=Strict", "Path=/"] { #expect(setCookie.contains(attribute)) }
+        try ui.login()
+        let listed = try ui.request("GET", "/api/repositories")
+        #expect(listed.status == 200 && listed.body == "[]")
+        #expect(listed.headers["cache-control"] == "no-store")
+        #expect(listed.headers["x-content-type-options"] == "nosniff")
+        #expect(listed.headers["x-frame-options"] == "DENY")
+        #expect(listed.headers["content-security-policy"]?.contains("default-src 'self'") == true)
+        // An unknown route is 404, with the same headers.
+        let unknown = try ui.request("GET", "/api/nothing")
+        #expect(unknown.status == 404 && unknown.headers["cache-control"] == "no-store")
+        // A forged cookie is no session.
+        let saved = ui.cookie
+        ui.cookie = String(repeating: "a", count: 64)
+        #expect(try ui.request("GET", "/api/repositories").status == 401)
+        ui.cookie = saved
+        // The page, its script and style, with the cookie.
+        let html = try ui.request("GET", "/")
+        #expect(html.status == 200 && html.body.contains("<script src=\"/app.js\""))
+        #expect(try ui.request("GET", "/app.js").headers["content-type"]?.hasPrefix("text/javascript") == true)
+        #expect(try ui.request("GET", "/app.css").status == 200)
+        // A clean stop exits 0 and removes the access file.
+        #expect(ui.stop() == 0)
+        #expect(!FileManager.default.fileExists(atPath: ui.accessFile))
+    }
+
+    @Test("another Host (DNS rebinding), a change without X-CABackup-UI, or from another origin gets 403")
+    func crossSite() throws {
+        let s = Scratch()
+        let ui = try TestUI(s)
+        #expect(try ui.request("GET", "/login?token=\(try ui.token())", host: "evil.example:\(ui.port)").status == 403)
+        try ui.login()
+        #expect(try ui.request("GET", "/api/repositories", host: "evil.example:\(ui.port)").status == 403)
+        #expect(try ui.request("GET", "/api/repositories", host: "127.0.0.1:1").status == 403)
+        for host in ["127.0.0.1:\(ui.port)", "localhost:\(ui.port)", "[::1]:\(ui.port)"] {
+            #expect(try ui.request("GET", "/api/repositories", host: host).status == 200)
+        }
+        let body = #"{"name":"x","repo":"relative","paths":["/tmp"]}"#
+        let noHeader = try ui.request("POST", "/api/repositories", json: body, uiHeader: false)
+        #expect(noHeader.status == 403)
+        #expect((noHeader.object["error"] as? String)?.contains("X-CABackup-UI") == true)
+        #expect(try ui.request("DELETE", "/api/repositories/x/unlock", uiHeader: false).status == 403)
+        let foreign = try ui.request("POST", "/api/repositories", json: body, origin: "http://evil.example")
+        #expect(foreign.status == 403)
+        #expect(
+            try ui.request("POST", "/api/repositories", json: body, origin: "http://127.0.0.1:\(ui.port + 1)").status
+                == 403)
+        // From the page's own origin the request reaches its route (which refuses the
+        // relative location with 400).
+        let own = try ui.request("POST", "/api/repositories", json: body, origin: "http://127.0.0.1:\(ui.port)")
+        #expect(own.status == 400)
+        #expect((own.object["error"] as? String)?.contains("not an absolute path") == true)
+    }
+
+    @Test("--listen refuses an address that is not loopback, with exit code 64")
+    func loopbackOnly() throws {
+        let s = Scratch()
+        for address in ["0.0.0.0:0", "192.168.1.1:8080", "example.com:80"] {
+            let r = try cabackup("ui", "--listen", address, "--no-open", "--config", s.file("device.json"))
+            #expect(r.status == 64)
+            #expect(r.stderr.split(separator: "\n").count == 1)
+            #expect(r.stderr.contains("loopback"))
+        }
+    }
+
+    @Test("a bad device configuration file gets one line naming the file and what is wrong")
+    func badConfiguration() throws {
+        let s = Scratch()
+        let file = s.file("device.json")
+        try #"{"version":1,"repositories":[{"name":"home","paths":["/tmp"]}]}"#.write(
+            toFile: file, atomically: true, encoding: .utf8)
+        let r = try cabackup("ui", "--no-open", "--config", file, env: ["XDG_RUNTIME_DIR": s.path])
+        #expect(r.status == 1)
+        #expect(r.stderr.split(separator: "\n").count == 1)
+        #expect(r.stderr.contains(file) && r.stderr.contains("lacks the field 'repo'"))
+        try #"{"version":1,"repositories":[{"name":"home","repo":"/r","paths":["/tmp"],"every":"often"}]}"#.write(
+            toFile: file, atomically: true, encoding: .utf8)
+        let every = try cabackup("ui", "--no-open", "--config", file, env: ["XDG_RUNTIME_DIR": s.path])
+        #expect(every.status == 1 && every.stderr.contains("every 'often' is not a duration"))
+    }
+
+    @Test("add and create a repository, unlock it, see a change, sync, browse, download and restore")
+    func flow() throws {
+        let s = Scratch()
+        let src = s.file("src")
+        try writeRandom(src + "/docs/report.bin", megabytes: 1)
+        try "notes\n".write(toFile: src + "/notes.txt", atomically: true, encoding: .utf8)
+        try "skip\n".write(toFile: src + "/cache.tmp", atomically: true, encoding: .utf8)
+        let ui = try TestUI(s)
+        try ui.login()
+        let password = "ui flow password"
+        let add = """
+            {"name":"home","repo":"\(s.file("repo"))","paths":["\(src)"],"every":"1s","exclude":["*.tmp"],"init":true,"password":"\(password)"}
+            """
+        let added = try ui.request("POST", "/api/repositories", json: add)
+        #expect(added.status == 201)
+        #expect(added.object["unlocked"] as? Bool == true)
+        #expect(try ui.request("POST", "/api/repositories", json: add).status == 400)  // the name is taken
+        // Validation: one line in {"error"}.
+        let bad = try ui.request(
+            "POST", "/api/repositories", json: #"{"name":"x y","repo":"/r","paths":["/tmp"]}"#)
+        #expect(bad.status == 400 && (bad.object["error"] as? String)?.contains("name") == true)
+        // An existing repository is added with its password, checked first.
+        let existing = """
+            {"name":"again","repo":"\(s.file("repo"))","paths":["\(src)"],"password":"not it"}
+            """
+        #expect(try ui.request("POST", "/api/repositories", json: existing).status == 403)
+        let readded = try ui.request(
+            "POST", "/api/repositories", json: existing.replacingOccurrences(of: "not it", with: password))
+        #expect(readded.status == 201 && readded.object["unlocked"] as? Bool == true)
+        // The configuration file: 0600, no password.
+        #expect(fileMode(ui.config) == 0o600)
+        let configText = try String(contentsOfFile: ui.config, encoding: .utf8)
+        #expect(configText.contains("\"home\"") && !configText.contains(password))
+        #expect(FileManager.default.fileExists(atPath: s.file("repo/config")))
+
+        // Locked: the password is forgotten; a wrong one is refused, the right one opens it.
+        #expect(try ui.request("DELETE", "/api/repositories/home/unlock").object["unlocked"] as? Bool == false)
+        #expect(try ui.request("GET", "/api/repositories/home/snapshots").status == 423)
+        #expect(try ui.request("POST", "/api/repositories/home/sync").status == 423)
+        let wrong = try ui.request("POST", "/api/repositories/home/unlock", json: #"{"password":"not it"}"#)
+        #expect(wrong.status == 403 && wrong.object["error"] is String)
+        let right = try ui.request("POST", "/api/repositories/home/unlock", json: "{\"password\":\"\(password)\"}")
+        #expect(right.status == 200 && right.object["unlocked"] as? Bool == true)
+        let listed = try #require(try ui.request("GET", "/api/repositories").json as? [[String: Any]])
+        #expect(listed.first?["unlocked"] as? Bool == true)
+
+        // The schedule (every 1s) checks the changes on its own once unlocked.
+        var scheduled = try ui.request("GET", "/api/repositories/home/changes?cached=1")
+        let deadline = Date().addingTimeInterval(30)
+        while scheduled.status != 200 && Date() < deadline {
+            usleep(100_000)
+            scheduled = try ui.request("GET", "/api/repositories/home/changes?cached=1")
+        }
+        #expect(scheduled.status == 200 && scheduled.object["checkedAt"] is String)
+
+        // What changed: everything, but the excluded file.
+        let changes = try ui.request("GET", "/api/repositories/home/changes").object
+        let entries = try #require(changes["entries"] as? [[String: Any]])
+        let changed = entries.compactMap { $0["path"] as? String }
+        #expect(changed.contains(src + "/docs/report.bin") && changed.contains(src + "/notes.txt"))
+        #expect(!changed.contains(src + "/cache.tmp"))
+        #expect(changes["filesToSync"] as? Int == 2)
+        #expect(changes["checkedAt"] is String)
+
+        // Sync now: a job to follow until done.
+        let sync = try ui.request("POST", "/api/repositories/home/sync")
+        #expect(sync.status == 202)
+        let job = try ui.waitForJob(try #require(sync.object["job"] as? String))
+        #expect(job["state"] as? String == "done")
+        #expect(job["files"] as? Int == 2)
+        let snapshotID = try #require(job["snapshot"] as? String)
+        let after = try ui.request("GET", "/api/repositories/home/changes").object
+        #expect(after["filesToSync"] as? Int == 0 && after["base"] as? String == snapshotID)
+
+        // The timeline lists it, with what it added.
+        let snapshots = try #require(try ui.request("GET", "/api/repositories/home/snapshots").json as? [[String: Any]])
+        #expect(snapshots.count == 1)
+        #expect(snapshots.first?["id"] as? String == snapshotID)
+        #expect(snapshots.first?["shortId"] as? String == String(snapshotID.prefix(8)))
+        #expect((snapshots.first?["bytesAdded"] as? Int ?? 0) > 1 << 20)
+        #expect(snapshots.first?["filesNewOrChanged"] as? Int == 2)
+
+        // Browse its tree.
+        let tree = try ui.request("GET", "/api/repositories/home/snapshots/\(snapshotID)/tree?path=\(src)/docs").object
+        let files = try #require(tree["entries"] as? [[String: Any]])
+        #expect(files.count == 1)
+        #expect(files.first?["name"] as? String == "report.bin")
+        #expect(files.first?["type"] as? String == "file" && files.first?["size"] as? Int == 1 << 20)
+        #expect(files.first?["mode"] is String && files.first?["mtime"] is String)
+        let root = try ui.request("GET", "/api/repositories/home/snapshots/\(snapshotID)/tree?path=/")
+        #expect(root.status == 200)
+        let missing = try ui.request("GET", "/api/repositories/home/snapshots/\(snapshotID)/tree?path=/nowhere")
+        #expect(missing.status == 404)
+
+        // find answers from the path index.
+        let found = try ui.request("GET", "/api/repositories/home/find?pattern=report.bin").object
+        let matches = try #require(found["matches"] as? [[String: Any]])
+        #expect(matches.map { $0["path"] as? String } == [src + "/docs/report.bin"])
+
+        // Download: the file's bytes, streamed; a directory as tar.
+        let original = try Data(contentsOf: URL(fileURLWithPath: src + "/docs/report.bin"))
+        let download = try ui.request(
+            "GET", "/api/repositories/home/snapshots/\(snapshotID)/download?path=\(src)/docs/report.bin",
+            out: s.file("download.bin"))
+        #expect(download.status == 200)
+        #expect(download.headers["content-disposition"] == "attachment; filename=\"report.bin\"")
+        #expect(try Data(contentsOf: URL(fileURLWithPath: s.file("download.bin"))) == original)
+        let tar = try ui.request(
+            "GET", "/api/repositories/home/snapshots/latest/download?path=\(src)/docs", out: s.file("docs.tar"))
+        #expect(tar.status == 200 && tar.headers["content-type"] == "application/x-tar")
+        try FileManager.default.createDirectory(atPath: s.file("untar"), withIntermediateDirectories: true)
+        #expect(try run("/bin/tar", ["-xf", s.file("docs.tar"), "-C", s.file("untar")]).status == 0)
+        #expect(try Data(contentsOf: URL(fileURLWithPath: s.file("untar/docs/report.bin"))) == original)
+
+        // Restore one file into a target.
+        let target = s.file("target")
+        let restore = try ui.request(
+            "POST", "/api/repositories/home/restore",
+            json:
+                "{\"snapshot\":\"\(snapshotID.prefix(8))\",\"path\":\"\(src)/docs/report.bin\",\"target\":\"\(target)\"}"
+        )
+        #expect(restore.status == 202)
+        let restored = try ui.waitForJob(try #require(restore.object["job"] as? String))
+        #expect(restored["state"] as? String == "done")
+        #expect(restored["bytes"] as? Int == 1 << 20)
+        #expect(try Data(contentsOf: URL(fileURLWithPath: target + src + "/docs/report.bin")) == original)
+        #expect(!FileManager.default.fileExists(atPath: target + src + "/notes.txt"))
+        // A failed job says why.
+        let again = try ui.request(
+            "POST", "/api/repositories/home/restore",
+            json: "{\"snapshot\":\"latest\",\"path\":\"\(src)/nothing\",\"target\":\"\(s.file("target2"))\"}")
+        let failed = try ui.waitForJob(try #require(again.object["job"] as? String))
+        #expect(failed["state"] as? String == "failed" && failed["error"] is String)
+        #expect(try ui.request("GET", "/api/jobs/0000").status == 404)
+
+        // Nothing this process wrote holds the password.
+        #expect(!(try String(contentsOfFile: ui.config, encoding: .utf8)).contains(password))
+        #expect(!(try String(contentsOfFile: s.file("ui.log"), encoding: .utf8)).contains(password))
+        #expect(fileMode(ui.config) == 0o600)
+    }
+
+    @Test("a download is streamed: a client that stops reading leaves the server holding little of the file")
+    func streamedDownload() throws {
+        let s = Scratch()
+        let size = 160 << 20
+        try writeRandom(s.file("src/big.bin"), megabytes: size >> 20)
+        let ui = try TestUI(s)
+        try ui.login()
+        let add = """
+            {"name":"big","repo":"\(s.file("repo"))","paths":["\(s.file("src"))"],"init":true,"password":"big password"}
+            """
+        #expect(try ui.request("POST", "/api/repositories", json: add).status == 201)
+        let sync = try ui.request("POST", "/api/repositories/big/sync")
+        #expect(try ui.waitForJob(try #require(sync.object["job"] as? String))["state"] as? String == "done")
+        let before = try ui.residentBytes()
+        // A client that reads 1 MiB, then nothing for 3 seconds.
+        let client = Process()
+        client.executableURL = URL(fileURLWithPath: "/usr/bin/env")
+        client.arguments = [
+            "python3", uitool, "GET",
+            ui.base + "/api/repositories/big/snapshots/latest/download?path=\(s.file("src/big.bin"))",
+            "--cookie", try #require(ui.cookie), "--out", s.file("big.out"), "--pause-after", "\(1 << 20)",
+            "--pause-seconds", "3",
+        ]
+        client.standardOutput = FileHandle.nullDevice
+        try client.run()
+        let deadline = Date().addingTimeInterval(30)
+        func received() -> Int {
+            ((try? FileManager.default.attributesOfItem(atPath: s.file("big.out")))?[.size] as? Int) ?? 0
+        }
+        while received() < 1 << 20 && Date() < deadline { usleep(20_000) }
+        // While it waits, the server holds the pipe, a window of the dump and the
+        // connection's buffers: far less than the file (a buffered body would be all of it).
+        var most = 0
+        for _ in 0..<10 {
+            most = max(most, try ui.residentBytes())
+            usleep(100_000)
+        }
+        #expect(most - before < 64 << 20, "grew by \(most - before) bytes")
+        client.waitUntilExit()
+        #expect(client.terminationStatus == 0)
+        #expect(
+            try Data(contentsOf: URL(fileURLWithPath: s.file("big.out")))
+                == Data(contentsOf: URL(fileURLWithPath: s.file("src/big.bin"))))
+    }
+}
