@@ -61,7 +61,13 @@ public final class SnapshotNamespace: Sendable {
     }
 
     private let layout = Mutex(Layout())
-    private let directories: Mutex<BoundedCache<[BlobID], [Node]>>
+    /// A directory's entries, with their positions by name (a lookup costs no scan).
+    private struct Listing: Sendable {
+        let nodes: [Node]
+        let byName: [[UInt8]: Int]
+    }
+
+    private let directories: Mutex<BoundedCache<[BlobID], Listing>>
     private let blobs: Mutex<BoundedCache<BlobID, [UInt8]>>
 
     /// - Parameters:
@@ -140,7 +146,7 @@ public final class SnapshotNamespace: Sendable {
         }
         guard case .node(let node) = try item(at: path) else { throw Failure.notDirectory }
         guard node.type == .directory else { throw Failure.notDirectory }
-        return try entries(of: node).map { ($0.name, .node($0)) }
+        return try listing(of: node).nodes.map { ($0.name, .node($0)) }
     }
 
     // MARK: Reading files
@@ -213,13 +219,18 @@ public final class SnapshotNamespace: Sendable {
         return bytes
     }
 
-    private func entries(of directory: Node) throws -> [Node] {
-        if let nodes = directories.withLock({ $0.get(directory.subtrees) }) { return nodes }
+    private func listing(of directory: Node) throws -> Listing {
+        if let listing = directories.withLock({ $0.get(directory.subtrees) }) { return listing }
         let nodes: [Node]
         do { nodes = try repository.loadDirectory(directory) } catch { throw Failure.readFailed("\(error)") }
-        let cost = nodes.reduce(1) { $0 + 1 + $1.content.count + $1.subtrees.count }
-        directories.withLock { $0.put(directory.subtrees, nodes, cost: cost) }
-        return nodes
+        var byName: [[UInt8]: Int] = [:]
+        byName.reserveCapacity(nodes.count)
+        // A repeated name (only in a damaged or forged tree) resolves to its first entry.
+        for (i, n) in nodes.enumerated() where byName[n.name] == nil { byName[n.name] = i }
+        let listing = Listing(nodes: nodes, byName: byName)
+        let cost = nodes.reduce(1) { $0 + 2 + $1.content.count + $1.subtrees.count }
+        directories.withLock { $0.put(directory.subtrees, listing, cost: cost) }
+        return listing
     }
 
     private func root(_ s: Snapshot) -> Node {
@@ -252,8 +263,9 @@ public final class SnapshotNamespace: Sendable {
         var node = root(s)
         for part in parts {
             guard node.type == .directory else { throw Failure.notDirectory }
-            guard let next = try entries(of: node).first(where: { $0.name == part }) else { throw Failure.notFound }
-            node = next
+            let listing = try listing(of: node)
+            guard let i = listing.byName[part] else { throw Failure.notFound }
+            node = listing.nodes[i]
         }
         return .node(node)
     }

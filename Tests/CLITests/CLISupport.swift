@@ -102,6 +102,21 @@ func python(_ args: String...) throws -> RunResult {
     try run("/usr/bin/env", ["python3"] + args)
 }
 
+/// Makes the sparse file `path` (and its directory): 3 MiB of seeded random bytes at each
+/// of `offsets`, holes elsewhere.
+func makeSparseFile(_ path: String, randomAt offsets: [Int]) throws -> RunResult {
+    let script = """
+        import os, random, sys
+        r = random.Random(5)
+        os.makedirs(os.path.dirname(sys.argv[1]), exist_ok=True)
+        with open(sys.argv[1], "wb") as f:
+            for off in map(int, sys.argv[2:]):
+                f.seek(off)
+                f.write(r.randbytes(3 << 20))
+        """
+    return try run("/usr/bin/env", ["python3", "-c", script, path] + offsets.map(String.init))
+}
+
 /// A fresh temporary directory, removed when the test ends.
 final class Scratch {
     let path: String

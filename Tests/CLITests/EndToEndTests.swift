@@ -316,17 +316,7 @@ struct EndToEndTests {
         let s = Scratch()
         let big = s.file("src/big.img")
         // Sparse, 4 GiB + 4 MiB, with random data at the start and across the 4 GiB line.
-        let make = try python(
-            "-c",
-            """
-            import os, random, sys
-            r = random.Random(5)
-            os.makedirs(os.path.dirname(sys.argv[1]), exist_ok=True)
-            with open(sys.argv[1], "wb") as f:
-                for off in (0, (4 << 30) - (1 << 20), (4 << 30) + (1 << 20)):
-                    f.seek(off)
-                    f.write(r.randbytes(3 << 20))
-            """, big)
+        let make = try makeSparseFile(big, randomAt: [0, (4 << 30) - (1 << 20), (4 << 30) + (1 << 20)])
         #expect(make.status == 0, "\(make.stderr)")
         _ = try cabackup("init", "--repo", s.file("repo"))
         let snap = try cabackup("snapshot", "--repo", s.file("repo"), "--json", s.file("src"))

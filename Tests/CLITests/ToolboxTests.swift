@@ -154,7 +154,192 @@ struct ToolboxTests {
             ])
         #expect(missing.status == 1 && missing.stderr.contains("/no/such is not in the snapshot"), "\(missing.stderr)")
         #expect((try? FileManager.default.attributesOfItem(atPath: s.file("none"))[.size] as? Int) == 0)
-        #expect(try cabackup("dump", "--repo", repo, "--archive", "rar", "latest", src).status == 64)
+        let rar = try cabackup("dump", "--repo", repo, "--archive", "rar", "latest", src)
+        #expect(rar.status == 64 && rar.stderr.contains("--archive takes tar or zip, not 'rar'"), "\(rar.stderr)")
+    }
+
+    /// Checks with Python's zipfile that the zip `argv[1]` holds the tree `argv[2]` under
+    /// its base name: every entry's name, Unix mode and type (made by Unix), bytes or
+    /// symlink target, DOS and extended-timestamp mtimes, every CRC; nothing more. FIFOs
+    /// are not in it. With `argv[3]`, also that the directory it was extracted to holds
+    /// the same: types, modes, bytes, symlink targets and file mtimes to the second.
+    static let zipCheck = """
+        import os, stat, struct, sys, time, zipfile
+        archive, src, out = sys.argv[1], sys.argv[2], (sys.argv[3:] or [None])[0]
+        z = zipfile.ZipFile(archive)
+        assert z.testzip() is None
+        infos = {i.filename: i for i in z.infolist()}
+        assert len(infos) == len(z.infolist()), "a name twice"
+        expected = set()
+        for dirpath, dirnames, filenames in os.walk(src):
+            for p in [dirpath] + [os.path.join(dirpath, n) for n in dirnames + filenames]:
+                st = os.lstat(p)
+                if stat.S_ISFIFO(st.st_mode):
+                    continue
+                name = os.path.relpath(p, os.path.dirname(src)) + ("/" if stat.S_ISDIR(st.st_mode) else "")
+                expected.add(name)
+                i = infos[name]
+                assert i.create_system == 3 and i.compress_type == zipfile.ZIP_STORED, name
+                assert i.external_attr >> 16 == st.st_mode, (name, oct(i.external_attr >> 16), oct(st.st_mode))
+                assert i.is_dir() == stat.S_ISDIR(st.st_mode), name
+                if stat.S_ISREG(st.st_mode):
+                    assert i.flag_bits & 0x08, name
+                    with open(p, "rb") as f, z.open(i) as g:
+                        while True:
+                            a, b = f.read(64 << 20), g.read(64 << 20)
+                            assert a == b, name
+                            if not a:
+                                break
+                elif stat.S_ISLNK(st.st_mode):
+                    assert z.read(i) == os.fsencode(os.readlink(p)), name
+                seconds = int(st.st_mtime)
+                local = time.localtime(seconds)
+                assert i.date_time == tuple(local[:5]) + (local.tm_sec // 2 * 2,), (name, i.date_time)
+                extra, ut = i.extra, None
+                while extra:
+                    tag, size = struct.unpack("<HH", extra[:4])
+                    if tag == 0x5455:
+                        ut = struct.unpack("<i", extra[5:9])[0]
+                    extra = extra[4 + size:]
+                assert ut == seconds, (name, ut, seconds)
+                if out is None:
+                    continue
+                q = os.path.join(out, os.path.relpath(p, os.path.dirname(src)))
+                b = os.lstat(q)
+                assert b.st_mode == st.st_mode, (q, oct(b.st_mode), oct(st.st_mode))
+                if stat.S_ISREG(st.st_mode):
+                    assert open(q, "rb").read() == open(p, "rb").read(), q
+                    assert int(b.st_mtime) == seconds, (q, b.st_mtime, seconds)
+                elif stat.S_ISLNK(st.st_mode):
+                    assert os.readlink(q) == os.readlink(p), q
+        assert set(infos) == expected, set(infos) ^ expected
+        assert out is None or not os.path.lexists(os.path.join(out, os.path.basename(src), "fifo"))
+        print("ok", len(expected), "entries")
+        """
+
+    @Test(
+        "dump --archive zip: a tree that Python's zipfile and unzip read back with its bytes, modes, symlinks and mtimes"
+    )
+    func dumpZip() throws {
+        let s = Scratch()
+        let src = s.file("src")
+        let made = try python(
+            "-c",
+            """
+            import os, random, sys
+            src = sys.argv[1]
+            os.makedirs(os.path.join(src, "docs/nested/deeper"))
+            with open(os.path.join(src, "docs/nested/random.bin"), "wb") as f:
+                f.write(random.Random(7).randbytes(3 << 20))
+            os.link(os.path.join(src, "docs/nested/random.bin"), os.path.join(src, "hard-link.bin"))
+            open(os.path.join(src, "empty"), "wb").close()
+            with open(os.path.join(src, "docs/nested/deeper/naïve-日本語.txt"), "wb") as f:
+                f.write("non-ASCII name\\n".encode())
+            with open(os.path.join(src, "run.sh"), "wb") as f:
+                f.write(b"#!/bin/sh\\necho hi\\n")
+            os.chmod(os.path.join(src, "run.sh"), 0o755)
+            with open(os.path.join(src, "secret"), "wb") as f:
+                f.write(b"s3cret")
+            os.chmod(os.path.join(src, "secret"), 0o600)
+            os.chmod(os.path.join(src, "docs/nested/deeper"), 0o750)
+            os.symlink("docs/nested/random.bin", os.path.join(src, "link"))
+            os.symlink("does/not/exist", os.path.join(src, "dangling"))
+            os.mkfifo(os.path.join(src, "fifo"))
+            """, src)
+        #expect(made.status == 0, "\(made.stderr)")
+        let repo = s.file("repo")
+        #expect(try cabackup("init", "--repo", repo).status == 0)
+        #expect(try cabackup("snapshot", "--repo", repo, src).status == 0)
+        func dump(_ path: String, to file: String) throws -> RunResult {
+            try run(
+                "/bin/sh",
+                [
+                    "-c", "\"$0\" dump --repo \"$1\" --archive zip latest \"$2\" | cat > \"$3\"", cabackupBinary,
+                    repo, path, file,
+                ])
+        }
+        // Through a pipe: the output is not seekable. The FIFO is left out, with one warning.
+        let zip = try dump(src, to: s.file("src.zip"))
+        #expect(zip.status == 0, "\(zip.stderr)")
+        #expect(zip.stderr == "warning: skipped \(src)/fifo: zip has no FIFOs\n", "\(zip.stderr)")
+        let tested = try python("-m", "zipfile", "-t", s.file("src.zip"))
+        #expect(tested.status == 0, "\(tested.stdout)\(tested.stderr)")
+        // Info-ZIP's unzip checks every CRC, then restores the same bytes, modes and
+        // symlinks (a hard link's second name as a copy), and file mtimes to the second;
+        // zipfile reads the archive and compares both with the source.
+        let unzipEnv = ["LC_ALL": "C.UTF-8"]
+        let unzipTest = try run("/usr/bin/unzip", ["-tq", s.file("src.zip")], env: unzipEnv)
+        #expect(unzipTest.status == 0, "\(unzipTest.stdout)\(unzipTest.stderr)")
+        let unzipped = try run("/usr/bin/unzip", ["-q", s.file("src.zip"), "-d", s.file("x")], env: unzipEnv)
+        #expect(unzipped.status == 0, "\(unzipped.stdout)\(unzipped.stderr)")
+        let extracted = try python("-c", Self.zipCheck, s.file("src.zip"), src, s.file("x"))
+        #expect(extracted.status == 0 && extracted.stdout.contains("ok 12"), "\(extracted.stdout)\(extracted.stderr)")
+        // One file: a zip of that file alone, under its own name.
+        let one = try dump(src + "/run.sh", to: s.file("one.zip"))
+        #expect(one.status == 0 && one.stderr.isEmpty, "\(one.stderr)")
+        let listed = try python(
+            "-c",
+            """
+            import sys, zipfile
+            z = zipfile.ZipFile(sys.argv[1])
+            [i] = z.infolist()
+            print(i.filename, oct(i.external_attr >> 16), z.read(i))
+            """, s.file("one.zip"))
+        #expect(listed.stdout == "run.sh 0o100755 b'#!/bin/sh\\necho hi\\n'\n", "\(listed.stdout)\(listed.stderr)")
+    }
+
+    @Test("dump --archive zip: ZIP64 for a file past 4 GiB and the entry after it, read back by Python's zipfile")
+    func dumpZip64() throws {
+        let s = Scratch()
+        let src = s.file("big")
+        // Sparse, 4 GiB + 403 MiB, random bytes at the start and across the 4 GiB line,
+        // then a small file whose entry starts past 4 GiB in the archive.
+        let made = try makeSparseFile(src + "/a.img", randomAt: [0, (4 << 30) - (1 << 20), (4 << 30) + (400 << 20)])
+        try Data("after 4 GiB\n".utf8).write(to: URL(fileURLWithPath: src + "/b.txt"))
+        #expect(made.status == 0, "\(made.stderr)")
+        let repo = s.file("repo")
+        #expect(try cabackup("init", "--repo", repo).status == 0)
+        #expect(try cabackup("snapshot", "--repo", repo, src).status == 0)
+        // The archive through a pipe into a sparse file: its runs of zeros take no disk.
+        let dumped = try run(
+            "/bin/sh",
+            [
+                "-c", "\"$0\" dump --repo \"$1\" --archive zip latest \"$2\" | python3 -c \"$3\" \"$4\"",
+                cabackupBinary, repo, src,
+                """
+                import sys
+                out, zero = open(sys.argv[1], "wb"), bytes(1 << 20)
+                while b := sys.stdin.buffer.read(1 << 20):
+                    out.seek(len(b), 1) if b == zero[:len(b)] else out.write(b)
+                out.truncate()
+                """, s.file("big.zip"),
+            ])
+        #expect(dumped.status == 0, "\(dumped.stderr)")
+        // The file's sizes and the small file's offset only fit in ZIP64 fields; the
+        // central directory starts past 4 GiB too.
+        let structure = try python(
+            "-c",
+            """
+            import struct, sys, zipfile
+            z = zipfile.ZipFile(sys.argv[1])
+            big, small = z.getinfo("big/a.img"), z.getinfo("big/b.txt")
+            assert big.file_size == (4 << 30) + (403 << 20), big.file_size
+            assert small.header_offset > 4 << 30 and small.extract_version == 45, small.header_offset
+            with open(sys.argv[1], "rb") as f:
+                f.seek(big.header_offset)
+                local = f.read(30)
+                assert struct.unpack("<I", local[18:22])[0] == 0xFFFFFFFF
+                assert local[6] & 0x08
+                f.seek(-22 - 20 - 56, 2)
+                assert f.read(4) == b"PK\\x06\\x06"
+            print("ok", big.CRC, small.header_offset)
+            """, s.file("big.zip"))
+        #expect(structure.status == 0 && structure.stdout.hasPrefix("ok"), "\(structure.stdout)\(structure.stderr)")
+        let checked = try python("-c", Self.zipCheck, s.file("big.zip"), src)
+        #expect(checked.status == 0 && checked.stdout.contains("ok 3 entries"), "\(checked.stdout)\(checked.stderr)")
+        let listed = try run("/usr/bin/unzip", ["-Z", "-t", s.file("big.zip")])
+        #expect(
+            listed.status == 0 && listed.stdout.contains("3 files, 4717543436 bytes uncompressed"), "\(listed.stdout)")
     }
 
     @Test("find: which snapshots hold a pattern; --history lists every version from the cache's index, reading no pack")

@@ -7,23 +7,39 @@ import CABackupFormat
     import Darwin
 #endif
 
-/// How ``Repository/dump(_:path:archive:to:)`` writes an entry.
+/// How ``Repository/dump(_:path:archive:to:skipped:)`` writes an entry.
 public enum DumpFormat: String, Sendable, CaseIterable {
     /// A file's bytes as they are; a directory as `tar`.
     case auto
     /// A POSIX (pax) tar stream of the entry and everything below it.
     case tar
+    /// A zip archive of the entry and everything below it, ZIP64 where sizes, offsets or
+    /// the number of entries need it. Entries are stored, not compressed (restic's zip
+    /// deflates them): chunks are compressed in the repository, not in the archive.
+    case zip
 }
 
 extension Repository {
     /// Writes the entry at `path` of `snapshot` to the descriptor `fd`: a file's bytes, or
-    /// (a directory, or `.tar`) a pax tar stream of it and everything below, names
-    /// relative to its parent. Streams blob by blob: memory holds one blob and one
-    /// directory listing at a time, whatever the sizes. Every blob is verified.
+    /// (a directory, or `.tar`) a pax tar stream of it and everything below, or (`.zip`)
+    /// a zip archive of the same, names relative to its parent. Streams blob by blob:
+    /// memory holds one blob and one directory listing at a time, whatever the sizes (a
+    /// zip's central directory goes to an unlinked temporary file in `TMPDIR` past
+    /// 1 MiB). `fd` need not be seekable. Every blob is verified.
     ///
+    /// - Parameters:
+    ///   - snapshot: The snapshot to read.
+    ///   - path: An absolute path inside the snapshot; `/` is the whole snapshot.
+    ///   - archive: A file's bytes or a tar stream (`.auto`), a tar stream, or a zip.
+    ///   - fd: Where to write: a pipe, a file, any descriptor open for writing.
+    ///   - skipped: Called with the path in the snapshot and the reason of each entry the
+    ///     archive has no place for (a socket; devices and FIFOs in a zip).
     /// - Throws: ``CABackupError/pathNotInSnapshot(_:)``; damage found in a blob; an I/O
-    ///   error writing to `fd` (a closed pipe, a full disk).
-    public func dump(_ snapshot: Snapshot, path: String, archive: DumpFormat = .auto, to fd: Int32) throws {
+    ///   error writing to `fd` (a closed pipe, a full disk) or to the temporary file.
+    public func dump(
+        _ snapshot: Snapshot, path: String, archive: DumpFormat = .auto, to fd: Int32,
+        skipped: (_ path: String, _ reason: String) -> Void = { _, _ in }
+    ) throws {
         let entry: TreeEntry
         if absolutePath(path) == "/" {
             var root = Node(name: [], type: .directory)
@@ -34,45 +50,58 @@ extension Repository {
             entry = try self.entry(in: snapshot, at: path)
         }
         let out = DumpOutput(fd: fd)
-        if entry.node.type == .file && archive == .auto {
-            try writeContent(entry.node, to: out)
-            return
+        switch archive {
+        case .auto where entry.node.type == .file:
+            try writeContent(entry.node) { try out.write($0) }
+        case .auto, .tar:
+            var writer = TarWriter(out: out)
+            try walk(entry, into: &writer, skipped: skipped)
+        case .zip:
+            var writer = ZipWriter(out: out)
+            try walk(entry, into: &writer, skipped: skipped)
         }
-        // Names in the archive start at the entry's own name.
+    }
+
+    /// Writes `entry` and everything below it, depth first, into `writer`, then ends the
+    /// archive. Names in the archive start at the entry's own name.
+    private func walk<W: ArchiveWriter>(
+        _ entry: TreeEntry, into writer: inout W, skipped: (String, String) -> Void
+    ) throws {
         let base = entry.path.isEmpty ? 1 : entry.path.count - entry.node.name.count
-        var writer = TarWriter(out: out)
         var hardLinks: [HardLinkKey: [UInt8]] = [:]
         func add(_ node: Node, path: [UInt8]) throws {
             let name = Array(path.dropFirst(base))
-            if node.type == .file, node.links > 1 {
+            var linkTarget: [UInt8]?
+            if W.writesHardLinks, node.type == .file, node.links > 1 {
                 let key = HardLinkKey(node)
-                if let first = hardLinks[key] {
-                    try writer.header(node, name: name, linkTarget: first)
-                    return
-                }
-                hardLinks[key] = name
+                linkTarget = hardLinks[key]
+                if linkTarget == nil { hardLinks[key] = name }
             }
-            if !name.isEmpty { try writer.header(node, name: name) }
-            switch node.type {
-            case .file:
-                try writeContent(node, to: out)
-                try writer.pad(Int64(node.size))
-            case .directory:
+            if !name.isEmpty {
+                switch try writer.begin(node, name: name, hardLinkTo: linkTarget) {
+                case .content:
+                    try writeContent(node) { try writer.content($0) }
+                    try writer.endContent()
+                case .done:
+                    break
+                case .skipped(let reason):
+                    skipped(displayPath(path), reason)
+                }
+            }
+            if node.type == .directory {
                 for child in try loadDirectory(node) { try add(child, path: path + [0x2F] + child.name) }
-            default:
-                break
             }
         }
         try add(entry.node, path: entry.path)
         try writer.finish()
     }
 
-    /// A file's content, blob after blob, each verified.
-    private func writeContent(_ node: Node, to out: DumpOutput) throws {
+    /// A file's content, blob after blob, each verified, handed to `write`.
+    private func writeContent(_ node: Node, to write: ([UInt8]) throws -> Void) throws {
         var written: UInt64 = 0
         for id in node.content {
             let bytes = try loadBlob(id)
-            try out.write(bytes)
+            try write(bytes)
             written += UInt64(bytes.count)
         }
         guard written == node.size else {
@@ -80,6 +109,33 @@ extension Repository {
                 what: displayPath(node.name), reason: "content is \(written) bytes, the tree says \(node.size)")
         }
     }
+}
+
+/// What ``Repository/dump(_:path:archive:to:skipped:)`` walks a tree into: one archive
+/// format. The walk decides the order and the names; the writer, the bytes.
+protocol ArchiveWriter {
+    /// Whether a second name of a hard-linked file is written as a link to the first
+    /// (tar); otherwise (zip) every name gets a full copy of the content.
+    static var writesHardLinks: Bool { get }
+    /// Starts the entry of `node` named `name` (relative, no trailing `/`); `hardLinkTo`
+    /// is the first name of the same file, when the writer links them.
+    mutating func begin(_ node: Node, name: [UInt8], hardLinkTo: [UInt8]?) throws -> ArchiveEntry
+    /// Bytes of the file begun with ``ArchiveEntry/content``, in order.
+    mutating func content(_ bytes: [UInt8]) throws
+    /// The end of the file's content.
+    mutating func endContent() throws
+    /// The end of the archive.
+    mutating func finish() throws
+}
+
+/// What follows ``ArchiveWriter/begin(_:name:hardLinkTo:)``.
+enum ArchiveEntry {
+    /// The file's content, then ``ArchiveWriter/endContent()``.
+    case content
+    /// Nothing: the entry is written whole.
+    case done
+    /// Nothing: the format has no place for the entry.
+    case skipped(reason: String)
 }
 
 /// `write(2)`, under a name a method called `write` does not hide.
@@ -110,8 +166,26 @@ struct DumpOutput {
 /// extended header when the entry needs one (a long or non-ASCII name or link target,
 /// a size past 8 GiB, nanosecond times, extended attributes as `SCHILY.xattr.NAME`, as
 /// GNU tar and bsdtar read them).
-struct TarWriter {
+struct TarWriter: ArchiveWriter {
     let out: DumpOutput
+    /// The size of the file whose content is being written, for its padding.
+    private var contentSize: UInt64 = 0
+
+    init(out: DumpOutput) { self.out = out }
+
+    static var writesHardLinks: Bool { true }
+
+    mutating func begin(_ node: Node, name: [UInt8], hardLinkTo: [UInt8]?) throws -> ArchiveEntry {
+        if node.type == .socket { return .skipped(reason: "tar has no sockets") }
+        try header(node, name: name, linkTarget: hardLinkTo)
+        guard node.type == .file, hardLinkTo == nil else { return .done }
+        contentSize = node.size
+        return .content
+    }
+
+    func content(_ bytes: [UInt8]) throws { try out.write(bytes) }
+
+    func endContent() throws { try pad(Int64(contentSize)) }
 
     mutating func header(_ node: Node, name: [UInt8], linkTarget hardLinkTo: [UInt8]? = nil) throws {
         var type: UInt8
@@ -133,7 +207,7 @@ struct TarWriter {
         case .characterDevice: type = UInt8(ascii: "3")
         case .blockDevice: type = UInt8(ascii: "4")
         case .fifo: type = UInt8(ascii: "6")
-        case .socket: return  // tar has no sockets (GNU tar skips them too)
+        case .socket: return  // tar has no sockets (GNU tar skips them too); begin says so
         }
         let fullName = node.type == .directory ? name + [0x2F] : name
         var pax: [(String, [UInt8])] = []
