@@ -21,6 +21,9 @@ final class RepositoryWorker: @unchecked Sendable {
     /// Whether a scheduled check is queued or running (the next waits for its end, so slow
     /// checks do not pile up).
     let scheduledCheckRunning = Atomic(false)
+    /// The change set the last desktop notification told of (nil: none, or nothing changed
+    /// since), so that the same changes are not announced at every check.
+    let lastNotified = Mutex<String?>(nil)
 
     init(name: String) {
         self.name = name
