@@ -97,10 +97,12 @@ enum Assets {
         label { display: block; margin: .4rem 0; }
         input, textarea { width: 100%; font: inherit; padding: .3rem; }
         input[type=checkbox] { width: auto; }
-        button { font: inherit; padding: .3rem .8rem; margin: .2rem 0; max-width: 100%; overflow-wrap: anywhere; }
-        #repository-list button { width: 100%; text-align: left; }
+        button { font: inherit; padding: .3rem .8rem; margin: .2rem 0; max-width: 100%; overflow-wrap: break-word; }
+        #repository-list button, #snapshots button { width: 100%; text-align: left; }
         table { border-collapse: collapse; width: 100%; table-layout: fixed; }
-        th:nth-child(1) { width: 40%; }
+        th:nth-child(2) { width: 5.5rem; } th:nth-child(3) { width: 11rem; }
+        th:nth-child(4) { width: 5.5rem; } th:nth-child(5) { width: 6rem; }
+        td:nth-child(4) a, td:nth-child(5) button { overflow-wrap: normal; }
         td, th { text-align: left; padding: .2rem .4rem; border-bottom: 1px solid #ddd; overflow-wrap: anywhere; }
         progress { width: 100%; }
         #message { color: #a00; min-height: 1.4em; }
@@ -108,7 +110,7 @@ enum Assets {
         @media (max-width: 40rem) {
           body { padding: 0 .5rem; }
           .wide { display: none; }
-          th:nth-child(1) { width: 45%; }
+          th:nth-child(2) { width: 4.5rem; }
           td, th { padding: .2rem; }
         }
 
