@@ -32,7 +32,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 
 PASSWORD = "correct horse battery staple"
-STEP_TIMEOUT = 30
+STEP_TIMEOUT = 60
 
 
 class FlowFailed(Exception):
@@ -103,8 +103,13 @@ def button(driver, label, within=None):
 
 
 def click(driver, label, within=None):
-    b = wait(driver, "a button '%s'" % label, lambda d: button(d, label, within))
-    b.click()
+    """Clicks the button (found again when the page replaced it meanwhile)."""
+    def found_and_clicked(d):
+        b = button(d, label, within)
+        if b:
+            b.click()
+            return True
+    wait(driver, "a button '%s'" % label, found_and_clicked)
 
 
 def tree_row(driver, name):
@@ -188,12 +193,16 @@ def mouse(a):
         wait(driver, "the download of " + name, lambda d: downloaded(a.downloads, name))
         step("downloaded " + name)
         driver.find_element(By.ID, "restore-target").send_keys(a.target)
-        click(driver, "..", "#tree")
-        folder = os.path.basename(a.folder)
-        while not tree_row(driver, folder + "/"):
+        parent = os.path.dirname(a.folder)
+        for _ in range(20):
+            shown = wait(driver, "the tree's path", lambda d: text(d, "tree-path"))
+            if shown.endswith(":" + parent):
+                break
             click(driver, "..", "#tree")
-            time.sleep(0.2)
-        tree_row(driver, folder + "/").find_element(By.XPATH, ".//button[text()='restore']").click()
+            wait(driver, "the folder above " + shown, lambda d: text(d, "tree-path") != shown)
+        folder = os.path.basename(a.folder)
+        wait(driver, "the restore button of " + folder, lambda d: tree_row(d, folder + "/").find_element(
+            By.XPATH, ".//button[text()='restore']").click() or True)
         wait(driver, "the restore to complete in the page", lambda d: job_done(d, "restore", status))
         message = wait(driver, "the restore's message", lambda d: "Restored" in text(d, "message") and text(d, "message"))
         step(message)
@@ -229,6 +238,36 @@ def tab_to(driver, what, matches, backwards=False, limit=80):
     raise FlowFailed("Tab never reached " + what)
 
 
+def every_control_reachable(driver, view):
+    """Tabs once around the whole page: every visible control (button, link, field,
+    summary) must get the focus, with a visible outline."""
+    controls = driver.execute_script("""
+        const all = [...document.querySelectorAll("button, a[href], input, textarea, select, summary")]
+          .filter(e => e.checkVisibility({visibilityProperty: true}) && !e.disabled);
+        all.forEach((e, i) => e.dataset.control = i);
+        return all.length;""")
+    driver.execute_script("document.activeElement.blur(); window.focus()")
+    seen = set()
+    actions = webdriver.ActionChains(driver)
+    for _ in range(controls + 20):
+        actions.send_keys(Keys.TAB).perform()
+        f = focused(driver)
+        key = driver.execute_script("return document.activeElement.dataset.control")
+        if key is None:
+            continue
+        if key in seen:
+            break
+        if not f["outline"]:
+            raise FlowFailed("no visible focus on %s" % f)
+        seen.add(key)
+    if len(seen) != controls:
+        missing = driver.execute_script("""
+            return [...document.querySelectorAll("[data-control]")].filter(e => !arguments[0].includes(e.dataset.control))
+              .map(e => e.outerHTML.slice(0, 120));""", list(seen))
+        raise FlowFailed("%s: Tab reached %d of %d controls; not: %s" % (view, len(seen), controls, missing))
+    step("%s: Tab reaches all %d controls, each with a focus outline" % (view, controls))
+
+
 def keys(driver, *sequence):
     webdriver.ActionChains(driver).send_keys(*sequence).perform()
 
@@ -237,6 +276,13 @@ def keyboard(a):
     driver = browser(a.downloads)
     try:
         login(driver, a.access)
+        keys(driver, Keys.TAB)
+        every_control_reachable(driver, "the repository list")
+        tab_to(driver, "Add a repository", lambda f: f["tag"] == "summary")
+        keys(driver, Keys.ENTER)
+        every_control_reachable(driver, "the add form")
+        tab_to(driver, "Add a repository", lambda f: f["tag"] == "summary")
+        keys(driver, Keys.ENTER)
         tab_to(driver, "the repository 'home'", lambda f: f["tag"] == "button" and f["text"].startswith("home"))
         keys(driver, Keys.ENTER)
         wait(driver, "the repository's view", lambda d: text(d, "repository-title") == "home")
@@ -267,6 +313,7 @@ def keyboard(a):
         keys(driver, Keys.ENTER)
         wait(driver, "the download of " + name, lambda d: downloaded(a.downloads, name))
         step("downloaded %s with the keyboard" % name)
+        every_control_reachable(driver, "the unlocked repository")
     finally:
         driver.quit()
 
