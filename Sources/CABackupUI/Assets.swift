@@ -41,6 +41,17 @@ enum Assets {
         <button type="submit">Add</button>
         </form>
         </details>
+        <details id="account">
+        <summary>Log in to a server space</summary>
+        <form id="account-form">
+        <label>Server <input name="server" required placeholder="https://backup.example.org:8443"></label>
+        <label>Account name <input name="user" required pattern="[a-z0-9._-]{1,64}" autocomplete="username"></label>
+        <label><input type="checkbox" name="register"> Register a new account</label>
+        <label>E-mail (to register) <input type="email" name="email" autocomplete="email"></label>
+        <label>Account password <input type="password" name="password" required autocomplete="current-password"></label>
+        <button type="submit">Log in</button>
+        </form>
+        </details>
         </section>
         <section id="repository" hidden aria-labelledby="repository-title">
         <h2 id="repository-title" tabindex="-1"></h2>
@@ -272,6 +283,17 @@ enum Assets {
             if (f.get("password")) body.password = f.get("password");
             await api("POST", "/api/repositories", body);
             event.target.reset(); await loadRepositories(); await select(body.name);
+          }));
+          document.getElementById("account-form").addEventListener("submit", guard(async (event) => {
+            const f = new FormData(event.target);
+            const a = await api("POST", "/api/accounts", { server: f.get("server"), user: f.get("user"),
+              email: f.get("email") || undefined, password: f.get("password"), register: f.get("register") === "on" });
+            event.target.reset(); document.getElementById("account").open = false;
+            // The space is a repository to add: its location filled in, the form open.
+            document.getElementById("add").open = true;
+            const form = document.getElementById("add-form"); form.elements.repo.value = a.repo; form.elements.name.focus();
+            say((a.registered ? "Registered and logged in" : "Logged in") + " as " + a.user + " on " + a.server +
+              ". Add its space below (tick Create for a new space).");
           }));
           document.getElementById("unlock-form").addEventListener("submit", guard(async (event) => {
             const password = new FormData(event.target).get("password");

@@ -108,6 +108,9 @@ struct UIError: Error, Sendable {
                 .repositoryExists, .unsupportedLocation:
                 400
             case .locked: 409
+            case .notLoggedIn: 403
+            case .remote(let status, _) where (400..<500).contains(status): status
+            case .network: 502
             default: 500
             }
         self.init(status, "\(error)")

@@ -1,4 +1,5 @@
 import CABackup
+import CABackupRemote
 import Dispatch
 import Foundation
 import HTTPTypes
@@ -57,6 +58,7 @@ final class UIAPI: Sendable {
                 200, self.state.withLock { s in s.config.repositories.map { self.answer($0, s.workers[$0.name]) } })
         }
         router.post("/api/repositories") { req, _ in await self.handle { try await self.add(req) } }
+        router.post("/api/accounts") { req, _ in await self.handle { try await self.account(req) } }
         router.post("/api/repositories/:name/unlock") { req, ctx in
             await self.handle {
                 let (entry, worker) = try self.repository(ctx)
@@ -244,6 +246,61 @@ final class UIAPI: Sendable {
                     })
             }
         }
+    }
+
+    // MARK: Server accounts
+
+    /// Registers an account on a server (with `register`) and logs this device in to it, as
+    /// `cabackup register` and `cabackup login` do: the token goes to the CLI's credential
+    /// store, the password nowhere. Answers the repository location of the account's space.
+    func account(_ req: Request) async throws -> Response {
+        struct Body: Decodable {
+            let server: String
+            let user: String
+            let password: String
+            let email: String?
+            let register: Bool?
+            let device: String?
+        }
+        struct Answer: Encodable {
+            let server: String
+            let user: String
+            let registered: Bool
+            let repo: String
+        }
+        let body = try await decode(Body.self, req)
+        let location: RemoteLocation
+        do {
+            location = try RemoteLocation(parsing: body.server, requireUser: false)
+        } catch {
+            throw UIError(400, "the server '\(body.server)' is not an http(s)://HOST:PORT address")
+        }
+        let register = body.register ?? false
+        if register && (body.email ?? "").isEmpty { throw UIError(400, "give an e-mail address to register") }
+        // The account calls block on the network: on a thread of their own, off the event loop.
+        try await withCheckedThrowingContinuation { (done: CheckedContinuation<Void, Error>) in
+            Thread.detachNewThread {
+                do {
+                    try RemoteAccount.checkUserName(body.user)
+                    if register {
+                        try RemoteAccount.register(
+                            server: body.server, user: body.user, email: body.email ?? "", password: body.password)
+                    }
+                    try RemoteAccount.login(
+                        server: body.server, user: body.user, password: body.password,
+                        device: body.device ?? currentHostname())
+                    done.resume()
+                } catch {
+                    done.resume(throwing: error)
+                }
+            }
+        }
+        let host = location.serverURL.dropFirst(location.scheme.count + 3)
+        return jsonResponse(
+            200,
+            Answer(
+                server: location.serverURL, user: body.user, registered: register,
+                repo: "\(location.scheme)://\(body.user)@\(host)"))
     }
 
     // MARK: Changes and sync

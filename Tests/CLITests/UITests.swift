@@ -500,4 +500,45 @@ struct UITests {
         let bad = try ui.request("GET", "/api/repositories/home/snapshots/latest/download?path=\(src)&archive=rar")
         #expect(bad.status == 400)
     }
+
+    @Test("register and log in to a server space from the page's API, then back up into it")
+    func serverAccount() throws {
+        let s = Scratch()
+        let server = try TestServer(data: s.file("server"))
+        try FileManager.default.createDirectory(atPath: s.file("src"), withIntermediateDirectories: true)
+        try "to the server\n".write(toFile: s.file("src/a.txt"), atomically: true, encoding: .utf8)
+        let ui = try TestUI(s)
+        try ui.login()
+        let password = "alice account password"
+        // Registering needs an e-mail address; a bad server address is refused at once.
+        let noEmail = #"{"server":"\#(server.url)","user":"alice","password":"\#(password)","register":true}"#
+        #expect(try ui.request("POST", "/api/accounts", json: noEmail).status == 400)
+        let badServer = #"{"server":"ftp://x","user":"alice","password":"\#(password)"}"#
+        #expect(try ui.request("POST", "/api/accounts", json: badServer).status == 400)
+        let register = """
+            {"server":"\(server.url)","user":"alice","email":"alice@example.org","password":"\(password)","register":true}
+            """
+        let registered = try ui.request("POST", "/api/accounts", json: register)
+        #expect(registered.status == 200, "\(registered.body)")
+        #expect(registered.object["repo"] as? String == server.repo("alice"))
+        // The token is in the CLI's credential store (the ui's config directory); the password nowhere.
+        let credentials = try String(contentsOfFile: s.file("config/cabackup/credentials.json"), encoding: .utf8)
+        #expect(credentials.contains("alice") && !credentials.contains(password))
+        // A wrong password is refused; the right one logs in again.
+        let wrong = try ui.request(
+            "POST", "/api/accounts", json: #"{"server":"\#(server.url)","user":"alice","password":"not it at all"}"#)
+        #expect(wrong.status == 403 && wrong.object["error"] is String)
+        let again = try ui.request(
+            "POST", "/api/accounts", json: #"{"server":"\#(server.url)","user":"alice","password":"\#(password)"}"#)
+        #expect(again.status == 200 && again.object["registered"] as? Bool == false)
+        // The space is then a repository like any other: created, synced.
+        let add = """
+            {"name":"space","repo":"\(server.repo("alice"))","paths":["\(s.file("src"))"],"init":true,"password":"space password"}
+            """
+        let added = try ui.request("POST", "/api/repositories", json: add)
+        #expect(added.status == 201, "\(added.body)")
+        let sync = try ui.request("POST", "/api/repositories/space/sync")
+        #expect(try ui.waitForJob(try #require(sync.object["job"] as? String))["state"] as? String == "done")
+        #expect(!(try String(contentsOfFile: s.file("ui.log"), encoding: .utf8)).contains(password))
+    }
 }

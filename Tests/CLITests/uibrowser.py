@@ -337,6 +337,10 @@ def narrow(a):
         wait(driver, "the add form", lambda d: d.find_element(By.ID, "add-form").is_displayed())
         no_horizontal_scroll(driver, "the add form")
         click(driver, "Add a repository")
+        click(driver, "Log in to a server space")
+        wait(driver, "the account form", lambda d: d.find_element(By.ID, "account-form").is_displayed())
+        no_horizontal_scroll(driver, "the server space form")
+        click(driver, "Log in to a server space")
         click(driver, wait(driver, "the repository", lambda d: [b.text for b in d.find_elements(
             By.CSS_SELECTOR, "#repository-list button")])[0])
         wait(driver, "the unlock form", lambda d: d.find_element(By.ID, "unlock-form").is_displayed())
