@@ -11,11 +11,12 @@ the flow leaves behind (downloads, restores) with the independent reader.
 
 mouse: adds a new repository through the page's form (created with a password), locks and
 unlocks it, syncs with Sync now, changes --change, waits for the page to show the change
-(the schedule's banner), syncs again, finds the new snapshot in the timeline, browses to
---file and downloads it into --downloads, restores --folder below --target.
+(the schedule's banner, and one browser notification while the tab is hidden), syncs
+again, finds the new snapshot in the timeline, browses to --file and downloads it into
+--downloads, restores --folder below --target.
 keyboard: the same essentials with keys only (Tab, Shift+Tab, Enter, Space, typing) on the
 configured repository: unlock, sync, find the snapshot, download --file; every focused
-control must show a focus outline.
+control must show a focus outline, and a Tab round must reach every visible control.
 narrow: at a 375x667 window, every main view must have no horizontal scrolling.
 
 Prints one line per step; exits 1 with the reason (and the page's text) when a step fails.
@@ -163,6 +164,13 @@ def mouse(a):
         wait(driver, "the first snapshot in the timeline",
              lambda d: len(d.find_elements(By.CSS_SELECTOR, "#snapshots li")) == 1)
         step("first sync: " + status)
+        # The tab is hidden and notifications are allowed: a stand-in for the browser's
+        # Notification records what the page shows (headless Chromium shows none).
+        driver.execute_script("""
+            window.shown = [];
+            window.Notification = class { constructor(title, o) { window.shown.push(title + ": " + o.body); }
+              static get permission() { return "granted"; } };
+            Object.defineProperty(document, "hidden", { configurable: true, get: () => true });""")
         with open(a.change, "ab") as f:
             f.write(b" and a change made after the first snapshot\n")
         banner = wait(driver, "the page to show the change (the schedule's check): a banner with 1 modified",
@@ -172,6 +180,12 @@ def mouse(a):
         if ("M " + a.change) not in changes:
             raise FlowFailed("the change list lacks %s: %s" % (a.change, changes))
         step("the page shows the change: " + banner.replace("\n", " "))
+        time.sleep(2.5)  # more scheduled checks of the same change set: still one notification
+        shown = driver.execute_script("return window.shown")
+        if len(shown) != 1 or not shown[0].startswith("cabackup: changes to back up: home: ") or "1 modified" not in shown[0]:
+            raise FlowFailed("the hidden tab did not show one notification of the change: %s" % shown)
+        driver.execute_script("delete document.hidden")
+        step("the hidden tab showed one notification: " + shown[0])
         click(driver, "Sync now", "#banner")
         status = wait(driver, "the second sync to complete in the page", lambda d: job_done(d, "sync", status))
         short = status.rsplit("snapshot ", 1)[-1].strip()
