@@ -100,4 +100,19 @@ struct UIBrowserTests {
         try browserFlow("narrow", ui, ["folder": deep])
         #expect(ui.stop() == 0)
     }
+
+    @Test("a server space: register with the page's form, add the space it fills in, sync")
+    func serverSpace() throws {
+        let s = Scratch()
+        let src = try browserSource(s)
+        let server = try TestServer(data: s.file("server"))
+        let ui = try TestUI(s)
+        try browserFlow("space", ui, ["server": server.url, "source": src])
+        // The snapshot is in the space: the CLI, logged in with the ui's credentials, lists it.
+        let listed = try cabackup(
+            "snapshots", "--repo", server.repo("alice"), "--json",
+            env: ["XDG_CONFIG_HOME": s.file("config"), "CABACKUP_PASSWORD": "correct horse battery staple"])
+        #expect(listed.status == 0 && listed.stdout.contains(src), "\(listed.stderr)")
+        #expect(ui.stop() == 0)
+    }
 }

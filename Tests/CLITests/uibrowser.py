@@ -8,6 +8,7 @@ the flow leaves behind (downloads, restores) with the independent reader.
                         --file FILE --folder DIR --target DIR
   uibrowser.py keyboard --access FILE --downloads DIR --file FILE
   uibrowser.py narrow   --access FILE --folder DIR
+  uibrowser.py space    --access FILE --server URL --source DIR
 
 mouse: adds a new repository through the page's form (created with a password), locks and
 unlocks it, syncs with Sync now, changes --change, waits for the page to show the change
@@ -17,6 +18,8 @@ again, finds the new snapshot in the timeline, browses to --file and downloads i
 keyboard: the same essentials with keys only (Tab, Shift+Tab, Enter, Space, typing) on the
 configured repository: unlock, sync, find the snapshot, download --file; every focused
 control must show a focus outline, and a Tab round must reach every visible control.
+space: registers the account 'alice' on --server with the page's form, adds the space it
+fills in (created), and syncs --source into it.
 narrow: at a 375x667 window, every main view must have no horizontal scrolling.
 
 Prints one line per step; exits 1 with the reason (and the page's text) when a step fails.
@@ -379,15 +382,47 @@ def narrow(a):
         driver.quit()
 
 
+def space(a):
+    driver = browser(None)
+    try:
+        login(driver, a.access)
+        click(driver, "Log in to a server space")
+        form = driver.find_element(By.ID, "account-form")
+        form.find_element(By.NAME, "server").send_keys(a.server)
+        form.find_element(By.NAME, "user").send_keys("alice")
+        form.find_element(By.NAME, "register").click()
+        form.find_element(By.NAME, "email").send_keys("alice@example.org")
+        form.find_element(By.NAME, "password").send_keys("alice account password")
+        click(driver, "Log in", "#account-form")
+        message = wait(driver, "the login's message", lambda d: "logged in as alice" in text(d, "message").lower()
+                       and text(d, "message"))
+        step(message)
+        add = driver.find_element(By.ID, "add-form")
+        location = add.find_element(By.NAME, "repo").get_attribute("value")
+        if "://alice@" not in location:
+            raise FlowFailed("the add form's location is not the space's: " + location)
+        add.find_element(By.NAME, "name").send_keys("space")
+        add.find_element(By.NAME, "paths").send_keys(a.source)
+        add.find_element(By.NAME, "init").click()
+        add.find_element(By.NAME, "password").send_keys(PASSWORD)
+        click(driver, "Add", "#add-form")
+        wait(driver, "the space's view", lambda d: text(d, "repository-title") == "space")
+        step("added the space " + location)
+        click(driver, "Sync now")
+        step("synced into the space: " + wait(driver, "the sync", lambda d: job_done(d, "sync")))
+    finally:
+        driver.quit()
+
+
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("flow", choices=["mouse", "keyboard", "narrow"])
-    for option in ["access", "downloads", "repo", "source", "change", "file", "folder", "target"]:
+    p.add_argument("flow", choices=["mouse", "keyboard", "narrow", "space"])
+    for option in ["access", "downloads", "repo", "source", "change", "file", "folder", "target", "server"]:
         p.add_argument("--" + option)
     a = p.parse_args()
     started = time.time()
     try:
-        {"mouse": mouse, "keyboard": keyboard, "narrow": narrow}[a.flow](a)
+        {"mouse": mouse, "keyboard": keyboard, "narrow": narrow, "space": space}[a.flow](a)
     except FlowFailed as failure:
         print("FAILED: %s" % failure, flush=True)
         print("at %s, the page's text:\n%s" % (failure.url, failure.page), flush=True)
