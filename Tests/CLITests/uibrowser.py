@@ -14,7 +14,7 @@ mouse: adds a new repository through the page's form (created with a password), 
 unlocks it, syncs with Sync now, changes --change, waits for the page to show the change
 (the schedule's banner, and one browser notification while the tab is hidden), syncs
 again, finds the new snapshot in the timeline, browses to --file and downloads it into
---downloads, restores --folder below --target.
+--downloads, restores --file below --target/file and --folder below --target/folder.
 keyboard: the same essentials with keys only (Tab, Shift+Tab, Enter, Space, typing) on the
 configured repository: unlock, sync, find the snapshot, download --file; every focused
 control must show a focus outline, and a Tab round must reach every visible control.
@@ -209,7 +209,14 @@ def mouse(a):
         row.find_element(By.LINK_TEXT, "download").click()
         wait(driver, "the download of " + name, lambda d: downloaded(a.downloads, name))
         step("downloaded " + name)
-        driver.find_element(By.ID, "restore-target").send_keys(a.target)
+        # Restore the file (the "restores one file") into TARGET/file, then the folder
+        # into TARGET/folder.
+        driver.find_element(By.ID, "restore-target").send_keys(a.target + "/file")
+        row.find_element(By.XPATH, ".//button[text()='restore']").click()
+        status = wait(driver, "the file's restore to complete in the page", lambda d: job_done(d, "restore", status))
+        step("restored %s: %s" % (name, status))
+        driver.find_element(By.ID, "restore-target").clear()
+        driver.find_element(By.ID, "restore-target").send_keys(a.target + "/folder")
         parent = os.path.dirname(a.folder)
         for _ in range(20):
             shown = wait(driver, "the tree's path", lambda d: text(d, "tree-path"))
