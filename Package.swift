@@ -146,7 +146,7 @@ let package = Package(
                 "cabackup", "library-example", "CABackup", "CABackupRemote", "CABackupServer", "CABackupMount",
                 "CABackupUI",
             ],
-            exclude: ["treetool.py", "httptool.py", "hostileproxy.py", "abusetool.py", "repotool.py", "uitool.py"]
+            exclude: ["treetool.py", "httptool.py", "hostileproxy.py", "abusetool.py", "repotool.py", "uitool.py", "uibrowser.py"]
         ),
     ],
     swiftLanguageModes: [.v6]

@@ -41,9 +41,22 @@ enum Assets {
         <button type="submit">Add</button>
         </form>
         </details>
+        <details id="account">
+        <summary>Log in to a server space</summary>
+        <form id="account-form">
+        <label>Server <input name="server" required placeholder="https://backup.example.org:8443"></label>
+        <label>Account name <input name="user" required pattern="[a-z0-9._-]{1,64}" autocomplete="username"></label>
+        <label><input type="checkbox" name="register"> Register a new account</label>
+        <label>E-mail (to register) <input type="email" name="email" autocomplete="email"></label>
+        <label>Account password <input type="password" name="password" required autocomplete="current-password"></label>
+        <button type="submit">Log in</button>
+        </form>
+        </details>
         </section>
         <section id="repository" hidden aria-labelledby="repository-title">
-        <h2 id="repository-title"></h2>
+        <h2 id="repository-title" tabindex="-1"></h2>
+        <div id="banner" role="alert" hidden><p id="banner-text"></p><button id="banner-sync" type="button">Sync now</button>
+        <button id="notify" type="button" hidden>Notify me when this tab is hidden</button></div>
         <form id="unlock-form">
         <label>Password <input type="password" name="password" autocomplete="current-password"></label>
         <button type="submit">Unlock</button>
@@ -60,9 +73,9 @@ enum Assets {
         <h3>Snapshots</h3>
         <ol id="snapshots" reversed></ol>
         <h3>Browse</h3>
-        <p id="tree-path"></p>
+        <p id="tree-path" tabindex="-1"></p>
         <label>Restore into (an empty or new folder) <input id="restore-target" placeholder="/tmp/restore"></label>
-        <table id="tree"><thead><tr><th>Name</th><th>Size</th><th>Modified</th><th></th><th></th></tr></thead><tbody></tbody></table>
+        <table id="tree"><thead><tr><th>Name</th><th>Size</th><th class="wide">Modified</th><th>Get</th><th>Restore</th></tr></thead><tbody></tbody></table>
         <form id="find-form"><label>Find <input name="pattern" placeholder="*.jpg"></label><button type="submit">Search</button></form>
         <ul id="found"></ul>
         </div>
@@ -73,26 +86,50 @@ enum Assets {
 
         """
 
+    /// What `/login` answers with the session cookie: a same-site step on to the page.
+    static let loggedIn = """
+        <!DOCTYPE html>
+        <html lang="en"><head><meta charset="utf-8"><meta http-equiv="refresh" content="0;url=/">
+        <title>cabackup</title></head>
+        <body><p>Logged in. <a href="/">Open cabackup</a>.</p></body></html>
+
+        """
+
     static let style = """
         * { box-sizing: border-box; }
-        body { font: 16px/1.4 system-ui, sans-serif; margin: 0 auto; max-width: 60rem; padding: 0 1rem; color: #222; }
+        body { font: 16px/1.4 system-ui, sans-serif; margin: 0 auto; max-width: 60rem; padding: 0 1rem; color: #222;
+          overflow-wrap: anywhere; }
+        :focus-visible { outline: 3px solid #1a5fb4; outline-offset: 2px; }
+        h2[tabindex]:focus, p[tabindex]:focus { outline: none; }
+        #banner { background: #fff4ce; border: 1px solid #c9a200; padding: .4rem .8rem; margin: .6rem 0; }
+        #banner p { margin: .2rem 0; font-weight: 600; }
+        a { color: #1a5fb4; padding: .2rem 0; display: inline-block; margin-right: .6rem; }
         h1 { font-size: 1.4rem; }
         label { display: block; margin: .4rem 0; }
         input, textarea { width: 100%; font: inherit; padding: .3rem; }
         input[type=checkbox] { width: auto; }
-        button { font: inherit; padding: .3rem .8rem; margin: .2rem 0; }
-        #repository-list button { width: 100%; text-align: left; }
-        table { border-collapse: collapse; width: 100%; }
+        button { font: inherit; padding: .3rem .8rem; margin: .2rem 0; max-width: 100%; overflow-wrap: break-word; }
+        #repository-list button, #snapshots button { width: 100%; text-align: left; }
+        table { border-collapse: collapse; width: 100%; table-layout: fixed; }
+        th:nth-child(2) { width: 5.5rem; } th:nth-child(3) { width: 11rem; }
+        th:nth-child(4) { width: 5.5rem; } th:nth-child(5) { width: 6rem; }
+        td:nth-child(4) a, td:nth-child(5) button { overflow-wrap: normal; }
         td, th { text-align: left; padding: .2rem .4rem; border-bottom: 1px solid #ddd; overflow-wrap: anywhere; }
         progress { width: 100%; }
         #message { color: #a00; min-height: 1.4em; }
         ul, ol { padding-left: 1.2rem; overflow-wrap: anywhere; }
+        @media (max-width: 40rem) {
+          body { padding: 0 .5rem; }
+          .wide { display: none; }
+          th:nth-child(2) { width: 4.5rem; }
+          td, th { padding: .2rem; }
+        }
 
         """
 
     static let script = """
         "use strict";
-        const state = { repositories: [], current: null, snapshot: null, path: "/" };
+        const state = { repositories: [], current: null, snapshot: null, path: "/", checkedAt: "", notified: "" };
 
         async function api(method, path, body) {
           const init = { method, headers: { "X-CABackup-UI": "1" }, credentials: "same-origin" };
@@ -135,14 +172,36 @@ enum Assets {
           document.getElementById("unlock-form").hidden = unlocked;
           document.getElementById("lock").hidden = !unlocked;
           document.getElementById("unlocked-view").hidden = !unlocked;
+          document.getElementById("banner").hidden = true; state.checkedAt = "";
           if (unlocked) { await Promise.all([checkChanges(), loadSnapshots()]); }
+          if (unlocked) document.getElementById("repository-title").focus();
+          else document.querySelector("#unlock-form input[name=password]").focus();
         }
 
-        async function checkChanges() {
-          const c = await api("GET", repoPath("/changes"));
+        async function checkChanges() { showChanges(await api("GET", repoPath("/changes"))); }
+
+        // A change set, from Check now or the schedule (the newest wins): the summary, the
+        // list, and the banner when there is something to back up; a browser notification
+        // too when the tab is hidden (once per change set).
+        function showChanges(c) {
+          if (!c || c.checkedAt < state.checkedAt) return;
+          state.checkedAt = c.checkedAt;
+          const counts = c.added + " added, " + c.removed + " removed, " + c.modified + " modified; " + c.filesToSync +
+            " files (" + bytes(c.bytesToSync) + ") to sync";
+          const changed = c.added + c.removed + c.modified + c.metadataOnly > 0;
+          document.getElementById("banner").hidden = !changed;
+          const prompt = "Changes to back up in " + state.current.name + ": " + counts + ".";
+          const bannerText = document.getElementById("banner-text");
+          if (bannerText.textContent !== prompt) bannerText.textContent = prompt;
+          const canNotify = "Notification" in window && Notification.permission === "default";
+          document.getElementById("notify").hidden = !canNotify;
+          const key = state.current.name + " " + c.base + " " + counts + " " + c.entries.map(e => e.change + e.path + e.size).join(",");
+          if (changed && key !== state.notified && document.hidden && "Notification" in window && Notification.permission === "granted") {
+            new Notification("cabackup: changes to back up", { body: state.current.name + ": " + counts });
+          }
+          if (changed) state.notified = key;
           document.getElementById("changes-summary").textContent =
-            c.added + " added, " + c.removed + " removed, " + c.modified + " modified; " + c.filesToSync +
-            " files (" + bytes(c.bytesToSync) + ") to sync — checked " + c.checkedAt.slice(0, 19).replace("T", " ");
+            counts + " — checked " + c.checkedAt.slice(0, 19).replace("T", " ");
           const list = document.getElementById("changes"); list.replaceChildren();
           for (const e of c.entries.slice(0, 50)) list.append(el("li", e.change + " " + e.path));
         }
@@ -154,35 +213,38 @@ enum Assets {
             const item = el("li"); const button = el("button",
               s.time.slice(0, 19).replace("T", " ") + " " + s.shortId + " — " + s.filesNewOrChanged +
               " files new or changed, " + bytes(s.bytesAdded) + " added");
-            button.type = "button"; button.addEventListener("click", () => { state.snapshot = s; browse("/"); });
+            button.type = "button"; button.addEventListener("click", guard(() => { state.snapshot = s; return browse("/"); }));
             item.append(button); list.append(item);
           }
           if (!state.snapshot && snapshots.length) { state.snapshot = snapshots[snapshots.length - 1]; await browse("/"); }
         }
 
-        async function browse(path) {
+        async function browse(path, focus) {
           state.path = path;
           const t = await api("GET", repoPath("/snapshots/" + state.snapshot.id + "/tree?path=" + encodeURIComponent(path)));
           document.getElementById("tree-path").textContent = state.snapshot.shortId + ":" + t.path;
           const body = document.querySelector("#tree tbody"); body.replaceChildren();
           if (t.path !== "/") {
             const row = el("tr"); const cell = el("td"); const up = el("button", "..");
-            up.type = "button"; up.addEventListener("click", () => browse(t.path.replace(/\\/[^/]*$/, "") || "/"));
+            up.type = "button"; up.addEventListener("click", guard(() => browse(t.path.replace(/\\/[^/]*$/, "") || "/", true)));
             cell.append(up); row.append(cell); body.append(row);
           }
           for (const e of t.entries) {
             const row = el("tr"); const name = el("td");
             if (e.type === "dir") {
-              const b = el("button", e.name + "/"); b.type = "button"; b.addEventListener("click", () => browse(e.path)); name.append(b);
+              const b = el("button", e.name + "/"); b.type = "button"; b.addEventListener("click", guard(() => browse(e.path, true))); name.append(b);
             } else name.textContent = e.name;
-            const link = el("a", "download");
-            link.href = repoPath("/snapshots/" + state.snapshot.id + "/download?path=" + encodeURIComponent(e.path));
+            const href = repoPath("/snapshots/" + state.snapshot.id + "/download?path=" + encodeURIComponent(e.path));
+            const link = el("a", e.type === "dir" ? "tar" : "download"); link.href = href;
             const get = el("td"); get.append(link);
+            if (e.type === "dir") { const zip = el("a", "zip"); zip.href = href + "&archive=zip"; get.append(zip); }
             const put = el("td"); const restore = el("button", "restore"); restore.type = "button";
             restore.addEventListener("click", guard(() => restoreEntry(e.path))); put.append(restore);
-            row.append(name, el("td", e.type === "file" ? bytes(e.size) : ""), el("td", e.mtime.slice(0, 19).replace("T", " ")), get, put);
+            const modified = el("td", e.mtime.slice(0, 19).replace("T", " ")); modified.className = "wide";
+            row.append(name, el("td", e.type === "file" ? bytes(e.size) : ""), modified, get, put);
             body.append(row);
           }
+          if (focus) document.getElementById("tree-path").focus();
         }
 
         async function follow(job) {
@@ -193,7 +255,8 @@ enum Assets {
             bar.value = j.totalBytes ? j.bytes / j.totalBytes : 0;
             status.textContent = j.kind + " " + j.state + ": " + j.files + " files, " + bytes(j.bytes) +
               (j.totalBytes ? " of " + bytes(j.totalBytes) : "") + (j.rate ? ", " + bytes(j.rate) + "/s" : "") +
-              (j.etaSeconds ? ", " + Math.ceil(j.etaSeconds) + " s left" : "") + (j.error ? " — " + j.error : "");
+              (j.etaSeconds ? ", " + Math.ceil(j.etaSeconds) + " s left" : "") + (j.error ? " — " + j.error : "") +
+              (j.snapshot ? " — snapshot " + j.snapshot.slice(0, 8) : "");
             if (j.state !== "running") { bar.hidden = true; return j; }
             await new Promise(r => setTimeout(r, 500));
           }
@@ -202,6 +265,7 @@ enum Assets {
         async function restoreEntry(path) {
           const target = document.getElementById("restore-target").value.trim();
           if (!target) throw new Error("Name a folder to restore into first.");
+          document.getElementById("job-status").textContent = "restore starting";
           const { job } = await api("POST", repoPath("/restore"), { snapshot: state.snapshot.id, path, target });
           const j = await follow(job);
           if (j.state === "done") say("Restored " + path + " into " + target + ".");
@@ -220,6 +284,17 @@ enum Assets {
             await api("POST", "/api/repositories", body);
             event.target.reset(); await loadRepositories(); await select(body.name);
           }));
+          document.getElementById("account-form").addEventListener("submit", guard(async (event) => {
+            const f = new FormData(event.target);
+            const a = await api("POST", "/api/accounts", { server: f.get("server"), user: f.get("user"),
+              email: f.get("email") || undefined, password: f.get("password"), register: f.get("register") === "on" });
+            event.target.reset(); document.getElementById("account").open = false;
+            // The space is a repository to add: its location filled in, the form open.
+            document.getElementById("add").open = true;
+            const form = document.getElementById("add-form"); form.elements.repo.value = a.repo; form.elements.name.focus();
+            say((a.registered ? "Registered and logged in" : "Logged in") + " as " + a.user + " on " + a.server +
+              ". Add its space below (tick Create for a new space).");
+          }));
           document.getElementById("unlock-form").addEventListener("submit", guard(async (event) => {
             const password = new FormData(event.target).get("password");
             await api("POST", repoPath("/unlock"), { password }); event.target.reset();
@@ -229,10 +304,21 @@ enum Assets {
             await api("DELETE", repoPath("/unlock")); await loadRepositories(); await select(state.current.name);
           }));
           document.getElementById("check").addEventListener("click", guard(checkChanges));
-          document.getElementById("sync").addEventListener("click", guard(async () => {
+          const sync = guard(async () => {
+            document.getElementById("job-status").textContent = "sync starting";
             const { job } = await api("POST", repoPath("/sync"));
             await follow(job); state.snapshot = null; await Promise.all([checkChanges(), loadSnapshots()]);
+          });
+          document.getElementById("sync").addEventListener("click", sync);
+          document.getElementById("banner-sync").addEventListener("click", sync);
+          document.getElementById("notify").addEventListener("click", guard(async () => {
+            await Notification.requestPermission(); document.getElementById("notify").hidden = true;
           }));
+          // The schedule's checks: the last one, every two seconds, while a repository is open.
+          setInterval(async () => {
+            if (!state.current || !state.current.unlocked || document.getElementById("repository").hidden) return;
+            try { showChanges(await api("GET", repoPath("/changes?cached=1"))); } catch (e) { /* shown at the next action */ }
+          }, 2000);
           document.getElementById("find-form").addEventListener("submit", guard(async (event) => {
             const pattern = new FormData(event.target).get("pattern");
             const r = await api("GET", repoPath("/find?pattern=" + encodeURIComponent(pattern)));

@@ -21,6 +21,9 @@ final class RepositoryWorker: @unchecked Sendable {
     /// Whether a scheduled check is queued or running (the next waits for its end, so slow
     /// checks do not pile up).
     let scheduledCheckRunning = Atomic(false)
+    /// The change set the last desktop notification told of (nil: none, or nothing changed
+    /// since), so that the same changes are not announced at every check.
+    let lastNotified = Mutex<String?>(nil)
 
     init(name: String) {
         self.name = name
@@ -105,6 +108,9 @@ struct UIError: Error, Sendable {
                 .repositoryExists, .unsupportedLocation:
                 400
             case .locked: 409
+            case .notLoggedIn: 403
+            case .remote(let status, _) where (400..<500).contains(status): status
+            case .network: 502
             default: 500
             }
         self.init(status, "\(error)")

@@ -1,4 +1,5 @@
 import CABackup
+import CABackupRemote
 import Dispatch
 import Foundation
 import HTTPTypes
@@ -45,13 +46,19 @@ final class UIAPI: Sendable {
                     403, "wrong token: open \(self.access.file) again (the token changes at each start)")
             }
             let cookie = "\(Access.cookieName)=\(self.access.newSession()); HttpOnly; SameSite=Strict; Path=/"
-            return Response(status: .seeOther, headers: [.location: "/", .setCookie: cookie])
+            // A page that goes on to / itself rather than a redirect: the access file is a
+            // file:// page, so a redirect would stay in its cross-site navigation, and the
+            // browser would not send the SameSite=Strict cookie with it.
+            var response = Assets.response(Assets.loggedIn, type: "text/html; charset=utf-8")
+            response.headers[.setCookie] = cookie
+            return response
         }
         router.get("/api/repositories") { _, _ in
             jsonResponse(
                 200, self.state.withLock { s in s.config.repositories.map { self.answer($0, s.workers[$0.name]) } })
         }
         router.post("/api/repositories") { req, _ in await self.handle { try await self.add(req) } }
+        router.post("/api/accounts") { req, _ in await self.handle { try await self.account(req) } }
         router.post("/api/repositories/:name/unlock") { req, ctx in
             await self.handle {
                 let (entry, worker) = try self.repository(ctx)
@@ -241,6 +248,61 @@ final class UIAPI: Sendable {
         }
     }
 
+    // MARK: Server accounts
+
+    /// Registers an account on a server (with `register`) and logs this device in to it, as
+    /// `cabackup register` and `cabackup login` do: the token goes to the CLI's credential
+    /// store, the password nowhere. Answers the repository location of the account's space.
+    func account(_ req: Request) async throws -> Response {
+        struct Body: Decodable {
+            let server: String
+            let user: String
+            let password: String
+            let email: String?
+            let register: Bool?
+            let device: String?
+        }
+        struct Answer: Encodable {
+            let server: String
+            let user: String
+            let registered: Bool
+            let repo: String
+        }
+        let body = try await decode(Body.self, req)
+        let location: RemoteLocation
+        do {
+            location = try RemoteLocation(parsing: body.server, requireUser: false)
+        } catch {
+            throw UIError(400, "the server '\(body.server)' is not an http(s)://HOST:PORT address")
+        }
+        let register = body.register ?? false
+        if register && (body.email ?? "").isEmpty { throw UIError(400, "give an e-mail address to register") }
+        // The account calls block on the network: on a thread of their own, off the event loop.
+        try await withCheckedThrowingContinuation { (done: CheckedContinuation<Void, Error>) in
+            Thread.detachNewThread {
+                do {
+                    try RemoteAccount.checkUserName(body.user)
+                    if register {
+                        try RemoteAccount.register(
+                            server: body.server, user: body.user, email: body.email ?? "", password: body.password)
+                    }
+                    try RemoteAccount.login(
+                        server: body.server, user: body.user, password: body.password,
+                        device: body.device ?? currentHostname())
+                    done.resume()
+                } catch {
+                    done.resume(throwing: error)
+                }
+            }
+        }
+        let host = location.serverURL.dropFirst(location.scheme.count + 3)
+        return jsonResponse(
+            200,
+            Answer(
+                server: location.serverURL, user: body.user, registered: register,
+                repo: "\(location.scheme)://\(body.user)@\(host)"))
+    }
+
     // MARK: Changes and sync
 
     /// Checks what changed in the repository's paths since their last snapshot.
@@ -272,10 +334,52 @@ final class UIAPI: Sendable {
         }
         for (entry, worker) in due {
             Task {
-                _ = try? await self.check(entry, worker)
+                if let answer = try? await self.check(entry, worker) { Self.notifyIfNew(entry, worker, answer) }
                 worker.scheduledCheckRunning.store(false, ordering: .relaxed)
             }
         }
+    }
+
+    /// Sends a desktop notification with `notify-send` (when it is on PATH) for a change set
+    /// a scheduled check found, once per change set: the same changes found again are not
+    /// announced again, and a check that finds nothing forgets the last one.
+    static func notifyIfNew(_ entry: ConfiguredRepository, _ worker: RepositoryWorker, _ c: ChangesAnswer) {
+        let counts = [c.added, c.removed, c.modified, c.metadataOnly]
+        let key: String? =
+            counts.allSatisfy({ $0 == 0 })
+            ? nil
+            : ([c.base ?? "-"] + counts.map(String.init)
+                + c.entries.map { "\($0.change) \($0.size) \($0.path)" }).joined(separator: "\n")
+        let isNew = worker.lastNotified.withLock { last in
+            defer { last = key }
+            return key != nil && key != last
+        }
+        guard isNew, let tool = findOnPath("notify-send") else { return }
+        let body =
+            "\(entry.name) (\(entry.repo)): \(c.added) added, \(c.removed) removed, \(c.modified) modified, "
+            + "\(c.metadataOnly) metadata only; \(c.filesToSync) files (\(c.bytesToSync) bytes) to sync. "
+            + "Open cabackup ui to sync them."
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: tool)
+        process.arguments = ["--app-name=cabackup", "cabackup: changes to back up", body]
+        process.standardInput = FileHandle.nullDevice
+        process.standardOutput = FileHandle.nullDevice
+        process.standardError = FileHandle.nullDevice
+        Thread.detachNewThread {
+            // A notify-send that fails (no D-Bus session) changes nothing: the page shows it too.
+            guard (try? process.run()) != nil else { return }
+            process.waitUntilExit()
+        }
+    }
+
+    /// The executable `name` in a directory of PATH, or nil.
+    static func findOnPath(_ name: String) -> String? {
+        let path = ProcessInfo.processInfo.environment["PATH"] ?? "/usr/local/bin:/usr/bin:/bin"
+        for directory in path.split(separator: ":") where !directory.isEmpty {
+            let candidate = "\(directory)/\(name)"
+            if FileManager.default.isExecutableFile(atPath: candidate) { return candidate }
+        }
+        return nil
     }
 
     /// Starts a snapshot of the repository's paths as a job; returns its id.
@@ -353,7 +457,8 @@ final class UIAPI: Sendable {
             })
     }
 
-    /// A file's bytes, or a directory (or with `archive=tar` anything) as a tar stream:
+    /// A file's bytes, or a directory (or with `archive=tar` anything) as a tar stream (with
+    /// `archive=zip` a zip archive):
     /// `Repository.dump` writes into a pipe on the repository's thread, and the response
     /// body is read from the pipe, 64 KiB at a time, as the connection takes it.
     func download(_ req: Request, _ ctx: BasicRequestContext) async throws -> Response {
@@ -362,13 +467,20 @@ final class UIAPI: Sendable {
         guard let path = req.uri.queryParameters.get("path"), path.hasPrefix("/") else {
             throw UIError(400, "give ?path=/absolute/path/in/the/snapshot")
         }
-        let archive: DumpFormat = req.uri.queryParameters.get("archive") == "tar" ? .tar : .auto
+        let archive: DumpFormat =
+            switch req.uri.queryParameters.get("archive") {
+            case "tar": .tar
+            case "zip": .zip
+            case nil: .auto
+            case let other?: throw UIError(400, "archive=\(other): give archive=tar or archive=zip")
+            }
         let (snapshot, node) = try await worker.run { repo in
             let snapshot = try repo.findSnapshot(reference)
             return (snapshot, try Self.node(repo, snapshot, path))
         }
-        let isTar = archive == .tar || node.type == NodeType.directory
-        if !isTar && node.type != NodeType.file {
+        let isZip = archive == .zip
+        let isTar = archive == .tar || (archive == .auto && node.type == NodeType.directory)
+        if !isTar && !isZip && node.type != NodeType.file {
             throw UIError(400, "\(path) is a \(node.type): download its directory")
         }
         var fds: [Int32] = [-1, -1]
@@ -388,12 +500,13 @@ final class UIAPI: Sendable {
         }
         var name = node.name.isEmpty ? "snapshot-\(snapshot.id.shortHex)" : displayPath(node.name)
         if isTar { name += ".tar" }
+        if isZip { name += ".zip" }
         let safe = String(
             name.unicodeScalars.map { c in
                 Character(c.properties.isAlphabetic || "0123456789._-".unicodeScalars.contains(c) ? c : "_")
             })
         let headers: HTTPFields = [
-            .contentType: isTar ? "application/x-tar" : "application/octet-stream",
+            .contentType: isZip ? "application/zip" : isTar ? "application/x-tar" : "application/octet-stream",
             .contentDisposition: "attachment; filename=\"\(safe)\"",
         ]
         let body = ResponseBody { out in
