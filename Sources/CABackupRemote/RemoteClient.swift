@@ -219,6 +219,14 @@ public struct DeviceInfo: Sendable, Codable, Equatable {
     }
 }
 
+/// The storage a space uses against its quota.
+public struct SpaceUsage: Sendable, Codable, Equatable {
+    /// Bytes the space holds (packs, records, key slots, config).
+    public let used: Int64
+    /// The most it may hold, or nil for no quota.
+    public let quota: Int64?
+}
+
 /// Accounts on a `cabackup server`: register, log in and out, list and revoke devices.
 /// Only a login secret derived from the password
 /// (``loginSecret(password:user:origin:serverSalt:)``) is ever sent.
@@ -398,6 +406,15 @@ public enum RemoteAccount {
     /// Revokes one device's token (by the id ``devices(server:user:caCertificate:)`` shows).
     public static func revoke(server: String, user: String, device id: String, caCertificate: String? = nil) throws {
         _ = try client(server, user, caCertificate).call(.DELETE, "/v1/devices/" + id, accept: [204])
+    }
+
+    /// The bytes the account's space holds and its quota (`GET /v1/space/usage`).
+    public static func usage(server: String, user: String, caCertificate: String? = nil) throws -> SpaceUsage {
+        let reply = try client(server, user, caCertificate).call(.GET, "/v1/space/usage")
+        guard let usage = try? JSONDecoder().decode(SpaceUsage.self, from: Data(reply.body)) else {
+            throw CABackupError.remote(status: reply.status, message: "the server's usage answer is malformed")
+        }
+        return usage
     }
 
     static func client(_ server: String, _ user: String, _ ca: String?) throws -> RemoteClient {

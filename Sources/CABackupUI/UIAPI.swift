@@ -115,6 +115,35 @@ final class UIAPI: Sendable {
         router.post("/api/repositories/:name/restore") { req, ctx in
             await self.handle { try await self.restore(req, ctx) }
         }
+        router.get("/api/repositories/:name/devices") { _, ctx in
+            await self.handle {
+                let space = try self.serverSpace(ctx)
+                let list = try await Self.offLoop {
+                    try RemoteAccount.devices(server: space.serverURL, user: space.user)
+                }
+                return jsonResponse(200, list.map(DeviceAnswer.init))
+            }
+        }
+        router.delete("/api/repositories/:name/devices/:id") { _, ctx in
+            await self.handle {
+                let space = try self.serverSpace(ctx)
+                let id = ctx.parameters.get("id") ?? ""
+                guard !id.isEmpty, id.allSatisfy({ $0.isLetter || $0.isNumber || $0 == "-" || $0 == "_" }) else {
+                    throw UIError(400, "the device id '\(id)' is not one the device list shows")
+                }
+                try await Self.offLoop {
+                    try RemoteAccount.revoke(server: space.serverURL, user: space.user, device: id)
+                }
+                return Response(status: .noContent)
+            }
+        }
+        router.get("/api/repositories/:name/usage") { _, ctx in
+            await self.handle {
+                let space = try self.serverSpace(ctx)
+                return jsonResponse(
+                    200, try await Self.offLoop { try RemoteAccount.usage(server: space.serverURL, user: space.user) })
+            }
+        }
         router.get("/api/jobs/:id") { _, ctx in
             await self.handle {
                 guard let job = self.jobs.status(ctx.parameters.get("id") ?? "") else {
@@ -278,22 +307,14 @@ final class UIAPI: Sendable {
         let register = body.register ?? false
         if register && (body.email ?? "").isEmpty { throw UIError(400, "give an e-mail address to register") }
         // The account calls block on the network: on a thread of their own, off the event loop.
-        try await withCheckedThrowingContinuation { (done: CheckedContinuation<Void, Error>) in
-            Thread.detachNewThread {
-                do {
-                    try RemoteAccount.checkUserName(body.user)
-                    if register {
-                        try RemoteAccount.register(
-                            server: body.server, user: body.user, email: body.email ?? "", password: body.password)
-                    }
-                    try RemoteAccount.login(
-                        server: body.server, user: body.user, password: body.password,
-                        device: body.device ?? currentHostname())
-                    done.resume()
-                } catch {
-                    done.resume(throwing: error)
-                }
+        try await Self.offLoop {
+            try RemoteAccount.checkUserName(body.user)
+            if register {
+                try RemoteAccount.register(
+                    server: body.server, user: body.user, email: body.email ?? "", password: body.password)
             }
+            try RemoteAccount.login(
+                server: body.server, user: body.user, password: body.password, device: body.device ?? currentHostname())
         }
         let host = location.serverURL.dropFirst(location.scheme.count + 3)
         return jsonResponse(
@@ -301,6 +322,22 @@ final class UIAPI: Sendable {
             Answer(
                 server: location.serverURL, user: body.user, registered: register,
                 repo: "\(location.scheme)://\(body.user)@\(host)"))
+    }
+
+    /// The server space the route's `:name` names; 400 for a repository of another kind.
+    func serverSpace(_ ctx: BasicRequestContext) throws -> RemoteLocation {
+        let (entry, _) = try repository(ctx)
+        guard entry.repo.hasPrefix("http://") || entry.repo.hasPrefix("https://"),
+            let location = try? RemoteLocation(parsing: entry.repo)
+        else { throw UIError(400, "the repository '\(entry.name)' is not a server space") }
+        return location
+    }
+
+    /// Runs a blocking network call on a thread of its own, off the event loop.
+    static func offLoop<T: Sendable>(_ body: @escaping @Sendable () throws -> T) async throws -> T {
+        try await withCheckedThrowingContinuation { (done: CheckedContinuation<T, Error>) in
+            Thread.detachNewThread { done.resume(with: Result { try body() }) }
+        }
     }
 
     // MARK: Changes and sync
@@ -610,6 +647,22 @@ struct ChangesAnswer: Codable, Sendable {
             }
         entries = Array(all.prefix(UIAPI.maxEntries))
         truncated = added + removed + modified + metadataOnly > UIAPI.maxEntries
+    }
+}
+
+/// One device of `GET /api/repositories/NAME/devices`.
+struct DeviceAnswer: Encodable, Sendable {
+    let id: String
+    let device: String
+    let created: String
+    let lastUsed: String
+    /// Whether this is the token of this device (of `cabackup ui`).
+    let current: Bool
+    /// `full` or `append-only`.
+    let rights: String
+
+    init(_ d: DeviceInfo) {
+        (id, device, created, lastUsed, current, rights) = (d.id, d.device, d.created, d.lastUsed, d.current, d.rights)
     }
 }
 

@@ -541,4 +541,66 @@ struct UITests {
         #expect(try ui.waitForJob(try #require(sync.object["job"] as? String))["state"] as? String == "done")
         #expect(!(try String(contentsOfFile: s.file("ui.log"), encoding: .utf8)).contains(password))
     }
+
+    @Test("a server space's devices with their rights, revoking one, and its storage used against the quota")
+    func serverSpaceDevicesAndUsage() throws {
+        let s = Scratch()
+        let server = try TestServer(data: s.file("server"), ["--quota-bytes", "5000000"])
+        try FileManager.default.createDirectory(atPath: s.file("src"), withIntermediateDirectories: true)
+        try writeRandom(s.file("src/a.bin"), megabytes: 1)
+        let ui = try TestUI(s)
+        try ui.login()
+        let password = "alice account password"
+        let register = """
+            {"server":"\(server.url)","user":"alice","email":"alice@example.org","password":"\(password)","register":true,"device":"laptop"}
+            """
+        #expect(try ui.request("POST", "/api/accounts", json: register).status == 200)
+        // A second device of the account, logged in with the CLI, append-only.
+        let phone = device(s, "phone", password: password)
+        let login = try cabackup(
+            "login", "--server", server.url, "--user", "alice", "--device", "phone", "--append-only", env: phone)
+        #expect(login.status == 0, "\(login.stderr)")
+        let add = """
+            {"name":"space","repo":"\(server.repo("alice"))","paths":["\(s.file("src"))"],"init":true,"password":"space password"}
+            """
+        #expect(try ui.request("POST", "/api/repositories", json: add).status == 201)
+        let empty = try ui.request("GET", "/api/repositories/space/usage")
+        #expect(empty.status == 200, "\(empty.body)")
+        let before = try #require(empty.object["used"] as? Int)
+        #expect(empty.object["quota"] as? Int == 5_000_000)
+        let sync = try ui.request("POST", "/api/repositories/space/sync")
+        #expect(try ui.waitForJob(try #require(sync.object["job"] as? String))["state"] as? String == "done")
+        // The 1 MiB of random data is in the space now (it does not compress).
+        let after = try #require(try ui.request("GET", "/api/repositories/space/usage").object["used"] as? Int)
+        #expect(after - before > 1_000_000 && after < 5_000_000, "\(before) then \(after)")
+
+        let listed = try ui.request("GET", "/api/repositories/space/devices")
+        #expect(listed.status == 200, "\(listed.body)")
+        let devices = try #require(listed.json as? [[String: Any]])
+        #expect(devices.count == 2)
+        let laptop = try #require(devices.first { $0["device"] as? String == "laptop" })
+        let other = try #require(devices.first { $0["device"] as? String == "phone" })
+        #expect(laptop["current"] as? Bool == true && laptop["rights"] as? String == "full")
+        #expect(other["current"] as? Bool == false && other["rights"] as? String == "append-only")
+        #expect((other["lastUsed"] as? String ?? "").hasPrefix("20"))
+        // Revoking needs the X-CABackup-UI header, as every change; a bad id is refused.
+        let phoneID = try #require(other["id"] as? String)
+        #expect(try ui.request("DELETE", "/api/repositories/space/devices/\(phoneID)", uiHeader: false).status == 403)
+        #expect(try ui.request("DELETE", "/api/repositories/space/devices/no%20such").status == 400)
+        #expect(try ui.request("DELETE", "/api/repositories/space/devices/\(phoneID)").status == 204)
+        let left = try #require(try ui.request("GET", "/api/repositories/space/devices").json as? [[String: Any]])
+        #expect(left.map { $0["device"] as? String } == ["laptop"])
+        // The phone's token no longer works.
+        let refused = try cabackup("snapshots", "--repo", server.repo("alice"), env: phone)
+        #expect(refused.status != 0)
+        // A repository that is not a server space has no devices or usage.
+        try FileManager.default.createDirectory(atPath: s.file("local"), withIntermediateDirectories: true)
+        let local = """
+            {"name":"local","repo":"\(s.file("local/repo"))","paths":["\(s.file("src"))"],"init":true,"password":"local repository password"}
+            """
+        #expect(try ui.request("POST", "/api/repositories", json: local).status == 201)
+        #expect(try ui.request("GET", "/api/repositories/local/devices").status == 400)
+        #expect(try ui.request("GET", "/api/repositories/local/usage").status == 400)
+        #expect(try ui.request("GET", "/api/repositories/nothing/usage").status == 404)
+    }
 }
