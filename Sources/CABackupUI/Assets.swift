@@ -296,6 +296,7 @@ enum Assets {
             status.textContent = j.kind + " " + j.state + ": " + j.files + " files, " + bytes(j.bytes) +
               (j.totalBytes ? " of " + bytes(j.totalBytes) : "") + (j.rate ? ", " + bytes(j.rate) + "/s" : "") +
               (j.etaSeconds ? ", " + Math.ceil(j.etaSeconds) + " s left" : "") + (j.error ? " — " + j.error : "") +
+              (j.waiting ? " — " + j.waiting : "") +
               (j.snapshot ? " — snapshot " + j.snapshot.slice(0, 8) : "");
             if (j.state !== "running") { bar.hidden = true; return j; }
             await new Promise(r => setTimeout(r, 500));

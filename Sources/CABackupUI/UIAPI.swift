@@ -422,7 +422,7 @@ final class UIAPI: Sendable {
     /// Starts a snapshot of the repository's paths as a job; returns its id.
     func sync(_ entry: ConfiguredRepository, _ worker: RepositoryWorker) -> String {
         let jobs = self.jobs
-        let id = jobs.start(kind: "sync", repository: entry.name)
+        let id = jobs.start(kind: "sync", repository: entry.name, location: entry.repo)
         jobs.run(id, on: worker) { repo in
             try repo.synchronizeIndex()
             let result = try repo.snapshot(
@@ -590,7 +590,7 @@ final class UIAPI: Sendable {
         guard body.path.hasPrefix("/") else { throw UIError(400, "path must be an absolute path in the snapshot") }
         guard body.target.hasPrefix("/") else { throw UIError(400, "target must be an absolute directory") }
         let jobs = self.jobs
-        let id = jobs.start(kind: "restore", repository: entry.name)
+        let id = jobs.start(kind: "restore", repository: entry.name, location: entry.repo)
         jobs.run(id, on: worker) { repo in
             let snapshot = try repo.findSnapshot(body.snapshot)
             let options = RestoreOptions(

@@ -603,4 +603,44 @@ struct UITests {
         #expect(try ui.request("GET", "/api/repositories/local/usage").status == 400)
         #expect(try ui.request("GET", "/api/repositories/nothing/usage").status == 404)
     }
+
+    @Test("a sync whose server is down says it waits for the network, then completes when the server is back")
+    func waitingForNetwork() throws {
+        let s = Scratch()
+        var server = try TestServer(data: s.file("server"))
+        let port = server.port
+        try FileManager.default.createDirectory(atPath: s.file("src"), withIntermediateDirectories: true)
+        try "while the server was away\n".write(toFile: s.file("src/a.txt"), atomically: true, encoding: .utf8)
+        let ui = try TestUI(s)
+        try ui.login()
+        let register = """
+            {"server":"\(server.url)","user":"alice","email":"alice@example.org","password":"alice account password","register":true}
+            """
+        #expect(try ui.request("POST", "/api/accounts", json: register).status == 200)
+        let add = """
+            {"name":"space","repo":"\(server.repo("alice"))","paths":["\(s.file("src"))"],"init":true,"password":"space password"}
+            """
+        #expect(try ui.request("POST", "/api/repositories", json: add).status == 201)
+        // The server goes away after the space answered (an outage, not a wrong address).
+        #expect(server.stop() == 0)
+        let sync = try ui.request("POST", "/api/repositories/space/sync")
+        let job = try #require(sync.object["job"] as? String)
+        var waiting: String?
+        let deadline = Date().addingTimeInterval(30)
+        while waiting == nil && Date() < deadline {
+            let status = try ui.request("GET", "/api/jobs/\(job)").object
+            #expect(status["state"] as? String == "running")
+            waiting = status["waiting"] as? String
+            usleep(100_000)
+        }
+        let message = try #require(waiting, "the job never said it was waiting")
+        #expect(message.hasPrefix("waiting for the network: \(server.url) does not answer"), "\(message)")
+        // Back on the same address: the sync goes on by itself and completes.
+        server = try TestServer(data: s.file("server"), port: port)
+        let done = try ui.waitForJob(job)
+        #expect(done["state"] as? String == "done", "\(done)")
+        #expect(done["waiting"] == nil)
+        #expect(done["snapshot"] is String)
+        _ = server
+    }
 }
