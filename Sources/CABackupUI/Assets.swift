@@ -52,6 +52,18 @@ enum Assets {
         <button type="submit">Log in</button>
         </form>
         </details>
+        <details id="s3">
+        <summary>Set up an S3 bucket</summary>
+        <form id="s3-form">
+        <label>Endpoint <input name="endpoint" required placeholder="https://s3.eu-central-1.amazonaws.com"></label>
+        <label>Bucket <input name="bucket" required pattern="[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]"></label>
+        <label>Prefix in the bucket (optional) <input name="prefix" placeholder="laptop"></label>
+        <label>Region <input name="region" placeholder="us-east-1"></label>
+        <label>Access key id <input name="accessKeyId" required autocomplete="off"></label>
+        <label>Secret access key <input type="password" name="secretAccessKey" required autocomplete="off"></label>
+        <button type="submit">Save the keys</button>
+        </form>
+        </details>
         </section>
         <section id="repository" hidden aria-labelledby="repository-title">
         <h2 id="repository-title" tabindex="-1"></h2>
@@ -335,6 +347,18 @@ enum Assets {
             const form = document.getElementById("add-form"); form.elements.repo.value = a.repo; form.elements.name.focus();
             say((a.registered ? "Registered and logged in" : "Logged in") + " as " + a.user + " on " + a.server +
               ". Add its space below (tick Create for a new space).");
+          }));
+          document.getElementById("s3-form").addEventListener("submit", guard(async (event) => {
+            const f = new FormData(event.target);
+            const b = await api("POST", "/api/s3", { endpoint: f.get("endpoint"), bucket: f.get("bucket"),
+              prefix: f.get("prefix") || undefined, region: f.get("region") || undefined,
+              accessKeyId: f.get("accessKeyId"), secretAccessKey: f.get("secretAccessKey") });
+            event.target.reset(); document.getElementById("s3").open = false;
+            // The bucket is a repository to add: its location filled in, the form open.
+            document.getElementById("add").open = true;
+            const form = document.getElementById("add-form"); form.elements.repo.value = b.repo; form.elements.name.focus();
+            say("Saved the keys of " + b.bucket + " (region " + b.region + ") for this device's user. Add the repository below " +
+              "(tick Create for a new one).");
           }));
           document.getElementById("unlock-form").addEventListener("submit", guard(async (event) => {
             const password = new FormData(event.target).get("password");

@@ -59,6 +59,7 @@ final class UIAPI: Sendable {
         }
         router.post("/api/repositories") { req, _ in await self.handle { try await self.add(req) } }
         router.post("/api/accounts") { req, _ in await self.handle { try await self.account(req) } }
+        router.post("/api/s3") { req, _ in await self.handle { try await self.s3(req) } }
         router.post("/api/repositories/:name/unlock") { req, ctx in
             await self.handle {
                 let (entry, worker) = try self.repository(ctx)
@@ -338,6 +339,57 @@ final class UIAPI: Sendable {
         try await withCheckedThrowingContinuation { (done: CheckedContinuation<T, Error>) in
             Thread.detachNewThread { done.resume(with: Result { try body() }) }
         }
+    }
+
+    // MARK: S3 buckets
+
+    /// Stores an S3 bucket's keys where the CLI reads them (``S3CredentialStore``: 0600, in
+    /// the cabackup config directory) and answers the repository location to add.
+    func s3(_ req: Request) async throws -> Response {
+        struct Body: Decodable {
+            let endpoint: String
+            let bucket: String
+            let prefix: String?
+            let region: String?
+            let accessKeyId: String
+            let secretAccessKey: String
+        }
+        struct Answer: Encodable {
+            let repo: String
+            let endpoint: String
+            let bucket: String
+            let region: String
+        }
+        let body = try await decode(Body.self, req)
+        let endpoint = body.endpoint.trimmingCharacters(in: .whitespaces).trimmingCharacters(in: ["/"])
+        guard endpoint.hasPrefix("http://") || endpoint.hasPrefix("https://"),
+            endpoint.dropFirst(endpoint.hasPrefix("https") ? 8 : 7).allSatisfy({ $0 != "/" && $0 != "@" })
+        else { throw UIError(400, "the endpoint '\(body.endpoint)' is not an http(s)://HOST[:PORT] address") }
+        let prefix = (body.prefix ?? "").split(separator: "/").joined(separator: "/")
+        let location: S3Location
+        do {
+            location = try S3Location(
+                parsing: "s3:\(endpoint)/\(body.bucket)" + (prefix.isEmpty ? "" : "/" + prefix))
+        } catch let e as CABackupError {
+            throw UIError(e)
+        }
+        let region = (body.region ?? "").trimmingCharacters(in: .whitespaces)
+        guard !body.accessKeyId.isEmpty, !body.secretAccessKey.isEmpty else {
+            throw UIError(400, "give the access key id and the secret access key")
+        }
+        guard region.isEmpty || region.allSatisfy({ $0.isLetter || $0.isNumber || $0 == "-" || $0 == "_" }) else {
+            throw UIError(400, "the region '\(region)' is not a region name such as eu-central-1")
+        }
+        let credentials = S3Credentials(
+            accessKeyId: body.accessKeyId, secretAccessKey: body.secretAccessKey, region: region.isEmpty ? nil : region)
+        try await withCheckedThrowingContinuation { (done: CheckedContinuation<Void, Error>) in
+            configQueue.async { done.resume(with: Result { try S3CredentialStore.store(credentials, for: location) }) }
+        }
+        return jsonResponse(
+            200,
+            Answer(
+                repo: location.description, endpoint: location.endpoint, bucket: location.bucket,
+                region: region.isEmpty ? "us-east-1" : region))
     }
 
     // MARK: Changes and sync

@@ -643,4 +643,64 @@ struct UITests {
         #expect(done["snapshot"] is String)
         _ = server
     }
+
+    @Test("an S3 bucket set up from the page: the keys go to the CLI's 0600 store, init, sync, the CLI lists it")
+    func s3Bucket() throws {
+        let store = try SeaweedFS()
+        let s = Scratch()
+        try FileManager.default.createDirectory(atPath: s.file("src"), withIntermediateDirectories: true)
+        try "into the bucket\n".write(toFile: s.file("src/a.txt"), atomically: true, encoding: .utf8)
+        // No AWS_* in the ui's environment: the keys come from the page only.
+        let noAWS = [
+            "AWS_ACCESS_KEY_ID": "", "AWS_SECRET_ACCESS_KEY": "", "AWS_SESSION_TOKEN": "", "AWS_DEFAULT_REGION": "",
+        ]
+        let ui = try TestUI(s, env: noAWS)
+        try ui.login()
+        func body(endpoint: String, bucket: String, secret: String) -> String {
+            """
+            {"endpoint":"\(endpoint)","bucket":"\(bucket)","prefix":"laptop/","region":"us-east-1",
+             "accessKeyId":"\(SeaweedFS.accessKey)","secretAccessKey":"\(secret)"}
+            """
+        }
+        #expect(
+            try ui.request("POST", "/api/s3", json: body(endpoint: "ftp://x", bucket: "ui-bucket", secret: "s")).status
+                == 400)
+        #expect(
+            try ui.request("POST", "/api/s3", json: body(endpoint: store.endpoint, bucket: "No_Bucket", secret: "s"))
+                .status == 400)
+        #expect(
+            try ui.request("POST", "/api/s3", json: body(endpoint: store.endpoint, bucket: "ui-bucket", secret: ""))
+                .status == 400)
+        let saved = try ui.request(
+            "POST", "/api/s3", json: body(endpoint: store.endpoint, bucket: "ui-bucket", secret: SeaweedFS.secretKey))
+        #expect(saved.status == 200, "\(saved.body)")
+        let repo = try #require(saved.object["repo"] as? String)
+        #expect(repo == "s3:\(store.endpoint)/ui-bucket/laptop")
+        #expect(!saved.body.contains(SeaweedFS.secretKey))
+        // The store the CLI reads: 0600, in the ui's config directory.
+        let file = s.file("config/cabackup/s3-credentials.json")
+        #expect(fileMode(file).map { $0 & 0o777 } == 0o600)
+        #expect(try String(contentsOfFile: file, encoding: .utf8).contains(SeaweedFS.accessKey))
+
+        let add = """
+            {"name":"bucket","repo":"\(repo)","paths":["\(s.file("src"))"],"init":true,"password":"bucket password"}
+            """
+        let added = try ui.request("POST", "/api/repositories", json: add)
+        #expect(added.status == 201, "\(added.body)")
+        let sync = try ui.request("POST", "/api/repositories/bucket/sync")
+        let job = try ui.waitForJob(try #require(sync.object["job"] as? String))
+        #expect(job["state"] as? String == "done", "\(job)")
+        let snapshots = try #require(
+            try ui.request("GET", "/api/repositories/bucket/snapshots").json as? [[String: Any]])
+        #expect(snapshots.count == 1 && snapshots.first?["id"] as? String == job["snapshot"] as? String)
+        #expect(!(try String(contentsOfFile: s.file("ui.log"), encoding: .utf8)).contains(SeaweedFS.secretKey))
+
+        // The CLI, without AWS_*, opens the bucket with the stored keys; without them it cannot.
+        let cli = noAWS.merging(["XDG_CONFIG_HOME": s.file("config"), "CABACKUP_PASSWORD": "bucket password"]) { $1 }
+        let listed = try cabackup("snapshots", "--repo", repo, "--json", env: cli)
+        #expect(listed.status == 0 && listed.stdout.contains(s.file("src")), "\(listed.stderr)")
+        let elsewhere = cli.merging(["XDG_CONFIG_HOME": s.file("empty-config")]) { $1 }
+        let refused = try cabackup("snapshots", "--repo", repo, env: elsewhere)
+        #expect(refused.status != 0 && refused.stderr.contains("AWS_ACCESS_KEY_ID"), "\(refused.stderr)")
+    }
 }
