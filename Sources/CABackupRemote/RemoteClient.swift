@@ -11,16 +11,23 @@ import Synchronization
 final class RemoteClient: Sendable {
     let server: String
     let user: String
-    let token: String?
+    /// The token sent, if any; replaced when ``followsStore`` and the store has a newer one.
+    private let token: Mutex<String?>
+    /// Whether the token came from ``CredentialStore``: a call the server refuses with 401
+    /// then takes the stored token again, once, when another login of this device replaced it.
+    let followsStore: Bool
     private let client: HTTPClient
 
     /// - Parameters:
     ///   - caCertificate: a PEM file to trust in addition to the system's roots (a
     ///     self-signed server certificate); default `$CABACKUP_CACERT`.
-    init(server: String, user: String, token: String?, caCertificate: String? = nil) throws {
+    ///   - followsStore: the token is the one ``CredentialStore`` holds (see ``followsStore``).
+    init(server: String, user: String, token: String?, caCertificate: String? = nil, followsStore: Bool = false) throws
+    {
         self.server = server
         self.user = user
-        self.token = token
+        self.token = Mutex(token)
+        self.followsStore = followsStore
         let ca = caCertificate ?? ProcessInfo.processInfo.environment["CABACKUP_CACERT"] ?? ""
         client = try SharedHTTPClient.client(caCertificate: ca, readTimeout: .seconds(120))
     }
@@ -56,9 +63,10 @@ final class RemoteClient: Sendable {
     ) throws -> Reply {
         let url = server + path
         var headers = HTTPHeaders()
-        if let token { headers.add(name: "Authorization", value: "Bearer " + token) }
+        let sent = token.withLock { $0 }
+        if let sent { headers.add(name: "Authorization", value: "Bearer " + sent) }
         for (k, v) in extra { headers.add(name: k, value: v) }
-        let request: HTTPClient.Request
+        var request: HTTPClient.Request
         do {
             request = try HTTPClient.Request(
                 url: url, method: method, headers: headers,
@@ -68,6 +76,7 @@ final class RemoteClient: Sendable {
         }
         let retriable = idempotent ?? (method != .POST)
         var attempt = 1
+        var tokenRenewed = false
         while true {
             let response: HTTPClient.Response
             do {
@@ -100,6 +109,16 @@ final class RemoteClient: Sendable {
             let received = response.body ?? ByteBuffer()
             let status = Int(response.status.code)
             if accept.contains(status) { return Reply(status: status, headers: response.headers, buffer: received) }
+            // Refused, and this device logged in again meanwhile (cabackup ui, or login in
+            // another terminal, while this process runs): the new token, once.
+            if status == 401, followsStore, !tokenRenewed,
+                let stored = CredentialStore.token(server: server, user: user), stored != sent
+            {
+                token.withLock { $0 = stored }
+                request.headers.replaceOrAdd(name: "Authorization", value: "Bearer " + stored)
+                tokenRenewed = true
+                continue
+            }
             // Busy (too many uploads to the space at once): wait as long as the server
             // asks, at most 30 s a time, and try again, up to 20 times.
             if status == 503, attempt <= 20 {

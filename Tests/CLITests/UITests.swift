@@ -593,6 +593,22 @@ struct UITests {
         // The phone's token no longer works.
         let refused = try cabackup("snapshots", "--repo", server.repo("alice"), env: phone)
         #expect(refused.status != 0)
+        // Logged in again (as after a lost token): revoking the older login, which the open
+        // repository was using, leaves it working with the new one the store holds.
+        let again = try ui.request(
+            "POST", "/api/accounts",
+            json: #"{"server":"\#(server.url)","user":"alice","password":"\#(password)","device":"laptop-2"}"#)
+        #expect(again.status == 200, "\(again.body)")
+        let three = try #require(try ui.request("GET", "/api/repositories/space/devices").json as? [[String: Any]])
+        let old = try #require(three.first { $0["device"] as? String == "laptop" })
+        #expect(old["current"] as? Bool == false)
+        let oldID = try #require(old["id"] as? String)
+        #expect(try ui.request("DELETE", "/api/repositories/space/devices/\(oldID)").status == 204)
+        try "after the new login\n".write(toFile: s.file("src/b.txt"), atomically: true, encoding: .utf8)
+        let resync = try ui.request("POST", "/api/repositories/space/sync")
+        let resynced = try ui.waitForJob(try #require(resync.object["job"] as? String))
+        #expect(resynced["state"] as? String == "done", "\(resynced)")
+
         // A repository that is not a server space has no devices or usage.
         try FileManager.default.createDirectory(atPath: s.file("local"), withIntermediateDirectories: true)
         let local = """
