@@ -24,9 +24,11 @@ public final class HTTPStorage: Storage, SpaceServices, @unchecked Sendable {
 
     /// - Parameters:
     ///   - remote: the server and account.
-    ///   - token: the device token; default: the one `cabackup login` stored.
+    ///   - token: the device token; default: the one `cabackup login` stored, taken from the
+    ///     store again when the server refuses it (401) and a newer login stored another.
     ///   - caCertificate: a PEM file to trust besides the system roots (default `$CABACKUP_CACERT`).
     public init(_ remote: RemoteLocation, token: String? = nil, caCertificate: String? = nil) throws {
+        let given = token
         guard let token = token ?? CredentialStore.token(server: remote.serverURL, user: remote.user) else {
             throw CABackupError.notLoggedIn(
                 "not logged in to \(remote.serverURL) as '\(remote.user)': run 'cabackup login --server \(remote.serverURL) --user \(remote.user)'"
@@ -34,7 +36,8 @@ public final class HTTPStorage: Storage, SpaceServices, @unchecked Sendable {
         }
         self.remote = remote
         self.client = try RemoteClient(
-            server: remote.serverURL, user: remote.user, token: token, caCertificate: caCertificate)
+            server: remote.serverURL, user: remote.user, token: token, caCertificate: caCertificate,
+            followsStore: given == nil)
     }
 
     static func path(_ kind: FileKind, _ name: String? = nil) -> String {

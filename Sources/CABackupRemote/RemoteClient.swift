@@ -11,16 +11,23 @@ import Synchronization
 final class RemoteClient: Sendable {
     let server: String
     let user: String
-    let token: String?
+    /// The token sent, if any; replaced when ``followsStore`` and the store has a newer one.
+    private let token: Mutex<String?>
+    /// Whether the token came from ``CredentialStore``: a call the server refuses with 401
+    /// then takes the stored token again, once, when another login of this device replaced it.
+    let followsStore: Bool
     private let client: HTTPClient
 
     /// - Parameters:
     ///   - caCertificate: a PEM file to trust in addition to the system's roots (a
     ///     self-signed server certificate); default `$CABACKUP_CACERT`.
-    init(server: String, user: String, token: String?, caCertificate: String? = nil) throws {
+    ///   - followsStore: the token is the one ``CredentialStore`` holds (see ``followsStore``).
+    init(server: String, user: String, token: String?, caCertificate: String? = nil, followsStore: Bool = false) throws
+    {
         self.server = server
         self.user = user
-        self.token = token
+        self.token = Mutex(token)
+        self.followsStore = followsStore
         let ca = caCertificate ?? ProcessInfo.processInfo.environment["CABACKUP_CACERT"] ?? ""
         client = try SharedHTTPClient.client(caCertificate: ca, readTimeout: .seconds(120))
     }
@@ -56,9 +63,10 @@ final class RemoteClient: Sendable {
     ) throws -> Reply {
         let url = server + path
         var headers = HTTPHeaders()
-        if let token { headers.add(name: "Authorization", value: "Bearer " + token) }
+        let sent = token.withLock { $0 }
+        if let sent { headers.add(name: "Authorization", value: "Bearer " + sent) }
         for (k, v) in extra { headers.add(name: k, value: v) }
-        let request: HTTPClient.Request
+        var request: HTTPClient.Request
         do {
             request = try HTTPClient.Request(
                 url: url, method: method, headers: headers,
@@ -68,6 +76,7 @@ final class RemoteClient: Sendable {
         }
         let retriable = idempotent ?? (method != .POST)
         var attempt = 1
+        var tokenRenewed = false
         while true {
             let response: HTTPClient.Response
             do {
@@ -100,6 +109,16 @@ final class RemoteClient: Sendable {
             let received = response.body ?? ByteBuffer()
             let status = Int(response.status.code)
             if accept.contains(status) { return Reply(status: status, headers: response.headers, buffer: received) }
+            // Refused, and this device logged in again meanwhile (cabackup ui, or login in
+            // another terminal, while this process runs): the new token, once.
+            if status == 401, followsStore, !tokenRenewed,
+                let stored = CredentialStore.token(server: server, user: user), stored != sent
+            {
+                token.withLock { $0 = stored }
+                request.headers.replaceOrAdd(name: "Authorization", value: "Bearer " + stored)
+                tokenRenewed = true
+                continue
+            }
             // Busy (too many uploads to the space at once): wait as long as the server
             // asks, at most 30 s a time, and try again, up to 20 times.
             if status == 503, attempt <= 20 {
@@ -217,6 +236,14 @@ public struct DeviceInfo: Sendable, Codable, Equatable {
         current = try c.decode(Bool.self, forKey: .current)
         rights = try c.decodeIfPresent(String.self, forKey: .rights) ?? "full"
     }
+}
+
+/// The storage a space uses against its quota.
+public struct SpaceUsage: Sendable, Codable, Equatable {
+    /// Bytes the space holds (packs, records, key slots, config).
+    public let used: Int64
+    /// The most it may hold, or nil for no quota.
+    public let quota: Int64?
 }
 
 /// Accounts on a `cabackup server`: register, log in and out, list and revoke devices.
@@ -398,6 +425,15 @@ public enum RemoteAccount {
     /// Revokes one device's token (by the id ``devices(server:user:caCertificate:)`` shows).
     public static func revoke(server: String, user: String, device id: String, caCertificate: String? = nil) throws {
         _ = try client(server, user, caCertificate).call(.DELETE, "/v1/devices/" + id, accept: [204])
+    }
+
+    /// The bytes the account's space holds and its quota (`GET /v1/space/usage`).
+    public static func usage(server: String, user: String, caCertificate: String? = nil) throws -> SpaceUsage {
+        let reply = try client(server, user, caCertificate).call(.GET, "/v1/space/usage")
+        guard let usage = try? JSONDecoder().decode(SpaceUsage.self, from: Data(reply.body)) else {
+            throw CABackupError.remote(status: reply.status, message: "the server's usage answer is malformed")
+        }
+        return usage
     }
 
     static func client(_ server: String, _ user: String, _ ca: String?) throws -> RemoteClient {

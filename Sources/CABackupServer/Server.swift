@@ -414,6 +414,14 @@ final class ServerAPI: Sendable {
                 return Self.empty(204)
             }
         }
+        router.get("/v1/space/usage") { req, _ in
+            await self.handle(req) {
+                let caller = try await self.accounts.authenticate(req.headers[.authorization])
+                let s = try await self.space(caller)
+                let (used, _) = try await s.records.usage()
+                return try Self.json(200, UsageAnswer(used: used, quota: self.quota(of: caller)))
+            }
+        }
         router.head("/v1/space/config") { req, _ in
             await self.handle(req) { try await self.head(req, .config, "config") }
         }
@@ -574,6 +582,20 @@ final class ServerAPI: Sendable {
         let scheme: Int
         let origin: String
         let rights: String
+    }
+
+    /// What `GET /v1/space/usage` answers: the bytes the space holds and its quota (nil:
+    /// none).
+    struct UsageAnswer: Encodable {
+        let used: Int64
+        let quota: Int64?
+
+        func encode(to encoder: any Encoder) throws {
+            var c = encoder.container(keyedBy: CodingKeys.self)
+            try c.encode(used, forKey: .used)
+            try c.encode(quota, forKey: .quota)
+        }
+        enum CodingKeys: String, CodingKey { case used, quota }
     }
 
     struct Rebind: Decodable {

@@ -52,6 +52,18 @@ enum Assets {
         <button type="submit">Log in</button>
         </form>
         </details>
+        <details id="s3">
+        <summary>Set up an S3 bucket</summary>
+        <form id="s3-form">
+        <label>Endpoint <input name="endpoint" required placeholder="https://s3.eu-central-1.amazonaws.com"></label>
+        <label>Bucket <input name="bucket" required pattern="[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]"></label>
+        <label>Prefix in the bucket (optional) <input name="prefix" placeholder="laptop"></label>
+        <label>Region <input name="region" placeholder="us-east-1"></label>
+        <label>Access key id <input name="accessKeyId" required autocomplete="off"></label>
+        <label>Secret access key <input type="password" name="secretAccessKey" required autocomplete="off"></label>
+        <button type="submit">Save the keys</button>
+        </form>
+        </details>
         </section>
         <section id="repository" hidden aria-labelledby="repository-title">
         <h2 id="repository-title" tabindex="-1"></h2>
@@ -62,6 +74,13 @@ enum Assets {
         <button type="submit">Unlock</button>
         </form>
         <button id="lock" type="button">Lock</button>
+        <div id="space-view" hidden>
+        <h3>Storage</h3>
+        <svg id="usage-chart" role="img" aria-labelledby="usage-text" viewBox="0 0 100 6" preserveAspectRatio="none"><rect class="free" x="0" y="0" width="100" height="6"></rect><rect id="usage-used" class="used" x="0" y="0" width="0" height="6"></rect></svg>
+        <p id="usage-text"></p>
+        <h3>Devices</h3>
+        <table id="devices"><thead><tr><th>Device</th><th>Rights</th><th class="wide">Last seen</th><th>Revoke</th></tr></thead><tbody></tbody></table>
+        </div>
         <div id="unlocked-view">
         <h3>What changed since the last sync</h3>
         <p id="changes-summary"></p>
@@ -116,6 +135,10 @@ enum Assets {
         td:nth-child(4) a, td:nth-child(5) button { overflow-wrap: normal; }
         td, th { text-align: left; padding: .2rem .4rem; border-bottom: 1px solid #ddd; overflow-wrap: anywhere; }
         progress { width: 100%; }
+        #usage-chart { width: 100%; height: 1.2rem; display: block; border: 1px solid #888; }
+        #usage-chart .free { fill: #e6e6e6; } #usage-chart .used { fill: #1a5fb4; } #usage-chart.full .used { fill: #c01c28; }
+        #devices th:nth-child(1) { width: auto; } #devices th:nth-child(2) { width: 7rem; }
+        #devices th:nth-child(3) { width: 11rem; } #devices th:nth-child(4) { width: 6rem; }
         #message { color: #a00; min-height: 1.4em; }
         ul, ol { padding-left: 1.2rem; overflow-wrap: anywhere; }
         @media (max-width: 40rem) {
@@ -173,9 +196,38 @@ enum Assets {
           document.getElementById("lock").hidden = !unlocked;
           document.getElementById("unlocked-view").hidden = !unlocked;
           document.getElementById("banner").hidden = true; state.checkedAt = "";
+          const space = state.current.repo.startsWith("http://") || state.current.repo.startsWith("https://");
+          document.getElementById("space-view").hidden = !space;
+          if (space) await loadSpace().catch(e => say(e.message));
           if (unlocked) { await Promise.all([checkChanges(), loadSnapshots()]); }
           if (unlocked) document.getElementById("repository-title").focus();
           else document.querySelector("#unlock-form input[name=password]").focus();
+        }
+
+        // A server space: its storage against the quota, and its devices with Revoke.
+        async function loadSpace() {
+          const [usage, devices] = await Promise.all([api("GET", repoPath("/usage")), api("GET", repoPath("/devices"))]);
+          const share = usage.quota ? Math.min(1, usage.used / usage.quota) : 0;
+          document.getElementById("usage-used").setAttribute("width", String(share * 100));
+          document.getElementById("usage-chart").classList.toggle("full", share >= 0.9);
+          document.getElementById("usage-text").textContent = usage.quota
+            ? bytes(usage.used) + " of " + bytes(usage.quota) + " used (" + (share * 100).toFixed(1) + "%)"
+            : bytes(usage.used) + " used (no quota)";
+          const body = document.querySelector("#devices tbody"); body.replaceChildren();
+          for (const d of devices) {
+            const row = el("tr"); const revoke = el("button", "Revoke"); revoke.type = "button";
+            revoke.setAttribute("aria-label", "Revoke " + d.device);
+            revoke.addEventListener("click", guard(async () => {
+              const what = d.current ? "this device's own login (the page will no longer reach the space)" : "the device " + d.device;
+              if (!window.confirm("Revoke " + what + "? It must log in again with the account password.")) return;
+              await api("DELETE", repoPath("/devices/" + encodeURIComponent(d.id)));
+              say("Revoked " + d.device + "."); await loadSpace();
+            }));
+            const cell = el("td"); cell.append(revoke);
+            const seen = el("td", d.lastUsed.slice(0, 19).replace("T", " ")); seen.className = "wide";
+            row.append(el("td", d.device + (d.current ? " (this device)" : "")), el("td", d.rights), seen, cell);
+            body.append(row);
+          }
         }
 
         async function checkChanges() { showChanges(await api("GET", repoPath("/changes"))); }
@@ -256,6 +308,7 @@ enum Assets {
             status.textContent = j.kind + " " + j.state + ": " + j.files + " files, " + bytes(j.bytes) +
               (j.totalBytes ? " of " + bytes(j.totalBytes) : "") + (j.rate ? ", " + bytes(j.rate) + "/s" : "") +
               (j.etaSeconds ? ", " + Math.ceil(j.etaSeconds) + " s left" : "") + (j.error ? " — " + j.error : "") +
+              (j.waiting ? " — " + j.waiting : "") +
               (j.snapshot ? " — snapshot " + j.snapshot.slice(0, 8) : "");
             if (j.state !== "running") { bar.hidden = true; return j; }
             await new Promise(r => setTimeout(r, 500));
@@ -295,6 +348,18 @@ enum Assets {
             say((a.registered ? "Registered and logged in" : "Logged in") + " as " + a.user + " on " + a.server +
               ". Add its space below (tick Create for a new space).");
           }));
+          document.getElementById("s3-form").addEventListener("submit", guard(async (event) => {
+            const f = new FormData(event.target);
+            const b = await api("POST", "/api/s3", { endpoint: f.get("endpoint"), bucket: f.get("bucket"),
+              prefix: f.get("prefix") || undefined, region: f.get("region") || undefined,
+              accessKeyId: f.get("accessKeyId"), secretAccessKey: f.get("secretAccessKey") });
+            event.target.reset(); document.getElementById("s3").open = false;
+            // The bucket is a repository to add: its location filled in, the form open.
+            document.getElementById("add").open = true;
+            const form = document.getElementById("add-form"); form.elements.repo.value = b.repo; form.elements.name.focus();
+            say("Saved the keys of " + b.bucket + " (region " + b.region + ") for this device's user. Add the repository below " +
+              "(tick Create for a new one).");
+          }));
           document.getElementById("unlock-form").addEventListener("submit", guard(async (event) => {
             const password = new FormData(event.target).get("password");
             await api("POST", repoPath("/unlock"), { password }); event.target.reset();
@@ -308,6 +373,7 @@ enum Assets {
             document.getElementById("job-status").textContent = "sync starting";
             const { job } = await api("POST", repoPath("/sync"));
             await follow(job); state.snapshot = null; await Promise.all([checkChanges(), loadSnapshots()]);
+            if (!document.getElementById("space-view").hidden) await loadSpace();
           });
           document.getElementById("sync").addEventListener("click", sync);
           document.getElementById("banner-sync").addEventListener("click", sync);

@@ -28,17 +28,58 @@ struct JobStatus: Codable, Sendable {
     var snapshot: String?
     /// Entries a sync could not read, or a restore could not write.
     var warnings: [String] = []
+    /// While the job waits out a network outage (a call to its server or object store being
+    /// retried): the library's message, `waiting for the network: … does not answer (…);
+    /// retrying`. Absent otherwise.
+    var waiting: String?
 }
 
 /// The jobs of this process, by id: kept until it ends.
 final class Jobs: Sendable {
     private let all = Mutex<[String: JobStatus]>([:])
+    /// For each job of a remote repository: the `HOST:PORT` its calls go to, and the last
+    /// network wait reported for it, with when (monotonic seconds).
+    private let waits = Mutex<[String: (endpoint: String, message: String?, at: Double)]>([:])
+    /// A wait is shown for this long after it was last reported: a call waiting out an
+    /// outage retries (and reports again) at least every 2 s.
+    static let waitShownSeconds = 5.0
 
-    /// Registers a running job and returns its id.
-    func start(kind: String, repository: String) -> String {
+    /// Registers a running job and returns its id. `location` is the repository's: a
+    /// remote one's network waits are shown in the job (``noteWait(_:)``).
+    func start(kind: String, repository: String, location: String? = nil) -> String {
         let id = hexString(secureRandomBytes(8))
         all.withLock { $0[id] = JobStatus(id: id, kind: kind, repository: repository) }
+        if let endpoint = location.flatMap(Self.endpoint) { waits.withLock { $0[id] = (endpoint, nil, 0) } }
         return id
+    }
+
+    /// The `HOST:PORT` a remote location's calls go to (`http(s)://[NAME@]HOST:PORT…`,
+    /// `s3:http(s)://HOST:PORT/…`), or nil for a local one.
+    static func endpoint(_ location: String) -> String? {
+        var rest = Substring(location)
+        if rest.hasPrefix("s3:") { rest = rest.dropFirst(3) }
+        guard rest.hasPrefix("http://") || rest.hasPrefix("https://"),
+            let scheme = rest.range(of: "://")
+        else { return nil }
+        var authority = rest[scheme.upperBound...].prefix { $0 != "/" }
+        if let at = authority.lastIndex(of: "@") { authority = authority[authority.index(after: at)...] }
+        return authority.isEmpty ? nil : String(authority).lowercased()
+    }
+
+    /// A network wait the library reported (from any thread): shown in every running job
+    /// whose repository's endpoint the message names (`scheme://HOST:PORT` followed by a
+    /// space or a slash; a bucket's virtual host `BUCKET.HOST:PORT` too).
+    func noteWait(_ message: String) {
+        let now = monotonicSeconds()
+        let lower = message.lowercased()
+        waits.withLock { all in
+            for (id, w) in all
+            where [" ", "/"].contains(where: {
+                lower.contains("//" + w.endpoint + $0) || lower.contains("." + w.endpoint + $0)
+            }) {
+                all[id] = (w.endpoint, message, now)
+            }
+        }
     }
 
     func update(_ id: String, _ change: (inout JobStatus) -> Void) {
@@ -50,7 +91,15 @@ final class Jobs: Sendable {
         }
     }
 
-    func status(_ id: String) -> JobStatus? { all.withLock { $0[id] } }
+    func status(_ id: String) -> JobStatus? {
+        guard var job = all.withLock({ $0[id] }) else { return nil }
+        if job.state == .running, let w = waits.withLock({ $0[id] }), let message = w.message,
+            monotonicSeconds() - w.at < Self.waitShownSeconds
+        {
+            job.waiting = message
+        }
+        return job
+    }
 
     /// Runs `body` on `worker` as job `id`, recording its end.
     func run(
@@ -60,6 +109,7 @@ final class Jobs: Sendable {
         Task {
             do {
                 let result = try await worker.run(body)
+                waits.withLock { _ = $0.removeValue(forKey: id) }
                 update(id) {
                     $0.state = .done
                     $0.snapshot = result.snapshot
@@ -68,6 +118,7 @@ final class Jobs: Sendable {
                 }
             } catch {
                 let message = (error as? UIError)?.message ?? "\(error)"
+                waits.withLock { _ = $0.removeValue(forKey: id) }
                 update(id) {
                     $0.state = .failed
                     $0.error = message

@@ -59,6 +59,7 @@ final class UIAPI: Sendable {
         }
         router.post("/api/repositories") { req, _ in await self.handle { try await self.add(req) } }
         router.post("/api/accounts") { req, _ in await self.handle { try await self.account(req) } }
+        router.post("/api/s3") { req, _ in await self.handle { try await self.s3(req) } }
         router.post("/api/repositories/:name/unlock") { req, ctx in
             await self.handle {
                 let (entry, worker) = try self.repository(ctx)
@@ -114,6 +115,35 @@ final class UIAPI: Sendable {
         }
         router.post("/api/repositories/:name/restore") { req, ctx in
             await self.handle { try await self.restore(req, ctx) }
+        }
+        router.get("/api/repositories/:name/devices") { _, ctx in
+            await self.handle {
+                let space = try self.serverSpace(ctx)
+                let list = try await Self.offLoop {
+                    try RemoteAccount.devices(server: space.serverURL, user: space.user)
+                }
+                return jsonResponse(200, list.map(DeviceAnswer.init))
+            }
+        }
+        router.delete("/api/repositories/:name/devices/:id") { _, ctx in
+            await self.handle {
+                let space = try self.serverSpace(ctx)
+                let id = ctx.parameters.get("id") ?? ""
+                guard !id.isEmpty, id.allSatisfy({ $0.isLetter || $0.isNumber || $0 == "-" || $0 == "_" }) else {
+                    throw UIError(400, "the device id '\(id)' is not one the device list shows")
+                }
+                try await Self.offLoop {
+                    try RemoteAccount.revoke(server: space.serverURL, user: space.user, device: id)
+                }
+                return Response(status: .noContent)
+            }
+        }
+        router.get("/api/repositories/:name/usage") { _, ctx in
+            await self.handle {
+                let space = try self.serverSpace(ctx)
+                return jsonResponse(
+                    200, try await Self.offLoop { try RemoteAccount.usage(server: space.serverURL, user: space.user) })
+            }
         }
         router.get("/api/jobs/:id") { _, ctx in
             await self.handle {
@@ -278,22 +308,14 @@ final class UIAPI: Sendable {
         let register = body.register ?? false
         if register && (body.email ?? "").isEmpty { throw UIError(400, "give an e-mail address to register") }
         // The account calls block on the network: on a thread of their own, off the event loop.
-        try await withCheckedThrowingContinuation { (done: CheckedContinuation<Void, Error>) in
-            Thread.detachNewThread {
-                do {
-                    try RemoteAccount.checkUserName(body.user)
-                    if register {
-                        try RemoteAccount.register(
-                            server: body.server, user: body.user, email: body.email ?? "", password: body.password)
-                    }
-                    try RemoteAccount.login(
-                        server: body.server, user: body.user, password: body.password,
-                        device: body.device ?? currentHostname())
-                    done.resume()
-                } catch {
-                    done.resume(throwing: error)
-                }
+        try await Self.offLoop {
+            try RemoteAccount.checkUserName(body.user)
+            if register {
+                try RemoteAccount.register(
+                    server: body.server, user: body.user, email: body.email ?? "", password: body.password)
             }
+            try RemoteAccount.login(
+                server: body.server, user: body.user, password: body.password, device: body.device ?? currentHostname())
         }
         let host = location.serverURL.dropFirst(location.scheme.count + 3)
         return jsonResponse(
@@ -301,6 +323,73 @@ final class UIAPI: Sendable {
             Answer(
                 server: location.serverURL, user: body.user, registered: register,
                 repo: "\(location.scheme)://\(body.user)@\(host)"))
+    }
+
+    /// The server space the route's `:name` names; 400 for a repository of another kind.
+    func serverSpace(_ ctx: BasicRequestContext) throws -> RemoteLocation {
+        let (entry, _) = try repository(ctx)
+        guard entry.repo.hasPrefix("http://") || entry.repo.hasPrefix("https://"),
+            let location = try? RemoteLocation(parsing: entry.repo)
+        else { throw UIError(400, "the repository '\(entry.name)' is not a server space") }
+        return location
+    }
+
+    /// Runs a blocking network call on a thread of its own, off the event loop.
+    static func offLoop<T: Sendable>(_ body: @escaping @Sendable () throws -> T) async throws -> T {
+        try await withCheckedThrowingContinuation { (done: CheckedContinuation<T, Error>) in
+            Thread.detachNewThread { done.resume(with: Result { try body() }) }
+        }
+    }
+
+    // MARK: S3 buckets
+
+    /// Stores an S3 bucket's keys where the CLI reads them (``S3CredentialStore``: 0600, in
+    /// the cabackup config directory) and answers the repository location to add.
+    func s3(_ req: Request) async throws -> Response {
+        struct Body: Decodable {
+            let endpoint: String
+            let bucket: String
+            let prefix: String?
+            let region: String?
+            let accessKeyId: String
+            let secretAccessKey: String
+        }
+        struct Answer: Encodable {
+            let repo: String
+            let endpoint: String
+            let bucket: String
+            let region: String
+        }
+        let body = try await decode(Body.self, req)
+        let endpoint = body.endpoint.trimmingCharacters(in: .whitespaces).trimmingCharacters(in: ["/"])
+        guard endpoint.hasPrefix("http://") || endpoint.hasPrefix("https://"),
+            endpoint.dropFirst(endpoint.hasPrefix("https") ? 8 : 7).allSatisfy({ $0 != "/" && $0 != "@" })
+        else { throw UIError(400, "the endpoint '\(body.endpoint)' is not an http(s)://HOST[:PORT] address") }
+        let prefix = (body.prefix ?? "").split(separator: "/").joined(separator: "/")
+        let location: S3Location
+        do {
+            location = try S3Location(
+                parsing: "s3:\(endpoint)/\(body.bucket)" + (prefix.isEmpty ? "" : "/" + prefix))
+        } catch let e as CABackupError {
+            throw UIError(e)
+        }
+        let region = (body.region ?? "").trimmingCharacters(in: .whitespaces)
+        guard !body.accessKeyId.isEmpty, !body.secretAccessKey.isEmpty else {
+            throw UIError(400, "give the access key id and the secret access key")
+        }
+        guard region.isEmpty || region.allSatisfy({ $0.isLetter || $0.isNumber || $0 == "-" || $0 == "_" }) else {
+            throw UIError(400, "the region '\(region)' is not a region name such as eu-central-1")
+        }
+        let credentials = S3Credentials(
+            accessKeyId: body.accessKeyId, secretAccessKey: body.secretAccessKey, region: region.isEmpty ? nil : region)
+        try await withCheckedThrowingContinuation { (done: CheckedContinuation<Void, Error>) in
+            configQueue.async { done.resume(with: Result { try S3CredentialStore.store(credentials, for: location) }) }
+        }
+        return jsonResponse(
+            200,
+            Answer(
+                repo: location.description, endpoint: location.endpoint, bucket: location.bucket,
+                region: region.isEmpty ? "us-east-1" : region))
     }
 
     // MARK: Changes and sync
@@ -385,7 +474,7 @@ final class UIAPI: Sendable {
     /// Starts a snapshot of the repository's paths as a job; returns its id.
     func sync(_ entry: ConfiguredRepository, _ worker: RepositoryWorker) -> String {
         let jobs = self.jobs
-        let id = jobs.start(kind: "sync", repository: entry.name)
+        let id = jobs.start(kind: "sync", repository: entry.name, location: entry.repo)
         jobs.run(id, on: worker) { repo in
             try repo.synchronizeIndex()
             let result = try repo.snapshot(
@@ -553,7 +642,7 @@ final class UIAPI: Sendable {
         guard body.path.hasPrefix("/") else { throw UIError(400, "path must be an absolute path in the snapshot") }
         guard body.target.hasPrefix("/") else { throw UIError(400, "target must be an absolute directory") }
         let jobs = self.jobs
-        let id = jobs.start(kind: "restore", repository: entry.name)
+        let id = jobs.start(kind: "restore", repository: entry.name, location: entry.repo)
         jobs.run(id, on: worker) { repo in
             let snapshot = try repo.findSnapshot(body.snapshot)
             let options = RestoreOptions(
@@ -610,6 +699,22 @@ struct ChangesAnswer: Codable, Sendable {
             }
         entries = Array(all.prefix(UIAPI.maxEntries))
         truncated = added + removed + modified + metadataOnly > UIAPI.maxEntries
+    }
+}
+
+/// One device of `GET /api/repositories/NAME/devices`.
+struct DeviceAnswer: Encodable, Sendable {
+    let id: String
+    let device: String
+    let created: String
+    let lastUsed: String
+    /// Whether this is the token of this device (of `cabackup ui`).
+    let current: Bool
+    /// `full` or `append-only`.
+    let rights: String
+
+    init(_ d: DeviceInfo) {
+        (id, device, created, lastUsed, current, rights) = (d.id, d.device, d.created, d.lastUsed, d.current, d.rights)
     }
 }
 

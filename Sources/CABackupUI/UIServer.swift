@@ -1,4 +1,5 @@
 import CABackup
+import CABackupRemote
 import Foundation
 import HTTPTypes
 import Hummingbird
@@ -67,6 +68,9 @@ public final class UIServer: Sendable {
         let router = Router(context: BasicRequestContext.self)
         router.add(middleware: AccessMiddleware(access: access))
         api.install(on: router)
+        // A job waiting out a network outage says so in its status (the page shows it).
+        let jobs = api.jobs
+        NetworkWaits.onWait { message in jobs.noteWait(message) }
         var logger = Logger(label: "cabackup.ui")
         logger.logLevel = .warning
         let host = options.host == "localhost" ? "127.0.0.1" : options.host.trimmingCharacters(in: ["[", "]"])

@@ -1,5 +1,6 @@
 import ArgumentParser
 import CABackup
+import CABackupUI
 import Foundation
 
 /// Prints a change set as text (`+`, `-`, `M`, `U` lines, `note` if any, and a summary
@@ -143,7 +144,7 @@ struct WatchCommand: ParsableCommand {
         commandName: "watch",
         abstract: "Check PATHs for changes periodically and offer to sync them.",
         discussion: discussion(
-            "Every DURATION (--every, 24h by default) it compares PATHs with their last snapshot. When something changed it prints a summary and, on a terminal, asks \"Sync N changed files (SIZE) now? [y/N]\". On y, or with --yes, it takes a new snapshot in which only changed files are read (unchanged ones are reused from the previous snapshot, so the new snapshot is complete). Without a terminal and without --yes it only reports. Nothing changed: no snapshot. --once checks once and exits."
+            "Every DURATION (--every, 24h by default) it compares PATHs with their last snapshot. When something changed it prints a summary and, on a terminal, asks \"Sync N changed files (SIZE) now? [y/N]\". On y, or with --yes, it takes a new snapshot in which only changed files are read (unchanged ones are reused from the previous snapshot, so the new snapshot is complete). Without a terminal and without --yes it only reports. Nothing changed: no snapshot. --once checks once and exits. Without PATHs it watches every repository of the device configuration file (--config, default ~/.config/cabackup/device.json, the file `cabackup ui` writes; docs/ui.md): each with its paths, its excludes (and --exclude's) and its `every` (else --every), its lines starting with [NAME]; each repository's password comes from --password-file or CABACKUP_PASSWORD (the same for all), else a prompt naming it."
         ))
 
     @OptionGroup var repository: RepositoryOptions
@@ -162,59 +163,120 @@ struct WatchCommand: ParsableCommand {
     @Option(name: .long, help: "Tag new snapshots (repeatable).")
     var tag: [String] = []
 
-    @Argument(help: "Files and directories to watch.")
+    @Option(
+        name: .long,
+        help: ArgumentHelp(
+            "Without PATHs: the device configuration file whose repositories to watch (default: $XDG_CONFIG_HOME/cabackup/device.json).",
+            valueName: "file"))
+    var config: String?
+
+    @Argument(help: "Files and directories to watch (none: every repository of the device configuration).")
     var paths: [String] = []
 
     func validate() throws {
-        if paths.isEmpty { throw ValidationError("name at least one PATH to watch") }
+        if !paths.isEmpty && config != nil {
+            throw ValidationError("give PATHs to watch with --repo, or --config without PATHs, not both")
+        }
+        if paths.isEmpty && repository.repo != nil {
+            throw ValidationError(
+                "name at least one PATH to watch in --repo (without --repo and PATHs, watch reads the device configuration)"
+            )
+        }
         if parseDuration(every) == nil {
             throw ValidationError("--every '\(every)' is not a duration: use 90s, 15m, 24h or 7d")
         }
     }
 
+    /// One repository watched: its paths, excludes and interval.
+    struct Watched {
+        let label: String
+        let repo: Repository
+        let paths: [String]
+        let exclude: [String]
+        let iexclude: [String]
+        let interval: Double
+        var due: Double = 0
+    }
+
     func run() throws {
         let interval = parseDuration(every)!
         let patterns = try excludes.patterns()
-        let repo = try repository.open()
+        var watched: [Watched]
+        if paths.isEmpty {
+            let file = config.map(absolutePath) ?? DeviceConfiguration.defaultPath
+            let configured = try DeviceConfiguration.load(file).repositories
+            guard !configured.isEmpty else {
+                throw ValidationError(
+                    "nothing to watch: \(file) configures no repository (add one with 'cabackup ui', or give --repo and PATHs)"
+                )
+            }
+            watched = try configured.map { entry in
+                var source = repository.password
+                source.prompt = "enter password for repository \(entry.name) (\(entry.repo)): "
+                let location = StorageRegistry.canonical(entry.repo)
+                let repo = try Repository.open(path: entry.repo, passwordProvider: { try source.read(for: location) })
+                for warning in repo.warnings { printError("cabackup: warning: [\(entry.name)] \(warning)") }
+                return Watched(
+                    label: "[\(entry.name)] ", repo: repo, paths: entry.paths,
+                    exclude: (entry.exclude ?? []) + patterns.exclude, iexclude: patterns.iexclude,
+                    interval: entry.interval ?? interval)
+            }
+        } else {
+            watched = [
+                Watched(
+                    label: "", repo: try repository.open(), paths: paths, exclude: patterns.exclude,
+                    iexclude: patterns.iexclude, interval: interval)
+            ]
+        }
         var warned = false
         while true {
-            try repo.synchronizeIndex()
-            let changes = try repo.status(
-                paths: paths,
-                options: StatusOptions(
-                    excludes: patterns.exclude, caseInsensitiveExcludes: patterns.iexclude))
-            let stamp = formatRFC3339(ns: Int64(Date().timeIntervalSince1970 * 1e9)).prefix(19)
-            if changes.isEmpty {
-                print("\(stamp) no changes since snapshot \(changes.base?.shortHex ?? "-")")
-            } else {
-                print("\(stamp) \(summaryLine(changes))")
-                var sync = yes
-                if !yes {
-                    if isatty(0) == 1 {
-                        let question =
-                            "Sync \(changes.filesToSync) changed files (\(formatBytes(Int64(changes.bytesToSync)))) now? [y/N] "
-                        FileHandle.standardOutput.write(Data(question.utf8))
-                        let answer = readLine()?.trimmingCharacters(in: .whitespaces).lowercased() ?? ""
-                        sync = answer == "y" || answer == "yes"
-                    } else if !warned {
-                        print("not syncing: no terminal to ask; pass --yes to sync unattended")
-                        warned = true
-                    }
-                }
-                if sync {
-                    let result = try repo.snapshot(
-                        paths: paths,
-                        options: SnapshotOptions(
-                            tags: tag, excludes: patterns.exclude, caseInsensitiveExcludes: patterns.iexclude))
-                    for w in result.warnings { printError("warning: cannot read \(w)") }
-                    let s = result.snapshot.summary
-                    print(
-                        "snapshot \(result.snapshot.id.hex) saved: \(s.filesTotal - s.filesUnchanged) files read, "
-                            + "\(formatBytes(s.bytesAdded)) added")
-                }
+            let now = monotonicSeconds()
+            for i in watched.indices where watched[i].due <= now {
+                try check(watched[i], warned: &warned)
+                watched[i].due = monotonicSeconds() + watched[i].interval
             }
             if once { return }
-            sleep(UInt32(min(interval, Double(UInt32.max))))
+            let next = watched.map(\.due).min()! - monotonicSeconds()
+            if next > 0 { usleep(UInt32(min(next, 3600) * 1e6)) }
         }
+    }
+
+    /// Checks one repository's paths and, when they changed, offers to sync them (or does,
+    /// with --yes).
+    func check(_ w: Watched, warned: inout Bool) throws {
+        // Each check's lines reach a log or a pipe as it ends, not when a buffer fills.
+        defer { fflush(nil) }
+        let repo = w.repo
+        try repo.synchronizeIndex()
+        let changes = try repo.status(
+            paths: w.paths, options: StatusOptions(excludes: w.exclude, caseInsensitiveExcludes: w.iexclude))
+        let stamp = formatRFC3339(ns: Int64(Date().timeIntervalSince1970 * 1e9)).prefix(19)
+        if changes.isEmpty {
+            print("\(stamp) \(w.label)no changes since snapshot \(changes.base?.shortHex ?? "-")")
+            return
+        }
+        print("\(stamp) \(w.label)\(summaryLine(changes))")
+        var sync = yes
+        if !yes {
+            if isatty(0) == 1 {
+                let question =
+                    "\(w.label)Sync \(changes.filesToSync) changed files (\(formatBytes(Int64(changes.bytesToSync)))) now? [y/N] "
+                FileHandle.standardOutput.write(Data(question.utf8))
+                let answer = readLine()?.trimmingCharacters(in: .whitespaces).lowercased() ?? ""
+                sync = answer == "y" || answer == "yes"
+            } else if !warned {
+                print("not syncing: no terminal to ask; pass --yes to sync unattended")
+                warned = true
+            }
+        }
+        guard sync else { return }
+        let result = try repo.snapshot(
+            paths: w.paths,
+            options: SnapshotOptions(tags: tag, excludes: w.exclude, caseInsensitiveExcludes: w.iexclude))
+        for warning in result.warnings { printError("warning: cannot read \(warning)") }
+        let s = result.snapshot.summary
+        print(
+            "\(w.label)snapshot \(result.snapshot.id.hex) saved: \(s.filesTotal - s.filesUnchanged) files read, "
+                + "\(formatBytes(s.bytesAdded)) added")
     }
 }

@@ -138,6 +138,71 @@ struct ChangeDetectionTests {
         #expect(FileManager.default.contents(atPath: s.file("out") + src + "/edit.txt") == Data("after, longer\n".utf8))
     }
 
+    @Test("watch without PATHs watches every repository of the device configuration, with its paths and excludes")
+    func watchConfiguration() throws {
+        let s = Scratch()
+        let src = try setUp(s)
+        let other = s.file("other")
+        try FileManager.default.createDirectory(atPath: other, withIntermediateDirectories: true)
+        try Data("elsewhere\n".utf8).write(to: URL(fileURLWithPath: other + "/b.txt"))
+        #expect(try cabackup("init", "--repo", s.file("repo2")).status == 0)
+        let env = ["XDG_CONFIG_HOME": s.file("xdg")]
+        func write(_ config: String, to path: String) throws {
+            try FileManager.default.createDirectory(
+                atPath: (path as NSString).deletingLastPathComponent, withIntermediateDirectories: true)
+            try Data(config.utf8).write(to: URL(fileURLWithPath: path))
+        }
+        let config = """
+            {"version": 1, "repositories": [
+              {"name": "docs", "repo": "\(s.file("repo"))", "paths": ["\(src)"], "exclude": ["*.tmp"], "every": "1s"},
+              {"name": "other", "repo": "\(s.file("repo2"))", "paths": ["\(other)"], "every": "1h"}]}
+            """
+        try write(config, to: s.file("device.json"))
+        // A change in docs' paths, and a file its excludes leave out; other has no snapshot yet.
+        try Data("after, longer\n".utf8).write(to: URL(fileURLWithPath: src + "/edit.txt"))
+        try Data("scratch\n".utf8).write(to: URL(fileURLWithPath: src + "/junk.tmp"))
+        let synced = try cabackup("watch", "--config", s.file("device.json"), "--once", "--yes", env: env)
+        #expect(synced.status == 0, "\(synced.stdout)\(synced.stderr)")
+        let saved = synced.stdout.split(separator: "\n").filter { $0.contains(" saved: ") }
+        #expect(saved.contains { $0.hasPrefix("[docs] snapshot") && $0.contains(" 1 files read") }, "\(synced.stdout)")
+        #expect(saved.contains { $0.hasPrefix("[other] snapshot") }, "\(synced.stdout)")
+        #expect(try snapshotCount(s) == 2)
+        let listed = try cabackup("ls", "--repo", s.file("repo"), "latest", src)
+        #expect(listed.stdout.contains("edit.txt") && !listed.stdout.contains("junk.tmp"), "\(listed.stdout)")
+        let otherListed = try cabackup("ls", "--repo", s.file("repo2"), "latest", other)
+        #expect(otherListed.stdout.contains("b.txt"), "\(otherListed.stdout)\(otherListed.stderr)")
+
+        // The default file, in the config directory: nothing changed since.
+        try write(config, to: s.file("xdg/cabackup/device.json"))
+        let quiet = try cabackup("watch", "--once", env: env)
+        #expect(quiet.status == 0, "\(quiet.stderr)")
+        #expect(quiet.stdout.contains("[docs] no changes") && quiet.stdout.contains("[other] no changes"))
+
+        // Each repository is checked at its own `every`: docs every second, other once.
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: cabackupBinary)
+        p.arguments = ["watch", "--yes"]
+        p.environment = childEnvironment(env)
+        let out = Pipe()
+        p.standardOutput = out
+        p.standardError = FileHandle.nullDevice
+        try p.run()
+        Thread.sleep(forTimeInterval: 4)
+        p.terminate()
+        p.waitUntilExit()
+        let lines = String(decoding: out.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        let docsChecks = lines.components(separatedBy: "[docs] no changes").count - 1
+        let otherChecks = lines.components(separatedBy: "[other] no changes").count - 1
+        #expect(docsChecks >= 2 && otherChecks == 1, "\(lines)")
+
+        // PATHs and --config together, --repo without PATHs, or an empty configuration: refused.
+        #expect(try cabackup("watch", "--config", s.file("device.json"), "--once", src, env: env).status != 0)
+        #expect(try cabackup("watch", "--repo", s.file("repo"), "--once", env: env).status != 0)
+        try write(#"{"version": 1, "repositories": []}"#, to: s.file("empty.json"))
+        let empty = try cabackup("watch", "--config", s.file("empty.json"), "--once", env: env)
+        #expect(empty.status != 0 && empty.stderr.contains("configures no repository"), "\(empty.stderr)")
+    }
+
     @Test("watch --once on a terminal asks, and 'y' syncs")
     func watchPrompt() throws {
         let s = Scratch()

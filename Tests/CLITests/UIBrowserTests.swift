@@ -104,13 +104,13 @@ struct UIBrowserTests {
         #expect(ui.stop() == 0)
     }
 
-    @Test("a server space: register with the page's form, add the space it fills in, sync")
+    @Test("a server space: register with the page's form, add the space, sync, see usage and revoke a device")
     func serverSpace() throws {
         let s = Scratch()
         let src = try browserSource(s)
-        let server = try TestServer(data: s.file("server"))
+        let server = try TestServer(data: s.file("server"), ["--quota-bytes", "50000000"])
         let ui = try TestUI(s)
-        try browserFlow("space", ui, ["server": server.url, "source": src])
+        try browserFlow("space", ui, ["server": server.url, "source": src, "quota": "47.7 MiB"])
         // The snapshot is in the space: the CLI, logged in with the ui's credentials, lists it.
         let listed = try cabackup(
             "snapshots", "--repo", server.repo("alice"), "--json",

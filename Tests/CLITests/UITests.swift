@@ -541,4 +541,182 @@ struct UITests {
         #expect(try ui.waitForJob(try #require(sync.object["job"] as? String))["state"] as? String == "done")
         #expect(!(try String(contentsOfFile: s.file("ui.log"), encoding: .utf8)).contains(password))
     }
+
+    @Test("a server space's devices with their rights, revoking one, and its storage used against the quota")
+    func serverSpaceDevicesAndUsage() throws {
+        let s = Scratch()
+        let server = try TestServer(data: s.file("server"), ["--quota-bytes", "5000000"])
+        try FileManager.default.createDirectory(atPath: s.file("src"), withIntermediateDirectories: true)
+        try writeRandom(s.file("src/a.bin"), megabytes: 1)
+        let ui = try TestUI(s)
+        try ui.login()
+        let password = "alice account password"
+        let register = """
+            {"server":"\(server.url)","user":"alice","email":"alice@example.org","password":"\(password)","register":true,"device":"laptop"}
+            """
+        #expect(try ui.request("POST", "/api/accounts", json: register).status == 200)
+        // A second device of the account, logged in with the CLI, append-only.
+        let phone = device(s, "phone", password: password)
+        let login = try cabackup(
+            "login", "--server", server.url, "--user", "alice", "--device", "phone", "--append-only", env: phone)
+        #expect(login.status == 0, "\(login.stderr)")
+        let add = """
+            {"name":"space","repo":"\(server.repo("alice"))","paths":["\(s.file("src"))"],"init":true,"password":"space password"}
+            """
+        #expect(try ui.request("POST", "/api/repositories", json: add).status == 201)
+        let empty = try ui.request("GET", "/api/repositories/space/usage")
+        #expect(empty.status == 200, "\(empty.body)")
+        let before = try #require(empty.object["used"] as? Int)
+        #expect(empty.object["quota"] as? Int == 5_000_000)
+        let sync = try ui.request("POST", "/api/repositories/space/sync")
+        #expect(try ui.waitForJob(try #require(sync.object["job"] as? String))["state"] as? String == "done")
+        // The 1 MiB of random data is in the space now (it does not compress).
+        let after = try #require(try ui.request("GET", "/api/repositories/space/usage").object["used"] as? Int)
+        #expect(after - before > 1_000_000 && after < 5_000_000, "\(before) then \(after)")
+
+        let listed = try ui.request("GET", "/api/repositories/space/devices")
+        #expect(listed.status == 200, "\(listed.body)")
+        let devices = try #require(listed.json as? [[String: Any]])
+        #expect(devices.count == 2)
+        let laptop = try #require(devices.first { $0["device"] as? String == "laptop" })
+        let other = try #require(devices.first { $0["device"] as? String == "phone" })
+        #expect(laptop["current"] as? Bool == true && laptop["rights"] as? String == "full")
+        #expect(other["current"] as? Bool == false && other["rights"] as? String == "append-only")
+        #expect((other["lastUsed"] as? String ?? "").hasPrefix("20"))
+        // Revoking needs the X-CABackup-UI header, as every change; a bad id is refused.
+        let phoneID = try #require(other["id"] as? String)
+        #expect(try ui.request("DELETE", "/api/repositories/space/devices/\(phoneID)", uiHeader: false).status == 403)
+        #expect(try ui.request("DELETE", "/api/repositories/space/devices/no%20such").status == 400)
+        #expect(try ui.request("DELETE", "/api/repositories/space/devices/\(phoneID)").status == 204)
+        let left = try #require(try ui.request("GET", "/api/repositories/space/devices").json as? [[String: Any]])
+        #expect(left.map { $0["device"] as? String } == ["laptop"])
+        // The phone's token no longer works.
+        let refused = try cabackup("snapshots", "--repo", server.repo("alice"), env: phone)
+        #expect(refused.status != 0)
+        // Logged in again (as after a lost token): revoking the older login, which the open
+        // repository was using, leaves it working with the new one the store holds.
+        let again = try ui.request(
+            "POST", "/api/accounts",
+            json: #"{"server":"\#(server.url)","user":"alice","password":"\#(password)","device":"laptop-2"}"#)
+        #expect(again.status == 200, "\(again.body)")
+        let three = try #require(try ui.request("GET", "/api/repositories/space/devices").json as? [[String: Any]])
+        let old = try #require(three.first { $0["device"] as? String == "laptop" })
+        #expect(old["current"] as? Bool == false)
+        let oldID = try #require(old["id"] as? String)
+        #expect(try ui.request("DELETE", "/api/repositories/space/devices/\(oldID)").status == 204)
+        try "after the new login\n".write(toFile: s.file("src/b.txt"), atomically: true, encoding: .utf8)
+        let resync = try ui.request("POST", "/api/repositories/space/sync")
+        let resynced = try ui.waitForJob(try #require(resync.object["job"] as? String))
+        #expect(resynced["state"] as? String == "done", "\(resynced)")
+
+        // A repository that is not a server space has no devices or usage.
+        try FileManager.default.createDirectory(atPath: s.file("local"), withIntermediateDirectories: true)
+        let local = """
+            {"name":"local","repo":"\(s.file("local/repo"))","paths":["\(s.file("src"))"],"init":true,"password":"local repository password"}
+            """
+        #expect(try ui.request("POST", "/api/repositories", json: local).status == 201)
+        #expect(try ui.request("GET", "/api/repositories/local/devices").status == 400)
+        #expect(try ui.request("GET", "/api/repositories/local/usage").status == 400)
+        #expect(try ui.request("GET", "/api/repositories/nothing/usage").status == 404)
+    }
+
+    @Test("a sync whose server is down says it waits for the network, then completes when the server is back")
+    func waitingForNetwork() throws {
+        let s = Scratch()
+        var server = try TestServer(data: s.file("server"))
+        let port = server.port
+        try FileManager.default.createDirectory(atPath: s.file("src"), withIntermediateDirectories: true)
+        try "while the server was away\n".write(toFile: s.file("src/a.txt"), atomically: true, encoding: .utf8)
+        let ui = try TestUI(s)
+        try ui.login()
+        let register = """
+            {"server":"\(server.url)","user":"alice","email":"alice@example.org","password":"alice account password","register":true}
+            """
+        #expect(try ui.request("POST", "/api/accounts", json: register).status == 200)
+        let add = """
+            {"name":"space","repo":"\(server.repo("alice"))","paths":["\(s.file("src"))"],"init":true,"password":"space password"}
+            """
+        #expect(try ui.request("POST", "/api/repositories", json: add).status == 201)
+        // The server goes away after the space answered (an outage, not a wrong address).
+        #expect(server.stop() == 0)
+        let sync = try ui.request("POST", "/api/repositories/space/sync")
+        let job = try #require(sync.object["job"] as? String)
+        var waiting: String?
+        let deadline = Date().addingTimeInterval(30)
+        while waiting == nil && Date() < deadline {
+            let status = try ui.request("GET", "/api/jobs/\(job)").object
+            #expect(status["state"] as? String == "running")
+            waiting = status["waiting"] as? String
+            usleep(100_000)
+        }
+        let message = try #require(waiting, "the job never said it was waiting")
+        #expect(message.hasPrefix("waiting for the network: \(server.url) does not answer"), "\(message)")
+        // Back on the same address: the sync goes on by itself and completes.
+        server = try TestServer(data: s.file("server"), port: port)
+        let done = try ui.waitForJob(job)
+        #expect(done["state"] as? String == "done", "\(done)")
+        #expect(done["waiting"] == nil)
+        #expect(done["snapshot"] is String)
+        _ = server
+    }
+
+    @Test("an S3 bucket set up from the page: the keys go to the CLI's 0600 store, init, sync, the CLI lists it")
+    func s3Bucket() throws {
+        let store = try SeaweedFS()
+        let s = Scratch()
+        try FileManager.default.createDirectory(atPath: s.file("src"), withIntermediateDirectories: true)
+        try "into the bucket\n".write(toFile: s.file("src/a.txt"), atomically: true, encoding: .utf8)
+        // No AWS_* in the ui's environment: the keys come from the page only.
+        let noAWS = [
+            "AWS_ACCESS_KEY_ID": "", "AWS_SECRET_ACCESS_KEY": "", "AWS_SESSION_TOKEN": "", "AWS_DEFAULT_REGION": "",
+        ]
+        let ui = try TestUI(s, env: noAWS)
+        try ui.login()
+        func body(endpoint: String, bucket: String, secret: String) -> String {
+            """
+            {"endpoint":"\(endpoint)","bucket":"\(bucket)","prefix":"laptop/","region":"us-east-1",
+             "accessKeyId":"\(SeaweedFS.accessKey)","secretAccessKey":"\(secret)"}
+            """
+        }
+        #expect(
+            try ui.request("POST", "/api/s3", json: body(endpoint: "ftp://x", bucket: "ui-bucket", secret: "s")).status
+                == 400)
+        #expect(
+            try ui.request("POST", "/api/s3", json: body(endpoint: store.endpoint, bucket: "No_Bucket", secret: "s"))
+                .status == 400)
+        #expect(
+            try ui.request("POST", "/api/s3", json: body(endpoint: store.endpoint, bucket: "ui-bucket", secret: ""))
+                .status == 400)
+        let saved = try ui.request(
+            "POST", "/api/s3", json: body(endpoint: store.endpoint, bucket: "ui-bucket", secret: SeaweedFS.secretKey))
+        #expect(saved.status == 200, "\(saved.body)")
+        let repo = try #require(saved.object["repo"] as? String)
+        #expect(repo == "s3:\(store.endpoint)/ui-bucket/laptop")
+        #expect(!saved.body.contains(SeaweedFS.secretKey))
+        // The store the CLI reads: 0600, in the ui's config directory.
+        let file = s.file("config/cabackup/s3-credentials.json")
+        #expect(fileMode(file).map { $0 & 0o777 } == 0o600)
+        #expect(try String(contentsOfFile: file, encoding: .utf8).contains(SeaweedFS.accessKey))
+
+        let add = """
+            {"name":"bucket","repo":"\(repo)","paths":["\(s.file("src"))"],"init":true,"password":"bucket password"}
+            """
+        let added = try ui.request("POST", "/api/repositories", json: add)
+        #expect(added.status == 201, "\(added.body)")
+        let sync = try ui.request("POST", "/api/repositories/bucket/sync")
+        let job = try ui.waitForJob(try #require(sync.object["job"] as? String))
+        #expect(job["state"] as? String == "done", "\(job)")
+        let snapshots = try #require(
+            try ui.request("GET", "/api/repositories/bucket/snapshots").json as? [[String: Any]])
+        #expect(snapshots.count == 1 && snapshots.first?["id"] as? String == job["snapshot"] as? String)
+        #expect(!(try String(contentsOfFile: s.file("ui.log"), encoding: .utf8)).contains(SeaweedFS.secretKey))
+
+        // The CLI, without AWS_*, opens the bucket with the stored keys; without them it cannot.
+        let cli = noAWS.merging(["XDG_CONFIG_HOME": s.file("config"), "CABACKUP_PASSWORD": "bucket password"]) { $1 }
+        let listed = try cabackup("snapshots", "--repo", repo, "--json", env: cli)
+        #expect(listed.status == 0 && listed.stdout.contains(s.file("src")), "\(listed.stderr)")
+        let elsewhere = cli.merging(["XDG_CONFIG_HOME": s.file("empty-config")]) { $1 }
+        let refused = try cabackup("snapshots", "--repo", repo, env: elsewhere)
+        #expect(refused.status != 0 && refused.stderr.contains("AWS_ACCESS_KEY_ID"), "\(refused.stderr)")
+    }
 }

@@ -8,7 +8,7 @@ the flow leaves behind (downloads, restores) with the independent reader.
                         --file FILE --folder DIR --target DIR
   uibrowser.py keyboard --access FILE --downloads DIR --file FILE
   uibrowser.py narrow   --access FILE --folder DIR
-  uibrowser.py space    --access FILE --server URL --source DIR
+  uibrowser.py space    --access FILE --server URL --source DIR --quota TEXT
 
 mouse: adds a new repository through the page's form (created with a password), locks and
 unlocks it, syncs with Sync now, changes --change, waits for the page to show the change
@@ -19,7 +19,9 @@ keyboard: the same essentials with keys only (Tab, Shift+Tab, Enter, Space, typi
 configured repository: unlock, sync, find the snapshot, download --file; every focused
 control must show a focus outline, and a Tab round must reach every visible control.
 space: registers the account 'alice' on --server with the page's form, adds the space it
-fills in (created), and syncs --source into it.
+fills in (created), and syncs --source into it; the storage chart names the quota (--quota,
+as the page writes it); a second login with the form lists two devices, and the other one
+is revoked with its button (after the confirmation).
 narrow: at a 375x667 window, every main view must have no horizontal scrolling.
 
 Prints one line per step; exits 1 with the reason (and the page's text) when a step fails.
@@ -417,6 +419,37 @@ def space(a):
         step("added the space " + location)
         click(driver, "Sync now")
         step("synced into the space: " + wait(driver, "the sync", lambda d: job_done(d, "sync")))
+        # Storage against the quota (the test's server has one): the bar's used part grew.
+        usage = wait(driver, "the usage against the quota",
+                     lambda d: " of " in text(d, "usage-text") and "used" in text(d, "usage-text")
+                     and float(d.find_element(By.ID, "usage-used").get_attribute("width")) > 0
+                     and text(d, "usage-text"))
+        if a.quota not in usage:
+            raise FlowFailed("the usage does not name the quota %s: %s" % (a.quota, usage))
+        step("usage chart: " + usage)
+        # Log in to the space a second time with the form: the first login becomes another
+        # device in the list, which is revoked (after the confirmation) from the page.
+        click(driver, "Log in to a server space")
+        form = driver.find_element(By.ID, "account-form")
+        form.find_element(By.NAME, "server").send_keys(a.server)
+        form.find_element(By.NAME, "user").send_keys("alice")
+        form.find_element(By.NAME, "password").send_keys("alice account password")
+        click(driver, "Log in", "#account-form")
+        wait(driver, "the second login", lambda d: text(d, "message").startswith("Logged in as alice"))
+        click(driver, "space — " + location)
+        rows = lambda d: d.find_elements(By.CSS_SELECTOR, "#devices tbody tr")
+        wait(driver, "two devices listed", lambda d: len(rows(d)) == 2)
+        other = [r for r in rows(driver) if "(this device)" not in r.text]
+        if len(other) != 1 or "full" not in other[0].text:
+            raise FlowFailed("the devices list is not this device and one other: %s" % [r.text for r in rows(driver)])
+        step("devices: " + " | ".join(r.text.replace("\n", " ") for r in rows(driver)))
+        other[0].find_element(By.TAG_NAME, "button").click()
+        alert = wait(driver, "the revoke confirmation", lambda d: d.switch_to.alert)
+        step("confirm: " + alert.text)
+        alert.accept()
+        wait(driver, "the revoked device gone", lambda d: len(rows(d)) == 1 and "(this device)" in rows(d)[0].text
+             and "Revoked" in text(d, "message"))
+        step(text(driver, "message"))
     finally:
         driver.quit()
 
@@ -424,7 +457,8 @@ def space(a):
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("flow", choices=["mouse", "keyboard", "narrow", "space"])
-    for option in ["access", "downloads", "repo", "source", "change", "file", "folder", "target", "server"]:
+    for option in ["access", "downloads", "repo", "source", "change", "file", "folder", "target", "server",
+                   "quota"]:
         p.add_argument("--" + option)
     a = p.parse_args()
     started = time.time()

@@ -85,20 +85,28 @@ public final class S3Storage: Storage {
 
     /// Opens `location` with the credentials in the environment (`AWS_ACCESS_KEY_ID`,
     /// `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`, `AWS_DEFAULT_REGION`, default
-    /// `us-east-1`).
+    /// `us-east-1`), else with the bucket's keys in ``S3CredentialStore`` (and the region
+    /// stored with them).
     /// - Throws: `CABackupError.invalidArgument` when the credentials are not set.
     public init(
         _ location: S3Location, lookup: S3BucketLookup = .auto,
         environment: [String: String] = ProcessInfo.processInfo.environment
     ) throws {
-        guard let access = environment["AWS_ACCESS_KEY_ID"], !access.isEmpty,
-            let secret = environment["AWS_SECRET_ACCESS_KEY"], !secret.isEmpty
-        else {
+        func nonEmpty(_ name: String) -> String? { environment[name].flatMap { $0.isEmpty ? nil : $0 } }
+        let access: String
+        let secret: String
+        var region = nonEmpty("AWS_DEFAULT_REGION") ?? "us-east-1"
+        var token = nonEmpty("AWS_SESSION_TOKEN")
+        if let a = nonEmpty("AWS_ACCESS_KEY_ID"), let s = nonEmpty("AWS_SECRET_ACCESS_KEY") {
+            (access, secret) = (a, s)
+        } else if let c = S3CredentialStore.credentials(for: location) {
+            (access, secret, token) = (c.accessKeyId, c.secretAccessKey, nil)
+            if let r = c.region, !r.isEmpty { region = r }
+        } else {
             throw CABackupError.invalidArgument(
-                "\(location): set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY to the bucket's credentials")
+                "\(location): set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY to the bucket's credentials (or store them with 'cabackup ui')"
+            )
         }
-        let region = environment["AWS_DEFAULT_REGION"].flatMap { $0.isEmpty ? nil : $0 } ?? "us-east-1"
-        let token = environment["AWS_SESSION_TOKEN"].flatMap { $0.isEmpty ? nil : $0 }
         let signer = SigV4Signer(accessKey: access, secretKey: secret, sessionToken: token, region: region)
         let host = URL(string: location.endpoint)?.host?.lowercased() ?? ""
         let addressing: S3Client.Addressing
