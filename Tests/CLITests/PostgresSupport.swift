@@ -22,7 +22,7 @@ final class PostgresServer {
     static let password = "pg test password"
     static let database = "cabackup"
 
-    let port: Int
+    private(set) var port: Int
     private let dir = Scratch()
     private let bin: String
 
@@ -48,7 +48,18 @@ final class PostgresServer {
         try await asOwner(
             "initdb", "-D", data, "-U", "postgres", "-E", "UTF8", "--locale=C", "--no-sync", "--auth-local=trust",
             "--auth-host=scram-sha-256")
-        try await start()
+        // Another test may bind the chosen port between its choice and the postmaster's
+        // bind: then the cluster starts again on a new one (up to three ports).
+        for attempt in 1...3 {
+            do {
+                try await start(recordingFailure: attempt == 3)
+                break
+            } catch {
+                let log = (try? String(contentsOfFile: dir.file("log"), encoding: .utf8)) ?? ""
+                guard attempt < 3, log.contains("Address already in use") else { throw error }
+                port = try freePorts(1)[0]
+            }
+        }
         try await superuser("CREATE ROLE \(Self.user) LOGIN PASSWORD '\(Self.password)'")
         try await superuser("CREATE DATABASE \(Self.database) OWNER \(Self.user)")
     }
@@ -56,14 +67,14 @@ final class PostgresServer {
     deinit { stop() }
 
     /// Starts the cluster (again) on its port, waiting until it accepts connections.
-    func start() async throws {
+    func start(recordingFailure: Bool = true) async throws {
         // The postmaster outlives pg_ctl and would keep every descriptor it inherits, the
         // one Foundation's Process watches for the child's exit among them (and then the
         // wait never ends): pg_ctl starts with only stdin, stdout and stderr.
         try await asOwner(
             "pg_ctl", "-D", data, "-l", dir.file("log"), "-w", "-t", "60", "-o",
             "-p \(port) -c listen_addresses=127.0.0.1 -k \(socketDirectory) -c fsync=off", "start",
-            closingDescriptors: true)
+            closingDescriptors: true, recordingFailure: recordingFailure)
     }
 
     /// Stops the cluster at once, as a crash would (what `pg_ctl stop -m immediate` does:
@@ -102,7 +113,9 @@ final class PostgresServer {
     }
 
     /// Runs one of PostgreSQL's programs as the cluster's owner; a failure fails the test.
-    private func asOwner(_ program: String, _ args: String..., closingDescriptors: Bool = false) async throws {
+    private func asOwner(
+        _ program: String, _ args: String..., closingDescriptors: Bool = false, recordingFailure: Bool = true
+    ) async throws {
         var command = (getuid() == 0 ? ["/usr/sbin/runuser", "-u", "postgres", "--"] : []) + [bin + "/" + program]
         if closingDescriptors {
             command =
@@ -111,13 +124,13 @@ final class PostgresServer {
                     "import os, sys; os.closerange(3, os.sysconf('SC_OPEN_MAX')); os.execv(sys.argv[1], sys.argv[1:])",
                 ] + command
         }
-        try check(await runOffPool(command[0], Array(command.dropFirst()) + args), program)
+        try check(await runOffPool(command[0], Array(command.dropFirst()) + args), program, recording: recordingFailure)
     }
 
-    private func check(_ r: RunResult, _ what: String) throws {
+    private func check(_ r: RunResult, _ what: String, recording: Bool = true) throws {
         guard r.status == 0 else {
             let log = (try? String(contentsOfFile: dir.file("log"), encoding: .utf8)) ?? ""
-            Issue.record("\(what) failed (\(r.status)): \(r.stderr)\(r.stdout)\n\(log.suffix(2000))")
+            if recording { Issue.record("\(what) failed (\(r.status)): \(r.stderr)\(r.stdout)\n\(log.suffix(2000))") }
             throw CABackupError.invalidArgument("\(what) failed")
         }
     }
