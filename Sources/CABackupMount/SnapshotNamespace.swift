@@ -328,17 +328,11 @@ public final class SnapshotNamespace: Sendable {
         return b
     }
 
-    /// `2026-12-05T18:13:00+01:00`: the local time of `ns` to the second.
+    /// `2026-12-05T18:13:00+01:00`: the local time of `ns` to the second (what
+    /// ``formatRFC3339(ns:)`` writes, without its nanoseconds).
     static func timeName(_ ns: Int64) -> String {
-        var t = time_t(ns >= 0 ? ns / 1_000_000_000 : (ns - 999_999_999) / 1_000_000_000)
-        var tm = tm()
-        localtime_r(&t, &tm)
-        func two(_ v: Int) -> String { v < 10 ? "0\(v)" : "\(v)" }
-        let offset = Int(tm.tm_gmtoff) / 60
-        let sign = offset < 0 ? "-" : "+"
-        return "\(Int(tm.tm_year) + 1900)-\(two(Int(tm.tm_mon) + 1))-\(two(Int(tm.tm_mday)))"
-            + "T\(two(Int(tm.tm_hour))):\(two(Int(tm.tm_min))):\(two(Int(tm.tm_sec)))"
-            + "\(sign)\(two(abs(offset) / 60)):\(two(abs(offset) % 60))"
+        let full = formatRFC3339(ns: ns)
+        return String(full.prefix(19) + full.dropFirst(29))
     }
 
     private func components(_ path: [UInt8]) -> [[UInt8]] {
